@@ -1,0 +1,53 @@
+# splitserve: `make run` serves the default model, `make test` runs every test.
+# Both set up whatever is missing first (scripts/setup.sh).
+
+VENV       := .venv
+PY         := $(VENV)/bin/python
+BIN        := target/release/splitserve
+FIXTURES   := tests/fixtures/generated
+ARGS       ?=
+
+# tch builds against the libtorch inside the venv's torch wheel.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: all setup build run test test-rust test-python fixtures fmt lint clean
+
+all: build
+
+setup: $(VENV)/.requirements.sha256
+
+$(VENV)/.requirements.sha256: requirements.txt scripts/setup.sh
+	bash scripts/setup.sh
+
+build: setup
+	cargo build --release
+
+## Serves the built-in default model (an MLP) on 0.0.0.0:50051. Extra flags: make run ARGS="--model ..."
+run: build
+	$(BIN) serve $(ARGS)
+
+fixtures: $(FIXTURES)/.stamp
+
+$(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
+	$(PY) scripts/make_fixtures.py $(FIXTURES)
+	touch $@
+
+test: build fixtures test-rust test-python
+
+test-rust: build fixtures
+	cargo test --release -- --test-threads 2
+
+test-python: build fixtures
+	$(PY) -m pytest -q tests/python
+
+fmt:
+	cargo fmt
+
+lint: setup
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf $(FIXTURES)

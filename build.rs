@@ -1,0 +1,60 @@
+//! Compiles the protos and makes the binary find libtorch on its own.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // tonic-prost-build 0.14 does not print this itself (grpc/grpc-rust#2511).
+    println!("cargo:rerun-if-changed=proto");
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let mut prost_config = prost_build::Config::new();
+    prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("splitlearn_descriptor.bin"))
+        // Tensor payloads stay zero-copy slices of the HTTP/2 frames.
+        .bytes(".")
+        .compile_with_config(
+            prost_config,
+            &["proto/splitlearn/comm/compute_service.proto"],
+            &["proto"],
+        )?;
+
+    // torch-sys publishes the libtorch directory it linked against (links = "tch").
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let torch_version = match env::var("DEP_TCH_LIBTORCH_LIB") {
+        Ok(lib) => {
+            // Run without LD_LIBRARY_PATH: the loader finds libtorch through the rpath.
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+            // The linker's --as-needed would drop libtorch_cuda (nothing references it
+            // by symbol); keep it so the same binary sees CUDA devices where they exist.
+            if Path::new(&lib).join("libtorch_cuda.so").exists() {
+                println!(
+                    "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
+                );
+            }
+            torch_version_near(Path::new(&lib)).unwrap_or_else(|| "unknown".into())
+        }
+        Err(_) => "unknown".into(),
+    };
+    println!("cargo:rustc-env=SPLITSERVE_TORCH_VERSION={torch_version}");
+    Ok(())
+}
+
+/// The PyTorch wheel keeps `version.py` one level above `lib/`; a plain libtorch
+/// archive keeps `build-version` there.
+fn torch_version_near(lib: &Path) -> Option<String> {
+    let root = lib.parent()?;
+    if let Ok(text) = fs::read_to_string(root.join("version.py")) {
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("__version__") {
+                let v = rest.trim_start_matches([' ', '=', ':']).trim();
+                let v = v.rsplit('=').next().unwrap_or(v).trim();
+                return Some(v.trim_matches(['\'', '"']).to_string());
+            }
+        }
+    }
+    fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}

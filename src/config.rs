@@ -1,0 +1,547 @@
+//! Command line and environment: every flag is also a `SPLITSERVE_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit code for a configuration that cannot run (BSD `EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "splitserve",
+    version,
+    about = "gRPC compute service for split learning and model-partition inference on libtorch",
+    long_about = "splitserve serves the server half of a split neural network to unchanged \
+                  splitlearn_comm clients (splitlearn.comm.ComputeService), runs the model on \
+                  libtorch with a thread plan that cannot oversubscribe the CPU budget, and \
+                  answers grpc.health.v1 probes."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the models over gRPC until SIGTERM or SIGINT, then drain.
+    Serve(Box<ServeArgs>),
+}
+
+/// Everything `splitserve serve` needs; passed down whole, never split into arguments.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "SPLITSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// A model to serve, NAME=SPEC; repeatable, the first is the default model.
+    /// SPEC is a TorchScript file path, or a built-in model:
+    /// `builtin:mlp:INxHIDDEN...xOUT` (e.g. builtin:mlp:512x1024x512),
+    /// `builtin:scale:K` (multiplies any tensor by K),
+    /// `builtin:delay:MILLIS` (identity after sleeping, for tests).
+    /// Without any, serves `mlp=builtin:mlp:512x1024x512`.
+    #[arg(
+        long = "model",
+        env = "SPLITSERVE_MODEL",
+        value_delimiter = ',',
+        value_name = "NAME=SPEC"
+    )]
+    pub models: Vec<ModelArg>,
+
+    /// Input shape for a model's warm-up forward at load, NAME=DIMS (e.g. enc=1x64x256);
+    /// repeatable. Built-in models know their own; a TorchScript model without one
+    /// is loaded without a warm-up forward.
+    #[arg(
+        long = "warmup-shape",
+        env = "SPLITSERVE_WARMUP_SHAPE",
+        value_delimiter = ',',
+        value_name = "NAME=DIMS"
+    )]
+    pub warmup_shapes: Vec<WarmupShapeArg>,
+
+    /// Where models run: auto (the first CUDA device if there is one, else the CPU),
+    /// cpu, cuda (= cuda:0) or cuda:N.
+    #[arg(long, env = "SPLITSERVE_DEVICE", default_value = "auto")]
+    pub device: DeviceArg,
+
+    /// Threads of the tokio runtime that runs gRPC (decode, validate, encode; never libtorch).
+    #[arg(long, env = "SPLITSERVE_IO_THREADS", default_value_t = 2)]
+    pub io_threads: usize,
+
+    /// Inference worker threads (each runs one forward at a time): auto or a number.
+    #[arg(long, env = "SPLITSERVE_WORKERS", default_value = "auto")]
+    pub workers: Auto,
+
+    /// libtorch intra-op threads used by each worker's forward: auto or a number.
+    /// auto fills the CPU budget: workers x intra-op threads <= budget.
+    #[arg(long, env = "SPLITSERVE_INTRA_OP_THREADS", default_value = "auto")]
+    pub intra_op_threads: Auto,
+
+    /// libtorch inter-op threads (TorchScript fork/wait), shared by all workers.
+    #[arg(long, env = "SPLITSERVE_INTER_OP_THREADS", default_value_t = 1)]
+    pub inter_op_threads: usize,
+
+    /// CPU cores this process may use, e.g. the pod's limits.cpu through the
+    /// downward API. The budget is the smallest of this, the cgroup quota, the
+    /// cpuset and the cores the OS gives the process.
+    #[arg(long, env = "SPLITSERVE_CPU_LIMIT")]
+    pub cpu_limit: Option<f64>,
+
+    /// Start even when workers x intra-op threads exceeds the CPU budget (logs a warning).
+    #[arg(long, env = "SPLITSERVE_ALLOW_OVERSUBSCRIPTION")]
+    pub allow_oversubscription: bool,
+
+    /// Requests each model may hold waiting for a worker; one more is refused
+    /// with RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "SPLITSERVE_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+
+    /// Dynamic batching: requests with the same trailing shape and dtype are
+    /// joined along dimension 0 into one forward of at most this many rows.
+    /// N for every model, or NAME=N for one; 1 turns batching off (the default).
+    #[arg(
+        long,
+        env = "SPLITSERVE_MAX_BATCH_SIZE",
+        value_delimiter = ',',
+        value_name = "[NAME=]N"
+    )]
+    pub max_batch_size: Vec<PerModel<usize>>,
+
+    /// How long a worker holding a partial batch waits for more requests, in
+    /// microseconds; N for every model or NAME=N for one.
+    #[arg(
+        long,
+        env = "SPLITSERVE_BATCH_TIMEOUT_US",
+        value_delimiter = ',',
+        value_name = "[NAME=]MICROS"
+    )]
+    pub batch_timeout_us: Vec<PerModel<u64>>,
+
+    /// Largest tensor a request may carry, in elements.
+    #[arg(long, env = "SPLITSERVE_MAX_ELEMENTS", default_value_t = 1 << 26)]
+    pub max_elements: u64,
+
+    /// Largest gRPC message accepted or sent, in bytes (splitlearn_comm's default is
+    /// 100 MiB); larger requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SPLITSERVE_MAX_MESSAGE_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// A worker busy on one job for longer than this marks the process not live
+    /// (e.g. 60s, 500ms, 2m).
+    #[arg(long, env = "SPLITSERVE_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// After SIGTERM/SIGINT, how long queued and in-flight requests get to finish.
+    #[arg(long, env = "SPLITSERVE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log line format on stderr.
+    #[arg(long, env = "SPLITSERVE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// Defaults for embedding and tests: what `splitserve serve` with no flags and
+    /// no environment would use, with the given models.
+    pub fn with_models(models: &[&str]) -> Result<Self, ConfigError> {
+        let mut argv = vec!["splitserve".to_string(), "serve".to_string()];
+        for m in models {
+            argv.push("--model".into());
+            argv.push((*m).to_string());
+        }
+        let cli = Cli::try_parse_from(argv).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let Command::Serve(args) = cli.command;
+        Ok(*args)
+    }
+
+    /// The models to load: the flags', or the built-in default MLP.
+    pub fn model_args(&self) -> Vec<ModelArg> {
+        if self.models.is_empty() {
+            vec![ModelArg {
+                name: "mlp".into(),
+                spec: ModelSpecArg::Builtin(BuiltinArg::Mlp(vec![512, 1024, 512])),
+            }]
+        } else {
+            self.models.clone()
+        }
+    }
+
+    /// Checks what clap cannot: unique names, per-model options naming real models.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let models = self.model_args();
+        for (i, m) in models.iter().enumerate() {
+            if models[..i].iter().any(|o| o.name == m.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "model name {:?} is given twice to --model",
+                    m.name
+                )));
+            }
+        }
+        let known = |name: &str| models.iter().any(|m| m.name == name);
+        for w in &self.warmup_shapes {
+            if !known(&w.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "--warmup-shape names model {:?}, which no --model defines",
+                    w.name
+                )));
+            }
+        }
+        for name in self
+            .max_batch_size
+            .iter()
+            .filter_map(|p| p.model.as_deref())
+            .chain(
+                self.batch_timeout_us
+                    .iter()
+                    .filter_map(|p| p.model.as_deref()),
+            )
+        {
+            if !known(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "a batching option names model {name:?}, which no --model defines"
+                )));
+            }
+        }
+        if self.max_batch_size.iter().any(|p| p.value == 0) {
+            return Err(ConfigError::Invalid(
+                "--max-batch-size must be at least 1".into(),
+            ));
+        }
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "--queue-capacity must be at least 1".into(),
+            ));
+        }
+        if self.io_threads == 0 {
+            return Err(ConfigError::Invalid(
+                "--io-threads must be at least 1".into(),
+            ));
+        }
+        if self.inter_op_threads == 0 {
+            return Err(ConfigError::Invalid(
+                "--inter-op-threads must be at least 1".into(),
+            ));
+        }
+        if let Some(limit) = self.cpu_limit {
+            if !(limit > 0.0 && limit.is_finite()) {
+                return Err(ConfigError::Invalid(format!(
+                    "--cpu-limit must be a positive number of cores, not {limit}"
+                )));
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "--max-message-bytes {} is below the 1024-byte minimum",
+                self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The batching limits that apply to one model: its own, else the global one.
+    pub fn batching_for(&self, model: &str) -> (usize, Duration) {
+        let max = PerModel::resolve(&self.max_batch_size, model).unwrap_or(1);
+        let us = PerModel::resolve(&self.batch_timeout_us, model).unwrap_or(0);
+        (max, Duration::from_micros(us))
+    }
+
+    /// The warm-up shape given for a model, if any.
+    pub fn warmup_shape_for(&self, model: &str) -> Option<Vec<i64>> {
+        self.warmup_shapes
+            .iter()
+            .rev()
+            .find(|w| w.name == model)
+            .map(|w| w.dims.clone())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// One readable sentence naming the offending values.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `auto` or an explicit positive count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auto {
+    Auto,
+    Count(usize),
+}
+
+impl FromStr for Auto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Auto::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(0) => Err("must be at least 1 (or auto)".into()),
+            Ok(n) => Ok(Auto::Count(n)),
+            Err(_) => Err(format!("expected auto or a positive number, got {s:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Device requested on the command line; resolved against the hardware at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceArg::Auto),
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+                _ => Err(format!("expected auto, cpu, cuda or cuda:N, got {s:?}")),
+            },
+        }
+    }
+}
+
+/// `NAME=SPEC` from `--model`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelArg {
+    pub name: String,
+    pub spec: ModelSpecArg,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpecArg {
+    TorchScript(PathBuf),
+    Builtin(BuiltinArg),
+}
+
+/// The built-in models, defined in Rust so the service runs without any file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuiltinArg {
+    /// Multiplies any tensor by K (splitlearn_comm's own test fixture does this).
+    Scale(f64),
+    /// Linear layers with ReLU between them: widths IN, HIDDEN..., OUT.
+    Mlp(Vec<i64>),
+    /// Sleeps, then returns its input: makes queueing and drain observable in tests.
+    Delay(Duration),
+}
+
+impl FromStr for ModelArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, spec) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=SPEC, got {s:?}"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "model name {name:?} must be non-empty letters, digits, '-', '_' or '.'"
+            ));
+        }
+        Ok(ModelArg {
+            name: name.to_string(),
+            spec: spec.parse()?,
+        })
+    }
+}
+
+impl FromStr for ModelSpecArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("builtin:") else {
+            if s.is_empty() {
+                return Err("empty model path".into());
+            }
+            return Ok(ModelSpecArg::TorchScript(PathBuf::from(s)));
+        };
+        let (kind, arg) = rest.split_once(':').unwrap_or((rest, ""));
+        let builtin = match kind {
+            "scale" => BuiltinArg::Scale(
+                arg.parse::<f64>()
+                    .ok()
+                    .filter(|k| k.is_finite())
+                    .ok_or_else(|| format!("builtin:scale needs a finite factor, got {arg:?}"))?,
+            ),
+            "mlp" => {
+                let widths: Result<Vec<i64>, _> = arg.split('x').map(str::parse::<i64>).collect();
+                match widths {
+                    Ok(w) if w.len() >= 2 && w.iter().all(|&d| (1..=1 << 20).contains(&d)) => {
+                        BuiltinArg::Mlp(w)
+                    }
+                    _ => {
+                        return Err(format!(
+                            "builtin:mlp needs at least two positive widths like 512x1024x512, got {arg:?}"
+                        ));
+                    }
+                }
+            }
+            "delay" => BuiltinArg::Delay(Duration::from_millis(
+                arg.parse::<u64>()
+                    .map_err(|_| format!("builtin:delay needs milliseconds, got {arg:?}"))?,
+            )),
+            other => {
+                return Err(format!(
+                    "unknown built-in model {other:?} (known: mlp, scale, delay)"
+                ));
+            }
+        };
+        Ok(ModelSpecArg::Builtin(builtin))
+    }
+}
+
+/// `NAME=DIMS` from `--warmup-shape`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmupShapeArg {
+    pub name: String,
+    pub dims: Vec<i64>,
+}
+
+impl FromStr for WarmupShapeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, dims) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=DIMS like enc=1x64x256, got {s:?}"))?;
+        let dims = parse_dims(dims)?;
+        Ok(WarmupShapeArg {
+            name: name.trim().to_string(),
+            dims,
+        })
+    }
+}
+
+/// Parses `1x64x256` (or `1,64,256`) into dimensions.
+pub fn parse_dims(s: &str) -> Result<Vec<i64>, String> {
+    s.split(['x', ','])
+        .map(|d| match d.trim().parse::<i64>() {
+            Ok(v) if v >= 0 => Ok(v),
+            _ => Err(format!("bad dimension {d:?} in shape {s:?}")),
+        })
+        .collect()
+}
+
+/// A value for every model (`N`) or for one (`NAME=N`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerModel<T> {
+    pub model: Option<String>,
+    pub value: T,
+}
+
+impl<T: FromStr + Copy> PerModel<T> {
+    /// The model's own value wins over the global one; the last flag wins among equals.
+    fn resolve(list: &[PerModel<T>], model: &str) -> Option<T> {
+        list.iter()
+            .rev()
+            .find(|p| p.model.as_deref() == Some(model))
+            .or_else(|| list.iter().rev().find(|p| p.model.is_none()))
+            .map(|p| p.value)
+    }
+}
+
+impl<T: FromStr> FromStr for PerModel<T> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (model, value) = match s.split_once('=') {
+            Some((m, v)) => (Some(m.trim().to_string()), v),
+            None => (None, s),
+        };
+        let value = value
+            .trim()
+            .parse::<T>()
+            .map_err(|_| format!("expected a number or NAME=number, got {s:?}"))?;
+        Ok(PerModel { model, value })
+    }
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1h`, `100us` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 30s or 500ms, got {s:?}"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_specs_parse_builtin_and_files() {
+        let m: ModelArg = "enc=models/enc.pt".parse().unwrap();
+        assert_eq!(m.spec, ModelSpecArg::TorchScript("models/enc.pt".into()));
+        let m: ModelArg = "m=builtin:mlp:4x8x2".parse().unwrap();
+        assert_eq!(
+            m.spec,
+            ModelSpecArg::Builtin(BuiltinArg::Mlp(vec![4, 8, 2]))
+        );
+        let m: ModelArg = "s=builtin:scale:2.5".parse().unwrap();
+        assert_eq!(m.spec, ModelSpecArg::Builtin(BuiltinArg::Scale(2.5)));
+        assert!("noequals".parse::<ModelArg>().is_err());
+        assert!("x=builtin:mlp:4".parse::<ModelArg>().is_err());
+        assert!("x=builtin:what:4".parse::<ModelArg>().is_err());
+        assert!("bad name=builtin:scale:1".parse::<ModelArg>().is_err());
+    }
+
+    #[test]
+    fn per_model_values_prefer_the_named_model() {
+        let args = ServeArgs::with_models(&["a=builtin:scale:1", "b=builtin:scale:2"]).unwrap();
+        let mut args = args;
+        args.max_batch_size = vec!["8".parse().unwrap(), "b=32".parse().unwrap()];
+        assert_eq!(args.batching_for("a").0, 8);
+        assert_eq!(args.batching_for("b").0, 32);
+        args.validate().unwrap();
+        args.max_batch_size.push("zzz=4".parse().unwrap());
+        assert!(args.validate().is_err());
+    }
+
+    #[test]
+    fn durations_and_devices_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!("cuda:1".parse::<DeviceArg>().unwrap(), DeviceArg::Cuda(1));
+        assert!("tpu".parse::<DeviceArg>().is_err());
+    }
+
+    #[test]
+    fn duplicate_model_names_are_refused() {
+        let args = ServeArgs::with_models(&["a=builtin:scale:1", "a=builtin:scale:2"]).unwrap();
+        assert!(args.validate().unwrap_err().to_string().contains("twice"));
+    }
+}

@@ -1,0 +1,762 @@
+//! Queues, batcher, inference workers, deadlines, cancellation and drain.
+//!
+//! io threads call [`Engine::infer`], which checks, enqueues and awaits a oneshot
+//! reply. W dedicated OS threads own every libtorch call: a loader thread applies
+//! the thread plan and loads the models, then the workers pop jobs (batched when a
+//! model allows it), skip the ones whose deadline passed or whose client left, run
+//! the forward under no_grad and reply. Readiness flows out through a `watch`.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+use tokio::sync::{oneshot, watch};
+
+use crate::codec::{Encoding, RawTensor, WireDtype};
+use crate::config::{DeviceArg, ModelArg, ServeArgs};
+use crate::model::{self, Model, ModelError};
+use crate::plan::ThreadPlan;
+
+/// Lifecycle of the engine, published to health checks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineStatus {
+    /// Models are loading and warming up.
+    Loading,
+    /// Every model is loaded and warmed up.
+    Ready,
+    /// A model failed to load; the process should exit.
+    Failed(String),
+    /// Shutting down: finishing queued work, refusing new work.
+    Draining,
+    /// Every worker has exited.
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown model {name:?}; this server serves {known}")]
+    UnknownModel { name: String, known: String },
+    #[error("models are still loading; retry shortly")]
+    Loading,
+    #[error("the server failed to start: {0}")]
+    Failed(String),
+    #[error("the server is shutting down and accepts no new requests")]
+    Draining,
+    #[error("queue for model {model:?} is full ({capacity} requests waiting); retry with backoff")]
+    QueueFull { model: String, capacity: usize },
+    #[error(
+        "deadline exceeded after {waited_ms} ms waiting in the queue; the request was not computed"
+    )]
+    DeadlineExceeded { waited_ms: u128 },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Per-model settings the engine needs.
+#[derive(Debug, Clone)]
+pub struct ModelSlot {
+    pub arg: ModelArg,
+    pub warmup: Option<Vec<i64>>,
+    pub max_batch: usize,
+    pub batch_timeout: Duration,
+}
+
+/// What the engine is started with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub models: Vec<ModelSlot>,
+    pub device: DeviceArg,
+    pub plan: ThreadPlan,
+    pub queue_capacity: usize,
+}
+
+impl EngineConfig {
+    pub fn from_args(args: &ServeArgs, plan: ThreadPlan) -> EngineConfig {
+        let models = args
+            .model_args()
+            .into_iter()
+            .map(|arg| {
+                let (max_batch, batch_timeout) = args.batching_for(&arg.name);
+                ModelSlot {
+                    warmup: args.warmup_shape_for(&arg.name),
+                    arg,
+                    max_batch,
+                    batch_timeout,
+                }
+            })
+            .collect();
+        EngineConfig {
+            models,
+            device: args.device,
+            plan,
+            queue_capacity: args.queue_capacity,
+        }
+    }
+}
+
+/// A computed reply, still as plain bytes.
+#[derive(Debug)]
+pub struct Output {
+    pub tensor: RawTensor,
+    /// Time in the model's forward (the whole batch's forward when batched).
+    pub compute_time: Duration,
+    /// Time from enqueue to the start of the forward.
+    pub queue_time: Duration,
+    /// Requests in the forward that computed this one.
+    pub batch_size: usize,
+}
+
+/// Counters that tests and metrics read; monotonic.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests that went through a forward.
+    pub computed: AtomicU64,
+    /// Forward calls (a batch counts once).
+    pub forwards: AtomicU64,
+    pub rejected_queue_full: AtomicU64,
+    pub rejected_deadline: AtomicU64,
+    pub rejected_cancelled: AtomicU64,
+    pub rejected_draining: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+struct Job {
+    input: RawTensor,
+    enc: Encoding,
+    deadline: Option<Instant>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Output, EngineError>>,
+}
+
+impl Job {
+    /// Rows along dimension 0 and the batching key, or None if it cannot batch.
+    fn batch_key(&self) -> Option<(i64, (&[i64], Kind))> {
+        let (rows, rest) = self.input.shape.split_first()?;
+        Some((*rows, (rest, input_kind(&self.input, self.enc))))
+    }
+}
+
+/// The dtype a request is computed in: splitlearn_comm's float codecs always
+/// meant float32 on the model side; explicit dtypes stay as they are.
+fn input_kind(t: &RawTensor, enc: Encoding) -> Kind {
+    if enc.explicit {
+        t.dtype.to_kind()
+    } else {
+        Kind::Float
+    }
+}
+
+struct Queues {
+    per_model: Vec<VecDeque<Job>>,
+    draining: bool,
+    /// Next model a worker looks at first, for fairness between models.
+    next: usize,
+}
+
+struct Shared {
+    config: EngineConfig,
+    queues: Mutex<Queues>,
+    work: Condvar,
+    status: watch::Sender<EngineStatus>,
+    models: OnceLock<Vec<Model>>,
+    device: OnceLock<Device>,
+    /// The plan libtorch actually runs with.
+    applied_plan: OnceLock<ThreadPlan>,
+    stats: Stats,
+    /// Per worker: when its current job started (ns since `epoch`), 0 when idle.
+    busy_since: Vec<AtomicU64>,
+    epoch: Instant,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    exited_workers: AtomicUsize,
+}
+
+/// Handle to the engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts the loader thread, which loads the models and then the workers.
+    /// Returns at once; watch [`Engine::status`] for readiness.
+    pub fn start(config: EngineConfig) -> Engine {
+        let workers = config.plan.workers;
+        let (status, _) = watch::channel(EngineStatus::Loading);
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues {
+                per_model: config.models.iter().map(|_| VecDeque::new()).collect(),
+                draining: false,
+                next: 0,
+            }),
+            config,
+            work: Condvar::new(),
+            status,
+            models: OnceLock::new(),
+            device: OnceLock::new(),
+            applied_plan: OnceLock::new(),
+            stats: Stats::default(),
+            busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+            threads: Mutex::new(Vec::new()),
+            exited_workers: AtomicUsize::new(0),
+        });
+        let loader_shared = shared.clone();
+        let loader = std::thread::Builder::new()
+            .name("splitserve-loader".into())
+            .spawn(move || load_then_start_workers(loader_shared));
+        match loader {
+            Ok(handle) => lock(&shared.threads).push(handle),
+            Err(e) => {
+                shared.status.send_replace(EngineStatus::Failed(format!(
+                    "cannot start the loader thread: {e}"
+                )));
+            }
+        }
+        Engine { shared }
+    }
+
+    pub fn status(&self) -> watch::Receiver<EngineStatus> {
+        self.shared.status.subscribe()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Names of the served models; the first is the default.
+    pub fn model_names(&self) -> Vec<String> {
+        self.shared
+            .config
+            .models
+            .iter()
+            .map(|m| m.arg.name.clone())
+            .collect()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// The plan libtorch runs with, once the loader applied it.
+    pub fn applied_plan(&self) -> Option<ThreadPlan> {
+        self.shared.applied_plan.get().copied()
+    }
+
+    /// The device the models run on, once resolved.
+    pub fn device(&self) -> Option<Device> {
+        self.shared.device.get().copied()
+    }
+
+    /// (name, device, description) of each loaded model.
+    pub fn loaded_models(&self) -> Vec<(String, String, String)> {
+        self.shared
+            .models
+            .get()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| {
+                        (
+                            m.name.clone(),
+                            model::device_name(m.device),
+                            m.description.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Requests waiting in a model's queue.
+    pub fn queue_depth(&self) -> usize {
+        lock(&self.shared.queues)
+            .per_model
+            .iter()
+            .map(VecDeque::len)
+            .sum()
+    }
+
+    /// Workers busy on one job for longer than `limit`.
+    pub fn stalled_workers(&self, limit: Duration) -> usize {
+        let now = self.shared.epoch.elapsed().as_nanos() as u64;
+        self.shared
+            .busy_since
+            .iter()
+            .filter(|b| {
+                let since = b.load(Ordering::Relaxed);
+                since != 0 && now.saturating_sub(since) > limit.as_nanos() as u64
+            })
+            .count()
+    }
+
+    fn model_index(&self, name: &str) -> Result<usize, EngineError> {
+        let models = &self.shared.config.models;
+        if name.is_empty() {
+            return Ok(0);
+        }
+        models
+            .iter()
+            .position(|m| m.arg.name == name)
+            .ok_or_else(|| EngineError::UnknownModel {
+                name: name.to_string(),
+                known: models
+                    .iter()
+                    .map(|m| format!("{:?}", m.arg.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Queues one request and waits for its reply. Runs on an io thread: no
+    /// libtorch here. Dropping the returned future (the client went away) makes
+    /// the worker skip the request.
+    pub async fn infer(
+        &self,
+        model: &str,
+        input: RawTensor,
+        enc: Encoding,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
+        let index = self.model_index(model)?;
+        match &*self.shared.status.borrow() {
+            EngineStatus::Ready => {}
+            EngineStatus::Loading => return Err(EngineError::Loading),
+            EngineStatus::Failed(m) => return Err(EngineError::Failed(m.clone())),
+            EngineStatus::Draining | EngineStatus::Stopped => {
+                self.shared
+                    .stats
+                    .rejected_draining
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(EngineError::Draining);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        {
+            let mut q = lock(&self.shared.queues);
+            if q.draining {
+                self.shared
+                    .stats
+                    .rejected_draining
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(EngineError::Draining);
+            }
+            let cap = self.shared.config.queue_capacity;
+            let queue = &mut q.per_model[index];
+            if queue.len() >= cap {
+                self.shared
+                    .stats
+                    .rejected_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(EngineError::QueueFull {
+                    model: self.shared.config.models[index].arg.name.clone(),
+                    capacity: cap,
+                });
+            }
+            queue.push_back(Job {
+                input,
+                enc,
+                deadline,
+                enqueued: now,
+                reply: tx,
+            });
+        }
+        self.shared.work.notify_one();
+        let received = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), rx).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(EngineError::DeadlineExceeded {
+                        waited_ms: now.elapsed().as_millis(),
+                    });
+                }
+            },
+            None => rx.await,
+        };
+        received.unwrap_or_else(|_| {
+            Err(EngineError::Internal(
+                "the worker dropped the request".into(),
+            ))
+        })
+    }
+
+    /// Stops taking requests, lets the workers finish everything queued, and waits
+    /// up to `grace` for them. Returns true when all work finished in time.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        lock(&self.shared.queues).draining = true;
+        self.shared.status.send_if_modified(|s| {
+            if matches!(s, EngineStatus::Ready | EngineStatus::Loading) {
+                *s = EngineStatus::Draining;
+                true
+            } else {
+                false
+            }
+        });
+        self.shared.work.notify_all();
+        let mut status = self.status();
+        let finished = tokio::time::timeout(grace, async {
+            loop {
+                if matches!(
+                    *status.borrow_and_update(),
+                    EngineStatus::Stopped | EngineStatus::Failed(_)
+                ) {
+                    return;
+                }
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok();
+        if !finished {
+            // Whatever is still queued will not be computed: answer it now.
+            let mut q = lock(&self.shared.queues);
+            for queue in &mut q.per_model {
+                for job in queue.drain(..) {
+                    let _ = job.reply.send(Err(EngineError::Draining));
+                }
+            }
+        }
+        finished
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned queue lock means a worker panicked outside catch_unwind; the
+    // queue itself is still consistent (every mutation is a single push/pop).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn load_then_start_workers(shared: Arc<Shared>) {
+    let plan = shared.config.plan.apply_to_libtorch();
+    let _ = shared.applied_plan.set(plan);
+    let loaded = (|| -> Result<Vec<Model>, ModelError> {
+        let device = model::resolve_device(shared.config.device)?;
+        let _ = shared.device.set(device);
+        shared
+            .config
+            .models
+            .iter()
+            .map(|slot| {
+                let started = Instant::now();
+                let m = Model::load(&slot.arg, device, slot.warmup.as_deref())?;
+                tracing::info!(
+                    model = %m.name,
+                    source = %m.description,
+                    device = %model::device_name(device),
+                    warmed_up = slot.warmup.is_some() || !matches!(slot.arg.spec, crate::config::ModelSpecArg::TorchScript(_)),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "model loaded"
+                );
+                Ok(m)
+            })
+            .collect()
+    })();
+    let models = match loaded {
+        Ok(models) => models,
+        Err(e) => {
+            tracing::error!(error = %e, "model loading failed");
+            shared
+                .status
+                .send_replace(EngineStatus::Failed(e.to_string()));
+            return;
+        }
+    };
+    let _ = shared.models.set(models);
+    let mut handles = Vec::new();
+    for i in 0..shared.config.plan.workers {
+        let s = shared.clone();
+        match std::thread::Builder::new()
+            .name(format!("splitserve-worker-{i}"))
+            .spawn(move || worker_loop(s, i))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                shared.status.send_replace(EngineStatus::Failed(format!(
+                    "cannot start worker {i}: {e}"
+                )));
+                return;
+            }
+        }
+    }
+    lock(&shared.threads).extend(handles);
+    shared.status.send_if_modified(|s| {
+        if *s == EngineStatus::Loading {
+            *s = EngineStatus::Ready;
+            true
+        } else {
+            false
+        }
+    });
+    if lock(&shared.queues).draining {
+        shared.work.notify_all();
+    }
+}
+
+fn worker_loop(shared: Arc<Shared>, index: usize) {
+    let _grad = tch::no_grad_guard();
+    while let Some((model, jobs)) = next_batch(&shared) {
+        let started = Instant::now();
+        let since = shared.epoch.elapsed().as_nanos().max(1) as u64;
+        shared.busy_since[index].store(since, Ordering::Relaxed);
+        run_batch(&shared, model, jobs, started);
+        shared.busy_since[index].store(0, Ordering::Relaxed);
+    }
+    // Draining and nothing left: the last worker out marks the engine stopped.
+    if shared.exited_workers.fetch_add(1, Ordering::SeqCst) + 1 == shared.config.plan.workers {
+        shared.status.send_replace(EngineStatus::Stopped);
+    }
+}
+
+/// Blocks until there is work. Returns None when draining and nothing is left.
+fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
+    let mut q = lock(&shared.queues);
+    loop {
+        let n = q.per_model.len();
+        let start = q.next;
+        let found = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&m| !q.per_model[m].is_empty());
+        if let Some(m) = found {
+            q.next = (m + 1) % n;
+            let slot = &shared.config.models[m];
+            let mut jobs = Vec::new();
+            take_compatible(shared, &mut q.per_model[m], &mut jobs, slot.max_batch);
+            if jobs.is_empty() {
+                continue; // everything we looked at had expired or been cancelled
+            }
+            // Wait a little for the batch to fill, if the model allows it.
+            if slot.max_batch > 1 && !slot.batch_timeout.is_zero() && rows(&jobs) < slot.max_batch {
+                let until = Instant::now() + slot.batch_timeout;
+                loop {
+                    let now = Instant::now();
+                    if now >= until || q.draining {
+                        break;
+                    }
+                    q = shared
+                        .work
+                        .wait_timeout(q, until - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    take_compatible(shared, &mut q.per_model[m], &mut jobs, slot.max_batch);
+                    if rows(&jobs) >= slot.max_batch {
+                        break;
+                    }
+                }
+            }
+            return Some((m, jobs));
+        }
+        if q.draining {
+            return None;
+        }
+        q = shared.work.wait(q).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+fn rows(jobs: &[Job]) -> usize {
+    jobs.iter()
+        .map(|j| j.batch_key().map_or(1, |(r, _)| r.max(1) as usize))
+        .sum()
+}
+
+/// Moves jobs from the queue into `jobs`: the first live job, then (when batching)
+/// every later job with the same trailing shape and dtype while rows fit.
+/// Expired and cancelled jobs are answered and dropped without compute.
+fn take_compatible(
+    shared: &Shared,
+    queue: &mut VecDeque<Job>,
+    jobs: &mut Vec<Job>,
+    max_batch: usize,
+) {
+    let now = Instant::now();
+    let mut i = 0;
+    while i < queue.len() {
+        if jobs.len() == 1 && (max_batch <= 1 || jobs[0].batch_key().is_none()) {
+            return;
+        }
+        let job = &queue[i];
+        if job.reply.is_closed() {
+            shared
+                .stats
+                .rejected_cancelled
+                .fetch_add(1, Ordering::Relaxed);
+            queue.remove(i);
+            continue;
+        }
+        if job.deadline.is_some_and(|d| d <= now) {
+            shared
+                .stats
+                .rejected_deadline
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(job) = queue.remove(i) {
+                let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
+                    waited_ms: job.enqueued.elapsed().as_millis(),
+                }));
+            }
+            continue;
+        }
+        let fits = match jobs.first() {
+            None => true,
+            Some(first) => match (first.batch_key(), job.batch_key()) {
+                (Some((_, a)), Some((r, b))) => {
+                    a == b && rows(jobs) + r.max(1) as usize <= max_batch
+                }
+                _ => false,
+            },
+        };
+        if fits {
+            if let Some(job) = queue.remove(i) {
+                jobs.push(job);
+            }
+        } else {
+            i += 1;
+        }
+        if rows(jobs) >= max_batch.max(1) {
+            return;
+        }
+    }
+}
+
+fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Instant) {
+    let Some(models) = shared.models.get() else {
+        return;
+    };
+    let model = &models[model_index];
+    let computed = catch_unwind(AssertUnwindSafe(|| compute(model, &jobs)));
+    let compute_time = started.elapsed();
+    let results = match computed {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = model::panic_message(panic.as_ref());
+            jobs.iter()
+                .map(|_| {
+                    Err(EngineError::Model(ModelError::Internal {
+                        model: model.name.clone(),
+                        message: msg.clone(),
+                    }))
+                })
+                .collect()
+        }
+    };
+    let batch_size = jobs.len();
+    shared.stats.forwards.fetch_add(1, Ordering::Relaxed);
+    for (job, result) in jobs.into_iter().zip(results) {
+        match &result {
+            Ok(_) => shared.stats.computed.fetch_add(1, Ordering::Relaxed),
+            Err(_) => shared.stats.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        let queue_time = started.saturating_duration_since(job.enqueued);
+        let _ = job.reply.send(result.map(|tensor| Output {
+            tensor,
+            compute_time,
+            queue_time,
+            batch_size,
+        }));
+    }
+}
+
+/// Runs one forward for the jobs (one, or a compatible batch) and splits the
+/// output back. A failed batch is retried one by one, so one bad request cannot
+/// fail its neighbours.
+fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<RawTensor, EngineError>> {
+    if jobs.len() == 1 {
+        return vec![compute_one(model, &jobs[0])];
+    }
+    let batched = (|| -> Result<Vec<RawTensor>, EngineError> {
+        let inputs = jobs
+            .iter()
+            .map(|j| to_tensor(model, j))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sizes: Vec<i64> = jobs.iter().map(|j| j.input.shape[0]).collect();
+        let total: i64 = sizes.iter().sum();
+        let x = Tensor::f_cat(&inputs, 0).map_err(|e| internal(model, e))?;
+        let y = model.forward(&x)?;
+        if y.dim() == 0 || y.size()[0] != total {
+            return Err(EngineError::Model(ModelError::Internal {
+                model: model.name.clone(),
+                message: format!(
+                    "output shape {:?} does not keep the batch dimension ({total} rows in); \
+                     turn batching off for this model",
+                    y.size()
+                ),
+            }));
+        }
+        let parts = y
+            .f_split_with_sizes(&sizes, 0)
+            .map_err(|e| internal(model, e))?;
+        parts
+            .iter()
+            .zip(jobs)
+            .map(|(p, j)| from_tensor(model, p, j.enc))
+            .collect()
+    })();
+    match batched {
+        Ok(outs) => outs.into_iter().map(Ok).collect(),
+        Err(_) => jobs.iter().map(|j| compute_one(model, j)).collect(),
+    }
+}
+
+fn compute_one(model: &Model, job: &Job) -> Result<RawTensor, EngineError> {
+    let x = to_tensor(model, job)?;
+    let y = model.forward(&x)?;
+    from_tensor(model, &y, job.enc)
+}
+
+fn internal(model: &Model, e: tch::TchError) -> EngineError {
+    EngineError::Model(ModelError::Internal {
+        model: model.name.clone(),
+        message: model::clean_torch_message(&e.to_string()),
+    })
+}
+
+/// Wire bytes to a tensor on the model's device, in the dtype it is computed in.
+fn to_tensor(model: &Model, job: &Job) -> Result<Tensor, EngineError> {
+    let raw = &job.input;
+    let t = Tensor::f_from_data_size(&raw.data, &raw.shape, raw.dtype.to_kind())
+        .map_err(|e| internal(model, e))?;
+    let kind = input_kind(raw, job.enc);
+    let t = if t.kind() != kind {
+        t.f_to_kind(kind).map_err(|e| internal(model, e))?
+    } else {
+        t
+    };
+    if model.device != Device::Cpu {
+        return t.f_to_device(model.device).map_err(|e| internal(model, e));
+    }
+    Ok(t)
+}
+
+/// A tensor back to wire bytes in the reply's dtype: the request's float encoding,
+/// or with an explicit dtype, the output's own.
+fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, EngineError> {
+    let dtype = if enc.explicit {
+        WireDtype::from_kind(t.kind()).ok_or_else(|| {
+            EngineError::Model(ModelError::Internal {
+                model: model.name.clone(),
+                message: format!("output dtype {:?} has no wire encoding", t.kind()),
+            })
+        })?
+    } else {
+        enc.dtype
+    };
+    let t = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_to_kind(dtype.to_kind()))
+        .and_then(|t| t.f_contiguous())
+        .map_err(|e| internal(model, e))?;
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * dtype.size()];
+    t.f_copy_data_u8(&mut data, numel)
+        .map_err(|e| internal(model, e))?;
+    Ok(RawTensor {
+        data: data.into(),
+        shape: t.size(),
+        dtype,
+    })
+}

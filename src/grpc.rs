@@ -1,0 +1,441 @@
+//! The gRPC surface: generated protos, the ComputeService implementation and the
+//! one place where domain errors become `tonic::Status`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use crate::codec::{self, CodecError, DTYPE_KEY, Limits, RawTensor};
+use crate::engine::{Engine, EngineError, EngineStatus};
+use crate::model::ModelError;
+use crate::plan::ThreadPlan;
+use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache};
+
+/// Generated code for `splitlearn.comm` (kept in OUT_DIR).
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("splitlearn.comm");
+    /// Descriptor set of the protos, for reflection and tooling.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("splitlearn_descriptor");
+}
+
+use pb::compute_service_server::ComputeService;
+
+/// Full gRPC service name, as health checks and Kubernetes probes name it.
+pub const SERVICE_NAME: &str = "splitlearn.comm.ComputeService";
+
+/// Everything that can go wrong with a request, mapped to a status in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0} is not supported by this server yet")]
+    Unimplemented(&'static str),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ServeError::Codec(c) => match c {
+                CodecError::NegativeDimension { .. }
+                | CodecError::TooManyElements { .. }
+                | CodecError::LengthMismatch { .. }
+                | CodecError::ExplicitLengthMismatch { .. }
+                | CodecError::UnknownDtype(_) => Status::invalid_argument(msg),
+            },
+            ServeError::Engine(en) => match en {
+                EngineError::UnknownModel { .. } => Status::not_found(msg),
+                EngineError::Loading | EngineError::Draining | EngineError::Failed(_) => {
+                    Status::unavailable(msg)
+                }
+                EngineError::QueueFull { .. } => Status::resource_exhausted(msg),
+                EngineError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
+                EngineError::Model(m) => match m {
+                    ModelError::InvalidInput { .. } => Status::invalid_argument(msg),
+                    ModelError::Internal { .. }
+                    | ModelError::Load { .. }
+                    | ModelError::Device { .. } => Status::internal(msg),
+                },
+                EngineError::Internal(_) => Status::internal(msg),
+            },
+            ServeError::Unimplemented(_) => Status::unimplemented(msg),
+            ServeError::BadRequest(_) => Status::invalid_argument(msg),
+        }
+    }
+}
+
+/// Facts GetServiceInfo reports that do not change after start-up.
+#[derive(Debug, Clone)]
+pub struct StaticInfo {
+    pub version: &'static str,
+    pub torch_version: &'static str,
+    pub plan: ThreadPlan,
+    pub max_message_bytes: usize,
+}
+
+/// The ComputeService implementation; cheap to clone.
+#[derive(Clone)]
+pub struct ComputeApi {
+    engine: Engine,
+    info: Arc<StaticInfo>,
+    limits: Limits,
+    snapshots: SnapshotCache,
+    started: Instant,
+    total_requests: Arc<AtomicI64>,
+}
+
+impl ComputeApi {
+    pub fn new(engine: Engine, info: StaticInfo, limits: Limits, snapshots: SnapshotCache) -> Self {
+        ComputeApi {
+            engine,
+            info: Arc::new(info),
+            limits,
+            snapshots,
+            started: Instant::now(),
+            total_requests: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    fn uptime(&self) -> f32 {
+        self.started.elapsed().as_secs_f32()
+    }
+
+    fn device(&self) -> String {
+        match self.engine.device() {
+            Some(d) => crate::model::device_name(d),
+            None => "loading".into(),
+        }
+    }
+
+    async fn compute(
+        &self,
+        deadline: Option<Instant>,
+        req: pb::ComputeRequest,
+    ) -> Result<(pb::ComputeResponse, Option<&'static str>), ServeError> {
+        if req.training_mode == Some(true) || !req.forward_id.as_deref().unwrap_or("").is_empty() {
+            return Err(ServeError::Unimplemented("training_mode (split training)"));
+        }
+        if !req.past_key_values.is_empty() || req.use_cache == Some(true) {
+            return Err(ServeError::Unimplemented(
+                "KV-cache inference (past_key_values, use_cache)",
+            ));
+        }
+        let hint = req.metadata.get(DTYPE_KEY).map(String::as_str);
+        let (input, enc) = codec::decode(req.data, &req.shape, hint, self.limits)?;
+        let out = self
+            .engine
+            .infer(&req.model_id, input, enc, deadline)
+            .await?;
+        let shape = wire_shape(&out.tensor)?;
+        let data = codec::encode(&out.tensor, enc);
+        let response = pb::ComputeResponse {
+            data,
+            shape,
+            request_id: req.request_id,
+            compute_time_ms: Some(out.compute_time.as_secs_f32() * 1000.0),
+            monitoring_data: Some(snapshot_to_pb(self.snapshots.get())),
+            forward_id: None,
+            present_key_values: Vec::new(),
+        };
+        Ok((response, enc.explicit.then(|| out.tensor.dtype.name())))
+    }
+}
+
+fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
+    t.shape
+        .iter()
+        .map(|&d| i32::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            ServeError::Engine(EngineError::Internal(format!(
+                "output shape {:?} does not fit the protocol's int32 dimensions",
+                t.shape
+            )))
+        })
+}
+
+pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
+    pb::MonitoringSnapshot {
+        timestamp: s.timestamp,
+        cpu_percent: s.cpu_percent,
+        memory_mb: s.memory_mb,
+        memory_percent: s.memory_percent,
+        gpu_available: s.gpu_available,
+        gpu_utilization: None,
+        gpu_memory_used_mb: None,
+        gpu_memory_total_mb: None,
+    }
+}
+
+/// The deadline a client set with `grpc-timeout` (e.g. `100m` = 100 ms).
+pub fn deadline_from_metadata(md: &tonic::metadata::MetadataMap) -> Option<Instant> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
+type SnapshotStream =
+    Pin<Box<dyn Stream<Item = Result<pb::MonitoringSnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ComputeService for ComputeApi {
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model_id, request_id = ?request.get_ref().request_id))]
+    async fn compute(
+        &self,
+        request: Request<pb::ComputeRequest>,
+    ) -> Result<Response<pb::ComputeResponse>, Status> {
+        self.total_requests.fetch_add(1, Ordering::Relaxed);
+        let deadline = deadline_from_metadata(request.metadata());
+        match ComputeApi::compute(self, deadline, request.into_inner()).await {
+            Ok((reply, dtype)) => {
+                let mut response = Response::new(reply);
+                if let Some(dtype) = dtype {
+                    response
+                        .metadata_mut()
+                        .insert(DTYPE_KEY, MetadataValue::from_static(dtype));
+                }
+                Ok(response)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "compute failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn compute_backward(
+        &self,
+        _request: Request<pb::BackwardRequest>,
+    ) -> Result<Response<pb::BackwardResponse>, Status> {
+        Err(ServeError::Unimplemented("ComputeBackward (split training)").into())
+    }
+
+    async fn health_check(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let status = self.engine.status().borrow().clone();
+        let (ok, message) = match status {
+            EngineStatus::Ready => (
+                true,
+                format!("serving {} model(s)", self.engine.model_names().len()),
+            ),
+            EngineStatus::Loading => (false, "loading and warming up models".to_string()),
+            EngineStatus::Failed(m) => (false, format!("failed to start: {m}")),
+            EngineStatus::Draining => (false, "draining: shutting down".to_string()),
+            EngineStatus::Stopped => (false, "stopped".to_string()),
+        };
+        Ok(Response::new(pb::HealthResponse {
+            status: if ok { "ok" } else { "unhealthy" }.into(),
+            message,
+            version: self.info.version.into(),
+            uptime_seconds: Some(self.uptime()),
+        }))
+    }
+
+    async fn get_service_info(
+        &self,
+        _request: Request<pb::ServiceInfoRequest>,
+    ) -> Result<Response<pb::ServiceInfoResponse>, Status> {
+        let plan = self.engine.applied_plan().unwrap_or(self.info.plan);
+        let mut custom = HashMap::new();
+        custom.insert("thread_plan".into(), plan.to_string());
+        custom.insert("cpu_budget".into(), plan.budget.cores.to_string());
+        custom.insert("cpu_budget_source".into(), plan.budget.source.to_string());
+        custom.insert("workers".into(), plan.workers.to_string());
+        custom.insert("intra_op_threads".into(), plan.intra_op_threads.to_string());
+        custom.insert("inter_op_threads".into(), plan.inter_op_threads.to_string());
+        custom.insert("io_threads".into(), plan.io_threads.to_string());
+        custom.insert("oversubscribed".into(), plan.oversubscribed.to_string());
+        custom.insert("torch_version".into(), self.info.torch_version.into());
+        custom.insert(
+            "max_message_bytes".into(),
+            self.info.max_message_bytes.to_string(),
+        );
+        custom.insert(
+            "queue_capacity".into(),
+            self.engine.config().queue_capacity.to_string(),
+        );
+        custom.insert(
+            "default_model".into(),
+            self.engine
+                .model_names()
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        let loaded = self.engine.loaded_models();
+        custom.insert(
+            "models".into(),
+            if loaded.is_empty() {
+                self.engine.model_names().join(",")
+            } else {
+                loaded
+                    .iter()
+                    .map(|(n, d, _)| format!("{n}@{d}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+        );
+        for (name, device, source) in &loaded {
+            custom.insert(format!("model.{name}.device"), device.clone());
+            custom.insert(format!("model.{name}.source"), source.clone());
+        }
+        for slot in &self.engine.config().models {
+            if slot.max_batch > 1 {
+                custom.insert(
+                    format!("model.{}.batching", slot.arg.name),
+                    format!(
+                        "max {} rows, wait {} us",
+                        slot.max_batch,
+                        slot.batch_timeout.as_micros()
+                    ),
+                );
+            }
+        }
+        Ok(Response::new(pb::ServiceInfoResponse {
+            service_name: self
+                .engine
+                .model_names()
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+            version: self.info.version.into(),
+            device: self.device(),
+            uptime_seconds: Some(self.uptime()),
+            total_requests: self.total_requests.load(Ordering::Relaxed),
+            custom_info: custom,
+        }))
+    }
+
+    type StreamMonitoringStream = SnapshotStream;
+
+    async fn stream_monitoring(
+        &self,
+        request: Request<pb::MonitoringStreamRequest>,
+    ) -> Result<Response<Self::StreamMonitoringStream>, Status> {
+        let requested = request.get_ref().sampling_interval.unwrap_or(1.0);
+        let secs = if requested.is_finite() {
+            requested.clamp(0.1, 5.0)
+        } else {
+            1.0
+        };
+        let gpu = self.snapshots.get().gpu_available;
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(secs));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stream = futures::stream::unfold(
+            (tick, Sampler::new(gpu)),
+            |(mut tick, mut sampler)| async move {
+                tick.tick().await;
+                let snapshot = snapshot_to_pb(sampler.sample());
+                Some((
+                    Ok(pb::MonitoringSnapshotResponse {
+                        snapshot: Some(snapshot),
+                    }),
+                    (tick, sampler),
+                ))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// tonic answers an over-limit request with OUT_OF_RANGE; gRPC's status table (and
+/// the Python server) say RESOURCE_EXHAUSTED. Rewrites that one trailers-only answer.
+pub fn message_limit_status<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let h = res.headers_mut();
+    let is_limit = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if is_limit {
+        let detail = h
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .map(|m| m.replace("%20", " ").replace("%3A", ":"))
+            .unwrap_or_default();
+        let sizes = detail.split("found ").nth(1).unwrap_or("").to_string();
+        let text =
+            format!("message too large for this server (--max-message-bytes): found {sizes}");
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+        if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&text)) {
+            h.insert("grpc-message", v);
+        }
+    }
+    res
+}
+
+/// gRPC's grpc-message encoding: percent-encode everything outside printable ASCII and '%'.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        let d = deadline_from_metadata(&md).unwrap();
+        let left = d.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(200));
+        md.insert("grpc-timeout", "junk".parse().unwrap());
+        assert!(deadline_from_metadata(&md).is_none());
+    }
+
+    #[test]
+    fn over_limit_answers_become_resource_exhausted() {
+        let res = http::Response::builder()
+            .header("grpc-status", "11")
+            .header(
+                "grpc-message",
+                "Error,%20decoded%20message%20length%20too%20large:%20found%202000%20bytes,%20the%20limit%20is:%201024%20bytes",
+            )
+            .body(())
+            .unwrap();
+        let res = message_limit_status(res);
+        assert_eq!(res.headers()["grpc-status"], "8");
+        let msg = res.headers()["grpc-message"].to_str().unwrap();
+        assert!(msg.contains("2000 bytes") && msg.contains("1024"), "{msg}");
+        let other = http::Response::builder()
+            .header("grpc-status", "11")
+            .body(())
+            .unwrap();
+        assert_eq!(message_limit_status(other).headers()["grpc-status"], "11");
+    }
+}

@@ -1,0 +1,168 @@
+//! splitserve: a gRPC compute service for split learning and model-partition
+//! inference on libtorch, wire-compatible with splitlearn_comm clients.
+//!
+//! # Layout
+//! - [`config`]: the command line (clap derive; every flag also `SPLITSERVE_*`) and validation.
+//! - [`plan`]: the CPU budget from cgroup v1/v2, cpuset and the OS; the thread plan;
+//!   libtorch's thread settings, applied once.
+//! - [`codec`]: wire bytes <-> raw tensors: dtype, shape, size checks, float16 and zlib.
+//! - [`model`]: TorchScript and built-in models: loading, device placement, warm-up, forward.
+//! - [`engine`]: per-model bounded queues, batcher, dedicated inference workers,
+//!   deadlines, cancellation and drain. The only place libtorch runs.
+//! - [`grpc`]: generated protos (`pb`), the ComputeService, error -> `Status` mapping.
+//! - [`telemetry`]: logging and the resource sampler behind monitoring snapshots.
+//!
+//! The thread model: tonic runs on a small tokio runtime (io threads) that decodes
+//! and validates; W worker threads own every libtorch call; a oneshot carries each
+//! reply back. `main.rs` only parses, sets up logging and calls [`run`].
+
+pub mod codec;
+pub mod config;
+pub mod engine;
+pub mod grpc;
+pub mod model;
+pub mod plan;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::config::ServeArgs;
+use crate::engine::{Engine, EngineConfig, EngineStatus};
+use crate::grpc::pb::compute_service_server::ComputeServiceServer;
+use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
+use crate::plan::ThreadPlan;
+use crate::telemetry::SnapshotCache;
+
+/// libtorch version this binary was built against.
+pub const TORCH_VERSION: &str = env!("SPLITSERVE_TORCH_VERSION");
+
+/// Sockets the caller bound, so tests can use port 0 and read the address.
+pub struct Listeners {
+    pub grpc: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the models could not be loaded: {0}")]
+    Startup(String),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Health service names and what they follow.
+const READINESS_SERVICES: [&str; 2] = ["", SERVICE_NAME];
+
+/// Serves until `shutdown` is cancelled, then drains: health turns NOT_SERVING,
+/// new requests get UNAVAILABLE, queued and in-flight ones finish within
+/// `--shutdown-grace`. Must be called inside a tokio runtime.
+pub async fn run(
+    args: ServeArgs,
+    plan: ThreadPlan,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let engine = Engine::start(EngineConfig::from_args(&args, plan));
+    let snapshots = SnapshotCache::default();
+    let stop_background = CancellationToken::new();
+    snapshots.spawn_refresher(Duration::from_secs(1), stop_background.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in READINESS_SERVICES {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    health
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+
+    let api = ComputeApi::new(
+        engine.clone(),
+        StaticInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            torch_version: TORCH_VERSION,
+            plan,
+            max_message_bytes: args.max_message_bytes,
+        },
+        codec::Limits {
+            max_elements: args.max_elements,
+        },
+        snapshots.clone(),
+    );
+    let compute = ComputeServiceServer::new(api)
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+
+    let stop_server = CancellationToken::new();
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            grpc::message_limit_status::<tonic::body::Body>,
+        ))
+        .add_service(health_service)
+        .add_service(compute)
+        .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
+    let mut server = tokio::spawn(server);
+
+    // Readiness follows the engine: NOT_SERVING until loaded, SERVING after.
+    let mut status = engine.status();
+    let outcome = loop {
+        let current = status.borrow_and_update().clone();
+        match current {
+            EngineStatus::Ready => {
+                for name in READINESS_SERVICES {
+                    health
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
+                }
+                snapshots.set_gpu_available(engine.device().is_some_and(|d| d.is_cuda()));
+                tracing::info!(addr = ?args.grpc_addr, "serving");
+            }
+            EngineStatus::Failed(msg) => break Err(RunError::Startup(msg)),
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            changed = status.changed() => if changed.is_err() { break Ok(()) },
+            res = &mut server => {
+                stop_background.cancel();
+                return match res {
+                    Ok(r) => r.map_err(RunError::from),
+                    Err(e) => Err(RunError::Startup(format!("server task ended: {e}"))),
+                };
+            }
+        }
+    };
+
+    tracing::info!(
+        grace_s = args.shutdown_grace.as_secs_f64(),
+        "shutdown requested (Kubernetes sends SIGTERM before removing the pod): \
+         health NOT_SERVING, finishing queued and in-flight requests"
+    );
+    for name in READINESS_SERVICES {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    let drained = engine.drain(args.shutdown_grace).await;
+    if !drained {
+        tracing::warn!("shutdown grace ran out; queued requests were answered UNAVAILABLE");
+    }
+    stop_server.cancel();
+    // In-flight replies are written by now; give the connections a moment to flush.
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
+    stop_background.cancel();
+    tracing::info!(
+        computed = engine
+            .stats()
+            .computed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "stopped"
+    );
+    outcome
+}
