@@ -1,0 +1,133 @@
+"""A splitlearn_comm-style client (grpcio stubs from the project's proto, the
+package's own tensor encodings) against the real splitserve binary, checked
+against the venv's torch running the same TorchScript file."""
+
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_path
+
+
+class TensorCodec:
+    """What splitlearn_comm's TensorCodec does: raw numpy bytes, no dtype on the wire."""
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = dtype
+
+    def encode(self, tensor):
+        return tensor.cpu().numpy().astype(self.dtype).tobytes(), tuple(tensor.shape)
+
+    def decode(self, data, shape):
+        return torch.from_numpy(np.frombuffer(data, dtype=self.dtype).reshape(shape).copy()).float()
+
+
+class CompressedTensorCodec(TensorCodec):
+    """splitlearn_comm's CompressedTensorCodec: zlib over the raw bytes."""
+
+    def encode(self, tensor):
+        data, shape = super().encode(tensor)
+        return zlib.compress(data, 6), shape
+
+    def decode(self, data, shape):
+        return super().decode(zlib.decompress(data), shape)
+
+
+CODECS = {
+    "float32": (TensorCodec(np.float32), 1e-5),
+    "float16": (TensorCodec(np.float16), 2e-2),
+    "zlib-float32": (CompressedTensorCodec(np.float32), 1e-5),
+    "zlib-float16": (CompressedTensorCodec(np.float16), 2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def mlp_server(pb, request):
+    from conftest import Server
+
+    s = Server(
+        "--model", f"mlp={fixture_path('mlp.pt')}",
+        "--model", "triple=builtin:scale:3",
+        "--max-message-bytes", str(1024 * 1024),
+    )
+    s.wait_ok(pb)
+    yield s
+    assert s.terminate() == 0
+
+
+@pytest.mark.parametrize("codec_name", list(CODECS))
+def test_compute_matches_torch_for_every_client_encoding(pb, mlp_server, codec_name):
+    pb2, pb2_grpc = pb
+    codec, tol = CODECS[codec_name]
+    stub = pb2_grpc.ComputeServiceStub(mlp_server.channel())
+    model = torch.jit.load(str(fixture_path("mlp.pt")))
+    torch.manual_seed(7)
+    x = torch.randn(5, 16)
+    data, shape = codec.encode(x)
+    reply = stub.Compute(pb2.ComputeRequest(data=data, shape=list(shape), request_id=3), timeout=30)
+    assert reply.request_id == 3
+    assert reply.HasField("compute_time_ms") and reply.compute_time_ms >= 0
+    assert reply.HasField("monitoring_data") and reply.monitoring_data.memory_mb > 0
+    got = codec.decode(reply.data, tuple(reply.shape))
+    # The reference sees what the server saw: the input at the wire's precision.
+    wire = TensorCodec(codec.dtype)
+    seen = wire.decode(*wire.encode(x))
+    with torch.no_grad():
+        want = model(seen)
+    assert got.shape == want.shape == (5, 8)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_named_model_and_service_calls(pb, mlp_server):
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(mlp_server.channel())
+    codec = TensorCodec()
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    data, shape = codec.encode(x)
+    reply = stub.Compute(pb2.ComputeRequest(data=data, shape=list(shape), model_id="triple"))
+    assert torch.equal(codec.decode(reply.data, tuple(reply.shape)), x * 3)
+
+    health = stub.HealthCheck(pb2.HealthRequest())
+    assert health.status == "ok" and health.version and health.uptime_seconds >= 0
+
+    info = stub.GetServiceInfo(pb2.ServiceInfoRequest())
+    assert info.service_name == "mlp"
+    assert info.device == "cpu"
+    assert info.total_requests >= 1
+    assert info.custom_info["models"] == "mlp@cpu,triple@cpu"
+    assert "workers" in info.custom_info["thread_plan"]
+
+    snaps = []
+    for item in stub.StreamMonitoring(pb2.MonitoringStreamRequest(sampling_interval=0.1), timeout=10):
+        snaps.append(item.snapshot)
+        if len(snaps) == 2:
+            break
+    assert all(s.memory_mb > 0 and not s.gpu_available for s in snaps)
+
+
+def test_errors_have_clear_statuses(pb, mlp_server):
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(mlp_server.channel())
+
+    def code_of(req):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Compute(req, timeout=30)
+        return e.value.code(), e.value.details()
+
+    code, msg = code_of(pb2.ComputeRequest(data=b"\0" * 7, shape=[1, 16]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "7 bytes" in msg
+    code, msg = code_of(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16], model_id="missing"))
+    assert code == grpc.StatusCode.NOT_FOUND and "missing" in msg
+    code, msg = code_of(pb2.ComputeRequest(data=b"\0" * 4 * 15, shape=[1, 15]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot be multiplied" in msg
+    # Over --max-message-bytes (1 MiB here): RESOURCE_EXHAUSTED, like the Python server.
+    code, msg = code_of(pb2.ComputeRequest(data=b"\0" * (2 * 1024 * 1024), shape=[512 * 1024]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, msg
+    code, _ = code_of(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16], training_mode=True))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    # Still serving.
+    ok = stub.Compute(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16]))
+    assert list(ok.shape) == [1, 8]
