@@ -272,13 +272,22 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Requests waiting in a model's queue.
-    pub fn queue_depth(&self) -> usize {
+    /// Requests waiting in each model's queue, in model order.
+    pub fn queue_depths(&self) -> Vec<usize> {
         lock(&self.shared.queues)
             .per_model
             .iter()
             .map(VecDeque::len)
-            .sum()
+            .collect()
+    }
+
+    /// Workers in the middle of a forward right now.
+    pub fn busy_workers(&self) -> usize {
+        self.shared
+            .busy_since
+            .iter()
+            .filter(|b| b.load(Ordering::Relaxed) != 0)
+            .count()
     }
 
     /// Workers busy on one job for longer than `limit`.
@@ -581,14 +590,8 @@ fn take_compatible(
             return;
         }
         let job = &queue[i];
-        if job.reply.is_closed() {
-            shared
-                .stats
-                .rejected_cancelled
-                .fetch_add(1, Ordering::Relaxed);
-            queue.remove(i);
-            continue;
-        }
+        // Deadline first: a request whose deadline passed has also lost its
+        // waiting handler, and should be counted as what it is.
         if job.deadline.is_some_and(|d| d <= now) {
             shared
                 .stats
@@ -599,6 +602,14 @@ fn take_compatible(
                     waited_ms: job.enqueued.elapsed().as_millis(),
                 }));
             }
+            continue;
+        }
+        if job.reply.is_closed() {
+            shared
+                .stats
+                .rejected_cancelled
+                .fetch_add(1, Ordering::Relaxed);
+            queue.remove(i);
             continue;
         }
         let fits = match jobs.first() {

@@ -83,6 +83,8 @@ pub struct StaticInfo {
     pub torch_version: &'static str,
     pub plan: ThreadPlan,
     pub max_message_bytes: usize,
+    /// A worker busy on one job longer than this is stalled.
+    pub stall_timeout: Duration,
 }
 
 /// The ComputeService implementation; cheap to clone.
@@ -179,8 +181,27 @@ pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
     }
 }
 
-/// The deadline a client set with `grpc-timeout` (e.g. `100m` = 100 ms).
-pub fn deadline_from_metadata(md: &tonic::metadata::MetadataMap) -> Option<Instant> {
+/// When a request's headers reached the server, stamped by [`stamp_arrival`].
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
+
+/// Records the arrival time before the body is read, so deadlines count from there.
+pub fn stamp_arrival<B>(mut req: http::Request<B>) -> http::Request<B> {
+    req.extensions_mut().insert(Arrival(Instant::now()));
+    req
+}
+
+/// tonic's transport also enforces `grpc-timeout` and then answers CANCELLED
+/// "Timeout expired" (grpc/grpc-rust#606); answering a little earlier ourselves
+/// keeps the status DEADLINE_EXCEEDED, as the gRPC spec asks.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// The deadline a client set with `grpc-timeout` (e.g. `100m` = 100 ms), counted
+/// from the request's arrival.
+pub fn deadline_from_metadata(
+    md: &tonic::metadata::MetadataMap,
+    arrival: Instant,
+) -> Option<Instant> {
     let v = md.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
@@ -193,7 +214,7 @@ pub fn deadline_from_metadata(md: &tonic::metadata::MetadataMap) -> Option<Insta
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    Instant::now().checked_add(d)
+    arrival.checked_add(d.saturating_sub(DEADLINE_MARGIN))
 }
 
 type SnapshotStream =
@@ -207,7 +228,11 @@ impl ComputeService for ComputeApi {
         request: Request<pb::ComputeRequest>,
     ) -> Result<Response<pb::ComputeResponse>, Status> {
         self.total_requests.fetch_add(1, Ordering::Relaxed);
-        let deadline = deadline_from_metadata(request.metadata());
+        let arrival = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let deadline = deadline_from_metadata(request.metadata(), arrival);
         match ComputeApi::compute(self, deadline, request.into_inner()).await {
             Ok((reply, dtype)) => {
                 let mut response = Response::new(reply);
@@ -286,6 +311,39 @@ impl ComputeService for ComputeApi {
                 .cloned()
                 .unwrap_or_default(),
         );
+        let stats = self.engine.stats();
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
+        custom.insert("requests_computed".into(), count(&stats.computed));
+        custom.insert("forwards".into(), count(&stats.forwards));
+        custom.insert("requests_failed".into(), count(&stats.failed));
+        custom.insert(
+            "rejected_queue_full".into(),
+            count(&stats.rejected_queue_full),
+        );
+        custom.insert("rejected_deadline".into(), count(&stats.rejected_deadline));
+        custom.insert(
+            "rejected_cancelled".into(),
+            count(&stats.rejected_cancelled),
+        );
+        custom.insert("rejected_draining".into(), count(&stats.rejected_draining));
+        custom.insert(
+            "queue_depth".into(),
+            self.engine.queue_depths().iter().sum::<usize>().to_string(),
+        );
+        custom.insert(
+            "workers_busy".into(),
+            self.engine.busy_workers().to_string(),
+        );
+        custom.insert(
+            "workers_stalled".into(),
+            self.engine
+                .stalled_workers(self.info.stall_timeout)
+                .to_string(),
+        );
+        if let Some(threads) = crate::telemetry::thread_count() {
+            custom.insert("process_threads".into(), threads.to_string());
+        }
+        custom.insert("planned_threads".into(), plan.planned_threads().to_string());
         let loaded = self.engine.loaded_models();
         custom.insert(
             "models".into(),
@@ -411,11 +469,11 @@ mod tests {
     fn grpc_timeouts_parse() {
         let mut md = tonic::metadata::MetadataMap::new();
         md.insert("grpc-timeout", "250m".parse().unwrap());
-        let d = deadline_from_metadata(&md).unwrap();
+        let d = deadline_from_metadata(&md, Instant::now()).unwrap();
         let left = d.saturating_duration_since(Instant::now());
         assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(200));
         md.insert("grpc-timeout", "junk".parse().unwrap());
-        assert!(deadline_from_metadata(&md).is_none());
+        assert!(deadline_from_metadata(&md, Instant::now()).is_none());
     }
 
     #[test]

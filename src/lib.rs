@@ -16,6 +16,8 @@
 //! and validates; W worker threads own every libtorch call; a oneshot carries each
 //! reply back. `main.rs` only parses, sets up logging and calls [`run`].
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod codec;
 pub mod config;
 pub mod engine;
@@ -56,6 +58,8 @@ pub enum RunError {
 
 /// Health service names and what they follow.
 const READINESS_SERVICES: [&str; 2] = ["", SERVICE_NAME];
+/// Health service name that follows liveness (no stalled worker).
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// Serves until `shutdown` is cancelled, then drains: health turns NOT_SERVING,
 /// new requests get UNAVAILABLE, queued and in-flight ones finish within
@@ -78,7 +82,7 @@ pub async fn run(
             .await;
     }
     health
-        .set_service_status("liveness", ServingStatus::Serving)
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
 
     let api = ComputeApi::new(
@@ -88,6 +92,7 @@ pub async fn run(
             torch_version: TORCH_VERSION,
             plan,
             max_message_bytes: args.max_message_bytes,
+            stall_timeout: args.stall_timeout,
         },
         codec::Limits {
             max_elements: args.max_elements,
@@ -98,9 +103,19 @@ pub async fn run(
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
 
+    spawn_stall_watchdog(
+        engine.clone(),
+        health.clone(),
+        args.stall_timeout,
+        stop_background.clone(),
+    );
+
     let stop_server = CancellationToken::new();
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(
+            grpc::stamp_arrival::<tonic::body::Body>,
+        ))
         .layer(tower::util::MapResponseLayer::new(
             grpc::message_limit_status::<tonic::body::Body>,
         ))
@@ -165,4 +180,44 @@ pub async fn run(
         "stopped"
     );
     outcome
+}
+
+/// Marks the process not live while a worker is stuck on one job for longer than
+/// `--stall-timeout`, so a Kubernetes liveness probe on `liveness` restarts it.
+fn spawn_stall_watchdog(
+    engine: Engine,
+    health: tonic_health::server::HealthReporter,
+    limit: Duration,
+    stop: CancellationToken,
+) {
+    let every = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        let mut was_stalled = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let stalled = engine.stalled_workers(limit);
+            if (stalled > 0) != was_stalled {
+                was_stalled = stalled > 0;
+                if was_stalled {
+                    tracing::error!(
+                        stalled,
+                        limit_s = limit.as_secs_f64(),
+                        "worker stalled: busy on one job past --stall-timeout; liveness NOT_SERVING"
+                    );
+                    health
+                        .set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing)
+                        .await;
+                } else {
+                    tracing::warn!("stalled worker finished its job; liveness SERVING again");
+                    health
+                        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+                        .await;
+                }
+            }
+        }
+    });
 }

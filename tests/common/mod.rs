@@ -22,8 +22,14 @@ pub struct TestServer {
 
 /// A TorchScript file written by scripts/make_fixtures.py (`make test` runs it).
 pub fn fixture(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/generated").join(name);
-    assert!(p.is_file(), "{} is missing: run `make fixtures` (make test does)", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/generated")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make fixtures` (make test does)",
+        p.display()
+    );
     p
 }
 
@@ -67,7 +73,11 @@ impl TestServer {
             Listeners { grpc: listener },
             shutdown.clone(),
         ));
-        let server = TestServer { addr, shutdown, handle };
+        let server = TestServer {
+            addr,
+            shutdown,
+            handle,
+        };
         server.wait_ready().await;
         server
     }
@@ -75,14 +85,18 @@ impl TestServer {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut c) = ComputeServiceClient::connect(format!("http://{}", self.addr)).await {
+            if let Ok(mut c) = ComputeServiceClient::connect(format!("http://{}", self.addr)).await
+            {
                 if let Ok(r) = c.health_check(pb::HealthRequest {}).await {
                     if r.get_ref().status == "ok" {
                         return;
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "server did not become ready in 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "server did not become ready in 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -107,7 +121,10 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 pub fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 pub fn request(model: &str, values: &[f32], shape: &[i32]) -> ComputeRequest {

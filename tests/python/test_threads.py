@@ -1,0 +1,94 @@
+"""The thread model seen from outside: the process's thread count stays within
+the plan under any client concurrency, and a stuck worker fails liveness."""
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# Threads the plan does not count but the process always has: libtorch's and
+# the allocator's helpers, the signal driver. Measured idle, not guessed.
+SLACK = 4
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def load(stub, pb2, clients: int, seconds: float, errors: list):
+    stop = time.time() + seconds
+    x = np.ones((1, 512), dtype=np.float32).tobytes()
+
+    def client():
+        while time.time() < stop:
+            try:
+                stub.Compute(pb2.ComputeRequest(data=x, shape=[1, 512]), timeout=30)
+            except grpc.RpcError as e:
+                errors.append(e.code())
+                return
+
+    ts = [threading.Thread(target=client) for _ in range(clients)]
+    for t in ts:
+        t.start()
+    return ts
+
+
+def test_thread_count_stays_within_the_plan_from_1_to_64_clients(pb, server_factory):
+    pb2, pb2_grpc = pb
+    s = server_factory("--workers", "2", "--intra-op-threads", "1", "--io-threads", "2")
+    s.wait_ok(pb)
+    channels = [s.channel() for _ in range(8)]
+    info = pb2_grpc.ComputeServiceStub(channels[0]).GetServiceInfo(pb2.ServiceInfoRequest())
+    planned = int(info.custom_info["planned_threads"])
+    idle = threads_of(s.proc.pid)
+    assert idle <= planned + SLACK, f"idle {idle} threads, plan {planned}"
+
+    peaks = {}
+    for clients in (1, 8, 64):
+        errors = []
+        ts = []
+        for i, ch in enumerate(channels):
+            share = clients // len(channels) + (1 if i < clients % len(channels) else 0)
+            if share:
+                ts += load(pb2_grpc.ComputeServiceStub(ch), pb2, share, 2.0, errors)
+        peak = 0
+        while any(t.is_alive() for t in ts):
+            peak = max(peak, threads_of(s.proc.pid))
+            time.sleep(0.02)
+        assert errors == []
+        peaks[clients] = peak
+    assert max(peaks.values()) <= planned + SLACK, f"peaks {peaks}, plan {planned}"
+    # Flat: 64 clients cost no more threads than one.
+    assert peaks[64] == peaks[1], peaks
+    assert s.terminate() == 0
+
+
+def test_a_stalled_worker_fails_liveness_until_it_finishes(pb, server_factory):
+    pb2, pb2_grpc = pb
+    s = server_factory("--model", "stuck=builtin:delay:2500", "--workers", "1", "--stall-timeout", "500ms")
+    s.wait_ok(pb)
+    ch = s.channel()
+    stub = pb2_grpc.ComputeServiceStub(ch)
+    health = health_pb2_grpc.HealthStub(ch)
+
+    def live():
+        return health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status
+
+    assert live() == health_pb2.HealthCheckResponse.SERVING
+    t = threading.Thread(target=lambda: stub.Compute(pb2.ComputeRequest(data=b"\0" * 4, shape=[1]), timeout=30))
+    t.start()
+    time.sleep(1.5)
+    assert live() == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info["workers_stalled"] == "1"
+    t.join()
+    deadline = time.time() + 5
+    while live() != health_pb2.HealthCheckResponse.SERVING:
+        assert time.time() < deadline, "liveness never recovered"
+        time.sleep(0.1)
+    assert s.terminate() == 0
