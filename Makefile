@@ -11,7 +11,7 @@ ARGS       ?=
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup build run test test-rust test-python fixtures fmt lint clean
+.PHONY: all setup build run test test-rust test-python test-deploy fixtures bench fmt lint clean
 
 all: build
 
@@ -33,13 +33,22 @@ $(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
 	$(PY) scripts/make_fixtures.py $(FIXTURES)
 	touch $@
 
-test: build fixtures test-rust test-python
+test: build fixtures test-rust test-python test-deploy
 
 test-rust: build fixtures
 	cargo test --release -- --test-threads 2
 
 test-python: build fixtures
 	$(PY) -m pytest -q tests/python
+
+## Chart, rendered manifests, Dockerfile, dashboards and alert rules (no cluster needed).
+test-deploy: setup
+	bash scripts/setup-deploy-tools.sh
+	$(PY) -m pytest -q tests/deploy
+
+## Side-by-side benchmark against the Python servers; writes docs/benchmarks.md.
+bench: build fixtures
+	$(PY) scripts/bench/run.py
 
 fmt:
 	cargo fmt

@@ -29,6 +29,13 @@ pub struct Cli {
 pub enum Command {
     /// Serve the models over gRPC until SIGTERM or SIGINT, then drain.
     Serve(Box<ServeArgs>),
+    /// Load-test any server that speaks splitlearn.comm.ComputeService (closed loop).
+    Bench(Box<crate::bench::BenchArgs>),
+    /// Show the CPU budget, libtorch's thread facts and measure libtorch, gRPC and
+    /// both together across thread plans; recommend a plan.
+    Diagnose(Box<crate::diagnose::DiagnoseArgs>),
+    /// Check a grpc.health.v1 service: exit 0 when SERVING, 1 otherwise.
+    Probe(crate::client::ProbeArgs),
 }
 
 /// Everything `splitserve serve` needs; passed down whole, never split into arguments.
@@ -154,8 +161,10 @@ impl ServeArgs {
             argv.push((*m).to_string());
         }
         let cli = Cli::try_parse_from(argv).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let Command::Serve(args) = cli.command;
-        Ok(*args)
+        match cli.command {
+            Command::Serve(args) => Ok(*args),
+            _ => Err(ConfigError::Invalid("not a serve command line".into())),
+        }
     }
 
     /// The models to load: the flags', or the built-in default MLP.
@@ -428,6 +437,17 @@ impl FromStr for WarmupShapeArg {
     }
 }
 
+/// A tensor shape on the command line, `1x64x256`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dims(pub Vec<i64>);
+
+impl FromStr for Dims {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_dims(s).map(Dims)
+    }
+}
+
 /// Parses `1x64x256` (or `1,64,256`) into dimensions.
 pub fn parse_dims(s: &str) -> Result<Vec<i64>, String> {
     s.split(['x', ','])
@@ -537,6 +557,46 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert_eq!("cuda:1".parse::<DeviceArg>().unwrap(), DeviceArg::Cuda(1));
         assert!("tpu".parse::<DeviceArg>().is_err());
+    }
+
+    #[test]
+    fn every_flag_has_help_and_an_env_var() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "json" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{id} has no help",
+                    sub.get_name()
+                );
+                let env = arg.get_env().map(|e| e.to_string_lossy().to_string());
+                assert!(
+                    env.as_deref().is_some_and(|e| e.starts_with("SPLITSERVE_")),
+                    "{} --{id} has no SPLITSERVE_ env var",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_subcommand_parses_a_typical_line() {
+        for line in [
+            "splitserve serve --model a=builtin:scale:2 --max-batch-size 8 --stall-timeout 5s",
+            "splitserve bench --addr 127.0.0.1:1 --shape 1x64x256 --duration 2s --json",
+            "splitserve probe --addr 127.0.0.1:1 --service liveness",
+            "splitserve diagnose --model builtin:scale:2 --shape 4 --plans 2x1,1x2 --json",
+        ] {
+            let cli = Cli::try_parse_from(line.split(' ')).unwrap();
+            if let Command::Bench(b) = cli.command {
+                assert_eq!(b.shape, Dims(vec![1, 64, 256]));
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   deadlines, cancellation and drain. The only place libtorch runs.
 //! - [`grpc`]: generated protos (`pb`), the ComputeService, error -> `Status` mapping.
 //! - [`telemetry`]: logging and the resource sampler behind monitoring snapshots.
+//! - [`client`]: connecting, and `splitserve probe` (grpc.health.v1 check).
+//! - [`bench`]: `splitserve bench`, the closed-loop load generator.
+//! - [`diagnose`]: `splitserve diagnose`, the contention diagnostic.
 //!
 //! The thread model: tonic runs on a small tokio runtime (io threads) that decodes
 //! and validates; W worker threads own every libtorch call; a oneshot carries each
@@ -18,8 +21,11 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod bench;
+pub mod client;
 pub mod codec;
 pub mod config;
+pub mod diagnose;
 pub mod engine;
 pub mod grpc;
 pub mod model;

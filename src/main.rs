@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use splitserve::bench::BenchArgs;
+use splitserve::client::ProbeArgs;
 use splitserve::config::{Cli, Command, EXIT_CONFIG, ServeArgs};
+use splitserve::diagnose::DiagnoseArgs;
 use splitserve::plan::ThreadPlan;
 use splitserve::{Listeners, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -12,6 +15,80 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Bench(args) => bench(&args),
+        Command::Probe(args) => probe(&args),
+        Command::Diagnose(args) => diagnose(&args),
+    }
+}
+
+/// A small runtime for the client-side subcommands.
+fn client_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("splitserve: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+fn bench(args: &BenchArgs) -> ExitCode {
+    let runtime = match client_runtime(args.client_threads) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(splitserve::bench::run(args)) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.render());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("splitserve bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn diagnose(args: &DiagnoseArgs) -> ExitCode {
+    match splitserve::diagnose::run(args) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.render());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("splitserve diagnose: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe(args: &ProbeArgs) -> ExitCode {
+    let runtime = match client_runtime(1) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(splitserve::client::probe(args)) {
+        Ok(status) => {
+            println!("{} {:?}: {status}", args.addr, args.service);
+            if status == "SERVING" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("splitserve probe: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

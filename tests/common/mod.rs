@@ -43,7 +43,9 @@ pub fn args(models: &[&str], extra: &[&str]) -> ServeArgs {
     argv.extend(extra.iter().map(|s| s.to_string()));
     use clap::Parser;
     let cli = splitserve::config::Cli::try_parse_from(argv).unwrap();
-    let splitserve::config::Command::Serve(parsed) = cli.command;
+    let splitserve::config::Command::Serve(parsed) = cli.command else {
+        panic!("not a serve command line");
+    };
     parsed.validate().unwrap();
     *parsed
 }

@@ -1,0 +1,64 @@
+//! Client-side helpers: connecting to a server and `splitserve probe`, the
+//! grpc.health.v1 check for exec probes and container HEALTHCHECKs.
+
+use std::time::Duration;
+
+use clap::Args;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::config::parse_duration;
+
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// Server address, host:port.
+    #[arg(long, env = "SPLITSERVE_PROBE_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+
+    /// Health service to check: "" (the server), splitlearn.comm.ComputeService
+    /// (ready to compute) or liveness (no stalled worker).
+    #[arg(
+        long,
+        env = "SPLITSERVE_PROBE_SERVICE",
+        default_value = "splitlearn.comm.ComputeService"
+    )]
+    pub service: String,
+
+    /// Give up after this long (connect plus check).
+    #[arg(long, env = "SPLITSERVE_PROBE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Connects to `host:port` (or a full URI) with Nagle off.
+pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, String> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri.clone())
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {uri}: {e}"))
+}
+
+/// The serving status of one health service, as its name ("SERVING", ...).
+pub async fn probe(args: &ProbeArgs) -> Result<String, String> {
+    let channel = connect(&args.addr, args.timeout).await?;
+    let mut health = HealthClient::new(channel);
+    let response = health
+        .check(HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await
+        .map_err(|s| format!("health check failed: {:?}: {}", s.code(), s.message()))?;
+    let status = ServingStatus::try_from(response.into_inner().status)
+        .map_or("UNKNOWN", |s| s.as_str_name());
+    Ok(status.to_string())
+}
