@@ -1,0 +1,136 @@
+# syntax=docker/dockerfile:1.7
+#
+# splitserve container image.
+#
+#   docker build -t splitserve:0.1.0-cpu .
+#   docker build --build-arg VARIANT=cuda -t splitserve:0.1.0-cuda .
+#
+# VARIANT=cpu|cuda. Both build the same binary against the torch wheel that
+# scripts/setup.sh installs (requirements.txt: torch==2.13.0). The binary links
+# libtorch_cuda whenever the wheel has it (build.rs), so the runtime stage keeps
+# every library the binary needs in both variants; the cuda variant additionally
+# sets the NVIDIA container runtime variables. PyPI's torch wheel is a CUDA build
+# whose libtorch_cpu itself needs libcudart, so with it the cpu image carries the
+# nvidia/ libraries too (several GB). For a small CPU-only image, point
+# TORCH_INDEX_URL at a package index that serves the CPU-only torch 2.13.0 wheel:
+#
+#   docker build --build-arg TORCH_INDEX_URL=<cpu wheel index> -t splitserve:0.1.0-cpu .
+#
+# (pip then prefers torch==2.13.0+cpu; nothing links libtorch_cuda and no
+# nvidia/ libraries are copied.)
+
+ARG VARIANT=cpu
+ARG RUST_VERSION=1.95
+ARG DEBIAN_SUITE=bookworm
+
+# ---------------------------------------------------------------- builder
+FROM rust:${RUST_VERSION}-${DEBIAN_SUITE} AS builder
+ARG VARIANT
+ARG TORCH_INDEX_URL=""
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# bookworm's python3 is 3.11: the library paths below (python3.11) depend on it.
+# Unpinned: the suite pins the versions, and security updates should land.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates binutils \
+ && rm -rf /var/lib/apt/lists/*
+
+# The binary gets an rpath to the absolute path of torch/lib inside this venv, so
+# the runtime stage puts the libraries at exactly the same path.
+WORKDIR /opt/splitserve
+ENV LIBTORCH_USE_PYTORCH=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The venv (torch is a multi-GB download) in its own layer, rebuilt only when the
+# requirements or the set-up script change.
+COPY requirements.txt ./
+COPY scripts/setup.sh scripts/setup.sh
+RUN --mount=type=cache,id=splitserve-pip-${VARIANT},target=/root/.cache/pip \
+    if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi \
+ && bash scripts/setup.sh
+
+# torch-sys asks the venv's python where torch is (LIBTORCH_USE_PYTORCH=1).
+ENV VIRTUAL_ENV=/opt/splitserve/.venv \
+    PATH=/opt/splitserve/.venv/bin:${PATH}
+
+COPY . .
+# target/ is a cache mount (one per variant: build.rs links against that
+# variant's wheel), so the binary is copied out of it in the same step, together
+# with the shared libraries, into /staging: the runtime stage copies exactly that.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,id=splitserve-target-${VARIANT},target=/opt/splitserve/target \
+    set -eux; \
+    cargo build --release --locked; \
+    site=/opt/splitserve/.venv/lib/python3.11/site-packages; \
+    torch_lib="${site}/torch/lib"; \
+    test -f "${torch_lib}/libtorch_cpu.so"; \
+    # The rpath must name this directory, or the runtime image would not find libtorch.
+    readelf -d target/release/splitserve >/tmp/dynamic.txt; \
+    grep -E 'R(UN)?PATH' /tmp/dynamic.txt | grep -F "${torch_lib}" >/dev/null; \
+    if [ "${VARIANT}" = cuda ] && [ ! -f "${torch_lib}/libtorch_cuda.so" ]; then \
+      echo "VARIANT=cuda needs a CUDA build of torch (drop TORCH_INDEX_URL)" >&2; exit 1; \
+    fi; \
+    install -D -m 0755 target/release/splitserve /staging/usr/local/bin/splitserve; \
+    mkdir -p "/staging${torch_lib}"; \
+    cp -a "${torch_lib}/." "/staging${torch_lib}/"; \
+    # A CUDA wheel's libraries find cuDNN, cuBLAS, NCCL, ... through
+    # $ORIGIN/../../nvidia/*/lib: keep them beside torch/, without headers or
+    # static archives.
+    if [ -f "${torch_lib}/libtorch_cuda.so" ] && [ -d "${site}/nvidia" ]; then \
+      cp -a "${site}/nvidia" "/staging${site}/nvidia"; \
+      find "/staging${site}/nvidia" -type d -name include -prune -exec rm -rf {} +; \
+      find "/staging${site}/nvidia" -type f -name '*.a' -delete; \
+    fi
+
+# ---------------------------------------------------------------- runtime
+FROM debian:${DEBIAN_SUITE}-slim AS runtime-base
+ARG VARIANT
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# ca-certificates: TLS to an OTLP collector. libstdc++ and libgcc come with the
+# base image; libgomp ships inside torch/lib.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 splitserve \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin splitserve
+
+COPY --from=builder /staging/ /
+
+# Fail the build, not the pod, if a shared library is missing.
+RUN set -eux; \
+    if ldd /usr/local/bin/splitserve | grep 'not found'; then exit 1; fi; \
+    splitserve --version
+
+LABEL org.opencontainers.image.title="splitserve" \
+      org.opencontainers.image.description="gRPC compute service (splitlearn.comm.ComputeService) on libtorch" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="0.1.0"
+
+EXPOSE 50051 9090
+USER 10001:10001
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["splitserve", "probe", "--addr", "127.0.0.1:50051"]
+ENTRYPOINT ["splitserve"]
+CMD ["serve"]
+
+FROM runtime-base AS runtime-cpu
+ENV SPLITSERVE_DEVICE=cpu
+
+FROM runtime-base AS runtime-cuda
+# Read by the NVIDIA container runtime; Kubernetes' device plugin narrows
+# NVIDIA_VISIBLE_DEVICES to the GPUs it allocates.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    SPLITSERVE_DEVICE=auto
+
+# The image that `docker build` produces: runtime-cpu or runtime-cuda (a stage
+# of this file, not an image to pin).
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT}

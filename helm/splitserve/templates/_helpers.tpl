@@ -1,0 +1,199 @@
+{{/*
+Chart name, truncated to the 63 characters of a DNS label.
+*/}}
+{{- define "splitserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: the release name when it already contains the chart name.
+*/}}
+{{- define "splitserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "splitserve.labels" -}}
+helm.sh/chart: {{ include "splitserve.chart" . }}
+app.kubernetes.io/name: {{ include "splitserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector of the server pods. The component label keeps the helm test pod out of
+the Service's endpoints.
+*/}}
+{{- define "splitserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "splitserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "splitserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "splitserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The server image: the digest wins over the tag; the default tag is
+<appVersion>-cuda for GPU pods and <appVersion>-cpu otherwise.
+*/}}
+{{- define "splitserve.image" -}}
+{{- $img := .Values.image }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- $variant := ternary "cuda" "cpu" .Values.gpu.enabled }}
+{{- printf "%s:%s" $img.repository (default (printf "%s-%s" .Chart.AppVersion $variant) $img.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whole seconds in a splitserve duration (30s, 500ms, 2m, 1h or plain seconds),
+rounded up.
+*/}}
+{{- define "splitserve.durationSeconds" -}}
+{{- $d := toString . }}
+{{- if hasSuffix "ms" $d }}
+{{- $ms := trimSuffix "ms" $d | int64 }}
+{{- div (add $ms 999) 1000 }}
+{{- else if hasSuffix "s" $d }}
+{{- trimSuffix "s" $d | int64 }}
+{{- else if hasSuffix "m" $d }}
+{{- mul (trimSuffix "m" $d | int64) 60 }}
+{{- else if hasSuffix "h" $d }}
+{{- mul (trimSuffix "h" $d | int64) 3600 }}
+{{- else }}
+{{- $d | int64 }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the preStop sleep, then the drain
+(config.shutdownGrace), then a margin for the process to exit.
+*/}}
+{{- define "splitserve.terminationGracePeriodSeconds" -}}
+{{- $grace := include "splitserve.durationSeconds" .Values.config.shutdownGrace | int64 }}
+{{- add .Values.preStopSleepSeconds $grace .Values.terminationGracePaddingSeconds }}
+{{- end }}
+
+{{/*
+A number as decimal digits: values arrive as float64, which toString would
+print as 1e+06. Strings (auto) pass through.
+*/}}
+{{- define "splitserve.int" -}}
+{{- if kindIs "string" . }}
+{{- . }}
+{{- else }}
+{{- int64 . | toString }}
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.device" -}}
+{{- if .Values.config.device }}
+{{- .Values.config.device }}
+{{- else }}
+{{- ternary "cuda" "cpu" .Values.gpu.enabled }}
+{{- end }}
+{{- end }}
+
+{{/*
+SPLITSERVE_* settings as a YAML list of EnvVar; entries of extraEnv with the
+same name replace them.
+*/}}
+{{- define "splitserve.env" -}}
+{{- $c := .Values.config }}
+{{- $models := list }}
+{{- $warmups := list }}
+{{- $batch := list (include "splitserve.int" $c.maxBatchSize) }}
+{{- $timeouts := list (include "splitserve.int" $c.batchTimeoutUs) }}
+{{- range $c.models }}
+{{- $models = append $models (printf "%s=%s" .name .spec) }}
+{{- if .warmupShape }}
+{{- $warmups = append $warmups (printf "%s=%s" .name .warmupShape) }}
+{{- end }}
+{{- if hasKey . "maxBatchSize" }}
+{{- $batch = append $batch (printf "%s=%s" .name (include "splitserve.int" .maxBatchSize)) }}
+{{- end }}
+{{- if hasKey . "batchTimeoutUs" }}
+{{- $timeouts = append $timeouts (printf "%s=%s" .name (include "splitserve.int" .batchTimeoutUs)) }}
+{{- end }}
+{{- end }}
+{{- $env := list
+  (dict "name" "SPLITSERVE_GRPC_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" .Values.ports.grpc)))
+  (dict "name" "SPLITSERVE_METRICS_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" .Values.ports.metrics)))
+  (dict "name" "SPLITSERVE_MODEL" "value" (join "," $models))
+}}
+{{- if $warmups }}
+{{- $env = append $env (dict "name" "SPLITSERVE_WARMUP_SHAPE" "value" (join "," $warmups)) }}
+{{- end }}
+{{- $env = concat $env (list
+  (dict "name" "SPLITSERVE_DEVICE" "value" (include "splitserve.device" .))
+  (dict "name" "SPLITSERVE_WORKERS" "value" (include "splitserve.int" $c.workers))
+  (dict "name" "SPLITSERVE_INTRA_OP_THREADS" "value" (include "splitserve.int" $c.intraOpThreads))
+  (dict "name" "SPLITSERVE_INTER_OP_THREADS" "value" (include "splitserve.int" $c.interOpThreads))
+  (dict "name" "SPLITSERVE_IO_THREADS" "value" (include "splitserve.int" $c.ioThreads))
+) }}
+{{- if $c.cpuLimitFromResources }}
+{{- $env = append $env (dict "name" "SPLITSERVE_CPU_LIMIT" "valueFrom" (dict "resourceFieldRef" (dict "containerName" "splitserve" "resource" "limits.cpu" "divisor" "1"))) }}
+{{- end }}
+{{- if $c.allowOversubscription }}
+{{- $env = append $env (dict "name" "SPLITSERVE_ALLOW_OVERSUBSCRIPTION" "value" "true") }}
+{{- end }}
+{{- $env = concat $env (list
+  (dict "name" "SPLITSERVE_QUEUE_CAPACITY" "value" (include "splitserve.int" $c.queueCapacity))
+  (dict "name" "SPLITSERVE_MAX_BATCH_SIZE" "value" (join "," $batch))
+  (dict "name" "SPLITSERVE_BATCH_TIMEOUT_US" "value" (join "," $timeouts))
+) }}
+{{- if not (kindIs "invalid" $c.maxElements) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_MAX_ELEMENTS" "value" (include "splitserve.int" $c.maxElements)) }}
+{{- end }}
+{{- if not (kindIs "invalid" $c.maxMessageBytes) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_MAX_MESSAGE_BYTES" "value" (include "splitserve.int" $c.maxMessageBytes)) }}
+{{- end }}
+{{- $env = concat $env (list
+  (dict "name" "SPLITSERVE_SHUTDOWN_GRACE" "value" (toString $c.shutdownGrace))
+  (dict "name" "SPLITSERVE_STALL_TIMEOUT" "value" (toString $c.stallTimeout))
+  (dict "name" "SPLITSERVE_LOG_FORMAT" "value" $c.logFormat)
+) }}
+{{- if $c.otlpEndpoint }}
+{{- $env = append $env (dict "name" "SPLITSERVE_OTLP_ENDPOINT" "value" $c.otlpEndpoint) }}
+{{- end }}
+{{- if .Values.gpu.enabled }}
+{{- /* The CUDA JIT cache would go to $HOME, which the read-only root cannot hold. */}}
+{{- $env = append $env (dict "name" "CUDA_CACHE_PATH" "value" "/tmp/cuda-cache") }}
+{{- end }}
+{{- $overridden := dict }}
+{{- range .Values.extraEnv }}
+{{- $_ := set $overridden .name true }}
+{{- end }}
+{{- $out := list }}
+{{- range $env }}
+{{- if not (hasKey $overridden .name) }}
+{{- $out = append $out . }}
+{{- end }}
+{{- end }}
+{{- concat $out .Values.extraEnv | toYaml }}
+{{- end }}

