@@ -6,8 +6,10 @@ Every model is seeded, so the files are the same on every run; tests compare
 splitserve's answers with this torch running the same file.
 """
 
+import math
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -47,6 +49,64 @@ class RowSum(nn.Module):
         return x.sum(dim=0, keepdim=True)
 
 
+class CausalAttention(nn.Module):
+    """One causal self-attention layer that extends a (key, value) cache."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        batch, steps, width = x.shape
+        head = width // self.heads
+        q, k, v = self.qkv(x).split(width, dim=2)
+        q = q.view(batch, steps, self.heads, head).transpose(1, 2)
+        k = torch.cat([past_key, k.view(batch, steps, self.heads, head).transpose(1, 2)], dim=2)
+        v = torch.cat([past_value, v.view(batch, steps, self.heads, head).transpose(1, 2)], dim=2)
+        past = k.shape[2] - steps
+        scores = q @ k.transpose(-2, -1) / math.sqrt(head)
+        # Position past+i sees every cached position and the new ones up to itself.
+        allowed = torch.ones(steps, past + steps, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        y = (weights @ v).transpose(1, 2).reshape(batch, steps, width)
+        return x + self.proj(y), (k, v)
+
+
+class CausalBlockKV(nn.Module):
+    """The KV-cache signature splitserve calls (docs/training.md):
+    forward(hidden [B, T, D], past: [key_0, value_0, key_1, value_1, ...] or [])
+    -> (hidden [B, T, D], present: the same list extended by T positions).
+    Each layer's (key, value) pair is two consecutive list entries, each
+    [B, heads, positions, D / heads]."""
+
+    def __init__(self, width: int = 16, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.layers = nn.ModuleList([CausalAttention(width, heads) for _ in range(layers)])
+
+    def forward(
+        self, hidden: torch.Tensor, past: List[torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        batch, _, width = hidden.shape
+        empty = hidden.new_zeros(batch, self.heads, 0, width // self.heads)
+        present: List[torch.Tensor] = []
+        i = 0
+        for layer in self.layers:
+            if len(past) > 0:
+                key, value = past[2 * i], past[2 * i + 1]
+            else:
+                key, value = empty, empty
+            hidden, kv = layer(hidden, key, value)
+            present.append(kv[0])
+            present.append(kv[1])
+            i += 1
+        return hidden, present
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +123,10 @@ def main() -> None:
         "pair.pt": Pair(),
         "embed.pt": Embed(),
         "rowsum.pt": RowSum(),
+        # The server's partition in the split-training tests: the client holds the
+        # bottom (8 features out), splitserve trains this top.
+        "top.pt": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+        "attn_kv.pt": CausalBlockKV(),
     }
     for name, module in models.items():
         module.eval()
