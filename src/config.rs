@@ -47,7 +47,8 @@ pub struct ServeArgs {
 
     /// A model to serve, NAME=SPEC; repeatable, the first is the default model.
     /// SPEC is a TorchScript file path, or a built-in model:
-    /// `builtin:mlp:INxHIDDEN...xOUT` (e.g. builtin:mlp:512x1024x512),
+    /// `builtin:mlp:INxHIDDEN...xOUT` (e.g. builtin:mlp:512x1024x512; append
+    /// `@FILE` to start from weights that --checkpoint-dir saved),
     /// `builtin:scale:K` (multiplies any tensor by K),
     /// `builtin:delay:MILLIS` (identity after sleeping, for tests).
     /// Without any, serves `mlp=builtin:mlp:512x1024x512`.
@@ -128,6 +129,79 @@ pub struct ServeArgs {
     )]
     pub batch_timeout_us: Vec<PerModel<u64>>,
 
+    /// Bytes of activations kept for ComputeBackward (input and output of every
+    /// `training_mode` forward, summed); beyond it the least recently used are
+    /// evicted and their backward answers NOT_FOUND.
+    #[arg(long, env = "SPLITSERVE_ACTIVATION_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub activation_cache_bytes: u64,
+
+    /// How long a `training_mode` forward's activations wait for their
+    /// ComputeBackward before they are released (e.g. 60s, 500ms).
+    #[arg(long, env = "SPLITSERVE_ACTIVATION_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub activation_ttl: Duration,
+
+    /// Optimizer applied when ComputeBackward carries a learning_rate: sgd (the
+    /// default) or adam, for every model or NAME=adam for one. The learning rate
+    /// itself comes with each request.
+    #[arg(
+        long,
+        env = "SPLITSERVE_OPTIMIZER",
+        value_delimiter = ',',
+        value_name = "[NAME=]sgd|adam"
+    )]
+    pub optimizer: Vec<PerModel<OptimizerKind>>,
+
+    /// SGD momentum as PyTorch defines it (0 = plain SGD, the default); N for
+    /// every model or NAME=N for one.
+    #[arg(
+        long,
+        env = "SPLITSERVE_MOMENTUM",
+        value_delimiter = ',',
+        value_name = "[NAME=]F"
+    )]
+    pub momentum: Vec<PerModel<f64>>,
+
+    /// L2 penalty added to the gradient before the update (SGD and Adam, as
+    /// PyTorch's weight_decay; default 0); N for every model or NAME=N for one.
+    #[arg(
+        long,
+        env = "SPLITSERVE_WEIGHT_DECAY",
+        value_delimiter = ',',
+        value_name = "[NAME=]F"
+    )]
+    pub weight_decay: Vec<PerModel<f64>>,
+
+    /// Adam's (beta1, beta2), written B1:B2 (default 0.9:0.999); for every model
+    /// or NAME=B1:B2 for one.
+    #[arg(
+        long,
+        env = "SPLITSERVE_ADAM_BETAS",
+        value_delimiter = ',',
+        value_name = "[NAME=]B1:B2"
+    )]
+    pub adam_betas: Vec<PerModel<AdamBetas>>,
+
+    /// Adam's epsilon, added to the denominator (default 1e-8); N or NAME=N.
+    #[arg(
+        long,
+        env = "SPLITSERVE_ADAM_EPS",
+        value_delimiter = ',',
+        value_name = "[NAME=]F"
+    )]
+    pub adam_eps: Vec<PerModel<f64>>,
+
+    /// Directory where trained parameters are saved, on shutdown and every
+    /// --checkpoint-every steps: NAME.pt for a TorchScript model (serve it again
+    /// with --model NAME=DIR/NAME.pt), NAME.safetensors for builtin:mlp (serve it
+    /// again with builtin:mlp:WIDTHS@DIR/NAME.safetensors).
+    #[arg(long, env = "SPLITSERVE_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+
+    /// Also save a model's checkpoint after every N of its optimizer steps;
+    /// 0 (the default) saves only on shutdown.
+    #[arg(long, env = "SPLITSERVE_CHECKPOINT_EVERY", default_value_t = 0)]
+    pub checkpoint_every: u64,
+
     /// Largest tensor a request may carry, in elements.
     #[arg(long, env = "SPLITSERVE_MAX_ELEMENTS", default_value_t = 1 << 26)]
     pub max_elements: u64,
@@ -172,7 +246,7 @@ impl ServeArgs {
         if self.models.is_empty() {
             vec![ModelArg {
                 name: "mlp".into(),
-                spec: ModelSpecArg::Builtin(BuiltinArg::Mlp(vec![512, 1024, 512])),
+                spec: ModelSpecArg::Builtin(BuiltinArg::Mlp(vec![512, 1024, 512], None)),
             }]
         } else {
             self.models.clone()
@@ -248,7 +322,80 @@ impl ServeArgs {
                 self.max_message_bytes
             )));
         }
+        self.validate_training(&known)
+    }
+
+    /// The split-training flags: model names that exist, values in range.
+    fn validate_training(&self, known: &dyn Fn(&str) -> bool) -> Result<(), ConfigError> {
+        let named = self
+            .optimizer
+            .iter()
+            .filter_map(|p| p.model.as_deref())
+            .chain(self.momentum.iter().filter_map(|p| p.model.as_deref()))
+            .chain(self.weight_decay.iter().filter_map(|p| p.model.as_deref()))
+            .chain(self.adam_betas.iter().filter_map(|p| p.model.as_deref()))
+            .chain(self.adam_eps.iter().filter_map(|p| p.model.as_deref()));
+        for name in named {
+            if !known(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "an optimizer option names model {name:?}, which no --model defines"
+                )));
+            }
+        }
+        if let Some(m) = self
+            .momentum
+            .iter()
+            .find(|p| !(0.0..1.0).contains(&p.value))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--momentum must be in [0, 1), not {}",
+                m.value
+            )));
+        }
+        if let Some(w) = self
+            .weight_decay
+            .iter()
+            .find(|p| !(p.value >= 0.0 && p.value.is_finite()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--weight-decay must be a finite number >= 0, not {}",
+                w.value
+            )));
+        }
+        if let Some(e) = self
+            .adam_eps
+            .iter()
+            .find(|p| !(p.value > 0.0 && p.value.is_finite()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--adam-eps must be a positive number, not {}",
+                e.value
+            )));
+        }
+        if self.activation_cache_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "--activation-cache-bytes must be at least 1".into(),
+            ));
+        }
+        if self.activation_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--activation-ttl must be longer than 0".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The optimizer settings that apply to one model: its own, else the global ones.
+    pub fn optimizer_for(&self, model: &str) -> OptimizerSettings {
+        let defaults = OptimizerSettings::default();
+        OptimizerSettings {
+            kind: PerModel::resolve(&self.optimizer, model).unwrap_or(defaults.kind),
+            momentum: PerModel::resolve(&self.momentum, model).unwrap_or(defaults.momentum),
+            weight_decay: PerModel::resolve(&self.weight_decay, model)
+                .unwrap_or(defaults.weight_decay),
+            betas: PerModel::resolve(&self.adam_betas, model).unwrap_or(defaults.betas),
+            eps: PerModel::resolve(&self.adam_eps, model).unwrap_or(defaults.eps),
+        }
     }
 
     /// The batching limits that apply to one model: its own, else the global one.
@@ -343,8 +490,9 @@ pub enum ModelSpecArg {
 pub enum BuiltinArg {
     /// Multiplies any tensor by K (splitlearn_comm's own test fixture does this).
     Scale(f64),
-    /// Linear layers with ReLU between them: widths IN, HIDDEN..., OUT.
-    Mlp(Vec<i64>),
+    /// Linear layers with ReLU between them: widths IN, HIDDEN..., OUT; with
+    /// `@FILE`, the weights of a checkpoint (`--checkpoint-dir`) instead of the seed's.
+    Mlp(Vec<i64>, Option<PathBuf>),
     /// Sleeps, then returns its input: makes queueing and drain observable in tests.
     Delay(Duration),
 }
@@ -390,10 +538,14 @@ impl FromStr for ModelSpecArg {
                     .ok_or_else(|| format!("builtin:scale needs a finite factor, got {arg:?}"))?,
             ),
             "mlp" => {
+                let (arg, weights) = match arg.split_once('@') {
+                    Some((widths, file)) if !file.is_empty() => (widths, Some(PathBuf::from(file))),
+                    _ => (arg, None),
+                };
                 let widths: Result<Vec<i64>, _> = arg.split('x').map(str::parse::<i64>).collect();
                 match widths {
                     Ok(w) if w.len() >= 2 && w.iter().all(|&d| (1..=1 << 20).contains(&d)) => {
-                        BuiltinArg::Mlp(w)
+                        BuiltinArg::Mlp(w, weights)
                     }
                     _ => {
                         return Err(format!(
@@ -413,6 +565,96 @@ impl FromStr for ModelSpecArg {
             }
         };
         Ok(ModelSpecArg::Builtin(builtin))
+    }
+}
+
+/// Which update rule ComputeBackward's learning_rate drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            _ => Err(format!("expected sgd or adam, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+        })
+    }
+}
+
+/// Adam's (beta1, beta2) from `--adam-betas B1:B2`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamBetas(pub f64, pub f64);
+
+impl FromStr for AdamBetas {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|b| (0.0..1.0).contains(b))
+        };
+        match s.split_once(':') {
+            Some((a, b)) => match (parse(a), parse(b)) {
+                (Some(a), Some(b)) => Ok(AdamBetas(a, b)),
+                _ => Err(format!("Adam betas must be in [0, 1), got {s:?}")),
+            },
+            None => Err(format!("expected B1:B2 like 0.9:0.999, got {s:?}")),
+        }
+    }
+}
+
+/// A model's optimizer, as PyTorch's `torch.optim.SGD` / `Adam` define them
+/// (no dampening, no Nesterov, no AMSGrad).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerSettings {
+    pub kind: OptimizerKind,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub betas: AdamBetas,
+    pub eps: f64,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        OptimizerSettings {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            betas: AdamBetas(0.9, 0.999),
+            eps: 1e-8,
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            OptimizerKind::Sgd => write!(
+                f,
+                "sgd momentum {} weight_decay {}",
+                self.momentum, self.weight_decay
+            ),
+            OptimizerKind::Adam => write!(
+                f,
+                "adam betas {}:{} eps {} weight_decay {}",
+                self.betas.0, self.betas.1, self.eps, self.weight_decay
+            ),
+        }
     }
 }
 
@@ -486,7 +728,7 @@ impl<T: FromStr> FromStr for PerModel<T> {
         let value = value
             .trim()
             .parse::<T>()
-            .map_err(|_| format!("expected a number or NAME=number, got {s:?}"))?;
+            .map_err(|_| format!("expected a value or NAME=value, got {s:?}"))?;
         Ok(PerModel { model, value })
     }
 }
@@ -526,7 +768,15 @@ mod tests {
         let m: ModelArg = "m=builtin:mlp:4x8x2".parse().unwrap();
         assert_eq!(
             m.spec,
-            ModelSpecArg::Builtin(BuiltinArg::Mlp(vec![4, 8, 2]))
+            ModelSpecArg::Builtin(BuiltinArg::Mlp(vec![4, 8, 2], None))
+        );
+        let m: ModelArg = "m=builtin:mlp:4x8x2@ckpt/m.safetensors".parse().unwrap();
+        assert_eq!(
+            m.spec,
+            ModelSpecArg::Builtin(BuiltinArg::Mlp(
+                vec![4, 8, 2],
+                Some("ckpt/m.safetensors".into())
+            ))
         );
         let m: ModelArg = "s=builtin:scale:2.5".parse().unwrap();
         assert_eq!(m.spec, ModelSpecArg::Builtin(BuiltinArg::Scale(2.5)));
@@ -546,6 +796,34 @@ mod tests {
         args.validate().unwrap();
         args.max_batch_size.push("zzz=4".parse().unwrap());
         assert!(args.validate().is_err());
+    }
+
+    #[test]
+    fn optimizer_settings_prefer_the_named_model_and_check_ranges() {
+        let mut args = ServeArgs::with_models(&["a=builtin:mlp:2x2", "b=builtin:mlp:2x2"]).unwrap();
+        args.optimizer = vec!["b=adam".parse().unwrap()];
+        args.momentum = vec!["0.9".parse().unwrap()];
+        args.adam_betas = vec!["b=0.8:0.99".parse().unwrap()];
+        args.validate().unwrap();
+        let a = args.optimizer_for("a");
+        assert_eq!((a.kind, a.momentum), (OptimizerKind::Sgd, 0.9));
+        let b = args.optimizer_for("b");
+        assert_eq!(
+            (b.kind, b.betas, b.eps),
+            (OptimizerKind::Adam, AdamBetas(0.8, 0.99), 1e-8)
+        );
+        assert!("rmsprop".parse::<PerModel<OptimizerKind>>().is_err());
+        assert!("0.9".parse::<AdamBetas>().is_err());
+        assert!("0.9:1.5".parse::<AdamBetas>().is_err());
+        args.momentum = vec!["1.5".parse().unwrap()];
+        assert!(
+            args.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--momentum")
+        );
+        args.momentum = vec!["zzz=0.5".parse().unwrap()];
+        assert!(args.validate().unwrap_err().to_string().contains("zzz"));
     }
 
     #[test]

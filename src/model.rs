@@ -4,6 +4,8 @@
 //! threads the engine owns, never on a tokio thread.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use tch::{CModule, Device, IValue, Kind, Tensor, nn};
@@ -67,6 +69,11 @@ pub struct Model {
     /// Human description: the file path or the built-in spec.
     pub description: String,
     inner: Inner,
+    /// The parameters' version: optimizer steps applied so far. Every forward
+    /// and backward holds the read side while it uses the parameters; an
+    /// optimizer step holds the write side, so nothing ever computes with
+    /// half-updated parameters (docs/training.md).
+    params: RwLock<u64>,
 }
 
 enum Inner {
@@ -80,13 +87,16 @@ enum Inner {
 struct Mlp {
     /// (weight, bias) per linear layer; ReLU between layers.
     layers: Vec<(Tensor, Tensor)>,
-    _vs: nn::VarStore,
+    /// Owns the variables (and names them for checkpoints).
+    vs: nn::VarStore,
 }
 
-// SAFETY: the MLP's tensors are written only while it is built, on the loader
-// thread, before the model is shared. Afterwards workers only read them under
-// no_grad (libtorch ops reading the same tensor from several threads are safe,
-// as for TorchScript modules, which tch marks Sync).
+// SAFETY: the MLP's tensors are written while it is built, on the loader
+// thread, before the model is shared, and afterwards only by an optimizer step,
+// which holds the model's parameter write lock while no forward or backward
+// runs. Everything else only reads them (libtorch ops reading the same tensor
+// from several threads are safe, as for TorchScript modules, which tch marks
+// Sync).
 #[allow(unsafe_code)]
 unsafe impl Sync for Mlp {}
 
@@ -113,8 +123,8 @@ impl Model {
                 m.set_eval();
                 (Inner::Script(m), desc, None)
             }
-            ModelSpecArg::Builtin(BuiltinArg::Mlp(widths)) => {
-                let desc = format!(
+            ModelSpecArg::Builtin(BuiltinArg::Mlp(widths, weights)) => {
+                let mut desc = format!(
                     "builtin:mlp:{}",
                     widths
                         .iter()
@@ -136,8 +146,17 @@ impl Model {
                         (l.ws, bias)
                     })
                     .collect();
+                let mut vs = vs;
+                if let Some(file) = weights {
+                    desc = format!("{desc}@{}", file.display());
+                    if !file.is_file() {
+                        return Err(load_err(desc, "no such file".into()));
+                    }
+                    vs.load(file)
+                        .map_err(|e| load_err(desc.clone(), clean_torch_message(&e.to_string())))?;
+                }
                 let warm = vec![1, widths[0]];
-                (Inner::Mlp(Mlp { layers, _vs: vs }), desc, Some(warm))
+                (Inner::Mlp(Mlp { layers, vs }), desc, Some(warm))
             }
             ModelSpecArg::Builtin(BuiltinArg::Scale(k)) => (
                 Inner::Scale(*k),
@@ -155,6 +174,7 @@ impl Model {
             device,
             description,
             inner,
+            params: RwLock::new(0),
         };
         if let Some(shape) = warmup.map(<[i64]>::to_vec).or(default_warmup) {
             let _guard = tch::no_grad_guard();
@@ -172,6 +192,13 @@ impl Model {
     /// Runs the model on one (possibly batched) input already on the model's device.
     /// The caller holds a no_grad guard.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor, ModelError> {
+        let _params = self.read_params();
+        self.forward_params_held(input)
+    }
+
+    /// [`Model::forward`] for a caller that already holds [`Model::read_params`]
+    /// (a training forward, which records the graph and the parameter version).
+    pub fn forward_params_held(&self, input: &Tensor) -> Result<Tensor, ModelError> {
         let invalid = |e: tch::TchError| ModelError::InvalidInput {
             model: self.name.clone(),
             message: clean_torch_message(&e.to_string()),
@@ -218,6 +245,190 @@ impl Model {
                 message: panic_message(panic.as_ref()),
             })
         })
+    }
+}
+
+impl Model {
+    /// Shared access to the parameters, and their version (optimizer steps so far).
+    pub fn read_params(&self) -> RwLockReadGuard<'_, u64> {
+        // A panic while holding the lock cannot leave the version half-written.
+        self.params.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Exclusive access to the parameters, for an optimizer step.
+    pub fn write_params(&self) -> RwLockWriteGuard<'_, u64> {
+        self.params.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The parameters an optimizer updates: those that require a gradient.
+    pub fn trainable_parameters(&self) -> Result<Vec<Tensor>, ModelError> {
+        let all = match &self.inner {
+            Inner::Script(m) => m
+                .named_parameters()
+                .map_err(|e| ModelError::Internal {
+                    model: self.name.clone(),
+                    message: clean_torch_message(&e.to_string()),
+                })?
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect(),
+            Inner::Mlp(mlp) => mlp
+                .layers
+                .iter()
+                .flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()])
+                .collect(),
+            Inner::Scale(_) | Inner::Delay(_) => Vec::new(),
+        };
+        Ok(all.into_iter().filter(Tensor::requires_grad).collect())
+    }
+
+    /// Incremental decoding: runs a TorchScript `forward(hidden, past)` where
+    /// `past` is the flat list `[key_0, value_0, key_1, value_1, ...]` and the
+    /// result is `(hidden, present)` in the same layout (docs/training.md).
+    /// The caller holds a no_grad guard.
+    pub fn forward_kv(
+        &self,
+        hidden: &Tensor,
+        past: Vec<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
+        let Inner::Script(m) = &self.inner else {
+            return Err(ModelError::InvalidInput {
+                model: self.name.clone(),
+                message: format!(
+                    "{} has no KV cache: past_key_values and use_cache need a TorchScript \
+                     model with forward(hidden: Tensor, past: List[Tensor]) -> \
+                     Tuple[Tensor, List[Tensor]]",
+                    self.description
+                ),
+            });
+        };
+        let internal = |message: String| ModelError::Internal {
+            model: self.name.clone(),
+            message,
+        };
+        let run = || -> Result<(Tensor, Vec<Tensor>), ModelError> {
+            let _params = self.read_params();
+            let out = m
+                .forward_is(&[
+                    IValue::Tensor(hidden.shallow_clone()),
+                    IValue::TensorList(past),
+                ])
+                .map_err(|e| ModelError::InvalidInput {
+                    model: self.name.clone(),
+                    message: clean_torch_message(&e.to_string()),
+                })?;
+            let expected = "expected (hidden, present key/values)";
+            let IValue::Tuple(mut parts) = out else {
+                return Err(internal(format!(
+                    "forward returned {}, {expected}",
+                    ivalue_kind(&out)
+                )));
+            };
+            if parts.len() != 2 {
+                return Err(internal(format!(
+                    "forward returned a tuple of {}, {expected}",
+                    parts.len()
+                )));
+            }
+            let present = parts.pop();
+            let hidden = match parts.pop() {
+                Some(IValue::Tensor(t)) => t,
+                _ => {
+                    return Err(internal(format!(
+                        "forward's first result is not a tensor; {expected}"
+                    )));
+                }
+            };
+            let present = flatten_tensors(present)
+                .filter(|p| p.len() % 2 == 0)
+                .ok_or_else(|| {
+                    internal(format!(
+                        "forward's second result is not a list of key/value tensors; {expected}"
+                    ))
+                })?;
+            Ok((hidden, present))
+        };
+        catch_unwind(AssertUnwindSafe(run))
+            .unwrap_or_else(|panic| Err(internal(panic_message(panic.as_ref()))))
+    }
+
+    /// Writes the current parameters into `dir`: `NAME.pt` (TorchScript, what
+    /// `--model NAME=FILE` loads) or `NAME.safetensors` (builtin:mlp, loaded by
+    /// `builtin:mlp:WIDTHS@FILE`). Returns the file, or None for a model without
+    /// parameters. Writes a temporary file and renames it, so a reader never
+    /// sees half a checkpoint.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<Option<PathBuf>, ModelError> {
+        let fail = |message: String| ModelError::Internal {
+            model: self.name.clone(),
+            message: format!("cannot save a checkpoint in {}: {message}", dir.display()),
+        };
+        let file = match &self.inner {
+            Inner::Script(_) => dir.join(format!("{}.pt", self.name)),
+            Inner::Mlp(_) => dir.join(format!("{}.safetensors", self.name)),
+            Inner::Scale(_) | Inner::Delay(_) => return Ok(None),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        let tmp = file.with_extension(match &self.inner {
+            Inner::Mlp(_) => "tmp.safetensors",
+            _ => "tmp.pt",
+        });
+        {
+            let _params = self.read_params();
+            match &self.inner {
+                Inner::Script(m) => m.save(&tmp),
+                Inner::Mlp(mlp) => {
+                    let named: Vec<(String, Tensor)> = mlp
+                        .vs
+                        .variables()
+                        .into_iter()
+                        .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
+                        .collect();
+                    Tensor::write_safetensors(&named, &tmp)
+                }
+                Inner::Scale(_) | Inner::Delay(_) => Ok(()),
+            }
+            .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
+        }
+        std::fs::rename(&tmp, &file).map_err(|e| fail(e.to_string()))?;
+        Ok(Some(file))
+    }
+
+    /// The `--model` spec that serves a checkpoint written by
+    /// [`Model::save_checkpoint`] again.
+    pub fn checkpoint_spec(&self, file: &Path) -> String {
+        match &self.inner {
+            Inner::Mlp(_) => {
+                let base = self.description.split('@').next().unwrap_or_default();
+                format!("{}={base}@{}", self.name, file.display())
+            }
+            _ => format!("{}={}", self.name, file.display()),
+        }
+    }
+}
+
+/// The tensors of a list result: `[t, ...]` or `[(k, v), ...]` flattened in order.
+fn flatten_tensors(v: Option<IValue>) -> Option<Vec<Tensor>> {
+    match v? {
+        IValue::TensorList(ts) => Some(ts),
+        IValue::GenericList(items) | IValue::Tuple(items) => {
+            let mut out = Vec::with_capacity(items.len() * 2);
+            for item in items {
+                match item {
+                    IValue::Tensor(t) => out.push(t),
+                    IValue::Tuple(pair) if pair.len() == 2 => {
+                        for t in pair {
+                            match t {
+                                IValue::Tensor(t) => out.push(t),
+                                _ => return None,
+                            }
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+            Some(out)
+        }
+        _ => None,
     }
 }
 
