@@ -20,6 +20,7 @@ use crate::codec::{Encoding, RawTensor, WireDtype};
 use crate::config::{DeviceArg, ModelArg, ServeArgs};
 use crate::model::{self, Model, ModelError};
 use crate::plan::ThreadPlan;
+use crate::training::{Step, Training, TrainingConfig, TrainingError};
 
 /// Lifecycle of the engine, published to health checks.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +55,8 @@ pub enum EngineError {
     DeadlineExceeded { waited_ms: u128 },
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Training(#[from] TrainingError),
     #[error("{0}")]
     Internal(String),
 }
@@ -74,6 +77,8 @@ pub struct EngineConfig {
     pub device: DeviceArg,
     pub plan: ThreadPlan,
     pub queue_capacity: usize,
+    /// Activation store, optimizers and checkpoints for split training.
+    pub training: TrainingConfig,
 }
 
 impl EngineConfig {
@@ -96,6 +101,7 @@ impl EngineConfig {
             device: args.device,
             plan,
             queue_capacity: args.queue_capacity,
+            training: TrainingConfig::from_args(args),
         }
     }
 }
@@ -110,6 +116,9 @@ pub struct Output {
     pub queue_time: Duration,
     /// Requests in the forward that computed this one.
     pub batch_size: usize,
+    /// KV-cache steps: the model's present keys and values, flat
+    /// `[key_0, value_0, key_1, ...]`; empty otherwise.
+    pub present_key_values: Vec<RawTensor>,
 }
 
 /// Counters that tests and metrics read; monotonic.
@@ -129,6 +138,8 @@ pub struct Stats {
 struct Job {
     input: RawTensor,
     enc: Encoding,
+    /// A training or KV-cache step instead of a plain forward; never batched.
+    step: Option<Step>,
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Output, EngineError>>,
@@ -137,6 +148,9 @@ struct Job {
 impl Job {
     /// Rows along dimension 0 and the batching key, or None if it cannot batch.
     fn batch_key(&self) -> Option<(i64, (&[i64], Kind))> {
+        if self.step.is_some() {
+            return None;
+        }
         let (rows, rest) = self.input.shape.split_first()?;
         Some((*rows, (rest, input_kind(&self.input, self.enc))))
     }
@@ -174,6 +188,9 @@ struct Shared {
     epoch: Instant,
     threads: Mutex<Vec<JoinHandle<()>>>,
     exited_workers: AtomicUsize,
+    /// Stored activations and optimizer state; touched by workers only, except
+    /// for the plain-Rust lookups and counters io threads read.
+    training: Training,
 }
 
 /// Handle to the engine; cheap to clone.
@@ -187,6 +204,7 @@ impl Engine {
     /// Returns at once; watch [`Engine::status`] for readiness.
     pub fn start(config: EngineConfig) -> Engine {
         let workers = config.plan.workers;
+        let training = Training::new(&config.training, config.models.len());
         let (status, _) = watch::channel(EngineStatus::Loading);
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues {
@@ -205,6 +223,7 @@ impl Engine {
             epoch: Instant::now(),
             threads: Mutex::new(Vec::new()),
             exited_workers: AtomicUsize::new(0),
+            training,
         });
         let loader_shared = shared.clone();
         let loader = std::thread::Builder::new()
@@ -227,6 +246,11 @@ impl Engine {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The split-training state: forward_id lookups and counters.
+    pub fn training(&self) -> &Training {
+        &self.shared.training
     }
 
     /// Names of the served models; the first is the default.
@@ -331,6 +355,19 @@ impl Engine {
         enc: Encoding,
         deadline: Option<Instant>,
     ) -> Result<Output, EngineError> {
+        self.submit(model, input, enc, deadline, None).await
+    }
+
+    /// [`Engine::infer`], or with a `step`, a training or KV-cache step that goes
+    /// through the same queue, limits and workers but is never batched.
+    pub async fn submit(
+        &self,
+        model: &str,
+        input: RawTensor,
+        enc: Encoding,
+        deadline: Option<Instant>,
+        step: Option<Step>,
+    ) -> Result<Output, EngineError> {
         let index = self.model_index(model)?;
         match &*self.shared.status.borrow() {
             EngineStatus::Ready => {}
@@ -370,6 +407,7 @@ impl Engine {
             queue.push_back(Job {
                 input,
                 enc,
+                step,
                 deadline,
                 enqueued: now,
                 reply: tx,
@@ -519,6 +557,10 @@ fn worker_loop(shared: Arc<Shared>, index: usize) {
     }
     // Draining and nothing left: the last worker out marks the engine stopped.
     if shared.exited_workers.fetch_add(1, Ordering::SeqCst) + 1 == shared.config.plan.workers {
+        if let Some(models) = shared.models.get() {
+            // Every queue is empty: save trained parameters, release activations.
+            shared.training.shutdown(models);
+        }
         shared.status.send_replace(EngineStatus::Stopped);
     }
 }
@@ -639,7 +681,22 @@ fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Insta
         return;
     };
     let model = &models[model_index];
-    let computed = catch_unwind(AssertUnwindSafe(|| compute(model, &jobs)));
+    // A training or KV-cache step is always alone in its batch.
+    let step = match &jobs[..] {
+        [job] => job.step.as_ref().map(|s| (s, job)),
+        _ => None,
+    };
+    let computed = catch_unwind(AssertUnwindSafe(|| match step {
+        Some((s, job)) => vec![
+            shared
+                .training
+                .run(model_index, model, s, &job.input, job.enc),
+        ],
+        None => compute(model, &jobs)
+            .into_iter()
+            .map(|r| r.map(|t| (t, Vec::new())))
+            .collect(),
+    }));
     let compute_time = started.elapsed();
     let results = match computed {
         Ok(r) => r,
@@ -663,12 +720,15 @@ fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Insta
             Err(_) => shared.stats.failed.fetch_add(1, Ordering::Relaxed),
         };
         let queue_time = started.saturating_duration_since(job.enqueued);
-        let _ = job.reply.send(result.map(|tensor| Output {
-            tensor,
-            compute_time,
-            queue_time,
-            batch_size,
-        }));
+        let _ = job
+            .reply
+            .send(result.map(|(tensor, present_key_values)| Output {
+                tensor,
+                compute_time,
+                queue_time,
+                batch_size,
+                present_key_values,
+            }));
     }
 }
 
@@ -726,12 +786,19 @@ fn internal(model: &Model, e: tch::TchError) -> EngineError {
     })
 }
 
-/// Wire bytes to a tensor on the model's device, in the dtype it is computed in.
 fn to_tensor(model: &Model, job: &Job) -> Result<Tensor, EngineError> {
-    let raw = &job.input;
+    raw_to_tensor(model, &job.input, job.enc)
+}
+
+/// Wire bytes to a tensor on the model's device, in the dtype it is computed in.
+pub(crate) fn raw_to_tensor(
+    model: &Model,
+    raw: &RawTensor,
+    enc: Encoding,
+) -> Result<Tensor, EngineError> {
     let t = Tensor::f_from_data_size(&raw.data, &raw.shape, raw.dtype.to_kind())
         .map_err(|e| internal(model, e))?;
-    let kind = input_kind(raw, job.enc);
+    let kind = input_kind(raw, enc);
     let t = if t.kind() != kind {
         t.f_to_kind(kind).map_err(|e| internal(model, e))?
     } else {
@@ -745,7 +812,11 @@ fn to_tensor(model: &Model, job: &Job) -> Result<Tensor, EngineError> {
 
 /// A tensor back to wire bytes in the reply's dtype: the request's float encoding,
 /// or with an explicit dtype, the output's own.
-fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, EngineError> {
+pub(crate) fn from_tensor(
+    model: &Model,
+    t: &Tensor,
+    enc: Encoding,
+) -> Result<RawTensor, EngineError> {
     let dtype = if enc.explicit {
         WireDtype::from_kind(t.kind()).ok_or_else(|| {
             EngineError::Model(ModelError::Internal {

@@ -11,11 +11,12 @@ use futures::Stream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::codec::{self, CodecError, DTYPE_KEY, Limits, RawTensor};
+use crate::codec::{self, CodecError, DTYPE_KEY, Encoding, Limits, RawTensor, WireDtype};
 use crate::engine::{Engine, EngineError, EngineStatus};
 use crate::model::ModelError;
 use crate::plan::ThreadPlan;
 use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache};
+use crate::training::{Step, TrainingError, Update};
 
 /// Generated code for `splitlearn.comm` (kept in OUT_DIR).
 #[allow(clippy::all, clippy::unwrap_used)]
@@ -67,6 +68,15 @@ impl From<ServeError> for Status {
                     ModelError::Internal { .. }
                     | ModelError::Load { .. }
                     | ModelError::Device { .. } => Status::internal(msg),
+                },
+                EngineError::Training(t) => match t {
+                    TrainingError::NotFound { .. } => Status::not_found(msg),
+                    TrainingError::AlreadyExists { .. } => Status::already_exists(msg),
+                    TrainingError::WrongModel { .. }
+                    | TrainingError::GradShape { .. }
+                    | TrainingError::BadRequest(_) => Status::invalid_argument(msg),
+                    TrainingError::Stale { .. } => Status::aborted(msg),
+                    TrainingError::TooLarge { .. } => Status::resource_exhausted(msg),
                 },
                 EngineError::Internal(_) => Status::internal(msg),
             },
@@ -126,33 +136,162 @@ impl ComputeApi {
         deadline: Option<Instant>,
         req: pb::ComputeRequest,
     ) -> Result<(pb::ComputeResponse, Option<&'static str>), ServeError> {
-        if req.training_mode == Some(true) || !req.forward_id.as_deref().unwrap_or("").is_empty() {
-            return Err(ServeError::Unimplemented("training_mode (split training)"));
-        }
-        if !req.past_key_values.is_empty() || req.use_cache == Some(true) {
+        let training = req.training_mode == Some(true);
+        let kv = !req.past_key_values.is_empty() || req.use_cache == Some(true);
+        if training && kv {
             return Err(ServeError::Unimplemented(
-                "KV-cache inference (past_key_values, use_cache)",
+                "training_mode together with a KV cache (past_key_values, use_cache)",
             ));
         }
         let hint = req.metadata.get(DTYPE_KEY).map(String::as_str);
         let (input, enc) = codec::decode(req.data, &req.shape, hint, self.limits)?;
+        // The KV tensors use splitlearn_comm's float encodings, like the input.
+        let kv_enc = Encoding {
+            explicit: false,
+            dtype: if enc.explicit {
+                WireDtype::F32
+            } else {
+                enc.dtype
+            },
+            ..enc
+        };
+        let forward_id = match req.forward_id {
+            Some(id) if !id.is_empty() => Some(id),
+            _ if training => Some(uuid::Uuid::new_v4().to_string()),
+            _ => None,
+        };
+        let step = if training {
+            forward_id
+                .clone()
+                .map(|forward_id| Step::Forward { forward_id })
+        } else if kv {
+            Some(Step::Kv {
+                past: decode_past(&req.past_key_values, self.limits)?,
+                kv_enc,
+                want_present: req.use_cache != Some(false),
+            })
+        } else {
+            None
+        };
         let out = self
             .engine
-            .infer(&req.model_id, input, enc, deadline)
+            .submit(&req.model_id, input, enc, deadline, step)
             .await?;
         let shape = wire_shape(&out.tensor)?;
         let data = codec::encode(&out.tensor, enc);
+        let present_key_values = out
+            .present_key_values
+            .chunks_exact(2)
+            .map(|kv| {
+                Ok(pb::KvCacheEntry {
+                    key_data: codec::encode(&kv[0], kv_enc),
+                    key_shape: wire_shape(&kv[0])?,
+                    value_data: codec::encode(&kv[1], kv_enc),
+                    value_shape: wire_shape(&kv[1])?,
+                })
+            })
+            .collect::<Result<Vec<_>, ServeError>>()?;
         let response = pb::ComputeResponse {
             data,
             shape,
             request_id: req.request_id,
             compute_time_ms: Some(out.compute_time.as_secs_f32() * 1000.0),
             monitoring_data: Some(snapshot_to_pb(self.snapshots.get())),
-            forward_id: None,
-            present_key_values: Vec::new(),
+            forward_id,
+            present_key_values,
         };
         Ok((response, enc.explicit.then(|| out.tensor.dtype.name())))
     }
+
+    /// ComputeBackward: grad_output through the graph stored for forward_id on
+    /// the model that computed it; a learning_rate also trains (docs/training.md).
+    async fn backward(
+        &self,
+        deadline: Option<Instant>,
+        req: pb::BackwardRequest,
+    ) -> Result<pb::BackwardResponse, ServeError> {
+        if req.forward_id.is_empty() {
+            return Err(ServeError::BadRequest(
+                "forward_id is empty: send the one Compute with training_mode=true returned".into(),
+            ));
+        }
+        let learning_rate = match req.learning_rate {
+            None => None,
+            Some(lr) if lr.is_finite() && lr >= 0.0 => Some(f64::from(lr)),
+            Some(lr) => {
+                return Err(ServeError::BadRequest(format!(
+                    "learning_rate must be a finite number >= 0, not {lr}"
+                )));
+            }
+        };
+        let accumulation = match req.accumulation_step {
+            None | Some(0) | Some(1) => 1,
+            Some(n) if n > 1 && learning_rate.is_some() => n as u32,
+            Some(n) if n > 1 => {
+                return Err(ServeError::BadRequest(format!(
+                    "accumulation_step {n} needs a learning_rate: without one ComputeBackward \
+                     only returns the input gradient and accumulates nothing"
+                )));
+            }
+            Some(n) => {
+                return Err(ServeError::BadRequest(format!(
+                    "accumulation_step must be >= 1, not {n}"
+                )));
+            }
+        };
+        let model = self
+            .engine
+            .training()
+            .backward_model(&req.forward_id, req.model_id.as_deref())
+            .map_err(EngineError::from)?;
+        let (grad, enc) = codec::decode(
+            req.grad_output_data,
+            &req.grad_output_shape,
+            None,
+            self.limits,
+        )?;
+        let step = Step::Backward {
+            forward_id: req.forward_id.clone(),
+            update: learning_rate.map(|learning_rate| Update {
+                learning_rate,
+                accumulation,
+            }),
+        };
+        let out = self
+            .engine
+            .submit(&model, grad, enc, deadline, Some(step))
+            .await?;
+        // No gradient with respect to an integer input: empty data and shape.
+        let none = out.tensor.data.is_empty() && out.tensor.shape.is_empty();
+        Ok(pb::BackwardResponse {
+            grad_input_data: if none {
+                Default::default()
+            } else {
+                codec::encode(&out.tensor, enc)
+            },
+            grad_input_shape: wire_shape(&out.tensor)?,
+            forward_id: req.forward_id,
+            backward_time_ms: Some(out.compute_time.as_secs_f32() * 1000.0),
+            monitoring_data: Some(snapshot_to_pb(self.snapshots.get())),
+        })
+    }
+}
+
+/// `past_key_values` as the flat `[key_0, value_0, key_1, ...]` the model takes.
+fn decode_past(entries: &[pb::KvCacheEntry], limits: Limits) -> Result<Vec<RawTensor>, ServeError> {
+    let mut past = Vec::with_capacity(entries.len() * 2);
+    for (i, e) in entries.iter().enumerate() {
+        for (what, data, shape) in [
+            ("key", &e.key_data, &e.key_shape),
+            ("value", &e.value_data, &e.value_shape),
+        ] {
+            let (t, _) = codec::decode(data.clone(), shape, None, limits).map_err(|err| {
+                ServeError::BadRequest(format!("past_key_values[{i}].{what}: {err}"))
+            })?;
+            past.push(t);
+        }
+    }
+    Ok(past)
 }
 
 fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
@@ -250,11 +389,24 @@ impl ComputeService for ComputeApi {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(forward_id = %request.get_ref().forward_id))]
     async fn compute_backward(
         &self,
-        _request: Request<pb::BackwardRequest>,
+        request: Request<pb::BackwardRequest>,
     ) -> Result<Response<pb::BackwardResponse>, Status> {
-        Err(ServeError::Unimplemented("ComputeBackward (split training)").into())
+        self.total_requests.fetch_add(1, Ordering::Relaxed);
+        let arrival = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let deadline = deadline_from_metadata(request.metadata(), arrival);
+        match ComputeApi::backward(self, deadline, request.into_inner()).await {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(e) => {
+                tracing::debug!(error = %e, "compute_backward failed");
+                Err(e.into())
+            }
+        }
     }
 
     async fn health_check(
@@ -326,6 +478,7 @@ impl ComputeService for ComputeApi {
             count(&stats.rejected_cancelled),
         );
         custom.insert("rejected_draining".into(), count(&stats.rejected_draining));
+        self.engine.training().add_service_info(&mut custom);
         custom.insert(
             "queue_depth".into(),
             self.engine.queue_depths().iter().sum::<usize>().to_string(),

@@ -9,6 +9,8 @@
 //! - [`model`]: TorchScript and built-in models: loading, device placement, warm-up, forward.
 //! - [`engine`]: per-model bounded queues, batcher, dedicated inference workers,
 //!   deadlines, cancellation and drain. The only place libtorch runs.
+//! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
+//!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), the ComputeService, error -> `Status` mapping.
 //! - [`telemetry`]: logging and the resource sampler behind monitoring snapshots.
 //! - [`client`]: connecting, and `splitserve probe` (grpc.health.v1 check).
@@ -31,6 +33,7 @@ pub mod grpc;
 pub mod model;
 pub mod plan;
 pub mod telemetry;
+pub mod training;
 
 use std::time::Duration;
 

@@ -270,18 +270,27 @@ async fn bad_requests_get_clear_statuses_and_the_server_keeps_serving() {
         Code::ResourceExhausted,
         "--max-message-bytes",
     );
-    // Training and KV cache come later: UNIMPLEMENTED, not a wrong answer.
+    // Training and the KV cache answer with a status, never a wrong number:
+    // both at once, a KV step on a model without the KV signature, a backward
+    // for a forward_id nobody stored.
     let mut req = request("", &[1.0; 4], &[1, 4]);
     req.training_mode = Some(true);
-    expect(c.compute(req).await, Code::Unimplemented, "training");
+    req.use_cache = Some(true);
+    expect(c.compute(req).await, Code::Unimplemented, "KV cache");
+    let mut req = request("", &[1.0; 4], &[1, 4]);
+    req.use_cache = Some(true);
+    expect(c.compute(req).await, Code::InvalidArgument, "has no KV cache");
     let e = c
         .compute_backward(pb::BackwardRequest {
             forward_id: "x".into(),
+            grad_output_data: f32_bytes(&[1.0, 1.0]).into(),
+            grad_output_shape: vec![1, 2],
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("\"x\" is unknown"), "{}", e.message());
 
     // Still serving, with the right numbers.
     let r = c

@@ -126,8 +126,15 @@ def test_errors_have_clear_statuses(pb, mlp_server):
     # Over --max-message-bytes (1 MiB here): RESOURCE_EXHAUSTED, like the Python server.
     code, msg = code_of(pb2.ComputeRequest(data=b"\0" * (2 * 1024 * 1024), shape=[512 * 1024]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, msg
-    code, _ = code_of(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16], training_mode=True))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+    # Split training: a training forward is answered with its forward_id; a
+    # backward for an id nobody stored is NOT_FOUND, never a silent echo.
+    fwd = stub.Compute(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16], training_mode=True))
+    assert fwd.forward_id and list(fwd.shape) == [1, 8]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ComputeBackward(
+            pb2.BackwardRequest(grad_output_data=b"\0" * 32, grad_output_shape=[1, 8], forward_id="nope")
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in e.value.details()
     # Still serving.
     ok = stub.Compute(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16]))
     assert list(ok.shape) == [1, 8]

@@ -1,0 +1,898 @@
+//! Split training and KV-cache inference: the activation store keyed by
+//! forward_id, backward through the server's partition, optimizer steps and
+//! checkpoints.
+//!
+//! Everything that touches a tensor runs on the engine's worker threads, as a
+//! [`Step`] that travels through the model's queue like any request. io threads
+//! only look forward_ids up and read counters, which is plain Rust. The design,
+//! the accumulation rule and the checkpoint format are in docs/training.md.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prost::bytes::Bytes;
+use tch::Tensor;
+
+use crate::codec::{Encoding, RawTensor};
+use crate::config::{OptimizerKind, OptimizerSettings, ServeArgs};
+use crate::engine::{self, EngineError};
+use crate::model::{self, Model, ModelError};
+
+/// Forward_ids whose fate is remembered for NOT_FOUND messages.
+const GONE_REMEMBERED: usize = 4096;
+
+/// What the training side is started with.
+#[derive(Debug, Clone)]
+pub struct TrainingConfig {
+    /// Model names in model order, for messages.
+    pub names: Vec<String>,
+    /// Most bytes of stored activations (`--activation-cache-bytes`).
+    pub cache_bytes: u64,
+    /// How long stored activations wait for their backward (`--activation-ttl`).
+    pub ttl: Duration,
+    /// Each model's optimizer, in model order.
+    pub optimizers: Vec<OptimizerSettings>,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Save after every N optimizer steps of a model; 0 = only on shutdown.
+    pub checkpoint_every: u64,
+}
+
+impl TrainingConfig {
+    pub fn from_args(args: &ServeArgs) -> TrainingConfig {
+        let models = args.model_args();
+        TrainingConfig {
+            names: models.iter().map(|m| m.name.clone()).collect(),
+            cache_bytes: args.activation_cache_bytes,
+            ttl: args.activation_ttl,
+            optimizers: models.iter().map(|m| args.optimizer_for(&m.name)).collect(),
+            checkpoint_dir: args.checkpoint_dir.clone(),
+            checkpoint_every: args.checkpoint_every,
+        }
+    }
+}
+
+/// A job that is not a plain forward. The job's input tensor is the forward's
+/// input, the backward's grad_output, or the KV step's hidden state.
+#[derive(Debug)]
+pub enum Step {
+    /// Forward with autograd; keep what the backward needs under `forward_id`.
+    Forward { forward_id: String },
+    /// Backpropagate grad_output through the graph stored for `forward_id`,
+    /// then maybe update the parameters.
+    Backward {
+        forward_id: String,
+        update: Option<Update>,
+    },
+    /// Incremental decoding: `past` is `[key_0, value_0, key_1, ...]`.
+    Kv {
+        past: Vec<RawTensor>,
+        /// Encoding of the key/value tensors, read and written.
+        kv_enc: Encoding,
+        /// Answer with the present keys and values.
+        want_present: bool,
+    },
+}
+
+/// A backward that trains: what ComputeBackward's learning_rate asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Update {
+    pub learning_rate: f64,
+    /// The optimizer steps on the backward call that brings the model's count
+    /// of accumulated backward calls to this number (1 = every call).
+    pub accumulation: u32,
+}
+
+/// Why a forward_id has no stored activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    Unknown,
+    Used,
+    Expired,
+    Evicted,
+    Stale,
+}
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Gone::Unknown => {
+                "is unknown: no Compute with training_mode=true stored it (or it was released long ago)"
+            }
+            Gone::Used => {
+                "was already used: each training forward allows one ComputeBackward; run Compute again"
+            }
+            Gone::Expired => {
+                "expired: its activations outlived --activation-ttl and were released; run Compute again"
+            }
+            Gone::Evicted => {
+                "was evicted to keep the stored activations under --activation-cache-bytes; run Compute again"
+            }
+            Gone::Stale => {
+                "was released: an optimizer step made its graph stale; run Compute again"
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainingError {
+    #[error("forward_id {forward_id:?} {why}")]
+    NotFound { forward_id: String, why: Gone },
+    #[error(
+        "forward_id {forward_id:?} is already waiting for its ComputeBackward; use a new id for each forward"
+    )]
+    AlreadyExists { forward_id: String },
+    #[error("forward_id {forward_id:?} was computed by model {owner:?}, not {requested:?}")]
+    WrongModel {
+        forward_id: String,
+        owner: String,
+        requested: String,
+    },
+    #[error(
+        "grad_output shape {got:?} does not match the output of forward_id {forward_id:?}, {want:?}"
+    )]
+    GradShape {
+        forward_id: String,
+        got: Vec<i64>,
+        want: Vec<i64>,
+    },
+    #[error(
+        "model {model:?} took an optimizer step after forward_id {forward_id:?} was computed \
+         (parameter version {then}, now {now}): its graph refers to parameters that no longer \
+         exist. Run Compute again; to combine gradients of forwards in flight together, use \
+         accumulation_step"
+    )]
+    Stale {
+        forward_id: String,
+        model: String,
+        then: u64,
+        now: u64,
+    },
+    #[error(
+        "the activations of this forward take {bytes} bytes, more than --activation-cache-bytes {limit}"
+    )]
+    TooLarge { bytes: u64, limit: u64 },
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// Counters GetServiceInfo reports; gauges say so.
+#[derive(Debug, Default)]
+pub struct TrainingStats {
+    /// Gauge: forward_ids waiting for their backward.
+    pub stored: AtomicU64,
+    /// Gauge: their bytes, as the store counts them.
+    pub bytes: AtomicU64,
+    pub evicted: AtomicU64,
+    pub expired: AtomicU64,
+    /// Training forwards stored.
+    pub forwards: AtomicU64,
+    /// Backward calls answered with a gradient.
+    pub backwards: AtomicU64,
+    pub optimizer_steps: AtomicU64,
+    pub checkpoints_saved: AtomicU64,
+}
+
+/// What one training forward left for its backward.
+struct Entry {
+    model: usize,
+    /// The request's input as a leaf (requires grad when it is floating point).
+    input: Tensor,
+    /// The forward's output, with its autograd graph.
+    output: Tensor,
+    out_shape: Vec<i64>,
+    /// The model's parameter version the graph was recorded with.
+    version: u64,
+    bytes: u64,
+    created: Instant,
+    /// Position in the LRU order.
+    tick: u64,
+}
+
+#[derive(Default)]
+struct Store {
+    entries: HashMap<String, Entry>,
+    /// tick -> forward_id, least recently used first.
+    lru: BTreeMap<u64, String>,
+    next_tick: u64,
+    bytes: u64,
+    /// Why recent forward_ids are gone, for NOT_FOUND messages; bounded.
+    gone: HashMap<String, Gone>,
+    gone_order: VecDeque<String>,
+}
+
+impl Store {
+    fn touch(&mut self, id: &str) {
+        let tick = self.next_tick;
+        if let Some(e) = self.entries.get_mut(id) {
+            self.lru.remove(&e.tick);
+            e.tick = tick;
+            self.lru.insert(tick, id.to_string());
+            self.next_tick += 1;
+        }
+    }
+
+    fn remove(&mut self, id: &str, why: Gone) -> Option<Entry> {
+        let e = self.entries.remove(id)?;
+        self.lru.remove(&e.tick);
+        self.bytes -= e.bytes;
+        self.bury(id, why);
+        Some(e)
+    }
+
+    fn bury(&mut self, id: &str, why: Gone) {
+        if self.gone.insert(id.to_string(), why).is_none() {
+            self.gone_order.push_back(id.to_string());
+            while self.gone_order.len() > GONE_REMEMBERED {
+                if let Some(old) = self.gone_order.pop_front() {
+                    self.gone.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn why_gone(&self, id: &str) -> Gone {
+        self.gone.get(id).copied().unwrap_or(Gone::Unknown)
+    }
+
+    fn not_found(&self, id: &str) -> TrainingError {
+        TrainingError::NotFound {
+            forward_id: id.to_string(),
+            why: self.why_gone(id),
+        }
+    }
+}
+
+/// Per model: the optimizer's state and the accumulation count. Its mutex
+/// serializes the model's training backwards and optimizer steps.
+#[derive(Default)]
+struct ModelState {
+    /// The parameters the optimizer updates, fetched at the first step.
+    params: Option<Vec<Tensor>>,
+    /// SGD momentum buffers, one per parameter.
+    momentum: Vec<Option<Tensor>>,
+    /// Adam's (exp_avg, exp_avg_sq, steps), one per parameter.
+    adam: Vec<Option<(Tensor, Tensor, u64)>>,
+    /// Training backward calls accumulated since the last step.
+    pending: u32,
+    steps: u64,
+    /// `steps` when the last checkpoint was written.
+    saved_at: u64,
+}
+
+/// The split-training state of an engine.
+pub struct Training {
+    config: TrainingConfig,
+    store: Mutex<Store>,
+    models: Vec<Mutex<ModelState>>,
+    /// Optimizer steps per model, readable without waiting for a training job.
+    model_steps: Vec<AtomicU64>,
+    stats: TrainingStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the state consistent between statements;
+    // a panic (caught by the worker) cannot leave it half-updated.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
+}
+
+fn internal(model: &Model, e: tch::TchError) -> EngineError {
+    EngineError::Model(ModelError::Internal {
+        model: model.name.clone(),
+        message: model::clean_torch_message(&e.to_string()),
+    })
+}
+
+impl Training {
+    pub fn new(config: &TrainingConfig, models: usize) -> Training {
+        Training {
+            config: config.clone(),
+            store: Mutex::new(Store::default()),
+            models: (0..models).map(|_| Mutex::default()).collect(),
+            model_steps: (0..models).map(|_| AtomicU64::new(0)).collect(),
+            stats: TrainingStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &TrainingStats {
+        &self.stats
+    }
+
+    /// The model that must run the backward of `forward_id`. Runs on io
+    /// threads: a map lookup, no libtorch.
+    pub fn backward_model(
+        &self,
+        forward_id: &str,
+        requested: Option<&str>,
+    ) -> Result<String, TrainingError> {
+        let owner = {
+            let store = lock(&self.store);
+            match store.entries.get(forward_id) {
+                Some(e) => e.model,
+                None => return Err(store.not_found(forward_id)),
+            }
+        };
+        let name = &self.config.names[owner];
+        match requested {
+            Some(r) if !r.is_empty() && r != name => Err(TrainingError::WrongModel {
+                forward_id: forward_id.to_string(),
+                owner: name.clone(),
+                requested: r.to_string(),
+            }),
+            _ => Ok(name.clone()),
+        }
+    }
+
+    /// Runs one step on a worker thread; returns the reply tensor and, for
+    /// KV steps, the present keys and values.
+    pub fn run(
+        &self,
+        index: usize,
+        model: &Model,
+        step: &Step,
+        input: &RawTensor,
+        enc: Encoding,
+    ) -> Result<(RawTensor, Vec<RawTensor>), EngineError> {
+        match step {
+            Step::Forward { forward_id } => self
+                .forward(index, model, forward_id, input, enc)
+                .map(|t| (t, Vec::new())),
+            Step::Backward { forward_id, update } => self
+                .backward(index, model, forward_id, *update, input, enc)
+                .map(|t| (t, Vec::new())),
+            Step::Kv {
+                past,
+                kv_enc,
+                want_present,
+            } => kv(model, input, enc, past, *kv_enc, *want_present),
+        }
+    }
+
+    fn forward(
+        &self,
+        index: usize,
+        model: &Model,
+        forward_id: &str,
+        input: &RawTensor,
+        enc: Encoding,
+    ) -> Result<RawTensor, EngineError> {
+        self.expire();
+        if lock(&self.store).entries.contains_key(forward_id) {
+            return Err(TrainingError::AlreadyExists {
+                forward_id: forward_id.to_string(),
+            }
+            .into());
+        }
+        let x = engine::raw_to_tensor(model, input, enc)?;
+        // Integer inputs (token ids) have no gradient; the parameters still do.
+        let x = if x.is_floating_point() {
+            x.set_requires_grad(true)
+        } else {
+            x
+        };
+        let (y, version) = {
+            let params = model.read_params();
+            let y = tch::with_grad(|| model.forward_params_held(&x))?;
+            (y, *params)
+        };
+        let reply = engine::from_tensor(model, &y, enc)?;
+        let entry = Entry {
+            model: index,
+            bytes: tensor_bytes(&x) + tensor_bytes(&y),
+            out_shape: y.size(),
+            input: x,
+            output: y,
+            version,
+            created: Instant::now(),
+            tick: 0,
+        };
+        self.insert(forward_id, entry)?;
+        self.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        Ok(reply)
+    }
+
+    /// Stores an entry, evicting the least recently used ones to make room.
+    fn insert(&self, forward_id: &str, mut entry: Entry) -> Result<(), TrainingError> {
+        let limit = self.config.cache_bytes;
+        if entry.bytes > limit {
+            return Err(TrainingError::TooLarge {
+                bytes: entry.bytes,
+                limit,
+            });
+        }
+        let mut evicted = Vec::new();
+        {
+            let mut store = lock(&self.store);
+            if store.entries.contains_key(forward_id) {
+                return Err(TrainingError::AlreadyExists {
+                    forward_id: forward_id.to_string(),
+                });
+            }
+            while store.bytes + entry.bytes > limit {
+                let Some(oldest) = store.lru.values().next().cloned() else {
+                    break;
+                };
+                evicted.extend(store.remove(&oldest, Gone::Evicted));
+            }
+            entry.tick = store.next_tick;
+            store.next_tick += 1;
+            store.lru.insert(entry.tick, forward_id.to_string());
+            store.bytes += entry.bytes;
+            store.gone.remove(forward_id);
+            store.entries.insert(forward_id.to_string(), entry);
+            self.publish(&store);
+        }
+        if !evicted.is_empty() {
+            tracing::debug!(
+                evicted = evicted.len(),
+                "activations evicted (--activation-cache-bytes)"
+            );
+        }
+        self.stats
+            .evicted
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        // The evicted graphs are freed here, outside the lock, on this worker.
+        drop(evicted);
+        Ok(())
+    }
+
+    /// Releases the activations older than `--activation-ttl`.
+    fn expire(&self) {
+        let now = Instant::now();
+        let ttl = self.config.ttl;
+        let expired: Vec<Entry> = {
+            let mut store = lock(&self.store);
+            let ids: Vec<String> = store
+                .entries
+                .iter()
+                .filter(|(_, e)| now.saturating_duration_since(e.created) >= ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let gone = ids
+                .iter()
+                .filter_map(|id| store.remove(id, Gone::Expired))
+                .collect();
+            self.publish(&store);
+            gone
+        };
+        self.stats
+            .expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+    }
+
+    fn publish(&self, store: &Store) {
+        self.stats
+            .stored
+            .store(store.entries.len() as u64, Ordering::Relaxed);
+        self.stats.bytes.store(store.bytes, Ordering::Relaxed);
+    }
+
+    fn backward(
+        &self,
+        index: usize,
+        model: &Model,
+        forward_id: &str,
+        update: Option<Update>,
+        grad: &RawTensor,
+        enc: Encoding,
+    ) -> Result<RawTensor, EngineError> {
+        self.expire();
+        let entry = {
+            let mut store = lock(&self.store);
+            let Some(e) = store.entries.get(forward_id) else {
+                return Err(store.not_found(forward_id).into());
+            };
+            if e.model != index {
+                return Err(TrainingError::WrongModel {
+                    forward_id: forward_id.to_string(),
+                    owner: self.config.names[e.model].clone(),
+                    requested: self.config.names[index].clone(),
+                }
+                .into());
+            }
+            if e.out_shape != grad.shape {
+                // A client mistake: the entry stays for a corrected retry.
+                let want = e.out_shape.clone();
+                store.touch(forward_id);
+                return Err(TrainingError::GradShape {
+                    forward_id: forward_id.to_string(),
+                    got: grad.shape.clone(),
+                    want,
+                }
+                .into());
+            }
+            let e = store.remove(forward_id, Gone::Used);
+            self.publish(&store);
+            e
+        };
+        let Some(entry) = entry else {
+            return Err(TrainingError::NotFound {
+                forward_id: forward_id.to_string(),
+                why: Gone::Unknown,
+            }
+            .into());
+        };
+        let g = engine::raw_to_tensor(model, grad, enc)?;
+
+        // A training backward holds the model's state from its gradient
+        // accumulation to the step, so steps and their counts never interleave.
+        let mut state = update.map(|_| lock(&self.models[index]));
+        let grad_input = {
+            let params = model.read_params();
+            if *params != entry.version {
+                let now = *params;
+                drop(params);
+                lock(&self.store).bury(forward_id, Gone::Stale);
+                return Err(TrainingError::Stale {
+                    forward_id: forward_id.to_string(),
+                    model: model.name.clone(),
+                    then: entry.version,
+                    now,
+                }
+                .into());
+            }
+            tch::with_grad(|| -> Result<Option<Tensor>, tch::TchError> {
+                if !entry.output.requires_grad() {
+                    return Ok(None);
+                }
+                // d(sum(output * g))/d(output) is exactly g: this is
+                // output.backward(g), which tch does not offer directly.
+                let loss = entry.output.f_mul(&g)?.f_sum(None::<tch::Kind>)?;
+                if update.is_some() {
+                    loss.f_backward()?;
+                    Ok(entry.input.requires_grad().then(|| entry.input.grad()))
+                } else if entry.input.requires_grad() {
+                    // Frozen parameters: only the input's gradient, nothing accumulates.
+                    Ok(Tensor::f_run_backward(&[&loss], &[&entry.input], false, false)?.pop())
+                } else {
+                    Ok(None)
+                }
+            })
+            .map_err(|e| internal(model, e))?
+        };
+        if let (Some(u), Some(state)) = (update, state.as_mut()) {
+            state.pending += 1;
+            if state.pending >= u.accumulation {
+                self.step(index, model, state, u.learning_rate)?;
+            }
+        }
+        drop(state);
+        self.stats.backwards.fetch_add(1, Ordering::Relaxed);
+        match grad_input {
+            Some(gi) if gi.defined() => engine::from_tensor(model, &gi, enc),
+            // No gradient with respect to the input (integer input): empty.
+            _ => Ok(RawTensor {
+                data: Bytes::new(),
+                shape: Vec::new(),
+                dtype: enc.dtype,
+            }),
+        }
+    }
+
+    /// One optimizer step with the accumulated gradients, under the model's
+    /// parameter write lock; then the gradients are zeroed.
+    fn step(
+        &self,
+        index: usize,
+        model: &Model,
+        state: &mut ModelState,
+        lr: f64,
+    ) -> Result<(), EngineError> {
+        let settings = self.config.optimizers[index];
+        let mut version = model.write_params();
+        if state.params.is_none() {
+            let params = model.trainable_parameters()?;
+            state.momentum = params.iter().map(|_| None).collect();
+            state.adam = params.iter().map(|_| None).collect();
+            state.params = Some(params);
+        }
+        let ModelState {
+            params,
+            momentum,
+            adam,
+            ..
+        } = state;
+        let params = params.as_mut().map(Vec::as_mut_slice).unwrap_or_default();
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            for (i, p) in params.iter_mut().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = if settings.weight_decay != 0.0 {
+                    g.f_add(&p.f_mul_scalar(settings.weight_decay)?)?
+                } else {
+                    g
+                };
+                match settings.kind {
+                    OptimizerKind::Sgd => sgd(p, g, &mut momentum[i], lr, settings.momentum)?,
+                    OptimizerKind::Adam => adam_step(p, &g, &mut adam[i], lr, &settings)?,
+                }
+                p.zero_grad();
+            }
+            Ok(())
+        })
+        .map_err(|e| internal(model, e))?;
+        *version += 1;
+        drop(version);
+        state.pending = 0;
+        state.steps += 1;
+        self.stats.optimizer_steps.fetch_add(1, Ordering::Relaxed);
+        self.model_steps[index].fetch_add(1, Ordering::Relaxed);
+        let every = self.config.checkpoint_every;
+        if every > 0 && state.steps % every == 0 {
+            self.save(model, state);
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint when `--checkpoint-dir` is set; a failure is logged,
+    /// never returned to a client.
+    fn save(&self, model: &Model, state: &mut ModelState) {
+        let Some(dir) = &self.config.checkpoint_dir else {
+            return;
+        };
+        match model.save_checkpoint(dir) {
+            Ok(Some(file)) => {
+                state.saved_at = state.steps;
+                self.stats.checkpoints_saved.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    model = %model.name,
+                    steps = state.steps,
+                    file = %file.display(),
+                    serve_again = %format!("--model {}", model.checkpoint_spec(&file)),
+                    "checkpoint saved"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "checkpoint failed"),
+        }
+    }
+
+    /// Called by the last worker when the engine stops: saves every model that
+    /// took optimizer steps since its last checkpoint, releases the activations.
+    pub fn shutdown(&self, models: &[Model]) {
+        for (model, state) in models.iter().zip(&self.models) {
+            let mut state = lock(state);
+            if state.steps > state.saved_at {
+                if self.config.checkpoint_dir.is_some() {
+                    self.save(model, &mut state);
+                } else {
+                    tracing::warn!(
+                        model = %model.name,
+                        steps = state.steps,
+                        "the model was trained but --checkpoint-dir is not set: its parameters are not saved"
+                    );
+                }
+            }
+            // Optimizer buffers are freed here, on a worker thread.
+            *state = ModelState::default();
+        }
+        let mut store = lock(&self.store);
+        let entries = std::mem::take(&mut store.entries);
+        store.lru.clear();
+        store.bytes = 0;
+        self.publish(&store);
+        drop(store);
+        drop(entries);
+    }
+
+    /// Adds the training counters and settings to GetServiceInfo's custom_info.
+    pub fn add_service_info(&self, custom: &mut HashMap<String, String>) {
+        let s = &self.stats;
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
+        custom.insert("activations_stored".into(), count(&s.stored));
+        custom.insert("activations_bytes".into(), count(&s.bytes));
+        custom.insert("activations_evicted".into(), count(&s.evicted));
+        custom.insert("activations_expired".into(), count(&s.expired));
+        custom.insert("training_forwards".into(), count(&s.forwards));
+        custom.insert("backwards".into(), count(&s.backwards));
+        custom.insert("optimizer_steps".into(), count(&s.optimizer_steps));
+        custom.insert("checkpoints_saved".into(), count(&s.checkpoints_saved));
+        custom.insert(
+            "activation_cache_bytes".into(),
+            self.config.cache_bytes.to_string(),
+        );
+        custom.insert(
+            "activation_ttl_ms".into(),
+            self.config.ttl.as_millis().to_string(),
+        );
+        for (i, name) in self.config.names.iter().enumerate() {
+            custom.insert(
+                format!("model.{name}.optimizer"),
+                self.config.optimizers[i].to_string(),
+            );
+            custom.insert(
+                format!("model.{name}.optimizer_steps"),
+                count(&self.model_steps[i]),
+            );
+        }
+    }
+}
+
+/// `torch.optim.SGD` (no dampening, no Nesterov): weight decay is already in `g`.
+fn sgd(
+    p: &mut Tensor,
+    g: Tensor,
+    buf: &mut Option<Tensor>,
+    lr: f64,
+    momentum: f64,
+) -> Result<(), tch::TchError> {
+    let d = if momentum != 0.0 {
+        match buf {
+            Some(b) => {
+                let _ = b.f_mul_scalar_(momentum)?.f_add_(&g)?;
+                b.shallow_clone()
+            }
+            None => {
+                let b = g.f_detach_copy()?;
+                *buf = Some(b.shallow_clone());
+                b
+            }
+        }
+    } else {
+        g
+    };
+    let _ = p.f_sub_(&d.f_mul_scalar(lr)?)?;
+    Ok(())
+}
+
+/// `torch.optim.Adam` (no AMSGrad), as its single-tensor implementation computes
+/// it; weight decay is already in `g`.
+fn adam_step(
+    p: &mut Tensor,
+    g: &Tensor,
+    state: &mut Option<(Tensor, Tensor, u64)>,
+    lr: f64,
+    settings: &OptimizerSettings,
+) -> Result<(), tch::TchError> {
+    let (b1, b2) = (settings.betas.0, settings.betas.1);
+    if state.is_none() {
+        *state = Some((p.f_zeros_like()?, p.f_zeros_like()?, 0));
+    }
+    let Some((m, v, t)) = state.as_mut() else {
+        return Ok(());
+    };
+    *t += 1;
+    let _ = m.f_lerp_(g, 1.0 - b1)?;
+    let _ = v
+        .f_mul_scalar_(b2)?
+        .f_add_(&g.f_mul(g)?.f_mul_scalar(1.0 - b2)?)?;
+    let bias_correction1 = 1.0 - b1.powi(*t as i32);
+    let bias_correction2 = 1.0 - b2.powi(*t as i32);
+    let step_size = lr / bias_correction1;
+    let denom = v
+        .f_sqrt()?
+        .f_div_scalar(bias_correction2.sqrt())?
+        .f_add_scalar(settings.eps)?;
+    let _ = p.f_sub_(&m.f_div(&denom)?.f_mul_scalar(step_size)?)?;
+    Ok(())
+}
+
+/// One incremental-decoding step (no_grad, like any inference).
+fn kv(
+    model: &Model,
+    hidden: &RawTensor,
+    enc: Encoding,
+    past: &[RawTensor],
+    kv_enc: Encoding,
+    want_present: bool,
+) -> Result<(RawTensor, Vec<RawTensor>), EngineError> {
+    let x = engine::raw_to_tensor(model, hidden, enc)?;
+    let past = past
+        .iter()
+        .map(|r| engine::raw_to_tensor(model, r, kv_enc))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (y, present) = model.forward_kv(&x, past)?;
+    let out = engine::from_tensor(model, &y, enc)?;
+    let present = if want_present {
+        present
+            .iter()
+            .map(|t| engine::from_tensor(model, t, kv_enc))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    Ok((out, present))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AdamBetas;
+
+    fn params() -> Tensor {
+        Tensor::from_slice(&[0.5f32, -1.0, 2.0]).set_requires_grad(true)
+    }
+
+    fn set_grad(p: &Tensor, g: &[f32]) {
+        // The gradient of sum(p * g) with respect to p is g.
+        let loss = tch::with_grad(|| (p * Tensor::from_slice(g)).sum(None::<tch::Kind>));
+        loss.backward();
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.detach()).unwrap()
+    }
+
+    #[test]
+    fn sgd_with_momentum_matches_the_pytorch_formula() {
+        let _g = tch::no_grad_guard();
+        let mut p = params();
+        let mut buf = None;
+        // Step 1: buf = g; p -= lr * buf.  Step 2: buf = 0.9 buf + g.
+        set_grad(&p, &[1.0, 2.0, -1.0]);
+        let g = p.grad().copy();
+        sgd(&mut p, g, &mut buf, 0.1, 0.9).unwrap();
+        p.zero_grad();
+        set_grad(&p, &[1.0, 0.0, 0.0]);
+        let g = p.grad().copy();
+        sgd(&mut p, g, &mut buf, 0.1, 0.9).unwrap();
+        let want = [
+            0.5 - 0.1 - 0.1 * 1.9,
+            -1.0 - 0.2 - 0.1 * 1.8,
+            2.0 + 0.1 + 0.1 * 0.9,
+        ];
+        for (a, b) in values(&p).iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn adam_first_step_moves_each_parameter_by_about_lr() {
+        let _g = tch::no_grad_guard();
+        let mut p = params();
+        set_grad(&p, &[3.0, -0.5, 0.0]);
+        let settings = OptimizerSettings {
+            kind: OptimizerKind::Adam,
+            betas: AdamBetas(0.9, 0.999),
+            ..Default::default()
+        };
+        let mut state = None;
+        let g = p.grad().copy();
+        adam_step(&mut p, &g, &mut state, 0.01, &settings).unwrap();
+        // Bias-corrected first step: m/sqrt(v) = sign(g), so p -= lr * sign(g).
+        let got = values(&p);
+        assert!((got[0] - 0.49).abs() < 1e-6, "{got:?}");
+        assert!((got[1] + 0.99).abs() < 1e-6, "{got:?}");
+        assert_eq!(got[2], 2.0, "a zero gradient leaves the parameter alone");
+        assert_eq!(state.unwrap().2, 1);
+    }
+
+    #[test]
+    fn the_store_evicts_least_recently_used_and_remembers_why() {
+        let mut store = Store::default();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let e = Entry {
+                model: 0,
+                input: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+                output: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+                out_shape: vec![1],
+                version: 0,
+                bytes: 10,
+                created: Instant::now(),
+                tick: i as u64,
+            };
+            store.lru.insert(i as u64, id.to_string());
+            store.entries.insert(id.to_string(), e);
+            store.bytes += 10;
+        }
+        store.next_tick = 3;
+        store.touch("a");
+        let oldest = store.lru.values().next().cloned().unwrap();
+        assert_eq!(oldest, "b", "a was used more recently");
+        assert!(store.remove(&oldest, Gone::Evicted).is_some());
+        assert_eq!(store.bytes, 20);
+        assert_eq!(store.why_gone("b"), Gone::Evicted);
+        assert_eq!(store.why_gone("zzz"), Gone::Unknown);
+        let msg = store.not_found("b").to_string();
+        assert!(msg.contains("--activation-cache-bytes"), "{msg}");
+    }
+}
