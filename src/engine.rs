@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, IntCounter};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{oneshot, watch};
 
@@ -20,6 +21,8 @@ use crate::codec::{Encoding, RawTensor, WireDtype};
 use crate::config::{DeviceArg, ModelArg, ServeArgs};
 use crate::model::{self, Model, ModelError};
 use crate::plan::ThreadPlan;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::reason;
 
 /// Lifecycle of the engine, published to health checks.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,18 +115,34 @@ pub struct Output {
     pub batch_size: usize,
 }
 
-/// Counters that tests and metrics read; monotonic.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests that went through a forward.
-    pub computed: AtomicU64,
-    /// Forward calls (a batch counts once).
-    pub forwards: AtomicU64,
-    pub rejected_queue_full: AtomicU64,
-    pub rejected_deadline: AtomicU64,
-    pub rejected_cancelled: AtomicU64,
-    pub rejected_draining: AtomicU64,
-    pub failed: AtomicU64,
+/// One model's metric handles, resolved once so workers never look labels up.
+struct ModelMetrics {
+    computed: IntCounter,
+    forwards: IntCounter,
+    queue_full: IntCounter,
+    deadline: IntCounter,
+    cancelled: IntCounter,
+    draining: IntCounter,
+    queue_time: Histogram,
+    inference_time: Histogram,
+    batch_size: Histogram,
+}
+
+impl ModelMetrics {
+    fn new(m: &Metrics, model: &str) -> ModelMetrics {
+        let rejected = |r: &str| m.rejected.with_label_values(&[model, r]);
+        ModelMetrics {
+            computed: m.computed.with_label_values(&[model]),
+            forwards: m.forwards.with_label_values(&[model]),
+            queue_full: rejected(reason::QUEUE_FULL),
+            deadline: rejected(reason::DEADLINE),
+            cancelled: rejected(reason::CANCELLED),
+            draining: rejected(reason::DRAINING),
+            queue_time: m.queue_duration.with_label_values(&[model]),
+            inference_time: m.inference_duration.with_label_values(&[model]),
+            batch_size: m.batch_size.with_label_values(&[model]),
+        }
+    }
 }
 
 struct Job {
@@ -132,6 +151,10 @@ struct Job {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Output, EngineError>>,
+    /// The RPC's span: the forward span is its child.
+    rpc_span: tracing::Span,
+    /// Open while the job waits; closing it records the queue wait.
+    queue_span: tracing::Span,
 }
 
 impl Job {
@@ -168,7 +191,9 @@ struct Shared {
     device: OnceLock<Device>,
     /// The plan libtorch actually runs with.
     applied_plan: OnceLock<ThreadPlan>,
-    stats: Stats,
+    metrics: Arc<Metrics>,
+    /// Per model, in model order.
+    model_metrics: Vec<ModelMetrics>,
     /// Per worker: when its current job started (ns since `epoch`), 0 when idle.
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
@@ -185,7 +210,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the loader thread, which loads the models and then the workers.
     /// Returns at once; watch [`Engine::status`] for readiness.
-    pub fn start(config: EngineConfig) -> Engine {
+    pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Engine {
+        let model_metrics = config
+            .models
+            .iter()
+            .map(|m| ModelMetrics::new(&metrics, &m.arg.name))
+            .collect();
         let workers = config.plan.workers;
         let (status, _) = watch::channel(EngineStatus::Loading);
         let shared = Arc::new(Shared {
@@ -200,7 +230,8 @@ impl Engine {
             models: OnceLock::new(),
             device: OnceLock::new(),
             applied_plan: OnceLock::new(),
-            stats: Stats::default(),
+            model_metrics,
+            metrics,
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             threads: Mutex::new(Vec::new()),
@@ -225,8 +256,16 @@ impl Engine {
         self.shared.status.subscribe()
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.shared.stats
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The name a request's model_id resolves to (empty = the default model),
+    /// or None for an unknown model.
+    pub fn resolve_model(&self, model_id: &str) -> Option<&str> {
+        self.model_index(model_id)
+            .ok()
+            .map(|i| self.shared.config.models[i].arg.name.as_str())
     }
 
     /// Names of the served models; the first is the default.
@@ -337,10 +376,7 @@ impl Engine {
             EngineStatus::Loading => return Err(EngineError::Loading),
             EngineStatus::Failed(m) => return Err(EngineError::Failed(m.clone())),
             EngineStatus::Draining | EngineStatus::Stopped => {
-                self.shared
-                    .stats
-                    .rejected_draining
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.model_metrics[index].draining.inc();
                 return Err(EngineError::Draining);
             }
         }
@@ -349,30 +385,29 @@ impl Engine {
         {
             let mut q = lock(&self.shared.queues);
             if q.draining {
-                self.shared
-                    .stats
-                    .rejected_draining
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.model_metrics[index].draining.inc();
                 return Err(EngineError::Draining);
             }
             let cap = self.shared.config.queue_capacity;
             let queue = &mut q.per_model[index];
             if queue.len() >= cap {
-                self.shared
-                    .stats
-                    .rejected_queue_full
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.model_metrics[index].queue_full.inc();
                 return Err(EngineError::QueueFull {
                     model: self.shared.config.models[index].arg.name.clone(),
                     capacity: cap,
                 });
             }
+            let rpc_span = tracing::Span::current();
+            let queue_span =
+                tracing::debug_span!("queue", model = %self.shared.config.models[index].arg.name);
             queue.push_back(Job {
                 input,
                 enc,
                 deadline,
                 enqueued: now,
                 reply: tx,
+                rpc_span,
+                queue_span,
             });
         }
         self.shared.work.notify_one();
@@ -536,7 +571,7 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
             q.next = (m + 1) % n;
             let slot = &shared.config.models[m];
             let mut jobs = Vec::new();
-            take_compatible(shared, &mut q.per_model[m], &mut jobs, slot.max_batch);
+            take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
             if jobs.is_empty() {
                 continue; // everything we looked at had expired or been cancelled
             }
@@ -553,7 +588,7 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
                         .wait_timeout(q, until - now)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
-                    take_compatible(shared, &mut q.per_model[m], &mut jobs, slot.max_batch);
+                    take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
                     if rows(&jobs) >= slot.max_batch {
                         break;
                     }
@@ -579,6 +614,7 @@ fn rows(jobs: &[Job]) -> usize {
 /// Expired and cancelled jobs are answered and dropped without compute.
 fn take_compatible(
     shared: &Shared,
+    model: usize,
     queue: &mut VecDeque<Job>,
     jobs: &mut Vec<Job>,
     max_batch: usize,
@@ -593,10 +629,7 @@ fn take_compatible(
         // Deadline first: a request whose deadline passed has also lost its
         // waiting handler, and should be counted as what it is.
         if job.deadline.is_some_and(|d| d <= now) {
-            shared
-                .stats
-                .rejected_deadline
-                .fetch_add(1, Ordering::Relaxed);
+            shared.model_metrics[model].deadline.inc();
             if let Some(job) = queue.remove(i) {
                 let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
                     waited_ms: job.enqueued.elapsed().as_millis(),
@@ -605,10 +638,7 @@ fn take_compatible(
             continue;
         }
         if job.reply.is_closed() {
-            shared
-                .stats
-                .rejected_cancelled
-                .fetch_add(1, Ordering::Relaxed);
+            shared.model_metrics[model].cancelled.inc();
             queue.remove(i);
             continue;
         }
@@ -634,11 +664,30 @@ fn take_compatible(
     }
 }
 
-fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Instant) {
+fn run_batch(shared: &Shared, model_index: usize, mut jobs: Vec<Job>, started: Instant) {
     let Some(models) = shared.models.get() else {
         return;
     };
     let model = &models[model_index];
+    // The wait is over: closing the queue spans records it.
+    for job in &mut jobs {
+        drop(std::mem::replace(
+            &mut job.queue_span,
+            tracing::Span::none(),
+        ));
+    }
+    let span = tracing::debug_span!(
+        parent: &jobs[0].rpc_span,
+        "forward",
+        model = %model.name,
+        batch_size = jobs.len(),
+        shape = ?jobs[0].input.shape,
+        device = %model::device_name(model.device),
+    );
+    for job in &jobs[1..] {
+        span.follows_from(&job.rpc_span);
+    }
+    let _entered = span.enter();
     let computed = catch_unwind(AssertUnwindSafe(|| compute(model, &jobs)));
     let compute_time = started.elapsed();
     let results = match computed {
@@ -656,13 +705,16 @@ fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Insta
         }
     };
     let batch_size = jobs.len();
-    shared.stats.forwards.fetch_add(1, Ordering::Relaxed);
+    let m = &shared.model_metrics[model_index];
+    m.forwards.inc();
+    m.batch_size.observe(batch_size as f64);
     for (job, result) in jobs.into_iter().zip(results) {
-        match &result {
-            Ok(_) => shared.stats.computed.fetch_add(1, Ordering::Relaxed),
-            Err(_) => shared.stats.failed.fetch_add(1, Ordering::Relaxed),
-        };
         let queue_time = started.saturating_duration_since(job.enqueued);
+        if result.is_ok() {
+            m.computed.inc();
+            m.queue_time.observe(queue_time.as_secs_f64());
+            m.inference_time.observe(compute_time.as_secs_f64());
+        }
         let _ = job.reply.send(result.map(|tensor| Output {
             tensor,
             compute_time,

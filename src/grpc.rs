@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::codec::{self, CodecError, DTYPE_KEY, Limits, RawTensor};
 use crate::engine::{Engine, EngineError, EngineStatus};
 use crate::model::ModelError;
 use crate::plan::ThreadPlan;
-use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache};
+use crate::telemetry::metrics::reason;
+use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache, otel};
 
 /// Generated code for `splitlearn.comm` (kept in OUT_DIR).
 #[allow(clippy::all, clippy::unwrap_used)]
@@ -42,6 +44,18 @@ pub enum ServeError {
     Unimplemented(&'static str),
     #[error("{0}")]
     BadRequest(String),
+}
+
+impl ServeError {
+    /// The client sent something the server cannot compute (counted as `invalid`).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            ServeError::Codec(_)
+                | ServeError::BadRequest(_)
+                | ServeError::Engine(EngineError::Model(ModelError::InvalidInput { .. }))
+        )
+    }
 }
 
 impl From<ServeError> for Status {
@@ -155,6 +169,47 @@ impl ComputeApi {
     }
 }
 
+impl ComputeApi {
+    /// Counts an answered RPC and its server time.
+    fn observe<T>(&self, model: &str, method: &str, arrival: Instant, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        let m = self.engine.metrics();
+        m.requests
+            .with_label_values(&[model, method, code_name(code)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[model, method])
+            .observe(arrival.elapsed().as_secs_f64());
+    }
+}
+
+/// gRPC's canonical code names, as the `code` label spells them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
     t.shape
         .iter()
@@ -168,6 +223,8 @@ fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
         })
 }
 
+const MIB: f32 = 1024.0 * 1024.0;
+
 pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
     pb::MonitoringSnapshot {
         timestamp: s.timestamp,
@@ -175,9 +232,10 @@ pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
         memory_mb: s.memory_mb,
         memory_percent: s.memory_percent,
         gpu_available: s.gpu_available,
-        gpu_utilization: None,
-        gpu_memory_used_mb: None,
-        gpu_memory_total_mb: None,
+        // Percent, like cpu_percent and memory_percent.
+        gpu_utilization: s.gpu.map(|g| g.utilization * 100.0),
+        gpu_memory_used_mb: s.gpu.map(|g| g.memory_used_bytes as f32 / MIB),
+        gpu_memory_total_mb: s.gpu.map(|g| g.memory_total_bytes as f32 / MIB),
     }
 }
 
@@ -222,18 +280,39 @@ type SnapshotStream =
 
 #[tonic::async_trait]
 impl ComputeService for ComputeApi {
-    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model_id, request_id = ?request.get_ref().request_id))]
     async fn compute(
         &self,
         request: Request<pb::ComputeRequest>,
     ) -> Result<Response<pb::ComputeResponse>, Status> {
         self.total_requests.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.engine.metrics();
+        metrics.inflight.inc();
         let arrival = request
             .extensions()
             .get::<Arrival>()
             .map_or_else(Instant::now, |a| a.0);
         let deadline = deadline_from_metadata(request.metadata(), arrival);
-        match ComputeApi::compute(self, deadline, request.into_inner()).await {
+        // Unknown model ids share one label value: clients cannot grow the series.
+        let model = self
+            .engine
+            .resolve_model(&request.get_ref().model_id)
+            .unwrap_or("unknown")
+            .to_string();
+        let span = tracing::debug_span!(
+            "Compute",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = SERVICE_NAME,
+            rpc.method = "Compute",
+            model = %model,
+            request_id = ?request.get_ref().request_id,
+            shape = ?request.get_ref().shape,
+        );
+        otel::continue_trace(&span, request.metadata());
+        let result = ComputeApi::compute(self, deadline, request.into_inner())
+            .instrument(span)
+            .await;
+        let result = match result {
             Ok((reply, dtype)) => {
                 let mut response = Response::new(reply);
                 if let Some(dtype) = dtype {
@@ -245,16 +324,33 @@ impl ComputeService for ComputeApi {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "compute failed");
-                Err(e.into())
+                if e.is_invalid_input() {
+                    metrics
+                        .rejected
+                        .with_label_values(&[&model, reason::INVALID])
+                        .inc();
+                }
+                Err(Status::from(e))
             }
-        }
+        };
+        metrics.inflight.dec();
+        self.observe(&model, "Compute", arrival, &result);
+        result
     }
 
     async fn compute_backward(
         &self,
-        _request: Request<pb::BackwardRequest>,
+        request: Request<pb::BackwardRequest>,
     ) -> Result<Response<pb::BackwardResponse>, Status> {
-        Err(ServeError::Unimplemented("ComputeBackward (split training)").into())
+        let arrival = Instant::now();
+        let model = self
+            .engine
+            .resolve_model(request.get_ref().model_id.as_deref().unwrap_or(""))
+            .unwrap_or("unknown")
+            .to_string();
+        let result = Err(ServeError::Unimplemented("ComputeBackward (split training)").into());
+        self.observe(&model, "ComputeBackward", arrival, &result);
+        result
     }
 
     async fn health_check(
@@ -311,21 +407,22 @@ impl ComputeService for ComputeApi {
                 .cloned()
                 .unwrap_or_default(),
         );
-        let stats = self.engine.stats();
-        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
-        custom.insert("requests_computed".into(), count(&stats.computed));
-        custom.insert("forwards".into(), count(&stats.forwards));
-        custom.insert("requests_failed".into(), count(&stats.failed));
-        custom.insert(
-            "rejected_queue_full".into(),
-            count(&stats.rejected_queue_full),
-        );
-        custom.insert("rejected_deadline".into(), count(&stats.rejected_deadline));
-        custom.insert(
-            "rejected_cancelled".into(),
-            count(&stats.rejected_cancelled),
-        );
-        custom.insert("rejected_draining".into(), count(&stats.rejected_draining));
+        let m = self.engine.metrics();
+        let total = |family, labels: &[(&str, &str)]| m.total(family, labels).to_string();
+        custom.insert("requests_computed".into(), total(&m.computed, &[]));
+        custom.insert("forwards".into(), total(&m.forwards, &[]));
+        for r in [
+            reason::QUEUE_FULL,
+            reason::DEADLINE,
+            reason::CANCELLED,
+            reason::INVALID,
+            reason::DRAINING,
+        ] {
+            custom.insert(
+                format!("rejected_{r}"),
+                total(&m.rejected, &[("reason", r)]),
+            );
+        }
         custom.insert(
             "queue_depth".into(),
             self.engine.queue_depths().iter().sum::<usize>().to_string(),
@@ -400,7 +497,7 @@ impl ComputeService for ComputeApi {
         } else {
             1.0
         };
-        let gpu = self.snapshots.get().gpu_available;
+        let gpu = self.snapshots.gpu_device();
         let mut tick = tokio::time::interval(Duration::from_secs_f64(secs));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stream = futures::stream::unfold(

@@ -98,7 +98,17 @@ fn config_error(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    telemetry::init_logging(args.log_format);
+    let endpoint = telemetry::otel::otlp_endpoint(args.otlp_endpoint.as_deref());
+    let guard = match telemetry::otel::init(args.log_format, endpoint.as_deref()) {
+        Ok(guard) => guard,
+        Err(e) => return config_error(e),
+    };
+    let code = serve_with_telemetry(args);
+    guard.shutdown();
+    code
+}
+
+fn serve_with_telemetry(args: ServeArgs) -> ExitCode {
     if let Err(e) = args.validate() {
         return config_error(e);
     }
@@ -127,9 +137,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.grpc_addr))?;
+        let admin = tokio::net::TcpListener::bind(args.metrics_addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} (--metrics-addr): {e}",
+                    args.metrics_addr
+                )
+            })?;
+        tracing::info!(grpc = %grpc.local_addr()?, metrics = %admin.local_addr()?, "listening");
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        splitserve::run(args, plan, Listeners { grpc }, shutdown)
+        let listeners = Listeners {
+            grpc,
+            admin: Some(admin),
+        };
+        splitserve::run(args, plan, listeners, shutdown)
             .await
             .map_err(anyhow::Error::from)
     });
