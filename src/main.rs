@@ -38,37 +38,43 @@ fn bench(args: &BenchArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(splitserve::bench::run(args)) {
-        Ok(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    let result = runtime.block_on(splitserve::bench::run(args));
+    report(
+        "bench",
+        args.json,
+        result.map(|r| (serde_json::to_string(&r), r.render())),
+    )
+}
+
+/// Prints a report as JSON or text, or the error; the exit code says which.
+fn report<E: std::fmt::Display>(
+    command: &str,
+    json: bool,
+    result: Result<(serde_json::Result<String>, String), E>,
+) -> ExitCode {
+    match result {
+        Ok((as_json, text)) => {
+            if json {
+                println!("{}", as_json.unwrap_or_default());
             } else {
-                print!("{}", report.render());
+                print!("{text}");
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("splitserve bench: {e}");
+            eprintln!("splitserve {command}: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn diagnose(args: &DiagnoseArgs) -> ExitCode {
-    match splitserve::diagnose::run(args) {
-        Ok(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-            } else {
-                print!("{}", report.render());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("splitserve diagnose: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = splitserve::diagnose::run(args);
+    report(
+        "diagnose",
+        args.json,
+        result.map(|r| (serde_json::to_string(&r), r.render())),
+    )
 }
 
 fn probe(args: &ProbeArgs) -> ExitCode {

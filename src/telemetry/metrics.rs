@@ -320,8 +320,8 @@ impl Collector for SystemCollector {
                 ),
                 &["kind"],
             )?;
-            let vol = system::task_counter_sum("voluntary_ctxt_switches").unwrap_or(0);
-            let invol = system::task_counter_sum("nonvoluntary_ctxt_switches").unwrap_or(0);
+            let vol = system::task_counter_sum("self", "voluntary_ctxt_switches").unwrap_or(0);
+            let invol = system::task_counter_sum("self", "nonvoluntary_ctxt_switches").unwrap_or(0);
             let vol = self.voluntary.fetch_max(vol, Ordering::Relaxed).max(vol);
             let invol = self
                 .involuntary

@@ -71,10 +71,11 @@ pub fn gpu_readings() -> Vec<GpuReading> {
         .collect()
 }
 
-/// Sum of a `Key: value` counter over every thread of this process. Threads
-/// report their own context switches; the process line covers only the leader.
-pub fn task_counter_sum(key: &str) -> Option<u64> {
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+/// Sum of a `Key: value` counter over every thread of a process (`pid` is a
+/// number or "self"). Threads report their own context switches; the process
+/// line covers only the leader.
+pub fn task_counter_sum(pid: &str, key: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     Some(
         tasks
             .flatten()
@@ -287,7 +288,7 @@ mod tests {
         assert!(b.timestamp >= a.timestamp);
         assert!(thread_count().unwrap() >= 1);
         assert!(!b.gpu_available && b.gpu.is_none());
-        let switches = task_counter_sum("voluntary_ctxt_switches").unwrap();
+        let switches = task_counter_sum("self", "voluntary_ctxt_switches").unwrap();
         assert!(switches > 0, "a test process has switched at least once");
     }
 }
