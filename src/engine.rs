@@ -322,11 +322,7 @@ impl Engine {
 
     /// Workers in the middle of a forward right now.
     pub fn busy_workers(&self) -> usize {
-        self.shared
-            .busy_since
-            .iter()
-            .filter(|b| b.load(Ordering::Relaxed) != 0)
-            .count()
+        busy_count(&self.shared)
     }
 
     /// Workers busy on one job for longer than `limit`.
@@ -575,8 +571,14 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
             if jobs.is_empty() {
                 continue; // everything we looked at had expired or been cancelled
             }
-            // Wait a little for the batch to fill, if the model allows it.
-            if slot.max_batch > 1 && !slot.batch_timeout.is_zero() && rows(&jobs) < slot.max_batch {
+            // Wait a little for the batch to fill, if the model allows it and no
+            // other worker is idle: an idle worker would start on new arrivals at
+            // once, so waiting would only add latency.
+            if slot.max_batch > 1
+                && !slot.batch_timeout.is_zero()
+                && rows(&jobs) < slot.max_batch
+                && busy_count(shared) + 1 >= shared.busy_since.len()
+            {
                 let until = Instant::now() + slot.batch_timeout;
                 loop {
                     let now = Instant::now();
@@ -601,6 +603,15 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
         }
         q = shared.work.wait(q).unwrap_or_else(|p| p.into_inner());
     }
+}
+
+/// Workers in the middle of a forward.
+fn busy_count(shared: &Shared) -> usize {
+    shared
+        .busy_since
+        .iter()
+        .filter(|b| b.load(Ordering::Relaxed) != 0)
+        .count()
 }
 
 fn rows(jobs: &[Job]) -> usize {
