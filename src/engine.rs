@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter};
@@ -197,7 +196,6 @@ struct Shared {
     /// Per worker: when its current job started (ns since `epoch`), 0 when idle.
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
-    threads: Mutex<Vec<JoinHandle<()>>>,
     exited_workers: AtomicUsize,
 }
 
@@ -234,7 +232,6 @@ impl Engine {
             metrics,
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
-            threads: Mutex::new(Vec::new()),
             exited_workers: AtomicUsize::new(0),
         });
         let loader_shared = shared.clone();
@@ -242,7 +239,8 @@ impl Engine {
             .name("splitserve-loader".into())
             .spawn(move || load_then_start_workers(loader_shared));
         match loader {
-            Ok(handle) => lock(&shared.threads).push(handle),
+            // Threads are detached: the status watch says when they are done.
+            Ok(_) => {}
             Err(e) => {
                 shared.status.send_replace(EngineStatus::Failed(format!(
                     "cannot start the loader thread: {e}"
@@ -509,14 +507,13 @@ fn load_then_start_workers(shared: Arc<Shared>) {
         }
     };
     let _ = shared.models.set(models);
-    let mut handles = Vec::new();
     for i in 0..shared.config.plan.workers {
         let s = shared.clone();
         match std::thread::Builder::new()
             .name(format!("splitserve-worker-{i}"))
             .spawn(move || worker_loop(s, i))
         {
-            Ok(h) => handles.push(h),
+            Ok(_) => {}
             Err(e) => {
                 shared.status.send_replace(EngineStatus::Failed(format!(
                     "cannot start worker {i}: {e}"
@@ -525,7 +522,6 @@ fn load_then_start_workers(shared: Arc<Shared>) {
             }
         }
     }
-    lock(&shared.threads).extend(handles);
     shared.status.send_if_modified(|s| {
         if *s == EngineStatus::Loading {
             *s = EngineStatus::Ready;

@@ -135,7 +135,7 @@ impl ComputeApi {
         }
     }
 
-    async fn compute(
+    async fn run_compute(
         &self,
         deadline: Option<Instant>,
         req: pb::ComputeRequest,
@@ -309,7 +309,8 @@ impl ComputeService for ComputeApi {
             shape = ?request.get_ref().shape,
         );
         otel::continue_trace(&span, request.metadata());
-        let result = ComputeApi::compute(self, deadline, request.into_inner())
+        let result = self
+            .run_compute(deadline, request.into_inner())
             .instrument(span)
             .await;
         let result = match result {
