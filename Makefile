@@ -11,7 +11,7 @@ ARGS       ?=
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup build run test test-rust test-python test-deploy fixtures bench fmt lint clean
+.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench fmt lint clean
 
 all: build
 
@@ -38,12 +38,15 @@ test: build fixtures test-rust test-python test-deploy
 test-rust: build fixtures
 	cargo test --release -- --test-threads 2
 
-test-python: build fixtures
+## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators.
+tools: setup
+	bash scripts/setup-deploy-tools.sh
+
+test-python: build fixtures tools
 	$(PY) -m pytest -q tests/python
 
 ## Chart, rendered manifests, Dockerfile, dashboards and alert rules (no cluster needed).
-test-deploy: setup
-	bash scripts/setup-deploy-tools.sh
+test-deploy: tools
 	$(PY) -m pytest -q tests/deploy
 
 ## Side-by-side benchmark against the Python servers; writes docs/benchmarks.md.

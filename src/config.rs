@@ -45,6 +45,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the admin sidecar: /metrics (Prometheus), /livez, /readyz, /debug/plan.
+    #[arg(long, env = "SPLITSERVE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// OTLP/gRPC collector for traces (e.g. http://otel-collector:4317); falls back to
+    /// OTEL_EXPORTER_OTLP_ENDPOINT. Unset: no traces are exported.
+    #[arg(long, env = "SPLITSERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// A model to serve, NAME=SPEC; repeatable, the first is the default model.
     /// SPEC is a TorchScript file path, or a built-in model:
     /// `builtin:mlp:INxHIDDEN...xOUT` (e.g. builtin:mlp:512x1024x512; append

@@ -165,20 +165,10 @@ pub enum DiagnoseError {
     Io(String),
 }
 
-/// Sum of a counter over every thread of a process (`/proc/PID/task/*/status`).
-fn task_counter(pid: u32, key: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim_start_matches(':').trim().parse::<u64>().ok())
-        })
-        .sum()
+/// Involuntary context switches of every thread of a process.
+fn involuntary_switches(pid: u32) -> u64 {
+    crate::telemetry::system::task_counter_sum(&pid.to_string(), "nonvoluntary_ctxt_switches")
+        .unwrap_or(0)
 }
 
 fn threads_of(pid: u32) -> u64 {
@@ -217,8 +207,6 @@ impl ThreadSampler {
         }
     }
 }
-
-const INVOLUNTARY: &str = "nonvoluntary_ctxt_switches";
 
 fn default_plans(budget: usize) -> Vec<PlanArg> {
     let mut plans: Vec<PlanArg> = (1..=budget)
@@ -284,9 +272,9 @@ fn measure_libtorch(
     let sampler = ThreadSampler::start(pid);
     start_line.wait();
     let began = Instant::now();
-    let cs_before = task_counter(pid, INVOLUNTARY);
+    let cs_before = involuntary_switches(pid);
     end_line.wait();
-    let cs_after = task_counter(pid, INVOLUNTARY);
+    let cs_after = involuntary_switches(pid);
     let elapsed = began.elapsed().as_secs_f64().max(1e-3);
     let threads = sampler.finish(true);
     let lat: Vec<u32> = handles
@@ -383,6 +371,24 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, DiagnoseError> {
         .map_err(|e| DiagnoseError::Io(format!("cannot start a runtime: {e}")))
 }
 
+/// Runs the bench load against `addr` while watching process `pid`: returns the
+/// report, its most threads and its involuntary context switches.
+fn load_and_watch(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    args: &DiagnoseArgs,
+    pid: u32,
+    own_process: bool,
+) -> Result<(bench::BenchReport, u64, u64), DiagnoseError> {
+    let sampler = ThreadSampler::start(pid);
+    let before = involuntary_switches(pid);
+    let report = rt
+        .block_on(bench::run(&bench_args(addr, args)))
+        .map_err(|e| DiagnoseError::Io(e.to_string()))?;
+    let switches = involuntary_switches(pid).saturating_sub(before);
+    Ok((report, sampler.finish(own_process), switches))
+}
+
 fn row_from_bench(
     measure: &str,
     plan: PlanArg,
@@ -425,13 +431,7 @@ fn measure_echo(args: &DiagnoseArgs, budget: usize) -> Result<Row, DiagnoseError
     );
     let pid = std::process::id();
     let rt = client_runtime()?;
-    let sampler = ThreadSampler::start(pid);
-    let cs = task_counter(pid, INVOLUNTARY);
-    let report = rt
-        .block_on(bench::run(&bench_args(addr, args)))
-        .map_err(|e| DiagnoseError::Io(e.to_string()))?;
-    let cs = task_counter(pid, INVOLUNTARY).saturating_sub(cs);
-    let threads = sampler.finish(true);
+    let (report, threads, cs) = load_and_watch(&rt, addr, args, pid, true)?;
     server_rt.shutdown_background();
     let plan = PlanArg {
         workers: 0,
@@ -481,6 +481,7 @@ fn measure_together(
         .args(["--workers", &plan.workers.to_string()])
         .args(["--intra-op-threads", &plan.intra_op_threads.to_string()])
         .arg("--allow-oversubscription")
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -508,13 +509,7 @@ fn measure_together(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sampler = ThreadSampler::start(pid);
-    let cs = task_counter(pid, INVOLUNTARY);
-    let report = rt
-        .block_on(bench::run(&bench_args(addr, args)))
-        .map_err(|e| DiagnoseError::Io(e.to_string()))?;
-    let cs = task_counter(pid, INVOLUNTARY).saturating_sub(cs);
-    let threads = sampler.finish(false);
+    let (report, threads, cs) = load_and_watch(&rt, addr, args, pid, false)?;
     drop(child);
     Ok(row_from_bench(
         "libtorch + gRPC",

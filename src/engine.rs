@@ -10,9 +10,9 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, IntCounter};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{oneshot, watch};
 
@@ -20,6 +20,8 @@ use crate::codec::{Encoding, RawTensor, WireDtype};
 use crate::config::{DeviceArg, ModelArg, ServeArgs};
 use crate::model::{self, Model, ModelError};
 use crate::plan::ThreadPlan;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::reason;
 use crate::training::{Step, Training, TrainingConfig, TrainingError};
 
 /// Lifecycle of the engine, published to health checks.
@@ -121,18 +123,34 @@ pub struct Output {
     pub present_key_values: Vec<RawTensor>,
 }
 
-/// Counters that tests and metrics read; monotonic.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests that went through a forward.
-    pub computed: AtomicU64,
-    /// Forward calls (a batch counts once).
-    pub forwards: AtomicU64,
-    pub rejected_queue_full: AtomicU64,
-    pub rejected_deadline: AtomicU64,
-    pub rejected_cancelled: AtomicU64,
-    pub rejected_draining: AtomicU64,
-    pub failed: AtomicU64,
+/// One model's metric handles, resolved once so workers never look labels up.
+struct ModelMetrics {
+    computed: IntCounter,
+    forwards: IntCounter,
+    queue_full: IntCounter,
+    deadline: IntCounter,
+    cancelled: IntCounter,
+    draining: IntCounter,
+    queue_time: Histogram,
+    inference_time: Histogram,
+    batch_size: Histogram,
+}
+
+impl ModelMetrics {
+    fn new(m: &Metrics, model: &str) -> ModelMetrics {
+        let rejected = |r: &str| m.rejected.with_label_values(&[model, r]);
+        ModelMetrics {
+            computed: m.computed.with_label_values(&[model]),
+            forwards: m.forwards.with_label_values(&[model]),
+            queue_full: rejected(reason::QUEUE_FULL),
+            deadline: rejected(reason::DEADLINE),
+            cancelled: rejected(reason::CANCELLED),
+            draining: rejected(reason::DRAINING),
+            queue_time: m.queue_duration.with_label_values(&[model]),
+            inference_time: m.inference_duration.with_label_values(&[model]),
+            batch_size: m.batch_size.with_label_values(&[model]),
+        }
+    }
 }
 
 struct Job {
@@ -143,6 +161,10 @@ struct Job {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Output, EngineError>>,
+    /// The RPC's span: the forward span is its child.
+    rpc_span: tracing::Span,
+    /// Open while the job waits; closing it records the queue wait.
+    queue_span: tracing::Span,
 }
 
 impl Job {
@@ -182,11 +204,12 @@ struct Shared {
     device: OnceLock<Device>,
     /// The plan libtorch actually runs with.
     applied_plan: OnceLock<ThreadPlan>,
-    stats: Stats,
+    metrics: Arc<Metrics>,
+    /// Per model, in model order.
+    model_metrics: Vec<ModelMetrics>,
     /// Per worker: when its current job started (ns since `epoch`), 0 when idle.
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
-    threads: Mutex<Vec<JoinHandle<()>>>,
     exited_workers: AtomicUsize,
     /// Stored activations and optimizer state; touched by workers only, except
     /// for the plain-Rust lookups and counters io threads read.
@@ -202,7 +225,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the loader thread, which loads the models and then the workers.
     /// Returns at once; watch [`Engine::status`] for readiness.
-    pub fn start(config: EngineConfig) -> Engine {
+    pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Engine {
+        let model_metrics = config
+            .models
+            .iter()
+            .map(|m| ModelMetrics::new(&metrics, &m.arg.name))
+            .collect();
         let workers = config.plan.workers;
         let training = Training::new(&config.training, config.models.len());
         let (status, _) = watch::channel(EngineStatus::Loading);
@@ -218,10 +246,10 @@ impl Engine {
             models: OnceLock::new(),
             device: OnceLock::new(),
             applied_plan: OnceLock::new(),
-            stats: Stats::default(),
+            model_metrics,
+            metrics,
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
-            threads: Mutex::new(Vec::new()),
             exited_workers: AtomicUsize::new(0),
             training,
         });
@@ -230,7 +258,8 @@ impl Engine {
             .name("splitserve-loader".into())
             .spawn(move || load_then_start_workers(loader_shared));
         match loader {
-            Ok(handle) => lock(&shared.threads).push(handle),
+            // Threads are detached: the status watch says when they are done.
+            Ok(_) => {}
             Err(e) => {
                 shared.status.send_replace(EngineStatus::Failed(format!(
                     "cannot start the loader thread: {e}"
@@ -244,8 +273,16 @@ impl Engine {
         self.shared.status.subscribe()
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.shared.stats
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The name a request's model_id resolves to (empty = the default model),
+    /// or None for an unknown model.
+    pub fn resolve_model(&self, model_id: &str) -> Option<&str> {
+        self.model_index(model_id)
+            .ok()
+            .map(|i| self.shared.config.models[i].arg.name.as_str())
     }
 
     /// The split-training state: forward_id lookups and counters.
@@ -307,11 +344,7 @@ impl Engine {
 
     /// Workers in the middle of a forward right now.
     pub fn busy_workers(&self) -> usize {
-        self.shared
-            .busy_since
-            .iter()
-            .filter(|b| b.load(Ordering::Relaxed) != 0)
-            .count()
+        busy_count(&self.shared)
     }
 
     /// Workers busy on one job for longer than `limit`.
@@ -374,10 +407,7 @@ impl Engine {
             EngineStatus::Loading => return Err(EngineError::Loading),
             EngineStatus::Failed(m) => return Err(EngineError::Failed(m.clone())),
             EngineStatus::Draining | EngineStatus::Stopped => {
-                self.shared
-                    .stats
-                    .rejected_draining
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.model_metrics[index].draining.inc();
                 return Err(EngineError::Draining);
             }
         }
@@ -386,24 +416,21 @@ impl Engine {
         {
             let mut q = lock(&self.shared.queues);
             if q.draining {
-                self.shared
-                    .stats
-                    .rejected_draining
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.model_metrics[index].draining.inc();
                 return Err(EngineError::Draining);
             }
             let cap = self.shared.config.queue_capacity;
             let queue = &mut q.per_model[index];
             if queue.len() >= cap {
-                self.shared
-                    .stats
-                    .rejected_queue_full
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.model_metrics[index].queue_full.inc();
                 return Err(EngineError::QueueFull {
                     model: self.shared.config.models[index].arg.name.clone(),
                     capacity: cap,
                 });
             }
+            let rpc_span = tracing::Span::current();
+            let queue_span =
+                tracing::debug_span!("queue", model = %self.shared.config.models[index].arg.name);
             queue.push_back(Job {
                 input,
                 enc,
@@ -411,6 +438,8 @@ impl Engine {
                 deadline,
                 enqueued: now,
                 reply: tx,
+                rpc_span,
+                queue_span,
             });
         }
         self.shared.work.notify_one();
@@ -516,14 +545,13 @@ fn load_then_start_workers(shared: Arc<Shared>) {
         }
     };
     let _ = shared.models.set(models);
-    let mut handles = Vec::new();
     for i in 0..shared.config.plan.workers {
         let s = shared.clone();
         match std::thread::Builder::new()
             .name(format!("splitserve-worker-{i}"))
             .spawn(move || worker_loop(s, i))
         {
-            Ok(h) => handles.push(h),
+            Ok(_) => {}
             Err(e) => {
                 shared.status.send_replace(EngineStatus::Failed(format!(
                     "cannot start worker {i}: {e}"
@@ -532,7 +560,6 @@ fn load_then_start_workers(shared: Arc<Shared>) {
             }
         }
     }
-    lock(&shared.threads).extend(handles);
     shared.status.send_if_modified(|s| {
         if *s == EngineStatus::Loading {
             *s = EngineStatus::Ready;
@@ -578,12 +605,18 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
             q.next = (m + 1) % n;
             let slot = &shared.config.models[m];
             let mut jobs = Vec::new();
-            take_compatible(shared, &mut q.per_model[m], &mut jobs, slot.max_batch);
+            take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
             if jobs.is_empty() {
                 continue; // everything we looked at had expired or been cancelled
             }
-            // Wait a little for the batch to fill, if the model allows it.
-            if slot.max_batch > 1 && !slot.batch_timeout.is_zero() && rows(&jobs) < slot.max_batch {
+            // Wait a little for the batch to fill, if the model allows it and no
+            // other worker is idle: an idle worker would start on new arrivals at
+            // once, so waiting would only add latency.
+            if slot.max_batch > 1
+                && !slot.batch_timeout.is_zero()
+                && rows(&jobs) < slot.max_batch
+                && busy_count(shared) + 1 >= shared.busy_since.len()
+            {
                 let until = Instant::now() + slot.batch_timeout;
                 loop {
                     let now = Instant::now();
@@ -595,7 +628,7 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
                         .wait_timeout(q, until - now)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
-                    take_compatible(shared, &mut q.per_model[m], &mut jobs, slot.max_batch);
+                    take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
                     if rows(&jobs) >= slot.max_batch {
                         break;
                     }
@@ -610,6 +643,15 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
     }
 }
 
+/// Workers in the middle of a forward.
+fn busy_count(shared: &Shared) -> usize {
+    shared
+        .busy_since
+        .iter()
+        .filter(|b| b.load(Ordering::Relaxed) != 0)
+        .count()
+}
+
 fn rows(jobs: &[Job]) -> usize {
     jobs.iter()
         .map(|j| j.batch_key().map_or(1, |(r, _)| r.max(1) as usize))
@@ -621,6 +663,7 @@ fn rows(jobs: &[Job]) -> usize {
 /// Expired and cancelled jobs are answered and dropped without compute.
 fn take_compatible(
     shared: &Shared,
+    model: usize,
     queue: &mut VecDeque<Job>,
     jobs: &mut Vec<Job>,
     max_batch: usize,
@@ -635,10 +678,7 @@ fn take_compatible(
         // Deadline first: a request whose deadline passed has also lost its
         // waiting handler, and should be counted as what it is.
         if job.deadline.is_some_and(|d| d <= now) {
-            shared
-                .stats
-                .rejected_deadline
-                .fetch_add(1, Ordering::Relaxed);
+            shared.model_metrics[model].deadline.inc();
             if let Some(job) = queue.remove(i) {
                 let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
                     waited_ms: job.enqueued.elapsed().as_millis(),
@@ -647,10 +687,7 @@ fn take_compatible(
             continue;
         }
         if job.reply.is_closed() {
-            shared
-                .stats
-                .rejected_cancelled
-                .fetch_add(1, Ordering::Relaxed);
+            shared.model_metrics[model].cancelled.inc();
             queue.remove(i);
             continue;
         }
@@ -676,11 +713,30 @@ fn take_compatible(
     }
 }
 
-fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Instant) {
+fn run_batch(shared: &Shared, model_index: usize, mut jobs: Vec<Job>, started: Instant) {
     let Some(models) = shared.models.get() else {
         return;
     };
     let model = &models[model_index];
+    // The wait is over: closing the queue spans records it.
+    for job in &mut jobs {
+        drop(std::mem::replace(
+            &mut job.queue_span,
+            tracing::Span::none(),
+        ));
+    }
+    let span = tracing::debug_span!(
+        parent: &jobs[0].rpc_span,
+        "forward",
+        model = %model.name,
+        batch_size = jobs.len(),
+        shape = ?jobs[0].input.shape,
+        device = %model::device_name(model.device),
+    );
+    for job in &jobs[1..] {
+        span.follows_from(&job.rpc_span);
+    }
+    let _entered = span.enter();
     // A training or KV-cache step is always alone in its batch.
     let step = match &jobs[..] {
         [job] => job.step.as_ref().map(|s| (s, job)),
@@ -713,13 +769,16 @@ fn run_batch(shared: &Shared, model_index: usize, jobs: Vec<Job>, started: Insta
         }
     };
     let batch_size = jobs.len();
-    shared.stats.forwards.fetch_add(1, Ordering::Relaxed);
+    let m = &shared.model_metrics[model_index];
+    m.forwards.inc();
+    m.batch_size.observe(batch_size as f64);
     for (job, result) in jobs.into_iter().zip(results) {
-        match &result {
-            Ok(_) => shared.stats.computed.fetch_add(1, Ordering::Relaxed),
-            Err(_) => shared.stats.failed.fetch_add(1, Ordering::Relaxed),
-        };
         let queue_time = started.saturating_duration_since(job.enqueued);
+        if result.is_ok() {
+            m.computed.inc();
+            m.queue_time.observe(queue_time.as_secs_f64());
+            m.inference_time.observe(compute_time.as_secs_f64());
+        }
         let _ = job
             .reply
             .send(result.map(|(tensor, present_key_values)| Output {

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::codec::{self, CodecError, DTYPE_KEY, Encoding, Limits, RawTensor, WireDtype};
 use crate::engine::{Engine, EngineError, EngineStatus};
 use crate::model::ModelError;
 use crate::plan::ThreadPlan;
-use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache};
+use crate::telemetry::metrics::reason;
+use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache, otel};
 use crate::training::{Step, TrainingError, Update};
 
 /// Generated code for `splitlearn.comm` (kept in OUT_DIR).
@@ -43,6 +45,23 @@ pub enum ServeError {
     Unimplemented(&'static str),
     #[error("{0}")]
     BadRequest(String),
+}
+
+impl ServeError {
+    /// The client sent something the server cannot compute (counted as `invalid`).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            ServeError::Codec(_)
+                | ServeError::BadRequest(_)
+                | ServeError::Engine(EngineError::Model(ModelError::InvalidInput { .. }))
+                | ServeError::Engine(EngineError::Training(
+                    TrainingError::GradShape { .. }
+                        | TrainingError::WrongModel { .. }
+                        | TrainingError::BadRequest(_)
+                ))
+        )
+    }
 }
 
 impl From<ServeError> for Status {
@@ -131,7 +150,7 @@ impl ComputeApi {
         }
     }
 
-    async fn compute(
+    async fn run_compute(
         &self,
         deadline: Option<Instant>,
         req: pb::ComputeRequest,
@@ -294,6 +313,47 @@ fn decode_past(entries: &[pb::KvCacheEntry], limits: Limits) -> Result<Vec<RawTe
     Ok(past)
 }
 
+impl ComputeApi {
+    /// Counts an answered RPC and its server time.
+    fn observe<T>(&self, model: &str, method: &str, arrival: Instant, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        let m = self.engine.metrics();
+        m.requests
+            .with_label_values(&[model, method, code_name(code)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[model, method])
+            .observe(arrival.elapsed().as_secs_f64());
+    }
+}
+
+/// gRPC's canonical code names, as the `code` label spells them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
     t.shape
         .iter()
@@ -307,6 +367,8 @@ fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
         })
 }
 
+const MIB: f32 = 1024.0 * 1024.0;
+
 pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
     pb::MonitoringSnapshot {
         timestamp: s.timestamp,
@@ -314,9 +376,10 @@ pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
         memory_mb: s.memory_mb,
         memory_percent: s.memory_percent,
         gpu_available: s.gpu_available,
-        gpu_utilization: None,
-        gpu_memory_used_mb: None,
-        gpu_memory_total_mb: None,
+        // Percent, like cpu_percent and memory_percent.
+        gpu_utilization: s.gpu.map(|g| g.utilization * 100.0),
+        gpu_memory_used_mb: s.gpu.map(|g| g.memory_used_bytes as f32 / MIB),
+        gpu_memory_total_mb: s.gpu.map(|g| g.memory_total_bytes as f32 / MIB),
     }
 }
 
@@ -361,18 +424,40 @@ type SnapshotStream =
 
 #[tonic::async_trait]
 impl ComputeService for ComputeApi {
-    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model_id, request_id = ?request.get_ref().request_id))]
     async fn compute(
         &self,
         request: Request<pb::ComputeRequest>,
     ) -> Result<Response<pb::ComputeResponse>, Status> {
         self.total_requests.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.engine.metrics();
+        metrics.inflight.inc();
         let arrival = request
             .extensions()
             .get::<Arrival>()
             .map_or_else(Instant::now, |a| a.0);
         let deadline = deadline_from_metadata(request.metadata(), arrival);
-        match ComputeApi::compute(self, deadline, request.into_inner()).await {
+        // Unknown model ids share one label value: clients cannot grow the series.
+        let model = self
+            .engine
+            .resolve_model(&request.get_ref().model_id)
+            .unwrap_or("unknown")
+            .to_string();
+        let span = tracing::debug_span!(
+            "Compute",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = SERVICE_NAME,
+            rpc.method = "Compute",
+            model = %model,
+            request_id = ?request.get_ref().request_id,
+            shape = ?request.get_ref().shape,
+        );
+        otel::continue_trace(&span, request.metadata());
+        let result = self
+            .run_compute(deadline, request.into_inner())
+            .instrument(span)
+            .await;
+        let result = match result {
             Ok((reply, dtype)) => {
                 let mut response = Response::new(reply);
                 if let Some(dtype) = dtype {
@@ -384,29 +469,76 @@ impl ComputeService for ComputeApi {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "compute failed");
-                Err(e.into())
+                if e.is_invalid_input() {
+                    metrics
+                        .rejected
+                        .with_label_values(&[&model, reason::INVALID])
+                        .inc();
+                }
+                Err(Status::from(e))
             }
-        }
+        };
+        metrics.inflight.dec();
+        self.observe(&model, "Compute", arrival, &result);
+        result
     }
 
-    #[tracing::instrument(skip_all, fields(forward_id = %request.get_ref().forward_id))]
     async fn compute_backward(
         &self,
         request: Request<pb::BackwardRequest>,
     ) -> Result<Response<pb::BackwardResponse>, Status> {
         self.total_requests.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.engine.metrics();
+        metrics.inflight.inc();
         let arrival = request
             .extensions()
             .get::<Arrival>()
             .map_or_else(Instant::now, |a| a.0);
         let deadline = deadline_from_metadata(request.metadata(), arrival);
-        match ComputeApi::backward(self, deadline, request.into_inner()).await {
+        // The model that ran the forward; unknown ids share one label value.
+        let req = request.get_ref();
+        let model = self
+            .engine
+            .training()
+            .backward_model(&req.forward_id, None)
+            .ok()
+            .or_else(|| {
+                self.engine
+                    .resolve_model(req.model_id.as_deref().unwrap_or(""))
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let span = tracing::debug_span!(
+            "ComputeBackward",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = SERVICE_NAME,
+            rpc.method = "ComputeBackward",
+            model = %model,
+            forward_id = %req.forward_id,
+            shape = ?req.grad_output_shape,
+        );
+        otel::continue_trace(&span, request.metadata());
+        let result = self
+            .backward(deadline, request.into_inner())
+            .instrument(span)
+            .await;
+        let result = match result {
             Ok(reply) => Ok(Response::new(reply)),
             Err(e) => {
                 tracing::debug!(error = %e, "compute_backward failed");
-                Err(e.into())
+                if e.is_invalid_input() {
+                    metrics
+                        .rejected
+                        .with_label_values(&[&model, reason::INVALID])
+                        .inc();
+                }
+                Err(Status::from(e))
             }
-        }
+        };
+        metrics.inflight.dec();
+        self.observe(&model, "ComputeBackward", arrival, &result);
+        result
     }
 
     async fn health_check(
@@ -463,21 +595,22 @@ impl ComputeService for ComputeApi {
                 .cloned()
                 .unwrap_or_default(),
         );
-        let stats = self.engine.stats();
-        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
-        custom.insert("requests_computed".into(), count(&stats.computed));
-        custom.insert("forwards".into(), count(&stats.forwards));
-        custom.insert("requests_failed".into(), count(&stats.failed));
-        custom.insert(
-            "rejected_queue_full".into(),
-            count(&stats.rejected_queue_full),
-        );
-        custom.insert("rejected_deadline".into(), count(&stats.rejected_deadline));
-        custom.insert(
-            "rejected_cancelled".into(),
-            count(&stats.rejected_cancelled),
-        );
-        custom.insert("rejected_draining".into(), count(&stats.rejected_draining));
+        let m = self.engine.metrics();
+        let total = |family, labels: &[(&str, &str)]| m.total(family, labels).to_string();
+        custom.insert("requests_computed".into(), total(&m.computed, &[]));
+        custom.insert("forwards".into(), total(&m.forwards, &[]));
+        for r in [
+            reason::QUEUE_FULL,
+            reason::DEADLINE,
+            reason::CANCELLED,
+            reason::INVALID,
+            reason::DRAINING,
+        ] {
+            custom.insert(
+                format!("rejected_{r}"),
+                total(&m.rejected, &[("reason", r)]),
+            );
+        }
         self.engine.training().add_service_info(&mut custom);
         custom.insert(
             "queue_depth".into(),
@@ -553,7 +686,7 @@ impl ComputeService for ComputeApi {
         } else {
             1.0
         };
-        let gpu = self.snapshots.get().gpu_available;
+        let gpu = self.snapshots.gpu_device();
         let mut tick = tokio::time::interval(Duration::from_secs_f64(secs));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stream = futures::stream::unfold(

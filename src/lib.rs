@@ -12,7 +12,9 @@
 //! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
 //!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), the ComputeService, error -> `Status` mapping.
-//! - [`telemetry`]: logging and the resource sampler behind monitoring snapshots.
+//! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
+//!   process/cgroup/GPU readings behind metrics and monitoring snapshots.
+//! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
 //! - [`client`]: connecting, and `splitserve probe` (grpc.health.v1 check).
 //! - [`bench`]: `splitserve bench`, the closed-loop load generator.
 //! - [`diagnose`]: `splitserve diagnose`, the contention diagnostic.
@@ -23,6 +25,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod codec;
@@ -55,6 +58,8 @@ pub const TORCH_VERSION: &str = env!("SPLITSERVE_TORCH_VERSION");
 /// Sockets the caller bound, so tests can use port 0 and read the address.
 pub struct Listeners {
     pub grpc: TcpListener,
+    /// The admin sidecar (/metrics, /livez, /readyz, /debug/plan); None to skip it.
+    pub admin: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +68,8 @@ pub enum RunError {
     Startup(String),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Metrics(#[from] telemetry::metrics::MetricsError),
 }
 
 /// Health service names and what they follow.
@@ -79,7 +86,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let engine = Engine::start(EngineConfig::from_args(&args, plan));
+    let metrics = telemetry::Metrics::new(TORCH_VERSION)?;
+    let engine = Engine::start(EngineConfig::from_args(&args, plan), metrics.clone());
     let snapshots = SnapshotCache::default();
     let stop_background = CancellationToken::new();
     snapshots.spawn_refresher(Duration::from_secs(1), stop_background.clone());
@@ -133,6 +141,23 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
 
+    if let Some(listener) = listeners.admin {
+        let state = admin::AdminState {
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            plan,
+            stall_timeout: args.stall_timeout,
+        };
+        let stop = stop_server.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin sidecar failed");
+            }
+        });
+    }
+
     // Readiness follows the engine: NOT_SERVING until loaded, SERVING after.
     let mut status = engine.status();
     let outcome = loop {
@@ -144,7 +169,10 @@ pub async fn run(
                         .set_service_status(name, ServingStatus::Serving)
                         .await;
                 }
-                snapshots.set_gpu_available(engine.device().is_some_and(|d| d.is_cuda()));
+                snapshots.set_gpu_device(match engine.device() {
+                    Some(tch::Device::Cuda(n)) => Some(n as u32),
+                    _ => None,
+                });
                 tracing::info!(addr = ?args.grpc_addr, "serving");
             }
             EngineStatus::Failed(msg) => break Err(RunError::Startup(msg)),
@@ -182,10 +210,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
     stop_background.cancel();
     tracing::info!(
-        computed = engine
-            .stats()
-            .computed
-            .load(std::sync::atomic::Ordering::Relaxed),
+        computed = engine.metrics().total(&engine.metrics().computed, &[]),
         "stopped"
     );
     outcome

@@ -38,37 +38,43 @@ fn bench(args: &BenchArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(splitserve::bench::run(args)) {
-        Ok(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    let result = runtime.block_on(splitserve::bench::run(args));
+    report(
+        "bench",
+        args.json,
+        result.map(|r| (serde_json::to_string(&r), r.render())),
+    )
+}
+
+/// Prints a report as JSON or text, or the error; the exit code says which.
+fn report<E: std::fmt::Display>(
+    command: &str,
+    json: bool,
+    result: Result<(serde_json::Result<String>, String), E>,
+) -> ExitCode {
+    match result {
+        Ok((as_json, text)) => {
+            if json {
+                println!("{}", as_json.unwrap_or_default());
             } else {
-                print!("{}", report.render());
+                print!("{text}");
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("splitserve bench: {e}");
+            eprintln!("splitserve {command}: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn diagnose(args: &DiagnoseArgs) -> ExitCode {
-    match splitserve::diagnose::run(args) {
-        Ok(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-            } else {
-                print!("{}", report.render());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("splitserve diagnose: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = splitserve::diagnose::run(args);
+    report(
+        "diagnose",
+        args.json,
+        result.map(|r| (serde_json::to_string(&r), r.render())),
+    )
 }
 
 fn probe(args: &ProbeArgs) -> ExitCode {
@@ -98,7 +104,17 @@ fn config_error(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    telemetry::init_logging(args.log_format);
+    let endpoint = telemetry::otel::otlp_endpoint(args.otlp_endpoint.as_deref());
+    let guard = match telemetry::otel::init(args.log_format, endpoint.as_deref()) {
+        Ok(guard) => guard,
+        Err(e) => return config_error(e),
+    };
+    let code = serve_with_telemetry(args);
+    guard.shutdown();
+    code
+}
+
+fn serve_with_telemetry(args: ServeArgs) -> ExitCode {
     if let Err(e) = args.validate() {
         return config_error(e);
     }
@@ -127,9 +143,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.grpc_addr))?;
+        let admin = tokio::net::TcpListener::bind(args.metrics_addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} (--metrics-addr): {e}",
+                    args.metrics_addr
+                )
+            })?;
+        tracing::info!(grpc = %grpc.local_addr()?, metrics = %admin.local_addr()?, "listening");
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        splitserve::run(args, plan, Listeners { grpc }, shutdown)
+        let listeners = Listeners {
+            grpc,
+            admin: Some(admin),
+        };
+        splitserve::run(args, plan, listeners, shutdown)
             .await
             .map_err(anyhow::Error::from)
     });

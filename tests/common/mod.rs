@@ -72,7 +72,10 @@ impl TestServer {
         let handle = tokio::spawn(splitserve::run(
             args,
             plan,
-            Listeners { grpc: listener },
+            Listeners {
+                grpc: listener,
+                admin: None,
+            },
             shutdown.clone(),
         ));
         let server = TestServer {

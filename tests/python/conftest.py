@@ -58,11 +58,14 @@ class Server:
         assert BIN.is_file(), f"{BIN} is missing: run `make build`"
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.log = []
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--grpc-addr", self.addr, *args],
+            [str(BIN), "serve", "--grpc-addr", self.addr,
+             "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

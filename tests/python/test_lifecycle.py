@@ -58,7 +58,15 @@ def test_health_follows_startup_serving_and_drain(pb, server_factory):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    # Every request has reached the server (queued or running) before SIGTERM.
+    deadline = time.time() + 30
+    while True:
+        info = stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info
+        held = int(info["queue_depth"]) + int(info["workers_busy"]) + int(info["requests_computed"])
+        if held >= 20:
+            break
+        assert time.time() < deadline, info
+        time.sleep(0.02)
     s.proc.send_signal(15)
     time.sleep(0.3)
 

@@ -1,0 +1,173 @@
+//! The admin sidecar (axum, its own port): `/metrics` for Prometheus, `/livez`
+//! and `/readyz` for HTTP probes, `/debug/plan` for people.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineStatus};
+use crate::plan::ThreadPlan;
+use crate::telemetry::{Metrics, thread_count};
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    /// The plan computed at start-up (libtorch's applied one wins once known).
+    pub plan: ThreadPlan,
+    pub stall_timeout: Duration,
+}
+
+impl AdminState {
+    fn plan(&self) -> ThreadPlan {
+        self.engine.applied_plan().unwrap_or(self.plan)
+    }
+
+    /// Sets the gauges that mirror engine state, right before a scrape.
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let cfg = self.engine.config();
+        for (slot, depth) in cfg.models.iter().zip(self.engine.queue_depths()) {
+            let name = slot.arg.name.as_str();
+            m.queue_depth.with_label_values(&[name]).set(depth as i64);
+            m.queue_capacity
+                .with_label_values(&[name])
+                .set(cfg.queue_capacity as i64);
+        }
+        let plan = self.plan();
+        m.cpu_budget.set(plan.budget.cores as i64);
+        if let Some(n) = thread_count() {
+            m.threads.with_label_values(&["process"]).set(n as i64);
+        }
+        m.threads
+            .with_label_values(&["io"])
+            .set(plan.io_threads as i64);
+        m.threads
+            .with_label_values(&["inference"])
+            .set(plan.workers as i64);
+        m.threads
+            .with_label_values(&["intra_op"])
+            .set((plan.workers * plan.intra_op_threads) as i64);
+        m.threads
+            .with_label_values(&["inter_op"])
+            .set(plan.inter_op_threads as i64);
+        let busy = self.engine.busy_workers();
+        let stalled = self.engine.stalled_workers(self.stall_timeout);
+        m.workers
+            .with_label_values(&["busy"])
+            .set((busy - stalled.min(busy)) as i64);
+        m.workers
+            .with_label_values(&["stalled"])
+            .set(stalled as i64);
+        m.workers
+            .with_label_values(&["idle"])
+            .set(plan.workers.saturating_sub(busy) as i64);
+    }
+}
+
+/// The sidecar's routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/debug/plan", get(debug_plan))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    s.refresh_gauges();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn livez(State(s): State<AdminState>) -> Response {
+    match s.engine.stalled_workers(s.stall_timeout) {
+        0 => (StatusCode::OK, "ok\n").into_response(),
+        n => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{n} worker(s) stalled past --stall-timeout\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let status = s.engine.status().borrow().clone();
+    match status {
+        EngineStatus::Ready => (StatusCode::OK, "ready\n".to_string()).into_response(),
+        EngineStatus::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading models\n".to_string(),
+        )
+            .into_response(),
+        EngineStatus::Failed(m) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {m}\n")).into_response()
+        }
+        EngineStatus::Draining | EngineStatus::Stopped => {
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string()).into_response()
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PlanView {
+    plan: ThreadPlan,
+    planned_threads: usize,
+    process_threads: Option<u64>,
+    /// The plan libtorch runs with; null until the models start loading.
+    applied: bool,
+    models: Vec<ModelView>,
+}
+
+#[derive(Serialize)]
+struct ModelView {
+    name: String,
+    device: String,
+    source: String,
+    queue_capacity: usize,
+    max_batch_size: usize,
+    batch_timeout_us: u128,
+}
+
+async fn debug_plan(State(s): State<AdminState>) -> Response {
+    let plan = s.plan();
+    let loaded = s.engine.loaded_models();
+    let cfg = s.engine.config();
+    let models = cfg
+        .models
+        .iter()
+        .map(|slot| {
+            let found = loaded.iter().find(|(n, _, _)| *n == slot.arg.name);
+            ModelView {
+                name: slot.arg.name.clone(),
+                device: found.map_or_else(|| "loading".into(), |(_, d, _)| d.clone()),
+                source: found.map_or_else(String::new, |(_, _, src)| src.clone()),
+                queue_capacity: cfg.queue_capacity,
+                max_batch_size: slot.max_batch,
+                batch_timeout_us: slot.batch_timeout.as_micros(),
+            }
+        })
+        .collect();
+    axum::Json(PlanView {
+        plan,
+        planned_threads: plan.planned_threads(),
+        process_threads: thread_count(),
+        applied: s.engine.applied_plan().is_some(),
+        models,
+    })
+    .into_response()
+}

@@ -1,0 +1,444 @@
+//! The Prometheus registry: every `splitserve_*` family, plus the standard
+//! `process_*` ones. Event metrics are updated where things happen (handlers,
+//! workers); state gauges are set just before each scrape by whoever owns the
+//! state; /proc, cgroup and GPU readings are taken at scrape time here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use super::system;
+
+/// Latency buckets from 50 µs to 60 s.
+pub const LATENCY_BUCKETS: [f64; 19] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Batch-size buckets (requests per forward).
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Every metric family splitserve exports.
+pub struct Metrics {
+    registry: Registry,
+    /// RPCs answered, by model, method and gRPC code name (OK, INVALID_ARGUMENT, ...).
+    pub requests: IntCounterVec,
+    /// Server time per RPC, from arrival to answer.
+    pub request_duration: HistogramVec,
+    /// Time a request waited in its model's queue before its forward started.
+    pub queue_duration: HistogramVec,
+    /// Time of the forward that computed a request (the whole batch's).
+    pub inference_duration: HistogramVec,
+    /// Requests per forward.
+    pub batch_size: HistogramVec,
+    /// Compute RPCs being handled right now.
+    pub inflight: IntGauge,
+    /// Requests refused or dropped without compute, by reason.
+    pub rejected: IntCounterVec,
+    /// Requests that went through a forward.
+    pub computed: IntCounterVec,
+    /// Forward calls (a batch counts once).
+    pub forwards: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_capacity: IntGaugeVec,
+    /// Threads by pool: process (measured), io, inference, intra_op, inter_op (the plan).
+    pub threads: IntGaugeVec,
+    pub cpu_budget: IntGauge,
+    /// Inference workers by state: busy, idle, stalled.
+    pub workers: IntGaugeVec,
+}
+
+/// Names of rejection reasons, as the `reason` label spells them.
+pub mod reason {
+    pub const QUEUE_FULL: &str = "queue_full";
+    pub const DEADLINE: &str = "deadline";
+    pub const CANCELLED: &str = "cancelled";
+    pub const INVALID: &str = "invalid";
+    pub const DRAINING: &str = "draining";
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics registry: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+fn histogram(
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> Result<HistogramVec, prometheus::Error> {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+}
+
+impl Metrics {
+    /// A fresh registry (one per server, so in-process tests do not share counts).
+    pub fn new(torch_version: &str) -> Result<Arc<Metrics>, MetricsError> {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_requests_total",
+                    "RPCs answered, by model, method and gRPC code.",
+                ),
+                &["model", "method", "code"],
+            )?,
+            request_duration: histogram(
+                "splitserve_request_duration_seconds",
+                "Server time per RPC, from arrival to answer.",
+                &["model", "method"],
+                &LATENCY_BUCKETS,
+            )?,
+            queue_duration: histogram(
+                "splitserve_queue_duration_seconds",
+                "Time a request waited in its model's queue before its forward started.",
+                &["model"],
+                &LATENCY_BUCKETS,
+            )?,
+            inference_duration: histogram(
+                "splitserve_inference_duration_seconds",
+                "Time of the forward that computed a request (the whole batch's forward).",
+                &["model"],
+                &LATENCY_BUCKETS,
+            )?,
+            batch_size: histogram(
+                "splitserve_batch_size",
+                "Requests per forward.",
+                &["model"],
+                &BATCH_BUCKETS,
+            )?,
+            inflight: IntGauge::new(
+                "splitserve_inflight_requests",
+                "Compute RPCs being handled now.",
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_rejected_requests_total",
+                    "Requests refused or dropped without compute, by reason \
+                     (queue_full, deadline, cancelled, invalid, draining).",
+                ),
+                &["model", "reason"],
+            )?,
+            computed: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_computed_requests_total",
+                    "Requests that went through a forward.",
+                ),
+                &["model"],
+            )?,
+            forwards: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_forwards_total",
+                    "Forward calls; a batch counts once.",
+                ),
+                &["model"],
+            )?,
+            queue_depth: IntGaugeVec::new(
+                Opts::new("splitserve_queue_depth", "Requests waiting for a worker."),
+                &["model"],
+            )?,
+            queue_capacity: IntGaugeVec::new(
+                Opts::new(
+                    "splitserve_queue_capacity",
+                    "Requests a model's queue holds (--queue-capacity).",
+                ),
+                &["model"],
+            )?,
+            threads: IntGaugeVec::new(
+                Opts::new(
+                    "splitserve_threads",
+                    "Threads by pool: process (measured now); io, inference, intra_op, inter_op (the plan).",
+                ),
+                &["pool"],
+            )?,
+            cpu_budget: IntGauge::new(
+                "splitserve_cpu_budget_cores",
+                "Cores the thread plan may use (cgroup quota, cpuset, --cpu-limit, the OS).",
+            )?,
+            workers: IntGaugeVec::new(
+                Opts::new(
+                    "splitserve_workers",
+                    "Inference workers by state (busy, idle, stalled).",
+                ),
+                &["state"],
+            )?,
+            registry,
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "splitserve_build_info",
+                "Versions this binary was built with; always 1.",
+            ),
+            &["version", "torch_version", "cuda"],
+        )?;
+        let cuda = torch_version.split_once('+').map_or("unknown", |(_, v)| v);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), torch_version, cuda])
+            .set(1);
+        let r = &m.registry;
+        r.register(Box::new(m.requests.clone()))?;
+        r.register(Box::new(m.request_duration.clone()))?;
+        r.register(Box::new(m.queue_duration.clone()))?;
+        r.register(Box::new(m.inference_duration.clone()))?;
+        r.register(Box::new(m.batch_size.clone()))?;
+        r.register(Box::new(m.inflight.clone()))?;
+        r.register(Box::new(m.rejected.clone()))?;
+        r.register(Box::new(m.computed.clone()))?;
+        r.register(Box::new(m.forwards.clone()))?;
+        r.register(Box::new(m.queue_depth.clone()))?;
+        r.register(Box::new(m.queue_capacity.clone()))?;
+        r.register(Box::new(m.threads.clone()))?;
+        r.register(Box::new(m.cpu_budget.clone()))?;
+        r.register(Box::new(m.workers.clone()))?;
+        r.register(Box::new(build_info))?;
+        r.register(Box::new(SystemCollector::new()?))?;
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Arc::new(m))
+    }
+
+    /// The text exposition format of everything registered.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric data, which the
+        // typed constructors above rule out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The sum of a counter family over the label values matching `model` (all
+    /// models when None) and, for rejections, a reason.
+    pub fn total(&self, family: &IntCounterVec, labels: &[(&str, &str)]) -> u64 {
+        let mut sum = 0;
+        for mf in family.collect() {
+            for m in mf.get_metric() {
+                let matches = labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                });
+                if matches {
+                    sum += m.get_counter().value() as u64;
+                }
+            }
+        }
+        sum
+    }
+}
+
+/// Readings taken at scrape time: context switches, cgroup throttling, GPUs.
+struct SystemCollector {
+    descs: Vec<Desc>,
+    /// Highest totals seen: a thread that exits takes its counts with it, and a
+    /// counter must never go down.
+    voluntary: AtomicU64,
+    involuntary: AtomicU64,
+}
+
+impl SystemCollector {
+    fn new() -> Result<SystemCollector, prometheus::Error> {
+        let mut descs = Vec::new();
+        for (name, help, labels) in [
+            (
+                "splitserve_context_switches_total",
+                "Context switches of every thread of the process.",
+                vec!["kind"],
+            ),
+            (
+                "splitserve_cgroup_cpu_throttled_seconds_total",
+                "Time the cgroup's CPU quota held the process back.",
+                vec![],
+            ),
+            (
+                "splitserve_cgroup_cpu_throttled_periods_total",
+                "Scheduler periods in which the cgroup was throttled.",
+                vec![],
+            ),
+            (
+                "splitserve_gpu_memory_used_bytes",
+                "GPU memory in use on the device (all processes).",
+                vec!["device"],
+            ),
+            (
+                "splitserve_gpu_memory_total_bytes",
+                "GPU memory of the device.",
+                vec!["device"],
+            ),
+            (
+                "splitserve_gpu_utilization_ratio",
+                "Share of the last sample period a kernel ran (0-1).",
+                vec!["device"],
+            ),
+            (
+                "splitserve_gpu_process_memory_bytes",
+                "GPU memory this process holds on the device.",
+                vec!["device"],
+            ),
+        ] {
+            descs.push(Desc::new(
+                name.into(),
+                help.into(),
+                labels.into_iter().map(String::from).collect(),
+                Default::default(),
+            )?);
+        }
+        Ok(SystemCollector {
+            descs,
+            voluntary: AtomicU64::new(0),
+            involuntary: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Collector for SystemCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut out = Vec::new();
+        let mut push = |r: Result<Vec<MetricFamily>, prometheus::Error>| {
+            if let Ok(mut f) = r {
+                out.append(&mut f);
+            }
+        };
+        // Counters from readings: Gauge-free counters built fresh each scrape.
+        push((|| {
+            let v = prometheus::CounterVec::new(
+                Opts::new(
+                    "splitserve_context_switches_total",
+                    "Context switches of every thread of the process.",
+                ),
+                &["kind"],
+            )?;
+            let vol = system::task_counter_sum("self", "voluntary_ctxt_switches").unwrap_or(0);
+            let invol = system::task_counter_sum("self", "nonvoluntary_ctxt_switches").unwrap_or(0);
+            let vol = self.voluntary.fetch_max(vol, Ordering::Relaxed).max(vol);
+            let invol = self
+                .involuntary
+                .fetch_max(invol, Ordering::Relaxed)
+                .max(invol);
+            v.with_label_values(&["voluntary"]).inc_by(vol as f64);
+            v.with_label_values(&["involuntary"]).inc_by(invol as f64);
+            Ok(v.collect())
+        })());
+        if let Some((seconds, periods)) = system::cgroup_throttling() {
+            push((|| {
+                let s = prometheus::Counter::new(
+                    "splitserve_cgroup_cpu_throttled_seconds_total",
+                    "Time the cgroup's CPU quota held the process back.",
+                )?;
+                s.inc_by(seconds);
+                let p = prometheus::Counter::new(
+                    "splitserve_cgroup_cpu_throttled_periods_total",
+                    "Scheduler periods in which the cgroup was throttled.",
+                )?;
+                p.inc_by(periods as f64);
+                let mut f = s.collect();
+                f.extend(p.collect());
+                Ok(f)
+            })());
+        }
+        let gpus = system::gpu_readings();
+        if !gpus.is_empty() {
+            push((|| {
+                let used = GaugeVec::new(
+                    Opts::new(
+                        "splitserve_gpu_memory_used_bytes",
+                        "GPU memory in use on the device (all processes).",
+                    ),
+                    &["device"],
+                )?;
+                let total = GaugeVec::new(
+                    Opts::new(
+                        "splitserve_gpu_memory_total_bytes",
+                        "GPU memory of the device.",
+                    ),
+                    &["device"],
+                )?;
+                let util = GaugeVec::new(
+                    Opts::new(
+                        "splitserve_gpu_utilization_ratio",
+                        "Share of the last sample period a kernel ran (0-1).",
+                    ),
+                    &["device"],
+                )?;
+                let own = GaugeVec::new(
+                    Opts::new(
+                        "splitserve_gpu_process_memory_bytes",
+                        "GPU memory this process holds on the device.",
+                    ),
+                    &["device"],
+                )?;
+                for g in &gpus {
+                    let d = format!("cuda:{}", g.index);
+                    used.with_label_values(&[&d])
+                        .set(g.memory_used_bytes as f64);
+                    total
+                        .with_label_values(&[&d])
+                        .set(g.memory_total_bytes as f64);
+                    util.with_label_values(&[&d]).set(f64::from(g.utilization));
+                    if let Some(b) = g.process_memory_bytes {
+                        own.with_label_values(&[&d]).set(b as f64);
+                    }
+                }
+                let mut f = used.collect();
+                f.extend(total.collect());
+                f.extend(util.collect());
+                f.extend(own.collect());
+                Ok(f)
+            })());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_family_with_its_unit() {
+        let m = Metrics::new("2.13.0+cu130").unwrap();
+        m.requests
+            .with_label_values(&["mlp", "Compute", "OK"])
+            .inc();
+        m.rejected
+            .with_label_values(&["mlp", reason::DEADLINE])
+            .inc_by(2);
+        m.rejected
+            .with_label_values(&["other", reason::DEADLINE])
+            .inc();
+        m.queue_duration
+            .with_label_values(&["mlp"])
+            .observe(0.00007);
+        let text = m.render();
+        for family in [
+            "splitserve_requests_total{code=\"OK\",method=\"Compute\",model=\"mlp\"} 1",
+            "splitserve_queue_duration_seconds_bucket{model=\"mlp\",le=\"0.00005\"} 0",
+            "splitserve_queue_duration_seconds_bucket{model=\"mlp\",le=\"0.0001\"} 1",
+            "splitserve_build_info{cuda=\"cu130\",torch_version=\"2.13.0+cu130\",version=",
+            "splitserve_context_switches_total{kind=\"involuntary\"}",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(family), "missing {family}\n{text}");
+        }
+        assert_eq!(m.total(&m.rejected, &[("reason", reason::DEADLINE)]), 3);
+        assert_eq!(
+            m.total(
+                &m.rejected,
+                &[("model", "mlp"), ("reason", reason::DEADLINE)]
+            ),
+            2
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! The global tracing subscriber: stderr logs (text or JSON) and, when an OTLP
+//! endpoint is configured, spans exported over OTLP/gRPC. Also the W3C
+//! `traceparent` extraction that lets a caller's trace continue here.
+
+use std::fmt;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt as tfmt};
+
+use crate::config::LogFormat;
+
+/// Keeps the trace pipeline alive; [`TelemetryGuard::shutdown`] flushes it.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Exports what is still buffered. Call once, after the server stopped.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("splitserve: flushing traces failed: {e}");
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP exporter for {endpoint}: {message}")]
+    Exporter { endpoint: String, message: String },
+}
+
+/// The OTLP/gRPC exporter drives tonic, which needs a tokio reactor, but the
+/// SDK's batch processor exports from its own plain thread
+/// (open-telemetry/opentelemetry-rust#2673): give it a current-thread runtime
+/// that runs on that same thread, so no extra thread appears.
+struct ExporterOnOwnRuntime {
+    inner: opentelemetry_otlp::SpanExporter,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl fmt::Debug for ExporterOnOwnRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExporterOnOwnRuntime")
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpanExporter for ExporterOnOwnRuntime {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let result = self.runtime.block_on(self.inner.export(batch));
+        std::future::ready(result)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+fn exporter(endpoint: &str) -> Result<ExporterOnOwnRuntime, TelemetryError> {
+    let err = |message: String| TelemetryError::Exporter {
+        endpoint: endpoint.to_string(),
+        message,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    // The channel's connection task belongs to this runtime.
+    let inner = {
+        let _entered = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| err(e.to_string()))?
+    };
+    Ok(ExporterOnOwnRuntime { inner, runtime })
+}
+
+/// The OTLP endpoint: the flag, else the standard OpenTelemetry variable.
+pub fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
+    flag.map(str::to_string)
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.trim().is_empty())
+}
+
+/// Installs the global subscriber. Logs honour `RUST_LOG` (default info); spans
+/// of this crate go to OTLP at debug level, so without an endpoint they cost
+/// nothing.
+pub fn init(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<TelemetryGuard, TelemetryError> {
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt_layer = match format {
+        LogFormat::Json => tfmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tfmt::layer().with_writer(std::io::stderr).boxed(),
+    }
+    .with_filter(log_filter);
+
+    let mut provider = None;
+    let otel_layer = match otlp_endpoint {
+        Some(endpoint) => {
+            let p = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter(endpoint)?)
+                .with_resource(
+                    Resource::builder()
+                        .with_service_name("splitserve")
+                        .with_attribute(opentelemetry::KeyValue::new(
+                            "service.version",
+                            env!("CARGO_PKG_VERSION"),
+                        ))
+                        .build(),
+                )
+                .build();
+            let tracer = p.tracer("splitserve");
+            provider = Some(p);
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(Targets::new().with_target("splitserve", tracing::Level::DEBUG)),
+            )
+        }
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init();
+    Ok(TelemetryGuard { provider })
+}
+
+/// Reads W3C trace context from gRPC metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Makes `span` a child of the caller's span when the request carries a
+/// `traceparent`.
+pub fn continue_trace(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    if metadata.get("traceparent").is_none() {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+    let _ = span.set_parent(cx);
+}

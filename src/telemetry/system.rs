@@ -1,0 +1,294 @@
+//! Readings of the process, its cgroup and the GPUs: /proc, cgroup v1/v2 files,
+//! and NVML loaded at run time (no NVML: no GPU readings, no error). Plus the
+//! sampler and cache behind `monitoring_data` and StreamMonitoring.
+
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// One resource reading, in the units splitlearn_comm's MonitoringSnapshot uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResourceSnapshot {
+    /// Seconds since the Unix epoch.
+    pub timestamp: f64,
+    /// CPU time over wall time since the previous reading, x100 (can exceed 100).
+    pub cpu_percent: f32,
+    pub memory_mb: f32,
+    pub memory_percent: f32,
+    pub gpu_available: bool,
+    /// The model device's readings, where NVML reports them.
+    pub gpu: Option<GpuReading>,
+}
+
+/// One GPU's state from NVML.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuReading {
+    pub index: u32,
+    /// 0..1 of the last sample period with a kernel running.
+    pub utilization: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// This process's own GPU memory, where the driver reports it.
+    pub process_memory_bytes: Option<u64>,
+}
+
+/// NVML, initialised once on first use; None where there is no NVIDIA driver.
+fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
+    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok())
+        .as_ref()
+}
+
+/// Every GPU NVML sees, with this process's memory on each.
+pub fn gpu_readings() -> Vec<GpuReading> {
+    let Some(nvml) = nvml() else {
+        return Vec::new();
+    };
+    let pid = std::process::id();
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|index| {
+            let dev = nvml.device_by_index(index).ok()?;
+            let mem = dev.memory_info().ok()?;
+            let utilization = dev
+                .utilization_rates()
+                .map_or(0.0, |u| u.gpu as f32 / 100.0);
+            let process_memory_bytes = dev.running_compute_processes().ok().and_then(|ps| {
+                ps.iter()
+                    .find(|p| p.pid == pid)
+                    .and_then(|p| match p.used_gpu_memory {
+                        nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                        nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                    })
+            });
+            Some(GpuReading {
+                index,
+                utilization,
+                memory_used_bytes: mem.used,
+                memory_total_bytes: mem.total,
+                process_memory_bytes,
+            })
+        })
+        .collect()
+}
+
+/// Sum of a `Key: value` counter over every thread of a process (`pid` is a
+/// number or "self"). Threads report their own context switches; the process
+/// line covers only the leader.
+pub fn task_counter_sum(pid: &str, key: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .filter_map(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim_start_matches(':').trim().parse::<u64>().ok())
+            })
+            .sum(),
+    )
+}
+
+/// CPU throttling the cgroup reports: (throttled seconds, throttled periods).
+/// None outside a cgroup that reports them.
+pub fn cgroup_throttling() -> Option<(f64, u64)> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut candidates = Vec::new();
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if id == "0" && ctrls.is_empty() {
+            candidates.push((format!("/sys/fs/cgroup/{rel}/cpu.stat"), true));
+            candidates.push(("/sys/fs/cgroup/cpu.stat".to_string(), true));
+        } else if ctrls.split(',').any(|c| c == "cpu") {
+            for mount in ["cpu,cpuacct", "cpu"] {
+                candidates.push((format!("/sys/fs/cgroup/{mount}/{rel}/cpu.stat"), false));
+                candidates.push((format!("/sys/fs/cgroup/{mount}/cpu.stat"), false));
+            }
+        }
+    }
+    candidates.into_iter().find_map(|(path, v2)| {
+        let text = std::fs::read_to_string(path).ok()?;
+        let field = |k: &str| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(k)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        let periods = field("nr_throttled")?;
+        let seconds = if v2 {
+            field("throttled_usec")? as f64 / 1e6
+        } else {
+            field("throttled_time")? as f64 / 1e9
+        };
+        Some((seconds, periods))
+    })
+}
+
+/// CPU seconds (user + system) this process has used, from /proc/self/stat.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux ABI splitserve targets.
+    Some((utime + stime) / 100.0)
+}
+
+/// A `Key:   value kB` line of a /proc status-style file, in bytes.
+fn proc_kb(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kb| kb * 1024)
+}
+
+/// Resident set size of this process in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    proc_kb("/proc/self/status", "VmRSS")
+}
+
+/// Threads of this process right now.
+pub fn thread_count() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn total_memory_bytes() -> Option<u64> {
+    proc_kb("/proc/meminfo", "MemTotal")
+}
+
+/// Takes readings and remembers the previous CPU time so the next one has a rate.
+#[derive(Debug)]
+pub struct Sampler {
+    previous: Option<(Instant, f64)>,
+    /// The CUDA device the models run on, if any.
+    gpu_device: Option<u32>,
+}
+
+impl Sampler {
+    pub fn new(gpu_device: Option<u32>) -> Sampler {
+        Sampler {
+            previous: None,
+            gpu_device,
+        }
+    }
+
+    pub fn sample(&mut self) -> ResourceSnapshot {
+        let now = Instant::now();
+        let cpu = process_cpu_seconds().unwrap_or(0.0);
+        let cpu_percent = match self.previous {
+            Some((then, before)) if now > then => {
+                ((cpu - before) / now.duration_since(then).as_secs_f64() * 100.0) as f32
+            }
+            _ => 0.0,
+        };
+        self.previous = Some((now, cpu));
+        let rss = resident_bytes().unwrap_or(0);
+        let total = total_memory_bytes().unwrap_or(0);
+        ResourceSnapshot {
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            cpu_percent: cpu_percent.max(0.0),
+            memory_mb: rss as f32 / (1024.0 * 1024.0),
+            memory_percent: if total > 0 {
+                rss as f32 / total as f32 * 100.0
+            } else {
+                0.0
+            },
+            gpu_available: self.gpu_device.is_some(),
+            gpu: self
+                .gpu_device
+                .and_then(|d| gpu_readings().into_iter().find(|g| g.index == d)),
+        }
+    }
+}
+
+/// The latest snapshot, refreshed in the background so requests never read /proc.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotCache {
+    latest: Arc<RwLock<ResourceSnapshot>>,
+    gpu_device: Arc<RwLock<Option<u32>>>,
+}
+
+impl SnapshotCache {
+    pub fn get(&self) -> ResourceSnapshot {
+        *self.latest.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The CUDA device whose readings snapshots carry, once the models are placed.
+    pub fn set_gpu_device(&self, device: Option<u32>) {
+        *self.gpu_device.write().unwrap_or_else(|p| p.into_inner()) = device;
+    }
+
+    pub fn gpu_device(&self) -> Option<u32> {
+        *self.gpu_device.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refreshes the cache every `every` until the token is cancelled.
+    pub fn spawn_refresher(&self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut sampler = Sampler::new(None);
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        sampler.gpu_device = cache.gpu_device();
+                        let s = sampler.sample();
+                        *cache.latest.write().unwrap_or_else(|p| p.into_inner()) = s;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_come_from_proc() {
+        let mut s = Sampler::new(None);
+        let a = s.sample();
+        // Burn a little CPU so the second reading has something to measure.
+        let mut x = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let b = s.sample();
+        assert!(a.memory_mb > 1.0, "RSS of a running test is more than 1 MB");
+        assert!(
+            b.cpu_percent > 10.0,
+            "a busy loop shows up as CPU: {}",
+            b.cpu_percent
+        );
+        assert!(b.timestamp >= a.timestamp);
+        assert!(thread_count().unwrap() >= 1);
+        assert!(!b.gpu_available && b.gpu.is_none());
+        let switches = task_counter_sum("self", "voluntary_ctxt_switches").unwrap();
+        assert!(switches > 0, "a test process has switched at least once");
+    }
+}

@@ -1,0 +1,267 @@
+"""Metrics, dashboards and alerts against real components: promtool and a real
+Prometheus server (Debian's `prometheus` package) scraping a live splitserve
+under load. An empty panel or a misspelt metric name fails here."""
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, ROOT, Server, free_port
+
+DASHBOARD = ROOT / "dashboards" / "splitserve-contention.json"
+ALERTS = ROOT / "dashboards" / "alerts.yaml"
+
+# Every family the issue names; GPU families only exist where NVML sees a GPU,
+# cgroup throttling only where the cgroup reports it.
+FAMILIES = [
+    "splitserve_requests_total",
+    "splitserve_request_duration_seconds_bucket",
+    "splitserve_queue_duration_seconds_bucket",
+    "splitserve_inference_duration_seconds_bucket",
+    "splitserve_batch_size_bucket",
+    "splitserve_inflight_requests",
+    "splitserve_rejected_requests_total",
+    "splitserve_queue_depth",
+    "splitserve_queue_capacity",
+    "splitserve_threads",
+    "splitserve_cpu_budget_cores",
+    "splitserve_workers",
+    "splitserve_context_switches_total",
+    "splitserve_build_info",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+]
+OPTIONAL = {
+    "cgroup": ["splitserve_cgroup_cpu_throttled_seconds_total", "splitserve_cgroup_cpu_throttled_periods_total"],
+    "gpu": ["splitserve_gpu_memory_used_bytes", "splitserve_gpu_memory_total_bytes", "splitserve_gpu_utilization_ratio"],
+}
+
+
+def tool(name):
+    path = shutil.which(name) or f"/usr/bin/{name}"
+    assert Path(path).exists(), f"{name} is missing: run scripts/setup-deploy-tools.sh (make test does)"
+    return path
+
+
+def http_get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+class Prometheus:
+    def __init__(self, tmp: Path, target: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{
+                "job_name": "splitserve",
+                "static_configs": [{"targets": [target], "labels": {"namespace": "test", "pod": "splitserve-0"}}],
+            }],
+        }
+        cfg = tmp / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump(config))
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+
+    def query(self, expr):
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        body = json.loads(http_get(url))
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def wait_ready(self):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            try:
+                http_get(f"{self.url}/-/ready")
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("prometheus never became ready")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def bench(addr, seconds, *extra):
+    return subprocess.Popen(
+        [str(BIN), "bench", "--addr", addr, "--duration", f"{seconds}s", "--warmup", "0s", "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(pb, tmp_path_factory):
+    """A live splitserve under mixed load, scraped every second by Prometheus."""
+    s = Server(
+        "--model", "mlp=builtin:mlp:16x32x8",
+        "--model", "slow=builtin:delay:20",
+        "--max-batch-size", "mlp=8", "--batch-timeout-us", "mlp=500",
+        "--queue-capacity", "64",
+    )
+    s.wait_ok(pb)
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{s.metrics_port}")
+    prom.wait_ready()
+    load = [
+        bench(s.addr, 40, "--model-id", "mlp", "--shape", "1x16", "--concurrency", "8"),
+        bench(s.addr, 40, "--model-id", "slow", "--shape", "1x4", "--concurrency", "4"),
+        # Wrong width for the MLP: rejected as invalid, visible as INVALID_ARGUMENT.
+        bench(s.addr, 40, "--model-id", "mlp", "--shape", "1x5", "--concurrency", "1"),
+    ]
+    # Enough scrapes for rate() over the dashboard's window.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(1)
+        if prom.query('count_over_time(splitserve_requests_total{code="OK"}[30s])'):
+            r = prom.query('min(count_over_time(splitserve_cpu_budget_cores[30s]))')
+            if r and float(r[0]["value"][1]) >= 8:
+                break
+    yield s, prom
+    for p in load:
+        p.kill()
+        p.wait()
+    prom.stop()
+    assert s.terminate() == 0
+
+
+def test_promtool_accepts_the_live_exposition(stack):
+    s, _ = stack
+    text = http_get(f"{s.metrics_url}/metrics")
+    r = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+def test_prometheus_has_data_for_every_family(stack):
+    s, prom = stack
+    exposed = http_get(f"{s.metrics_url}/metrics")
+    wanted = list(FAMILIES)
+    for group, names in OPTIONAL.items():
+        # Present in the exposition where the machine reports them; then they must arrive.
+        wanted += [n for n in names if f"\n{n}" in exposed]
+    missing = [f for f in wanted if not prom.query(f'{f}{{namespace="test"}}')]
+    assert missing == [], f"no data in Prometheus for {missing}"
+    codes = {r["metric"]["code"] for r in prom.query("splitserve_requests_total")}
+    assert {"OK", "INVALID_ARGUMENT"} <= codes, codes
+    reasons = prom.query('splitserve_rejected_requests_total{reason="invalid"} > 0')
+    assert reasons, "invalid requests are counted as rejections"
+    batched = prom.query('max(splitserve_batch_size_bucket{model="mlp", le="1"}) < max(splitserve_batch_size_count{model="mlp"})')
+    assert batched, "some MLP forwards carried more than one request"
+
+
+def dashboard_exprs():
+    d = json.loads(DASHBOARD.read_text())
+    for panel in d["panels"]:
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                yield panel["title"], target["expr"]
+
+
+def substitute(expr):
+    for var, value in {"$namespace": "test", "$pod": "splitserve-0", "$model": ".*",
+                       "$__rate_interval": "15s", "$__interval": "5s", "$__range": "1m"}.items():
+        expr = expr.replace("${" + var[1:] + "}", value).replace(var, value)
+    return expr
+
+
+def test_every_dashboard_panel_returns_data(stack):
+    _, prom = stack
+    gpu = bool(prom.query("splitserve_gpu_memory_total_bytes"))
+    empty = []
+    for title, expr in dashboard_exprs():
+        if "GPU" in title and not gpu:
+            continue
+        if not prom.query(substitute(expr)):
+            empty.append((title, expr))
+    assert empty == [], f"empty panels: {empty}"
+
+
+def alert_rules():
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                yield rule["alert"], rule["expr"]
+
+
+def compared_sides(expr):
+    """The operands of the top-level comparisons of a PromQL expression (numbers
+    dropped), e.g. `a / b > 0.8` -> [`a / b`], `a > on (x) b` -> [`a`, `b`]."""
+    depth, start, sides, i = 0, 0, [], 0
+    while i < len(expr):
+        c = expr[i]
+        depth += c in "([{"
+        depth -= c in ")]}"
+        op = re.match(r"(>=|<=|==|!=|>|<)", expr[i:]) if depth == 0 else None
+        if op:
+            sides.append(expr[start:i])
+            i += len(op.group(0))
+            rest = re.match(r"\s*(bool\s*)?((on|ignoring)\s*\([^)]*\)\s*)?((group_left|group_right)\s*(\([^)]*\))?\s*)?", expr[i:])
+            i += rest.end()
+            start = i
+            continue
+        i += 1
+    sides.append(expr[start:])
+    return [x.strip() for x in sides if x.strip() and not re.fullmatch(r"[-+0-9.e]+", x.strip())]
+
+
+def test_every_alert_expression_reads_live_series(stack):
+    _, prom = stack
+    gpu = bool(prom.query("splitserve_gpu_memory_total_bytes"))
+    problems = []
+    for name, expr in alert_rules():
+        # The comparison makes an alert empty while healthy: evaluate what it compares.
+        for side in compared_sides(expr):
+            if "gpu" in side and not gpu:
+                continue
+            if not prom.query(side):
+                problems.append((name, side))
+    assert problems == [], f"alert expressions with no data: {problems}"
+    # Prometheus itself evaluates every rule without error.
+    rules = json.loads(http_get(f"{prom.url}/api/v1/rules"))["data"]["groups"]
+    bad = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"] if r.get("health") != "ok"]
+    assert bad == [] and sum(len(g["rules"]) for g in rules) == len(list(alert_rules()))
+
+
+def test_a_slow_model_builds_a_queue_and_threads_stay_flat(pb, server_factory):
+    s = server_factory("--model", "slow=builtin:delay:50", "--workers", "1", "--intra-op-threads", "1")
+    s.wait_ok(pb)
+
+    def scrape(name):
+        text = http_get(f"{s.metrics_url}/metrics")
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} not exposed")
+
+    threads_idle = scrape('splitserve_threads{pool="process"}')
+    assert scrape('splitserve_queue_depth{model="slow"}') == 0
+    load = bench(s.addr, 4, "--shape", "1", "--concurrency", "16", "--connections", "4")
+    depth, threads, inflight = [], [], []
+    for _ in range(20):
+        time.sleep(0.1)
+        depth.append(scrape('splitserve_queue_depth{model="slow"}'))
+        threads.append(scrape('splitserve_threads{pool="process"}'))
+        inflight.append(scrape("splitserve_inflight_requests"))
+    load.wait(timeout=60)
+    assert max(depth) >= 10, depth          # 16 clients, 1 worker: 15 wait
+    assert max(inflight) >= 15, inflight
+    assert max(threads) == threads_idle, (threads_idle, threads)   # no thread per request
+    assert scrape('splitserve_workers{state="busy"}') == 0
+    time.sleep(0.2)
+    assert scrape('splitserve_queue_depth{model="slow"}') == 0
