@@ -279,7 +279,11 @@ async fn bad_requests_get_clear_statuses_and_the_server_keeps_serving() {
     expect(c.compute(req).await, Code::Unimplemented, "KV cache");
     let mut req = request("", &[1.0; 4], &[1, 4]);
     req.use_cache = Some(true);
-    expect(c.compute(req).await, Code::InvalidArgument, "has no KV cache");
+    expect(
+        c.compute(req).await,
+        Code::InvalidArgument,
+        "has no KV cache",
+    );
     let e = c
         .compute_backward(pb::BackwardRequest {
             forward_id: "x".into(),
