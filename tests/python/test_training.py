@@ -103,12 +103,18 @@ def test_gradients_and_updates_equal_local_autograd_and_torch_optim(pb, server_f
     assert info["optimizer_steps"] == "3" and info["activations_stored"] == "0"
     assert info["model.top.optimizer"].startswith(name.split("-")[0])
 
-    # SIGTERM saves the trained parameters as TorchScript that torch loads.
+    # SIGTERM saves the trained parameters as TorchScript that torch loads...
     assert server.terminate() == 0
     saved = torch.jit.load(str(tmp_path / "top.pt"))
     for (n, p), (m, q) in zip(saved.named_parameters(), ref_top.named_parameters()):
         assert n == m
         torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+    # ... and that splitserve serves again.
+    again = server_factory("--model", f"top={tmp_path / 'top.pt'}")
+    again.wait_ok(pb)
+    _, got = compute(pb[1].ComputeServiceStub(again.channel()), pb2, probe)
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref_top(probe), **TOL)
 
 
 def test_the_readme_example_halves_the_loss(pb, server_factory):
