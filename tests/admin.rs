@@ -30,7 +30,7 @@ async fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_probes_and_plan() {
-    let a = args(&["slow=builtin:delay:300"], &["--stall-timeout", "100ms"]);
+    let a = args(&["slow=builtin:delay:1500"], &["--stall-timeout", "100ms"]);
     let plan = ThreadPlan::new(
         CpuBudget::of_this_process(None),
         2,
@@ -70,8 +70,14 @@ async fn metrics_probes_and_plan() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (code, body) = get(&state, "/livez").await;
+    let waited = std::time::Instant::now();
+    let (code, body) = loop {
+        let (code, body) = get(&state, "/livez").await;
+        if code != StatusCode::OK || waited.elapsed() > Duration::from_millis(1200) {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("stalled"), "{body}");
     let (_, text) = get(&state, "/metrics").await;
