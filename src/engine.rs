@@ -579,8 +579,7 @@ fn worker_loop(shared: Arc<Shared>, index: usize) {
         let started = Instant::now();
         let since = shared.epoch.elapsed().as_nanos().max(1) as u64;
         shared.busy_since[index].store(since, Ordering::Relaxed);
-        run_batch(&shared, model, jobs, started);
-        shared.busy_since[index].store(0, Ordering::Relaxed);
+        run_batch(&shared, model, jobs, started, &shared.busy_since[index]);
     }
     // Draining and nothing left: the last worker out marks the engine stopped.
     if shared.exited_workers.fetch_add(1, Ordering::SeqCst) + 1 == shared.config.plan.workers {
@@ -713,8 +712,17 @@ fn take_compatible(
     }
 }
 
-fn run_batch(shared: &Shared, model_index: usize, mut jobs: Vec<Job>, started: Instant) {
+/// Computes a batch, marks the worker idle (`busy`), then replies: a client that
+/// has its answer sees the worker idle, in metrics and probes alike.
+fn run_batch(
+    shared: &Shared,
+    model_index: usize,
+    mut jobs: Vec<Job>,
+    started: Instant,
+    busy: &AtomicU64,
+) {
     let Some(models) = shared.models.get() else {
+        busy.store(0, Ordering::Relaxed);
         return;
     };
     let model = &models[model_index];
@@ -754,6 +762,7 @@ fn run_batch(shared: &Shared, model_index: usize, mut jobs: Vec<Job>, started: I
             .collect(),
     }));
     let compute_time = started.elapsed();
+    busy.store(0, Ordering::Relaxed);
     let results = match computed {
         Ok(r) => r,
         Err(panic) => {
