@@ -83,6 +83,21 @@ enum Inner {
     Delay(Duration),
 }
 
+/// SplitMix64: a small deterministic generator for built-in weights.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// Uniform in [0, 1).
+    fn next_unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// A built-in MLP defined with `tch::nn`.
 struct Mlp {
     /// (weight, bias) per linear layer; ReLU between layers.
@@ -132,18 +147,32 @@ impl Model {
                         .collect::<Vec<_>>()
                         .join("x")
                 );
-                // Deterministic weights: the same spec gives the same model everywhere.
-                tch::manual_seed(0x5eed);
+                // Deterministic weights: the same spec gives the same model
+                // everywhere, without touching libtorch's global RNG (which other
+                // threads may be using).
                 let vs = nn::VarStore::new(device);
                 let root = vs.root();
                 let layers = widths
                     .windows(2)
                     .enumerate()
                     .map(|(i, w)| {
-                        let l = nn::linear(&root / format!("l{i}"), w[0], w[1], Default::default());
-                        let bias =
-                            l.bs.unwrap_or_else(|| Tensor::zeros([w[1]], (Kind::Float, device)));
-                        (l.ws, bias)
+                        let (fan_in, fan_out) = (w[0], w[1]);
+                        let mut rng = SplitMix64(0x5eed ^ (i as u64) << 32);
+                        // torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)).
+                        let bound = 1.0 / (fan_in as f64).sqrt();
+                        let mut uniform = |n: i64| -> Tensor {
+                            let v: Vec<f32> = (0..n)
+                                .map(|_| ((rng.next_unit() * 2.0 - 1.0) * bound) as f32)
+                                .collect();
+                            Tensor::from_slice(&v)
+                        };
+                        let weight = uniform(fan_out * fan_in).view([fan_out, fan_in]);
+                        let bias = uniform(fan_out);
+                        let layer = &root / format!("l{i}");
+                        (
+                            layer.var_copy("weight", &weight),
+                            layer.var_copy("bias", &bias),
+                        )
                     })
                     .collect();
                 let mut vs = vs;
