@@ -574,6 +574,9 @@ fn load_then_start_workers(shared: Arc<Shared>) {
 }
 
 fn worker_loop(shared: Arc<Shared>, index: usize) {
+    if let Some(plan) = shared.applied_plan.get() {
+        ThreadPlan::pin_this_thread(plan);
+    }
     let _grad = tch::no_grad_guard();
     while let Some((model, jobs)) = next_batch(&shared) {
         let started = Instant::now();

@@ -337,6 +337,15 @@ impl ThreadPlan {
         }
         applied
     }
+
+    /// Pins this thread's OpenMP and MKL pools to the plan's intra-op count. Each
+    /// inference thread calls it once before its first forward: libtorch records
+    /// the count globally, but OpenMP's and MKL's counts are per thread, and an
+    /// MKL GEMM (a batched forward) that runs before libtorch's own lazy per-thread
+    /// set-up would size its pool from the machine and oversubscribe the budget.
+    pub fn pin_this_thread(applied: &ThreadPlan) {
+        tch::set_num_threads(applied.intra_op_threads as i32);
+    }
 }
 
 impl fmt::Display for ThreadPlan {

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Threads the plan does not count but the process always has: libtorch's and
@@ -39,9 +40,12 @@ def load(stub, pb2, clients: int, seconds: float, errors: list):
     return ts
 
 
-def test_thread_count_stays_within_the_plan_from_1_to_64_clients(pb, server_factory):
+@pytest.mark.parametrize("batching", [[], ["--max-batch-size", "32", "--batch-timeout-us", "200"]],
+                         ids=["unbatched", "batched"])
+def test_thread_count_stays_within_the_plan_from_1_to_64_clients(pb, server_factory, batching):
     pb2, pb2_grpc = pb
-    s = server_factory("--workers", "2", "--intra-op-threads", "1", "--io-threads", "2")
+    # Batched forwards are GEMMs, where MKL would size its own pool from the machine.
+    s = server_factory("--workers", "2", "--intra-op-threads", "1", "--io-threads", "2", *batching)
     s.wait_ok(pb)
     channels = [s.channel() for _ in range(8)]
     info = pb2_grpc.ComputeServiceStub(channels[0]).GetServiceInfo(pb2.ServiceInfoRequest())
