@@ -235,7 +235,7 @@ fn measure_libtorch(
     budget: usize,
     duration: Duration,
 ) -> Row {
-    tch::set_num_threads(plan.intra_op_threads as i32);
+    let intra = plan.intra_op_threads as i32;
     let pid = std::process::id();
     let start_line = Arc::new(Barrier::new(plan.workers + 1));
     let end_line = Arc::new(Barrier::new(plan.workers + 1));
@@ -246,6 +246,9 @@ fn measure_libtorch(
             let (start_line, end_line, until) =
                 (start_line.clone(), end_line.clone(), until.clone());
             std::thread::spawn(move || {
+                // Per thread, as the server's workers do (ThreadPlan::pin_this_thread):
+                // OpenMP's and MKL's counts are thread-local.
+                tch::set_num_threads(intra);
                 let _g = tch::no_grad_guard();
                 let x = Tensor::zeros(&shape, (Kind::Float, model.device));
                 start_line.wait();
