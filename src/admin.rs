@@ -58,6 +58,22 @@ impl AdminState {
         m.threads
             .with_label_values(&["inter_op"])
             .set(plan.inter_op_threads as i64);
+        let t = self.engine.training().stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        m.activations_stored.set(load(&t.stored) as i64);
+        m.activations_bytes.set(load(&t.bytes) as i64);
+        for (event, value) in [
+            ("forward", load(&t.forwards)),
+            ("backward", load(&t.backwards)),
+            ("optimizer_step", load(&t.optimizer_steps)),
+            ("eviction", load(&t.evicted)),
+            ("expiry", load(&t.expired)),
+            ("checkpoint", load(&t.checkpoints_saved)),
+        ] {
+            // The training side counts; the counter catches up to it at each scrape.
+            let c = m.training_events.with_label_values(&[event]);
+            c.inc_by(value.saturating_sub(c.get()));
+        }
         let busy = self.engine.busy_workers();
         let stalled = self.engine.stalled_workers(self.stall_timeout);
         m.workers

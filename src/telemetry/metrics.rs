@@ -52,6 +52,11 @@ pub struct Metrics {
     pub cpu_budget: IntGauge,
     /// Inference workers by state: busy, idle, stalled.
     pub workers: IntGaugeVec,
+    /// Training forwards waiting for their backward, and their bytes.
+    pub activations_stored: IntGauge,
+    pub activations_bytes: IntGauge,
+    /// Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.
+    pub training_events: IntCounterVec,
 }
 
 /// Names of rejection reasons, as the `reason` label spells them.
@@ -170,6 +175,21 @@ impl Metrics {
                 ),
                 &["state"],
             )?,
+            activations_stored: IntGauge::new(
+                "splitserve_activations_stored",
+                "Training forwards whose activations wait for their backward.",
+            )?,
+            activations_bytes: IntGauge::new(
+                "splitserve_activations_bytes",
+                "Bytes of stored activations, as --activation-cache-bytes counts them.",
+            )?,
+            training_events: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_training_events_total",
+                    "Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.",
+                ),
+                &["event"],
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -198,6 +218,9 @@ impl Metrics {
         r.register(Box::new(m.threads.clone()))?;
         r.register(Box::new(m.cpu_budget.clone()))?;
         r.register(Box::new(m.workers.clone()))?;
+        r.register(Box::new(m.activations_stored.clone()))?;
+        r.register(Box::new(m.activations_bytes.clone()))?;
+        r.register(Box::new(m.training_events.clone()))?;
         r.register(Box::new(build_info))?;
         r.register(Box::new(SystemCollector::new()?))?;
         r.register(Box::new(

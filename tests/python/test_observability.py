@@ -37,6 +37,8 @@ FAMILIES = [
     "splitserve_workers",
     "splitserve_context_switches_total",
     "splitserve_build_info",
+    "splitserve_activations_stored",
+    "splitserve_training_events_total",
     "process_resident_memory_bytes",
     "process_cpu_seconds_total",
 ]

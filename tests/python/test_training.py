@@ -126,7 +126,7 @@ def test_the_readme_example_halves_the_loss(pb, server_factory):
 
 def test_accumulated_steps_equal_torch_accumulation(pb, server_factory):
     pb2, _ = pb
-    _, stub = start(pb, server_factory)
+    server, stub = start(pb, server_factory)
     ref_top = torch.jit.load(str(fixture_path("top.pt")))
     ref_optimizer = torch.optim.SGD(ref_top.parameters(), lr=0.1)
     torch.manual_seed(4)
@@ -146,6 +146,12 @@ def test_accumulated_steps_equal_torch_accumulation(pb, server_factory):
             with torch.no_grad():
                 torch.testing.assert_close(now, ref_top(probe), **TOL)
             initial = now
+    # The same counts reach Prometheus.
+    import urllib.request
+    text = urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=5).read().decode()
+    for event, count in (("forward", 4), ("backward", 4), ("optimizer_step", 2)):
+        assert f'splitserve_training_events_total{{event="{event}"}} {count}' in text, event
+    assert "splitserve_activations_stored 0" in text
 
 
 def test_eviction_ttl_reuse_and_shape_give_their_status_and_the_server_keeps_serving(pb, server_factory):
