@@ -314,6 +314,42 @@ fn decode_past(entries: &[pb::KvCacheEntry], limits: Limits) -> Result<Vec<RawTe
 }
 
 impl ComputeApi {
+    /// Starts a tensor RPC: counts it in flight; returns its arrival and deadline.
+    fn begin<T>(&self, request: &Request<T>) -> (Instant, Option<Instant>) {
+        self.total_requests.fetch_add(1, Ordering::Relaxed);
+        self.engine.metrics().inflight.inc();
+        let arrival = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        (arrival, deadline_from_metadata(request.metadata(), arrival))
+    }
+
+    /// Ends a tensor RPC begun with [`ComputeApi::begin`]: counts invalid input as
+    /// a rejection, the answer by code and its server time.
+    fn finish<T>(
+        &self,
+        model: &str,
+        method: &str,
+        arrival: Instant,
+        result: Result<T, ServeError>,
+    ) -> Result<T, Status> {
+        let metrics = self.engine.metrics();
+        let result = result.map_err(|e| {
+            tracing::debug!(error = %e, method, "request failed");
+            if e.is_invalid_input() {
+                metrics
+                    .rejected
+                    .with_label_values(&[model, reason::INVALID])
+                    .inc();
+            }
+            Status::from(e)
+        });
+        metrics.inflight.dec();
+        self.observe(model, method, arrival, &result);
+        result
+    }
+
     /// Counts an answered RPC and its server time.
     fn observe<T>(&self, model: &str, method: &str, arrival: Instant, result: &Result<T, Status>) {
         let code = match result {
@@ -428,14 +464,7 @@ impl ComputeService for ComputeApi {
         &self,
         request: Request<pb::ComputeRequest>,
     ) -> Result<Response<pb::ComputeResponse>, Status> {
-        self.total_requests.fetch_add(1, Ordering::Relaxed);
-        let metrics = self.engine.metrics();
-        metrics.inflight.inc();
-        let arrival = request
-            .extensions()
-            .get::<Arrival>()
-            .map_or_else(Instant::now, |a| a.0);
-        let deadline = deadline_from_metadata(request.metadata(), arrival);
+        let (arrival, deadline) = self.begin(&request);
         // Unknown model ids share one label value: clients cannot grow the series.
         let model = self
             .engine
@@ -457,44 +486,23 @@ impl ComputeService for ComputeApi {
             .run_compute(deadline, request.into_inner())
             .instrument(span)
             .await;
-        let result = match result {
-            Ok((reply, dtype)) => {
-                let mut response = Response::new(reply);
-                if let Some(dtype) = dtype {
-                    response
-                        .metadata_mut()
-                        .insert(DTYPE_KEY, MetadataValue::from_static(dtype));
-                }
-                Ok(response)
+        let result = result.map(|(reply, dtype)| {
+            let mut response = Response::new(reply);
+            if let Some(dtype) = dtype {
+                response
+                    .metadata_mut()
+                    .insert(DTYPE_KEY, MetadataValue::from_static(dtype));
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "compute failed");
-                if e.is_invalid_input() {
-                    metrics
-                        .rejected
-                        .with_label_values(&[&model, reason::INVALID])
-                        .inc();
-                }
-                Err(Status::from(e))
-            }
-        };
-        metrics.inflight.dec();
-        self.observe(&model, "Compute", arrival, &result);
-        result
+            response
+        });
+        self.finish(&model, "Compute", arrival, result)
     }
 
     async fn compute_backward(
         &self,
         request: Request<pb::BackwardRequest>,
     ) -> Result<Response<pb::BackwardResponse>, Status> {
-        self.total_requests.fetch_add(1, Ordering::Relaxed);
-        let metrics = self.engine.metrics();
-        metrics.inflight.inc();
-        let arrival = request
-            .extensions()
-            .get::<Arrival>()
-            .map_or_else(Instant::now, |a| a.0);
-        let deadline = deadline_from_metadata(request.metadata(), arrival);
+        let (arrival, deadline) = self.begin(&request);
         // The model that ran the forward; unknown ids share one label value.
         let req = request.get_ref();
         let model = self
@@ -523,22 +531,12 @@ impl ComputeService for ComputeApi {
             .backward(deadline, request.into_inner())
             .instrument(span)
             .await;
-        let result = match result {
-            Ok(reply) => Ok(Response::new(reply)),
-            Err(e) => {
-                tracing::debug!(error = %e, "compute_backward failed");
-                if e.is_invalid_input() {
-                    metrics
-                        .rejected
-                        .with_label_values(&[&model, reason::INVALID])
-                        .inc();
-                }
-                Err(Status::from(e))
-            }
-        };
-        metrics.inflight.dec();
-        self.observe(&model, "ComputeBackward", arrival, &result);
-        result
+        self.finish(
+            &model,
+            "ComputeBackward",
+            arrival,
+            result.map(Response::new),
+        )
     }
 
     async fn health_check(
