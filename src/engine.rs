@@ -193,6 +193,9 @@ struct Queues {
     draining: bool,
     /// Next model a worker looks at first, for fairness between models.
     next: usize,
+    /// Workers blocked on the condvar: with none, a new job needs no wake-up
+    /// (and its futex syscall), since a busy worker checks the queue when done.
+    sleeping: usize,
 }
 
 struct Shared {
@@ -239,6 +242,7 @@ impl Engine {
                 per_model: config.models.iter().map(|_| VecDeque::new()).collect(),
                 draining: false,
                 next: 0,
+                sleeping: 0,
             }),
             config,
             work: Condvar::new(),
@@ -413,7 +417,7 @@ impl Engine {
         }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
-        {
+        let wake = {
             let mut q = lock(&self.shared.queues);
             if q.draining {
                 self.shared.model_metrics[index].draining.inc();
@@ -441,8 +445,11 @@ impl Engine {
                 rpc_span,
                 queue_span,
             });
+            q.sleeping > 0
+        };
+        if wake {
+            self.shared.work.notify_one();
         }
-        self.shared.work.notify_one();
         let received = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), rx).await {
                 Ok(r) => r,
@@ -625,11 +632,13 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
                     if now >= until || q.draining {
                         break;
                     }
+                    q.sleeping += 1;
                     q = shared
                         .work
                         .wait_timeout(q, until - now)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
+                    q.sleeping -= 1;
                     take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
                     if rows(&jobs) >= slot.max_batch {
                         break;
@@ -641,7 +650,9 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
         if q.draining {
             return None;
         }
+        q.sleeping += 1;
         q = shared.work.wait(q).unwrap_or_else(|p| p.into_inner());
+        q.sleeping -= 1;
     }
 }
 
