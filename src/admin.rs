@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::engine::{Engine, EngineStatus};
 use crate::plan::ThreadPlan;
+use crate::telemetry::metrics::catch_up;
 use crate::telemetry::{Metrics, thread_count};
 
 /// What the handlers read.
@@ -71,8 +72,7 @@ impl AdminState {
             ("checkpoint", load(&t.checkpoints_saved)),
         ] {
             // The training side counts; the counter catches up to it at each scrape.
-            let c = m.training_events.with_label_values(&[event]);
-            c.inc_by(value.saturating_sub(c.get()));
+            catch_up(&m.training_events.with_label_values(&[event]), value);
         }
         let busy = self.engine.busy_workers();
         let stalled = self.engine.stalled_workers(self.stall_timeout);

@@ -136,16 +136,6 @@ impl RawTensor {
             dtype: WireDtype::F32,
         }
     }
-
-    /// The values of a float32 tensor.
-    pub fn to_f32(&self) -> Option<Vec<f32>> {
-        (self.dtype == WireDtype::F32).then(|| {
-            self.data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        })
-    }
 }
 
 /// Limits applied while decoding.

@@ -1,16 +1,15 @@
 //! The Prometheus registry: every `splitserve_*` family, plus the standard
 //! `process_*` ones. Event metrics are updated where things happen (handlers,
 //! workers); state gauges are set just before each scrape by whoever owns the
-//! state; /proc, cgroup and GPU readings are taken at scrape time here.
+//! state; /proc, cgroup and GPU readings are taken at scrape time here
+//! (`Metrics::render`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::system;
@@ -57,6 +56,16 @@ pub struct Metrics {
     pub activations_bytes: IntGauge,
     /// Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.
     pub training_events: IntCounterVec,
+    /// Read at scrape time (`Metrics::render`): context switches of every thread.
+    context_switches: IntCounterVec,
+    /// cgroup CPU throttling; no label, so no series until the cgroup reports it.
+    cgroup_throttled_seconds: CounterVec,
+    cgroup_throttled_periods: IntCounterVec,
+    /// From NVML; no series without a GPU.
+    gpu_memory_used: GaugeVec,
+    gpu_memory_total: GaugeVec,
+    gpu_utilization: GaugeVec,
+    gpu_process_memory: GaugeVec,
 }
 
 /// Names of rejection reasons, as the `reason` label spells them.
@@ -71,6 +80,10 @@ pub mod reason {
 #[derive(Debug, thiserror::Error)]
 #[error("metrics registry: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
+
+fn gauge_per_device(name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
+    GaugeVec::new(Opts::new(name, help), &["device"])
+}
 
 fn histogram(
     name: &str,
@@ -190,6 +203,43 @@ impl Metrics {
                 ),
                 &["event"],
             )?,
+            context_switches: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_context_switches_total",
+                    "Context switches of every thread of the process.",
+                ),
+                &["kind"],
+            )?,
+            cgroup_throttled_seconds: CounterVec::new(
+                Opts::new(
+                    "splitserve_cgroup_cpu_throttled_seconds_total",
+                    "Time the cgroup's CPU quota held the process back.",
+                ),
+                &[],
+            )?,
+            cgroup_throttled_periods: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_cgroup_cpu_throttled_periods_total",
+                    "Scheduler periods in which the cgroup was throttled.",
+                ),
+                &[],
+            )?,
+            gpu_memory_used: gauge_per_device(
+                "splitserve_gpu_memory_used_bytes",
+                "GPU memory in use on the device (all processes).",
+            )?,
+            gpu_memory_total: gauge_per_device(
+                "splitserve_gpu_memory_total_bytes",
+                "GPU memory of the device.",
+            )?,
+            gpu_utilization: gauge_per_device(
+                "splitserve_gpu_utilization_ratio",
+                "Share of the last sample period a kernel ran (0-1).",
+            )?,
+            gpu_process_memory: gauge_per_device(
+                "splitserve_gpu_process_memory_bytes",
+                "GPU memory this process holds on the device.",
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -222,7 +272,13 @@ impl Metrics {
         r.register(Box::new(m.activations_bytes.clone()))?;
         r.register(Box::new(m.training_events.clone()))?;
         r.register(Box::new(build_info))?;
-        r.register(Box::new(SystemCollector::new()?))?;
+        r.register(Box::new(m.context_switches.clone()))?;
+        r.register(Box::new(m.cgroup_throttled_seconds.clone()))?;
+        r.register(Box::new(m.cgroup_throttled_periods.clone()))?;
+        r.register(Box::new(m.gpu_memory_used.clone()))?;
+        r.register(Box::new(m.gpu_memory_total.clone()))?;
+        r.register(Box::new(m.gpu_utilization.clone()))?;
+        r.register(Box::new(m.gpu_process_memory.clone()))?;
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -231,11 +287,49 @@ impl Metrics {
 
     /// The text exposition format of everything registered.
     pub fn render(&self) -> String {
+        self.refresh_system();
         let mut buf = Vec::new();
         // Encoding into a Vec only fails on invalid metric data, which the
         // typed constructors above rule out.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Takes the /proc, cgroup and NVML readings that back the system families.
+    fn refresh_system(&self) {
+        for (kind, key) in [
+            ("voluntary", "voluntary_ctxt_switches"),
+            ("involuntary", "nonvoluntary_ctxt_switches"),
+        ] {
+            if let Some(total) = system::task_counter_sum("self", key) {
+                catch_up(&self.context_switches.with_label_values(&[kind]), total);
+            }
+        }
+        if let Some((seconds, periods)) = system::cgroup_throttling() {
+            const NO_LABELS: &[&str] = &[];
+            let s = self.cgroup_throttled_seconds.with_label_values(NO_LABELS);
+            s.inc_by((seconds - s.get()).max(0.0));
+            catch_up(
+                &self.cgroup_throttled_periods.with_label_values(NO_LABELS),
+                periods,
+            );
+        }
+        for g in system::gpu_readings() {
+            let d = format!("cuda:{}", g.index);
+            let d = [d.as_str()];
+            self.gpu_memory_used
+                .with_label_values(&d)
+                .set(g.memory_used_bytes as f64);
+            self.gpu_memory_total
+                .with_label_values(&d)
+                .set(g.memory_total_bytes as f64);
+            self.gpu_utilization
+                .with_label_values(&d)
+                .set(f64::from(g.utilization));
+            if let Some(b) = g.process_memory_bytes {
+                self.gpu_process_memory.with_label_values(&d).set(b as f64);
+            }
+        }
     }
 
     /// The sum of a counter family over the label values matching `model` (all
@@ -258,171 +352,11 @@ impl Metrics {
     }
 }
 
-/// Readings taken at scrape time: context switches, cgroup throttling, GPUs.
-struct SystemCollector {
-    descs: Vec<Desc>,
-    /// Highest totals seen: a thread that exits takes its counts with it, and a
-    /// counter must never go down.
-    voluntary: AtomicU64,
-    involuntary: AtomicU64,
-}
-
-impl SystemCollector {
-    fn new() -> Result<SystemCollector, prometheus::Error> {
-        let mut descs = Vec::new();
-        for (name, help, labels) in [
-            (
-                "splitserve_context_switches_total",
-                "Context switches of every thread of the process.",
-                vec!["kind"],
-            ),
-            (
-                "splitserve_cgroup_cpu_throttled_seconds_total",
-                "Time the cgroup's CPU quota held the process back.",
-                vec![],
-            ),
-            (
-                "splitserve_cgroup_cpu_throttled_periods_total",
-                "Scheduler periods in which the cgroup was throttled.",
-                vec![],
-            ),
-            (
-                "splitserve_gpu_memory_used_bytes",
-                "GPU memory in use on the device (all processes).",
-                vec!["device"],
-            ),
-            (
-                "splitserve_gpu_memory_total_bytes",
-                "GPU memory of the device.",
-                vec!["device"],
-            ),
-            (
-                "splitserve_gpu_utilization_ratio",
-                "Share of the last sample period a kernel ran (0-1).",
-                vec!["device"],
-            ),
-            (
-                "splitserve_gpu_process_memory_bytes",
-                "GPU memory this process holds on the device.",
-                vec!["device"],
-            ),
-        ] {
-            descs.push(Desc::new(
-                name.into(),
-                help.into(),
-                labels.into_iter().map(String::from).collect(),
-                Default::default(),
-            )?);
-        }
-        Ok(SystemCollector {
-            descs,
-            voluntary: AtomicU64::new(0),
-            involuntary: AtomicU64::new(0),
-        })
-    }
-}
-
-impl Collector for SystemCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let mut out = Vec::new();
-        let mut push = |r: Result<Vec<MetricFamily>, prometheus::Error>| {
-            if let Ok(mut f) = r {
-                out.append(&mut f);
-            }
-        };
-        // Counters from readings: Gauge-free counters built fresh each scrape.
-        push((|| {
-            let v = prometheus::CounterVec::new(
-                Opts::new(
-                    "splitserve_context_switches_total",
-                    "Context switches of every thread of the process.",
-                ),
-                &["kind"],
-            )?;
-            let vol = system::task_counter_sum("self", "voluntary_ctxt_switches").unwrap_or(0);
-            let invol = system::task_counter_sum("self", "nonvoluntary_ctxt_switches").unwrap_or(0);
-            let vol = self.voluntary.fetch_max(vol, Ordering::Relaxed).max(vol);
-            let invol = self
-                .involuntary
-                .fetch_max(invol, Ordering::Relaxed)
-                .max(invol);
-            v.with_label_values(&["voluntary"]).inc_by(vol as f64);
-            v.with_label_values(&["involuntary"]).inc_by(invol as f64);
-            Ok(v.collect())
-        })());
-        if let Some((seconds, periods)) = system::cgroup_throttling() {
-            push((|| {
-                let s = prometheus::Counter::new(
-                    "splitserve_cgroup_cpu_throttled_seconds_total",
-                    "Time the cgroup's CPU quota held the process back.",
-                )?;
-                s.inc_by(seconds);
-                let p = prometheus::Counter::new(
-                    "splitserve_cgroup_cpu_throttled_periods_total",
-                    "Scheduler periods in which the cgroup was throttled.",
-                )?;
-                p.inc_by(periods as f64);
-                let mut f = s.collect();
-                f.extend(p.collect());
-                Ok(f)
-            })());
-        }
-        let gpus = system::gpu_readings();
-        if !gpus.is_empty() {
-            push((|| {
-                let used = GaugeVec::new(
-                    Opts::new(
-                        "splitserve_gpu_memory_used_bytes",
-                        "GPU memory in use on the device (all processes).",
-                    ),
-                    &["device"],
-                )?;
-                let total = GaugeVec::new(
-                    Opts::new(
-                        "splitserve_gpu_memory_total_bytes",
-                        "GPU memory of the device.",
-                    ),
-                    &["device"],
-                )?;
-                let util = GaugeVec::new(
-                    Opts::new(
-                        "splitserve_gpu_utilization_ratio",
-                        "Share of the last sample period a kernel ran (0-1).",
-                    ),
-                    &["device"],
-                )?;
-                let own = GaugeVec::new(
-                    Opts::new(
-                        "splitserve_gpu_process_memory_bytes",
-                        "GPU memory this process holds on the device.",
-                    ),
-                    &["device"],
-                )?;
-                for g in &gpus {
-                    let d = format!("cuda:{}", g.index);
-                    used.with_label_values(&[&d])
-                        .set(g.memory_used_bytes as f64);
-                    total
-                        .with_label_values(&[&d])
-                        .set(g.memory_total_bytes as f64);
-                    util.with_label_values(&[&d]).set(f64::from(g.utilization));
-                    if let Some(b) = g.process_memory_bytes {
-                        own.with_label_values(&[&d]).set(b as f64);
-                    }
-                }
-                let mut f = used.collect();
-                f.extend(total.collect());
-                f.extend(util.collect());
-                f.extend(own.collect());
-                Ok(f)
-            })());
-        }
-        out
-    }
+/// Raises a counter to an absolute reading kept elsewhere (a /proc total, a
+/// counter of another component); a counter never goes down, so a lower
+/// reading (a thread that exited took its counts) leaves it as it is.
+pub fn catch_up(counter: &IntCounter, reading: u64) {
+    counter.inc_by(reading.saturating_sub(counter.get()));
 }
 
 #[cfg(test)]
