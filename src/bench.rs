@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::codec::{RawTensor, WireDtype};
 use crate::config::{Dims, parse_duration};
@@ -89,8 +89,8 @@ pub struct BenchReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("bad address {0:?}: {1}")]
-    Address(String, String),
+    #[error("{0}")]
+    Address(String),
     #[error("cannot connect to {0}: {1}")]
     Connect(String, String),
     #[error("{0}")]
@@ -185,14 +185,8 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             )));
         }
     };
-    let uri = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
-    };
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|e| BenchError::Address(args.addr.clone(), e.to_string()))?
-        .tcp_nodelay(true);
+    let endpoint = crate::client::endpoint(&args.addr).map_err(BenchError::Address)?;
+    let uri = endpoint.uri().to_string();
     let mut channels: Vec<Channel> = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
         channels.push(

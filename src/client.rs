@@ -31,16 +31,24 @@ pub struct ProbeArgs {
     pub timeout: Duration,
 }
 
-/// Connects to `host:port` (or a full URI) with Nagle off.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, String> {
+/// An endpoint for `host:port` (or a full URI), with Nagle off.
+pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
         format!("http://{addr}")
     };
-    Endpoint::from_shared(uri.clone())
-        .map_err(|e| format!("bad address {addr:?}: {e}"))?
-        .tcp_nodelay(true)
+    Endpoint::from_shared(uri)
+        .map(|e| e.tcp_nodelay(true))
+        .map_err(|e| format!("bad address {addr:?}: {e}"))
+}
+
+/// Connects to `host:port` (or a full URI), giving up after `timeout`; every
+/// call on the channel has the same limit.
+pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, String> {
+    let endpoint = endpoint(addr)?;
+    let uri = endpoint.uri().clone();
+    endpoint
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
