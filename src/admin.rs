@@ -36,7 +36,7 @@ impl AdminState {
         let m = &self.metrics;
         let cfg = self.engine.config();
         for (slot, depth) in cfg.models.iter().zip(self.engine.queue_depths()) {
-            let name = slot.arg.name.as_str();
+            let name = slot.spec.name.as_str();
             m.queue_depth.with_label_values(&[name]).set(depth as i64);
             m.queue_capacity
                 .with_label_values(&[name])
@@ -167,9 +167,9 @@ async fn debug_plan(State(s): State<AdminState>) -> Response {
         .models
         .iter()
         .map(|slot| {
-            let found = loaded.iter().find(|(n, _, _)| *n == slot.arg.name);
+            let found = loaded.iter().find(|(n, _, _)| *n == slot.spec.name);
             ModelView {
-                name: slot.arg.name.clone(),
+                name: slot.spec.name.clone(),
                 device: found.map_or_else(|| "loading".into(), |(_, d, _)| d.clone()),
                 source: found.map_or_else(String::new, |(_, _, src)| src.clone()),
                 queue_capacity: cfg.queue_capacity,

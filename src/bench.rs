@@ -4,60 +4,44 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use clap::Args;
 use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::codec::{RawTensor, WireDtype};
-use crate::config::{Dims, parse_duration};
 use crate::grpc::pb::ComputeRequest;
 use crate::grpc::pb::compute_service_client::ComputeServiceClient;
 
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
     /// Server address, host:port.
-    #[arg(long, env = "SPLITSERVE_BENCH_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
 
     /// Clients in flight at once; each sends its next request when the last returns.
-    #[arg(long, env = "SPLITSERVE_BENCH_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
 
     /// HTTP/2 connections the clients share (round-robin).
-    #[arg(long, env = "SPLITSERVE_BENCH_CONNECTIONS", default_value_t = 4)]
     pub connections: usize,
 
     /// How long to measure (e.g. 10s).
-    #[arg(long, env = "SPLITSERVE_BENCH_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
 
     /// Load before measuring, not counted (e.g. 1s).
-    #[arg(long, env = "SPLITSERVE_BENCH_WARMUP", default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
 
     /// Input tensor shape, e.g. 1x512 or 1x64x256.
-    #[arg(long, env = "SPLITSERVE_BENCH_SHAPE", default_value = "1x512")]
-    pub shape: Dims,
+    pub shape: Vec<i64>,
 
     /// model_id to send (empty: the server's default model).
-    #[arg(long, env = "SPLITSERVE_BENCH_MODEL_ID", default_value = "")]
     pub model_id: String,
 
     /// Payload encoding: float32 or float16 (what splitlearn_comm clients send).
-    #[arg(long, env = "SPLITSERVE_BENCH_DTYPE", default_value = "float32")]
     pub dtype: String,
 
     /// Per-request deadline sent as grpc-timeout.
-    #[arg(long, env = "SPLITSERVE_BENCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
     /// Threads of the load generator's own runtime.
-    #[arg(long, env = "SPLITSERVE_BENCH_CLIENT_THREADS", default_value_t = 1)]
     pub client_threads: usize,
-
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Latency percentiles in milliseconds.
@@ -170,7 +154,7 @@ fn f32_to_f16_bits(v: f32) -> u16 {
 }
 
 /// Runs the load and returns the report. Must run inside a tokio runtime.
-pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
+pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
     if args.concurrency == 0 || args.connections == 0 {
         return Err(BenchError::Invalid(
             "--concurrency and --connections must be at least 1".into(),
@@ -196,9 +180,9 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
                 .map_err(|e| BenchError::Connect(uri.clone(), e.to_string()))?,
         );
     }
-    let shape32: Vec<i32> = args.shape.0.iter().map(|&d| d as i32).collect();
+    let shape32: Vec<i32> = args.shape.iter().map(|&d| d as i32).collect();
     let request = ComputeRequest {
-        data: payload(&args.shape.0, dtype).data,
+        data: payload(&args.shape, dtype).data,
         shape: shape32,
         model_id: args.model_id.clone(),
         ..Default::default()
@@ -262,7 +246,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         addr: args.addr.clone(),
         model_id: args.model_id.clone(),
-        shape: args.shape.0.clone(),
+        shape: args.shape.clone(),
         dtype: dtype.name().into(),
         concurrency: args.concurrency,
         connections: args.connections,

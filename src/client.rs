@@ -3,31 +3,21 @@
 
 use std::time::Duration;
 
-use clap::Args;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::config::parse_duration;
-
-#[derive(Debug, Clone, Args)]
-pub struct ProbeArgs {
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
     /// Server address, host:port.
-    #[arg(long, env = "SPLITSERVE_PROBE_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
 
     /// Health service to check: "" (the server), splitlearn.comm.ComputeService
     /// (ready to compute) or liveness (no stalled worker).
-    #[arg(
-        long,
-        env = "SPLITSERVE_PROBE_SERVICE",
-        default_value = "splitlearn.comm.ComputeService"
-    )]
     pub service: String,
 
     /// Give up after this long (connect plus check).
-    #[arg(long, env = "SPLITSERVE_PROBE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 
@@ -57,7 +47,7 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, String> {
 }
 
 /// The serving status of one health service, as its name ("SERVING", ...).
-pub async fn probe(args: &ProbeArgs) -> Result<String, String> {
+pub async fn probe(args: &ProbeConfig) -> Result<String, String> {
     let channel = connect(&args.addr, args.timeout).await?;
     let mut health = HealthClient::new(channel);
     let response = health

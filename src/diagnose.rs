@@ -9,17 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use clap::Args;
 use futures::Stream;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use tonic::{Request, Response, Status};
 
-use crate::bench::{self, BenchArgs, summarize};
-use crate::config::{Dims, ModelArg, parse_duration};
+use crate::bench::{self, BenchConfig, summarize};
 use crate::grpc::pb;
 use crate::grpc::pb::compute_service_server::{ComputeService, ComputeServiceServer};
-use crate::model::Model;
+use crate::model::{Model, ModelSpec};
 use crate::plan::{CgroupReader, CpuBudget};
 
 /// Thread-related variables that change what libtorch, OpenMP or MKL do.
@@ -36,57 +34,43 @@ const THREAD_ENV: [&str; 10] = [
     "CUDA_VISIBLE_DEVICES",
 ];
 
-#[derive(Debug, Clone, Args)]
-pub struct DiagnoseArgs {
+#[derive(Debug, Clone)]
+pub struct DiagnoseConfig {
     /// Model to measure: a TorchScript file or a built-in spec (builtin:mlp:512x1024x512).
-    #[arg(
-        long,
-        env = "SPLITSERVE_DIAGNOSE_MODEL",
-        default_value = "builtin:mlp:512x1024x512"
-    )]
     pub model: String,
 
     /// Input shape of one request, e.g. 1x512 or 1x64x256.
-    #[arg(long, env = "SPLITSERVE_DIAGNOSE_SHAPE", default_value = "1x512")]
-    pub shape: Dims,
+    pub shape: Vec<i64>,
 
     /// How long each measurement runs.
-    #[arg(long, env = "SPLITSERVE_DIAGNOSE_DURATION", default_value = "3s", value_parser = parse_duration)]
     pub duration: Duration,
 
     /// Concurrent clients for the gRPC measurements.
-    #[arg(long, env = "SPLITSERVE_DIAGNOSE_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
 
     /// Plans to measure, WxT (workers x intra-op threads), comma-separated.
     /// Default: every split of the budget plus one oversubscribed plan.
-    #[arg(long, env = "SPLITSERVE_DIAGNOSE_PLANS", value_delimiter = ',')]
-    pub plans: Vec<PlanArg>,
+    pub plans: Vec<PlanShape>,
 
     /// CPU cores this process may use (as `serve --cpu-limit`).
-    #[arg(long, env = "SPLITSERVE_CPU_LIMIT")]
     pub cpu_limit: Option<f64>,
-
-    /// Print one JSON object instead of the report.
-    #[arg(long)]
-    pub json: bool,
 }
 
-/// `WxT` on the command line.
+/// A plan to measure: W workers x T intra-op threads, written `WxT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct PlanArg {
+pub struct PlanShape {
     pub workers: usize,
     pub intra_op_threads: usize,
 }
 
-impl std::str::FromStr for PlanArg {
+impl std::str::FromStr for PlanShape {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (w, t) = s
             .split_once('x')
             .ok_or_else(|| format!("expected WxT like 2x1, got {s:?}"))?;
         match (w.trim().parse::<usize>(), t.trim().parse::<usize>()) {
-            (Ok(w), Ok(t)) if w > 0 && t > 0 => Ok(PlanArg {
+            (Ok(w), Ok(t)) if w > 0 && t > 0 => Ok(PlanShape {
                 workers: w,
                 intra_op_threads: t,
             }),
@@ -208,17 +192,17 @@ impl ThreadSampler {
     }
 }
 
-fn default_plans(budget: usize) -> Vec<PlanArg> {
-    let mut plans: Vec<PlanArg> = (1..=budget)
+fn default_plans(budget: usize) -> Vec<PlanShape> {
+    let mut plans: Vec<PlanShape> = (1..=budget)
         .filter(|w| budget % w == 0)
-        .map(|w| PlanArg {
+        .map(|w| PlanShape {
             workers: w,
             intra_op_threads: budget / w,
         })
         .collect();
     plans.reverse();
     // What a Python ThreadPoolExecutor(10) with PyTorch's default threads does.
-    plans.push(PlanArg {
+    plans.push(PlanShape {
         workers: 10,
         intra_op_threads: budget,
     });
@@ -231,7 +215,7 @@ fn default_plans(budget: usize) -> Vec<PlanArg> {
 fn measure_libtorch(
     model: &Arc<Model>,
     shape: &[i64],
-    plan: PlanArg,
+    plan: PlanShape,
     budget: usize,
     duration: Duration,
 ) -> Row {
@@ -350,8 +334,8 @@ impl ComputeService for Echo {
     }
 }
 
-fn bench_args(addr: SocketAddr, args: &DiagnoseArgs) -> BenchArgs {
-    BenchArgs {
+fn bench_args(addr: SocketAddr, args: &DiagnoseConfig) -> BenchConfig {
+    BenchConfig {
         addr: addr.to_string(),
         concurrency: args.concurrency,
         connections: 4,
@@ -362,7 +346,6 @@ fn bench_args(addr: SocketAddr, args: &DiagnoseArgs) -> BenchArgs {
         dtype: "float32".into(),
         timeout: Duration::from_secs(30),
         client_threads: 1,
-        json: false,
     }
 }
 
@@ -379,7 +362,7 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, DiagnoseError> {
 fn load_and_watch(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
-    args: &DiagnoseArgs,
+    args: &DiagnoseConfig,
     pid: u32,
     own_process: bool,
 ) -> Result<(bench::BenchReport, u64, u64), DiagnoseError> {
@@ -394,7 +377,7 @@ fn load_and_watch(
 
 fn row_from_bench(
     measure: &str,
-    plan: PlanArg,
+    plan: PlanShape,
     budget: usize,
     r: &bench::BenchReport,
     threads: u64,
@@ -414,7 +397,7 @@ fn row_from_bench(
     }
 }
 
-fn measure_echo(args: &DiagnoseArgs, budget: usize) -> Result<Row, DiagnoseError> {
+fn measure_echo(args: &DiagnoseConfig, budget: usize) -> Result<Row, DiagnoseError> {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -436,7 +419,7 @@ fn measure_echo(args: &DiagnoseArgs, budget: usize) -> Result<Row, DiagnoseError
     let rt = client_runtime()?;
     let (report, threads, cs) = load_and_watch(&rt, addr, args, pid, true)?;
     server_rt.shutdown_background();
-    let plan = PlanArg {
+    let plan = PlanShape {
         workers: 0,
         intra_op_threads: 0,
     };
@@ -464,15 +447,14 @@ fn free_port() -> Result<u16, DiagnoseError> {
 
 /// Both together: a real `splitserve serve` child with the plan, under load.
 fn measure_together(
-    args: &DiagnoseArgs,
-    plan: PlanArg,
+    args: &DiagnoseConfig,
+    plan: PlanShape,
     budget: usize,
 ) -> Result<Row, DiagnoseError> {
     let exe = std::env::current_exe().map_err(|e| DiagnoseError::Io(e.to_string()))?;
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let dims = args
         .shape
-        .0
         .iter()
         .map(i64::to_string)
         .collect::<Vec<_>>()
@@ -497,7 +479,7 @@ fn measure_together(
     );
     let pid = child.0.id();
     let rt = client_runtime()?;
-    let probe = crate::client::ProbeArgs {
+    let probe = crate::client::ProbeConfig {
         addr: addr.to_string(),
         service: crate::grpc::SERVICE_NAME.into(),
         timeout: Duration::from_secs(1),
@@ -550,7 +532,7 @@ fn recommend(rows: &[Row], clients: usize) -> Option<Recommendation> {
 }
 
 /// Gathers the facts and runs every measurement.
-pub fn run(args: &DiagnoseArgs) -> Result<DiagnoseReport, DiagnoseError> {
+pub fn run(args: &DiagnoseConfig) -> Result<DiagnoseReport, DiagnoseError> {
     if args.concurrency == 0 {
         return Err(DiagnoseError::Invalid(
             "--concurrency must be at least 1".into(),
@@ -603,10 +585,11 @@ pub fn run(args: &DiagnoseArgs) -> Result<DiagnoseReport, DiagnoseError> {
         ));
     }
 
-    let spec: ModelArg = format!("diag={}", args.model)
+    let mut spec: ModelSpec = format!("diag={}", args.model)
         .parse()
         .map_err(DiagnoseError::Invalid)?;
-    let model = Arc::new(Model::load(&spec, Device::Cpu, Some(&args.shape.0))?);
+    spec.warmup = Some(args.shape.clone());
+    let model = Arc::new(Model::load(&spec, Device::Cpu)?);
     let plans = if args.plans.is_empty() {
         default_plans(budget.cores)
     } else {
@@ -615,7 +598,7 @@ pub fn run(args: &DiagnoseArgs) -> Result<DiagnoseReport, DiagnoseError> {
 
     let libtorch_alone = plans
         .iter()
-        .map(|&p| measure_libtorch(&model, &args.shape.0, p, budget.cores, args.duration))
+        .map(|&p| measure_libtorch(&model, &args.shape, p, budget.cores, args.duration))
         .collect();
     let grpc_alone = Some(measure_echo(args, budget.cores)?);
     let mut together = Vec::new();
@@ -629,7 +612,7 @@ pub fn run(args: &DiagnoseArgs) -> Result<DiagnoseReport, DiagnoseError> {
         env,
         warnings,
         model: args.model.clone(),
-        shape: args.shape.0.clone(),
+        shape: args.shape.clone(),
         libtorch_alone,
         grpc_alone,
         together,
@@ -752,13 +735,13 @@ mod tests {
     #[test]
     fn plans_parse() {
         assert_eq!(
-            "2x3".parse::<PlanArg>().unwrap(),
-            PlanArg {
+            "2x3".parse::<PlanShape>().unwrap(),
+            PlanShape {
                 workers: 2,
                 intra_op_threads: 3
             }
         );
-        assert!("2x0".parse::<PlanArg>().is_err());
-        assert!("two".parse::<PlanArg>().is_err());
+        assert!("2x0".parse::<PlanShape>().is_err());
+        assert!("two".parse::<PlanShape>().is_err());
     }
 }

@@ -16,9 +16,8 @@ use prometheus::{Histogram, IntCounter};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{oneshot, watch};
 
-use crate::codec::{Encoding, RawTensor, WireDtype};
-use crate::config::{DeviceArg, ModelArg, ServeArgs};
-use crate::model::{self, Model, ModelError};
+use crate::codec::{Encoding, RawTensor};
+use crate::model::{self, DeviceRequest, Model, ModelError, ModelSpec};
 use crate::plan::ThreadPlan;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::reason;
@@ -58,54 +57,43 @@ pub enum EngineError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
-    Training(#[from] TrainingError),
+    Training(TrainingError),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<TrainingError> for EngineError {
+    /// A model failure during a training step is a model failure like any other.
+    fn from(e: TrainingError) -> EngineError {
+        match e {
+            TrainingError::Model(m) => EngineError::Model(m),
+            other => EngineError::Training(other),
+        }
+    }
 }
 
 /// Per-model settings the engine needs.
 #[derive(Debug, Clone)]
 pub struct ModelSlot {
-    pub arg: ModelArg,
-    pub warmup: Option<Vec<i64>>,
+    pub spec: ModelSpec,
+    /// Most rows one batched forward joins; 1 turns batching off.
     pub max_batch: usize,
+    /// How long a worker holding a partial batch waits for more requests.
     pub batch_timeout: Duration,
 }
 
 /// What the engine is started with.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// The models, the first being the default for an empty model_id.
     pub models: Vec<ModelSlot>,
-    pub device: DeviceArg,
+    pub device: DeviceRequest,
+    /// The thread plan the workers and libtorch run with.
     pub plan: ThreadPlan,
+    /// Requests each model may hold waiting for a worker.
     pub queue_capacity: usize,
     /// Activation store, optimizers and checkpoints for split training.
     pub training: TrainingConfig,
-}
-
-impl EngineConfig {
-    pub fn from_args(args: &ServeArgs, plan: ThreadPlan) -> EngineConfig {
-        let models = args
-            .model_args()
-            .into_iter()
-            .map(|arg| {
-                let (max_batch, batch_timeout) = args.batching_for(&arg.name);
-                ModelSlot {
-                    warmup: args.warmup_shape_for(&arg.name),
-                    arg,
-                    max_batch,
-                    batch_timeout,
-                }
-            })
-            .collect();
-        EngineConfig {
-            models,
-            device: args.device,
-            plan,
-            queue_capacity: args.queue_capacity,
-            training: TrainingConfig::from_args(args),
-        }
-    }
 }
 
 /// A computed reply, still as plain bytes.
@@ -174,17 +162,7 @@ impl Job {
             return None;
         }
         let (rows, rest) = self.input.shape.split_first()?;
-        Some((*rows, (rest, input_kind(&self.input, self.enc))))
-    }
-}
-
-/// The dtype a request is computed in: splitlearn_comm's float codecs always
-/// meant float32 on the model side; explicit dtypes stay as they are.
-fn input_kind(t: &RawTensor, enc: Encoding) -> Kind {
-    if enc.explicit {
-        t.dtype.to_kind()
-    } else {
-        Kind::Float
+        Some((*rows, (rest, model::input_kind(&self.input, self.enc))))
     }
 }
 
@@ -232,7 +210,7 @@ impl Engine {
         let model_metrics = config
             .models
             .iter()
-            .map(|m| ModelMetrics::new(&metrics, &m.arg.name))
+            .map(|m| ModelMetrics::new(&metrics, &m.spec.name))
             .collect();
         let workers = config.plan.workers;
         let training = Training::new(&config.training, config.models.len());
@@ -286,7 +264,7 @@ impl Engine {
     pub fn resolve_model(&self, model_id: &str) -> Option<&str> {
         self.model_index(model_id)
             .ok()
-            .map(|i| self.shared.config.models[i].arg.name.as_str())
+            .map(|i| self.shared.config.models[i].spec.name.as_str())
     }
 
     /// The split-training state: forward_id lookups and counters.
@@ -300,7 +278,7 @@ impl Engine {
             .config
             .models
             .iter()
-            .map(|m| m.arg.name.clone())
+            .map(|m| m.spec.name.clone())
             .collect()
     }
 
@@ -371,12 +349,12 @@ impl Engine {
         }
         models
             .iter()
-            .position(|m| m.arg.name == name)
+            .position(|m| m.spec.name == name)
             .ok_or_else(|| EngineError::UnknownModel {
                 name: name.to_string(),
                 known: models
                     .iter()
-                    .map(|m| format!("{:?}", m.arg.name))
+                    .map(|m| format!("{:?}", m.spec.name))
                     .collect::<Vec<_>>()
                     .join(", "),
             })
@@ -428,13 +406,13 @@ impl Engine {
             if queue.len() >= cap {
                 self.shared.model_metrics[index].queue_full.inc();
                 return Err(EngineError::QueueFull {
-                    model: self.shared.config.models[index].arg.name.clone(),
+                    model: self.shared.config.models[index].spec.name.clone(),
                     capacity: cap,
                 });
             }
             let rpc_span = tracing::Span::current();
             let queue_span =
-                tracing::debug_span!("queue", model = %self.shared.config.models[index].arg.name);
+                tracing::debug_span!("queue", model = %self.shared.config.models[index].spec.name);
             queue.push_back(Job {
                 input,
                 enc,
@@ -528,12 +506,12 @@ fn load_then_start_workers(shared: Arc<Shared>) {
             .iter()
             .map(|slot| {
                 let started = Instant::now();
-                let m = Model::load(&slot.arg, device, slot.warmup.as_deref())?;
+                let m = Model::load(&slot.spec, device)?;
                 tracing::info!(
                     model = %m.name,
                     source = %m.description,
                     device = %model::device_name(device),
-                    warmed_up = slot.warmup.is_some() || !matches!(slot.arg.spec, crate::config::ModelSpecArg::TorchScript(_)),
+                    warmed_up = slot.spec.warmup.is_some() || !matches!(slot.spec.source, model::ModelSource::TorchScript(_)),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "model loaded"
                 );
@@ -768,7 +746,8 @@ fn run_batch(
         Some((s, job)) => vec![
             shared
                 .training
-                .run(model_index, model, s, &job.input, job.enc),
+                .run(model_index, model, s, &job.input, job.enc)
+                .map_err(EngineError::from),
         ],
         None => compute(model, &jobs)
             .into_iter()
@@ -846,7 +825,7 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<RawTensor, EngineError>> {
         parts
             .iter()
             .zip(jobs)
-            .map(|(p, j)| from_tensor(model, p, j.enc))
+            .map(|(p, j)| Ok(model::from_tensor(model, p, j.enc)?))
             .collect()
     })();
     match batched {
@@ -858,69 +837,13 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<RawTensor, EngineError>> {
 fn compute_one(model: &Model, job: &Job) -> Result<RawTensor, EngineError> {
     let x = to_tensor(model, job)?;
     let y = model.forward(&x)?;
-    from_tensor(model, &y, job.enc)
+    Ok(model::from_tensor(model, &y, job.enc)?)
 }
 
 fn internal(model: &Model, e: tch::TchError) -> EngineError {
-    EngineError::Model(ModelError::Internal {
-        model: model.name.clone(),
-        message: model::clean_torch_message(&e.to_string()),
-    })
+    EngineError::Model(model::internal(model, e))
 }
 
 fn to_tensor(model: &Model, job: &Job) -> Result<Tensor, EngineError> {
-    raw_to_tensor(model, &job.input, job.enc)
-}
-
-/// Wire bytes to a tensor on the model's device, in the dtype it is computed in.
-pub(crate) fn raw_to_tensor(
-    model: &Model,
-    raw: &RawTensor,
-    enc: Encoding,
-) -> Result<Tensor, EngineError> {
-    let t = Tensor::f_from_data_size(&raw.data, &raw.shape, raw.dtype.to_kind())
-        .map_err(|e| internal(model, e))?;
-    let kind = input_kind(raw, enc);
-    let t = if t.kind() != kind {
-        t.f_to_kind(kind).map_err(|e| internal(model, e))?
-    } else {
-        t
-    };
-    if model.device != Device::Cpu {
-        return t.f_to_device(model.device).map_err(|e| internal(model, e));
-    }
-    Ok(t)
-}
-
-/// A tensor back to wire bytes in the reply's dtype: the request's float encoding,
-/// or with an explicit dtype, the output's own.
-pub(crate) fn from_tensor(
-    model: &Model,
-    t: &Tensor,
-    enc: Encoding,
-) -> Result<RawTensor, EngineError> {
-    let dtype = if enc.explicit {
-        WireDtype::from_kind(t.kind()).ok_or_else(|| {
-            EngineError::Model(ModelError::Internal {
-                model: model.name.clone(),
-                message: format!("output dtype {:?} has no wire encoding", t.kind()),
-            })
-        })?
-    } else {
-        enc.dtype
-    };
-    let t = t
-        .f_to_device(Device::Cpu)
-        .and_then(|t| t.f_to_kind(dtype.to_kind()))
-        .and_then(|t| t.f_contiguous())
-        .map_err(|e| internal(model, e))?;
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * dtype.size()];
-    t.f_copy_data_u8(&mut data, numel)
-        .map_err(|e| internal(model, e))?;
-    Ok(RawTensor {
-        data: data.into(),
-        shape: t.size(),
-        dtype,
-    })
+    Ok(model::raw_to_tensor(model, &job.input, job.enc)?)
 }

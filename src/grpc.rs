@@ -82,12 +82,7 @@ impl From<ServeError> for Status {
                 }
                 EngineError::QueueFull { .. } => Status::resource_exhausted(msg),
                 EngineError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
-                EngineError::Model(m) => match m {
-                    ModelError::InvalidInput { .. } => Status::invalid_argument(msg),
-                    ModelError::Internal { .. }
-                    | ModelError::Load { .. }
-                    | ModelError::Device { .. } => Status::internal(msg),
-                },
+                EngineError::Model(m) => model_status(&m, msg),
                 EngineError::Training(t) => match t {
                     TrainingError::NotFound { .. } => Status::not_found(msg),
                     TrainingError::AlreadyExists { .. } => Status::already_exists(msg),
@@ -96,11 +91,21 @@ impl From<ServeError> for Status {
                     | TrainingError::BadRequest(_) => Status::invalid_argument(msg),
                     TrainingError::Stale { .. } => Status::aborted(msg),
                     TrainingError::TooLarge { .. } => Status::resource_exhausted(msg),
+                    TrainingError::Model(m) => model_status(&m, msg),
                 },
                 EngineError::Internal(_) => Status::internal(msg),
             },
             ServeError::Unimplemented(_) => Status::unimplemented(msg),
             ServeError::BadRequest(_) => Status::invalid_argument(msg),
+        }
+    }
+}
+
+fn model_status(m: &ModelError, msg: String) -> Status {
+    match m {
+        ModelError::InvalidInput { .. } => Status::invalid_argument(msg),
+        ModelError::Internal { .. } | ModelError::Load { .. } | ModelError::Device { .. } => {
+            Status::internal(msg)
         }
     }
 }
@@ -648,7 +653,7 @@ impl ComputeService for ComputeApi {
         for slot in &self.engine.config().models {
             if slot.max_batch > 1 {
                 custom.insert(
-                    format!("model.{}.batching", slot.arg.name),
+                    format!("model.{}.batching", slot.spec.name),
                     format!(
                         "max {} rows, wait {} us",
                         slot.max_batch,

@@ -2,7 +2,11 @@
 //! inference on libtorch, wire-compatible with splitlearn_comm clients.
 //!
 //! # Layout
-//! - [`config`]: the command line (clap derive; every flag also `SPLITSERVE_*`) and validation.
+//! - [`cli`]: the command line (every flag also `SPLITSERVE_*`): parses, validates
+//!   and converts into the plain configuration types the modules below own. The
+//!   only module that knows about argument parsing.
+//! - [`server`]: [`ServerConfig`] and [`run`]: engine, gRPC services and admin
+//!   sidecar on listeners the caller bound; readiness, liveness, drain.
 //! - [`plan`]: the CPU budget from cgroup v1/v2, cpuset and the OS; the thread plan;
 //!   libtorch's thread settings, applied once.
 //! - [`codec`]: wire bytes <-> raw tensors: dtype, shape, size checks, float16 and zlib.
@@ -22,236 +26,29 @@
 //! The thread model: tonic runs on a small tokio runtime (io threads) that decodes
 //! and validates; W worker threads own every libtorch call; a oneshot carries each
 //! reply back. `main.rs` only parses, sets up logging and calls [`run`].
+//!
+//! Dependencies point one way: `cli` builds the configs that `server`, `engine`,
+//! `model`, `training`, `plan` and `telemetry` own; the front-ends (`grpc`,
+//! `admin`) call `engine`, which calls `model` and `training`; `telemetry` is
+//! called from anywhere and calls nothing back.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
 pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod codec;
-pub mod config;
 pub mod diagnose;
 pub mod engine;
 pub mod grpc;
 pub mod model;
 pub mod plan;
+pub mod server;
 pub mod telemetry;
 pub mod training;
 
-use std::time::Duration;
-
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
-
-use crate::config::ServeArgs;
-use crate::engine::{Engine, EngineConfig, EngineStatus};
-use crate::grpc::pb::compute_service_server::ComputeServiceServer;
-use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
-use crate::plan::ThreadPlan;
-use crate::telemetry::SnapshotCache;
+pub use server::{Listeners, RunError, ServerConfig, run};
 
 /// libtorch version this binary was built against.
 pub const TORCH_VERSION: &str = env!("SPLITSERVE_TORCH_VERSION");
-
-/// Sockets the caller bound, so tests can use port 0 and read the address.
-pub struct Listeners {
-    pub grpc: TcpListener,
-    /// The admin sidecar (/metrics, /livez, /readyz, /debug/plan); None to skip it.
-    pub admin: Option<TcpListener>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("the models could not be loaded: {0}")]
-    Startup(String),
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error(transparent)]
-    Metrics(#[from] telemetry::metrics::MetricsError),
-}
-
-/// Health service names and what they follow.
-const READINESS_SERVICES: [&str; 2] = ["", SERVICE_NAME];
-/// Health service name that follows liveness (no stalled worker).
-pub const LIVENESS_SERVICE: &str = "liveness";
-
-/// Serves until `shutdown` is cancelled, then drains: health turns NOT_SERVING,
-/// new requests get UNAVAILABLE, queued and in-flight ones finish within
-/// `--shutdown-grace`. Must be called inside a tokio runtime.
-pub async fn run(
-    args: ServeArgs,
-    plan: ThreadPlan,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
-    let metrics = telemetry::Metrics::new(TORCH_VERSION)?;
-    let engine = Engine::start(EngineConfig::from_args(&args, plan), metrics.clone());
-    let snapshots = SnapshotCache::default();
-    let stop_background = CancellationToken::new();
-    snapshots.spawn_refresher(Duration::from_secs(1), stop_background.clone());
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in READINESS_SERVICES {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
-    health
-        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
-        .await;
-
-    let api = ComputeApi::new(
-        engine.clone(),
-        StaticInfo {
-            version: env!("CARGO_PKG_VERSION"),
-            torch_version: TORCH_VERSION,
-            plan,
-            max_message_bytes: args.max_message_bytes,
-            stall_timeout: args.stall_timeout,
-        },
-        codec::Limits {
-            max_elements: args.max_elements,
-        },
-        snapshots.clone(),
-    );
-    let compute = ComputeServiceServer::new(api)
-        .max_decoding_message_size(args.max_message_bytes)
-        .max_encoding_message_size(args.max_message_bytes);
-
-    spawn_stall_watchdog(
-        engine.clone(),
-        health.clone(),
-        args.stall_timeout,
-        stop_background.clone(),
-    );
-
-    let stop_server = CancellationToken::new();
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .layer(tower::util::MapRequestLayer::new(
-            grpc::stamp_arrival::<tonic::body::Body>,
-        ))
-        .layer(tower::util::MapResponseLayer::new(
-            grpc::message_limit_status::<tonic::body::Body>,
-        ))
-        .add_service(health_service)
-        .add_service(compute)
-        .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
-    let mut server = tokio::spawn(server);
-
-    if let Some(listener) = listeners.admin {
-        let state = admin::AdminState {
-            engine: engine.clone(),
-            metrics: metrics.clone(),
-            plan,
-            stall_timeout: args.stall_timeout,
-        };
-        let stop = stop_server.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, admin::router(state))
-                .with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "admin sidecar failed");
-            }
-        });
-    }
-
-    // Readiness follows the engine: NOT_SERVING until loaded, SERVING after.
-    let mut status = engine.status();
-    let outcome = loop {
-        let current = status.borrow_and_update().clone();
-        match current {
-            EngineStatus::Ready => {
-                for name in READINESS_SERVICES {
-                    health
-                        .set_service_status(name, ServingStatus::Serving)
-                        .await;
-                }
-                snapshots.set_gpu_device(match engine.device() {
-                    Some(tch::Device::Cuda(n)) => Some(n as u32),
-                    _ => None,
-                });
-                tracing::info!(addr = ?args.grpc_addr, "serving");
-            }
-            EngineStatus::Failed(msg) => break Err(RunError::Startup(msg)),
-            _ => {}
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            changed = status.changed() => if changed.is_err() { break Ok(()) },
-            res = &mut server => {
-                stop_background.cancel();
-                return match res {
-                    Ok(r) => r.map_err(RunError::from),
-                    Err(e) => Err(RunError::Startup(format!("server task ended: {e}"))),
-                };
-            }
-        }
-    };
-
-    tracing::info!(
-        grace_s = args.shutdown_grace.as_secs_f64(),
-        "shutdown requested (Kubernetes sends SIGTERM before removing the pod): \
-         health NOT_SERVING, finishing queued and in-flight requests"
-    );
-    for name in READINESS_SERVICES {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
-    let drained = engine.drain(args.shutdown_grace).await;
-    if !drained {
-        tracing::warn!("shutdown grace ran out; queued requests were answered UNAVAILABLE");
-    }
-    stop_server.cancel();
-    // In-flight replies are written by now; give the connections a moment to flush.
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
-    stop_background.cancel();
-    tracing::info!(
-        computed = engine.metrics().total(&engine.metrics().computed, &[]),
-        "stopped"
-    );
-    outcome
-}
-
-/// Marks the process not live while a worker is stuck on one job for longer than
-/// `--stall-timeout`, so a Kubernetes liveness probe on `liveness` restarts it.
-fn spawn_stall_watchdog(
-    engine: Engine,
-    health: tonic_health::server::HealthReporter,
-    limit: Duration,
-    stop: CancellationToken,
-) {
-    let every = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        let mut was_stalled = false;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let stalled = engine.stalled_workers(limit);
-            if (stalled > 0) != was_stalled {
-                was_stalled = stalled > 0;
-                if was_stalled {
-                    tracing::error!(
-                        stalled,
-                        limit_s = limit.as_secs_f64(),
-                        "worker stalled: busy on one job past --stall-timeout; liveness NOT_SERVING"
-                    );
-                    health
-                        .set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing)
-                        .await;
-                } else {
-                    tracing::warn!("stalled worker finished its job; liveness SERVING again");
-                    health
-                        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
-                        .await;
-                }
-            }
-        }
-    });
-}

@@ -3,21 +3,17 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use splitserve::bench::BenchArgs;
-use splitserve::client::ProbeArgs;
-use splitserve::config::{Cli, Command, EXIT_CONFIG, ServeArgs};
-use splitserve::diagnose::DiagnoseArgs;
-use splitserve::plan::ThreadPlan;
-use splitserve::{Listeners, telemetry};
+use splitserve::cli::{BenchArgs, Cli, Command, DiagnoseArgs, EXIT_CONFIG, ProbeArgs, ServeArgs};
+use splitserve::{Listeners, ServerConfig, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Bench(args) => bench(&args),
-        Command::Probe(args) => probe(&args),
-        Command::Diagnose(args) => diagnose(&args),
+        Command::Bench(args) => bench(*args),
+        Command::Probe(args) => probe(args),
+        Command::Diagnose(args) => diagnose(*args),
     }
 }
 
@@ -33,15 +29,17 @@ fn client_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn bench(args: &BenchArgs) -> ExitCode {
-    let runtime = match client_runtime(args.client_threads) {
+fn bench(args: BenchArgs) -> ExitCode {
+    let json = args.json;
+    let config = args.into_config();
+    let runtime = match client_runtime(config.client_threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = runtime.block_on(splitserve::bench::run(args));
+    let result = runtime.block_on(splitserve::bench::run(&config));
     report(
         "bench",
-        args.json,
+        json,
         result.map(|r| (serde_json::to_string(&r), r.render())),
     )
 }
@@ -68,21 +66,23 @@ fn report<E: std::fmt::Display>(
     }
 }
 
-fn diagnose(args: &DiagnoseArgs) -> ExitCode {
-    let result = splitserve::diagnose::run(args);
+fn diagnose(args: DiagnoseArgs) -> ExitCode {
+    let json = args.json;
+    let result = splitserve::diagnose::run(&args.into_config());
     report(
         "diagnose",
-        args.json,
+        json,
         result.map(|r| (serde_json::to_string(&r), r.render())),
     )
 }
 
-fn probe(args: &ProbeArgs) -> ExitCode {
+fn probe(args: ProbeArgs) -> ExitCode {
+    let args = args.into_config();
     let runtime = match client_runtime(1) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(splitserve::client::probe(args)) {
+    match runtime.block_on(splitserve::client::probe(&args)) {
         Ok(status) => {
             println!("{} {:?}: {status}", args.addr, args.service);
             if status == "SERVING" {
@@ -104,24 +104,22 @@ fn config_error(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let endpoint = telemetry::otel::otlp_endpoint(args.otlp_endpoint.as_deref());
-    let guard = match telemetry::otel::init(args.log_format, endpoint.as_deref()) {
+    let telemetry = args.telemetry_config();
+    let endpoint = telemetry::otel::otlp_endpoint(telemetry.otlp_endpoint.as_deref());
+    let guard = match telemetry::otel::init(telemetry.log_format, endpoint.as_deref()) {
         Ok(guard) => guard,
         Err(e) => return config_error(e),
     };
-    let code = serve_with_telemetry(args);
+    let code = match args.into_config() {
+        Ok(config) => serve_with_telemetry(config),
+        Err(e) => config_error(e),
+    };
     guard.shutdown();
     code
 }
 
-fn serve_with_telemetry(args: ServeArgs) -> ExitCode {
-    if let Err(e) = args.validate() {
-        return config_error(e);
-    }
-    let plan = match ThreadPlan::from_args(&args) {
-        Ok(plan) => plan,
-        Err(e) => return config_error(e),
-    };
+fn serve_with_telemetry(config: ServerConfig) -> ExitCode {
+    let plan = config.engine.plan;
     if plan.oversubscribed {
         tracing::warn!(%plan, "thread plan oversubscribes the CPU budget (--allow-oversubscription)");
     }
@@ -140,15 +138,15 @@ fn serve_with_telemetry(args: ServeArgs) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
+        let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.grpc_addr))?;
-        let admin = tokio::net::TcpListener::bind(args.metrics_addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_addr))?;
+        let admin = tokio::net::TcpListener::bind(config.metrics_addr)
             .await
             .map_err(|e| {
                 anyhow::anyhow!(
                     "cannot listen on {} (--metrics-addr): {e}",
-                    args.metrics_addr
+                    config.metrics_addr
                 )
             })?;
         tracing::info!(grpc = %grpc.local_addr()?, metrics = %admin.local_addr()?, "listening");
@@ -158,7 +156,7 @@ fn serve_with_telemetry(args: ServeArgs) -> ExitCode {
             grpc,
             admin: Some(admin),
         };
-        splitserve::run(args, plan, listeners, shutdown)
+        splitserve::run(config, listeners, shutdown)
             .await
             .map_err(anyhow::Error::from)
     });

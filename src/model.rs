@@ -5,12 +5,155 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use serde::Deserialize;
 use tch::{CModule, Device, IValue, Kind, Tensor, nn};
 
-use crate::config::{BuiltinArg, DeviceArg, ModelArg, ModelSpecArg};
+use crate::codec::{Encoding, RawTensor, WireDtype};
+
+/// Where models run, as configured; resolved against the hardware at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceRequest {
+    /// The first CUDA device if there is one, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceRequest::Cuda(n)),
+                _ => Err(format!("expected auto, cpu, cuda or cuda:N, got {s:?}")),
+            },
+        }
+    }
+}
+
+/// One model to serve: its name, where it comes from, and its warm-up input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub source: ModelSource,
+    /// Input shape of the warm-up forward at load; built-in models know their
+    /// own, a TorchScript model without one loads without a warm-up forward.
+    pub warmup: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    TorchScript(PathBuf),
+    Builtin(Builtin),
+}
+
+/// The built-in models, defined in Rust so the service runs without any file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Builtin {
+    /// Multiplies any tensor by K (splitlearn_comm's own test fixture does this).
+    Scale(f64),
+    /// Linear layers with ReLU between them: widths IN, HIDDEN..., OUT; with
+    /// `@FILE`, the weights of a checkpoint (`--checkpoint-dir`) instead of the seed's.
+    Mlp(Vec<i64>, Option<PathBuf>),
+    /// Sleeps, then returns its input: makes queueing and drain observable in tests.
+    Delay(Duration),
+}
+
+impl ModelSpec {
+    /// The model served when none is configured.
+    pub fn default_mlp() -> ModelSpec {
+        ModelSpec {
+            name: "mlp".into(),
+            source: ModelSource::Builtin(Builtin::Mlp(vec![512, 1024, 512], None)),
+            warmup: None,
+        }
+    }
+}
+
+/// `NAME=SPEC`, as `--model` and `splitserve diagnose` write a model.
+impl FromStr for ModelSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, source) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=SPEC, got {s:?}"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "model name {name:?} must be non-empty letters, digits, '-', '_' or '.'"
+            ));
+        }
+        Ok(ModelSpec {
+            name: name.to_string(),
+            source: source.parse()?,
+            warmup: None,
+        })
+    }
+}
+
+/// A TorchScript file path, or `builtin:mlp:INxHIDDENxOUT[@FILE]`,
+/// `builtin:scale:K`, `builtin:delay:MILLIS`.
+impl FromStr for ModelSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("builtin:") else {
+            if s.is_empty() {
+                return Err("empty model path".into());
+            }
+            return Ok(ModelSource::TorchScript(PathBuf::from(s)));
+        };
+        let (kind, arg) = rest.split_once(':').unwrap_or((rest, ""));
+        let builtin = match kind {
+            "scale" => Builtin::Scale(
+                arg.parse::<f64>()
+                    .ok()
+                    .filter(|k| k.is_finite())
+                    .ok_or_else(|| format!("builtin:scale needs a finite factor, got {arg:?}"))?,
+            ),
+            "mlp" => {
+                let (arg, weights) = match arg.split_once('@') {
+                    Some((widths, file)) if !file.is_empty() => (widths, Some(PathBuf::from(file))),
+                    _ => (arg, None),
+                };
+                let widths: Result<Vec<i64>, _> = arg.split('x').map(str::parse::<i64>).collect();
+                match widths {
+                    Ok(w) if w.len() >= 2 && w.iter().all(|&d| (1..=1 << 20).contains(&d)) => {
+                        Builtin::Mlp(w, weights)
+                    }
+                    _ => {
+                        return Err(format!(
+                            "builtin:mlp needs at least two positive widths like 512x1024x512, got {arg:?}"
+                        ));
+                    }
+                }
+            }
+            "delay" => {
+                Builtin::Delay(Duration::from_millis(arg.parse::<u64>().map_err(|_| {
+                    format!("builtin:delay needs milliseconds, got {arg:?}")
+                })?))
+            }
+            other => {
+                return Err(format!(
+                    "unknown built-in model {other:?} (known: mlp, scale, delay)"
+                ));
+            }
+        };
+        Ok(ModelSource::Builtin(builtin))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
@@ -31,15 +174,15 @@ pub enum ModelError {
 }
 
 /// Resolves `--device` against the hardware. Calls libtorch.
-pub fn resolve_device(arg: DeviceArg) -> Result<Device, ModelError> {
+pub fn resolve_device(arg: DeviceRequest) -> Result<Device, ModelError> {
     match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Auto => Ok(if tch::Cuda::is_available() {
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Auto => Ok(if tch::Cuda::is_available() {
             Device::Cuda(0)
         } else {
             Device::Cpu
         }),
-        DeviceArg::Cuda(n) => {
+        DeviceRequest::Cuda(n) => {
             let count = tch::Cuda::device_count();
             if (n as i64) < count {
                 Ok(Device::Cuda(n))
@@ -117,18 +260,14 @@ unsafe impl Sync for Mlp {}
 
 impl Model {
     /// Loads (or builds) a model on a device and runs the warm-up forward.
-    pub fn load(
-        arg: &ModelArg,
-        device: Device,
-        warmup: Option<&[i64]>,
-    ) -> Result<Model, ModelError> {
+    pub fn load(spec: &ModelSpec, device: Device) -> Result<Model, ModelError> {
         let load_err = |source_desc: String, message: String| ModelError::Load {
-            name: arg.name.clone(),
+            name: spec.name.clone(),
             source_desc,
             message,
         };
-        let (inner, description, default_warmup) = match &arg.spec {
-            ModelSpecArg::TorchScript(path) => {
+        let (inner, description, default_warmup) = match &spec.source {
+            ModelSource::TorchScript(path) => {
                 let desc = path.display().to_string();
                 if !path.is_file() {
                     return Err(load_err(desc, "no such file".into()));
@@ -138,7 +277,7 @@ impl Model {
                 m.set_eval();
                 (Inner::Script(m), desc, None)
             }
-            ModelSpecArg::Builtin(BuiltinArg::Mlp(widths, weights)) => {
+            ModelSource::Builtin(Builtin::Mlp(widths, weights)) => {
                 let mut desc = format!(
                     "builtin:mlp:{}",
                     widths
@@ -187,25 +326,25 @@ impl Model {
                 let warm = vec![1, widths[0]];
                 (Inner::Mlp(Mlp { layers, vs }), desc, Some(warm))
             }
-            ModelSpecArg::Builtin(BuiltinArg::Scale(k)) => (
+            ModelSource::Builtin(Builtin::Scale(k)) => (
                 Inner::Scale(*k),
                 format!("builtin:scale:{k}"),
                 Some(vec![1, 1]),
             ),
-            ModelSpecArg::Builtin(BuiltinArg::Delay(d)) => (
+            ModelSource::Builtin(Builtin::Delay(d)) => (
                 Inner::Delay(*d),
                 format!("builtin:delay:{}", d.as_millis()),
                 None,
             ),
         };
         let model = Model {
-            name: arg.name.clone(),
+            name: spec.name.clone(),
             device,
             description,
             inner,
             params: RwLock::new(0),
         };
-        if let Some(shape) = warmup.map(<[i64]>::to_vec).or(default_warmup) {
+        if let Some(shape) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
             let input = Tensor::zeros(&shape, (Kind::Float, device));
             let _warm = model.forward(&input).map_err(|e| {
@@ -472,6 +611,67 @@ fn ivalue_kind(v: &IValue) -> &'static str {
     }
 }
 
+/// A libtorch failure on valid input: the operator's to fix.
+pub fn internal(model: &Model, e: tch::TchError) -> ModelError {
+    ModelError::Internal {
+        model: model.name.clone(),
+        message: clean_torch_message(&e.to_string()),
+    }
+}
+
+/// The dtype a request is computed in: splitlearn_comm's float codecs always
+/// meant float32 on the model side; explicit dtypes stay as they are.
+pub fn input_kind(t: &RawTensor, enc: Encoding) -> Kind {
+    if enc.explicit {
+        t.dtype.to_kind()
+    } else {
+        Kind::Float
+    }
+}
+
+/// Wire bytes to a tensor on the model's device, in the dtype it is computed in.
+pub fn raw_to_tensor(model: &Model, raw: &RawTensor, enc: Encoding) -> Result<Tensor, ModelError> {
+    let t = Tensor::f_from_data_size(&raw.data, &raw.shape, raw.dtype.to_kind())
+        .map_err(|e| internal(model, e))?;
+    let kind = input_kind(raw, enc);
+    let t = if t.kind() != kind {
+        t.f_to_kind(kind).map_err(|e| internal(model, e))?
+    } else {
+        t
+    };
+    if model.device != Device::Cpu {
+        return t.f_to_device(model.device).map_err(|e| internal(model, e));
+    }
+    Ok(t)
+}
+
+/// A tensor back to wire bytes in the reply's dtype: the request's float encoding,
+/// or with an explicit dtype, the output's own.
+pub fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, ModelError> {
+    let dtype = if enc.explicit {
+        WireDtype::from_kind(t.kind()).ok_or_else(|| ModelError::Internal {
+            model: model.name.clone(),
+            message: format!("output dtype {:?} has no wire encoding", t.kind()),
+        })?
+    } else {
+        enc.dtype
+    };
+    let t = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_to_kind(dtype.to_kind()))
+        .and_then(|t| t.f_contiguous())
+        .map_err(|e| internal(model, e))?;
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * dtype.size()];
+    t.f_copy_data_u8(&mut data, numel)
+        .map_err(|e| internal(model, e))?;
+    Ok(RawTensor {
+        data: data.into(),
+        shape: t.size(),
+        dtype,
+    })
+}
+
 /// The text of a panic payload.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
@@ -519,8 +719,8 @@ mod tests {
     use super::*;
 
     fn builtin(spec: &str) -> Model {
-        let arg: ModelArg = spec.parse().unwrap();
-        Model::load(&arg, Device::Cpu, None).unwrap()
+        let spec: ModelSpec = spec.parse().unwrap();
+        Model::load(&spec, Device::Cpu).unwrap()
     }
 
     #[test]
@@ -555,14 +755,44 @@ mod tests {
 
     #[test]
     fn missing_files_and_devices_are_named() {
-        let arg: ModelArg = "m=/nonexistent/model.pt".parse().unwrap();
-        let err = Model::load(&arg, Device::Cpu, None).err().unwrap();
+        let spec: ModelSpec = "m=/nonexistent/model.pt".parse().unwrap();
+        let err = Model::load(&spec, Device::Cpu).err().unwrap();
         assert!(err.to_string().contains("/nonexistent/model.pt"), "{err}");
         if !tch::Cuda::is_available() {
-            let err = resolve_device(DeviceArg::Cuda(3)).unwrap_err();
+            let err = resolve_device(DeviceRequest::Cuda(3)).unwrap_err();
             assert!(err.to_string().contains("cuda:3"), "{err}");
-            assert_eq!(resolve_device(DeviceArg::Auto).unwrap(), Device::Cpu);
+            assert_eq!(resolve_device(DeviceRequest::Auto).unwrap(), Device::Cpu);
         }
+    }
+
+    #[test]
+    fn model_specs_parse_builtin_and_files() {
+        let m: ModelSpec = "enc=models/enc.pt".parse().unwrap();
+        assert_eq!(m.source, ModelSource::TorchScript("models/enc.pt".into()));
+        let m: ModelSpec = "m=builtin:mlp:4x8x2".parse().unwrap();
+        assert_eq!(
+            m.source,
+            ModelSource::Builtin(Builtin::Mlp(vec![4, 8, 2], None))
+        );
+        let m: ModelSpec = "m=builtin:mlp:4x8x2@ckpt/m.safetensors".parse().unwrap();
+        assert_eq!(
+            m.source,
+            ModelSource::Builtin(Builtin::Mlp(
+                vec![4, 8, 2],
+                Some("ckpt/m.safetensors".into())
+            ))
+        );
+        let m: ModelSpec = "s=builtin:scale:2.5".parse().unwrap();
+        assert_eq!(m.source, ModelSource::Builtin(Builtin::Scale(2.5)));
+        assert!("noequals".parse::<ModelSpec>().is_err());
+        assert!("x=builtin:mlp:4".parse::<ModelSpec>().is_err());
+        assert!("x=builtin:what:4".parse::<ModelSpec>().is_err());
+        assert!("bad name=builtin:scale:1".parse::<ModelSpec>().is_err());
+        assert_eq!(
+            "cuda:1".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(1)
+        );
+        assert!("tpu".parse::<DeviceRequest>().is_err());
     }
 
     #[test]

@@ -8,9 +8,62 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{Auto, ServeArgs};
+/// `auto` or an explicit positive count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auto {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl std::str::FromStr for Auto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Auto::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(0) => Err("must be at least 1 (or auto)".into()),
+            Ok(n) => Ok(Auto::Count(n)),
+            Err(_) => Err(format!("expected auto or a positive number, got {s:?}")),
+        }
+    }
+}
+
+/// What the operator asked for; [`ThreadPlan::from_request`] fits it into the
+/// CPU budget.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct PlanRequest {
+    /// Cores the operator grants (the pod's limits.cpu); None: what the cgroup
+    /// and the OS allow.
+    pub cpu_limit: Option<f64>,
+    /// Threads of the tokio runtime that runs the protocols (never libtorch).
+    pub io_threads: usize,
+    /// Inference worker threads.
+    pub workers: Auto,
+    /// libtorch intra-op threads per worker.
+    pub intra_op_threads: Auto,
+    /// libtorch inter-op threads, shared by all workers.
+    pub inter_op_threads: usize,
+    /// Start even when workers x intra-op threads exceeds the budget.
+    pub allow_oversubscription: bool,
+}
+
+impl Default for PlanRequest {
+    fn default() -> Self {
+        PlanRequest {
+            cpu_limit: None,
+            io_threads: 2,
+            workers: Auto::Auto,
+            intra_op_threads: Auto::Auto,
+            inter_op_threads: 1,
+            allow_oversubscription: false,
+        }
+    }
+}
 
 /// Where the binding CPU limit came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -299,14 +352,15 @@ impl ThreadPlan {
         })
     }
 
-    pub fn from_args(args: &ServeArgs) -> Result<ThreadPlan, PlanError> {
+    /// The plan for a request, in this process's CPU budget.
+    pub fn from_request(r: &PlanRequest) -> Result<ThreadPlan, PlanError> {
         ThreadPlan::new(
-            CpuBudget::of_this_process(args.cpu_limit),
-            args.io_threads,
-            args.workers,
-            args.intra_op_threads,
-            args.inter_op_threads,
-            args.allow_oversubscription,
+            CpuBudget::of_this_process(r.cpu_limit),
+            r.io_threads,
+            r.workers,
+            r.intra_op_threads,
+            r.inter_op_threads,
+            r.allow_oversubscription,
         )
     }
 

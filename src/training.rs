@@ -14,11 +14,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
+use serde::Deserialize;
 use tch::Tensor;
 
 use crate::codec::{Encoding, RawTensor};
-use crate::config::{OptimizerKind, OptimizerSettings, ServeArgs};
-use crate::engine::{self, EngineError};
 use crate::model::{self, Model, ModelError};
 
 /// Forward_ids whose fate is remembered for NOT_FOUND messages.
@@ -40,16 +39,96 @@ pub struct TrainingConfig {
     pub checkpoint_every: u64,
 }
 
-impl TrainingConfig {
-    pub fn from_args(args: &ServeArgs) -> TrainingConfig {
-        let models = args.model_args();
-        TrainingConfig {
-            names: models.iter().map(|m| m.name.clone()).collect(),
-            cache_bytes: args.activation_cache_bytes,
-            ttl: args.activation_ttl,
-            optimizers: models.iter().map(|m| args.optimizer_for(&m.name)).collect(),
-            checkpoint_dir: args.checkpoint_dir.clone(),
-            checkpoint_every: args.checkpoint_every,
+/// Which update rule ComputeBackward's learning_rate drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    Adam,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            _ => Err(format!("expected sgd or adam, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+        })
+    }
+}
+
+/// Adam's (beta1, beta2).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct AdamBetas(pub f64, pub f64);
+
+/// `B1:B2`, each in [0, 1).
+impl std::str::FromStr for AdamBetas {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|b| (0.0..1.0).contains(b))
+        };
+        match s.split_once(':') {
+            Some((a, b)) => match (parse(a), parse(b)) {
+                (Some(a), Some(b)) => Ok(AdamBetas(a, b)),
+                _ => Err(format!("Adam betas must be in [0, 1), got {s:?}")),
+            },
+            None => Err(format!("expected B1:B2 like 0.9:0.999, got {s:?}")),
+        }
+    }
+}
+
+/// A model's optimizer, as PyTorch's `torch.optim.SGD` / `Adam` define them
+/// (no dampening, no Nesterov, no AMSGrad).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct OptimizerSettings {
+    pub kind: OptimizerKind,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub betas: AdamBetas,
+    pub eps: f64,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        OptimizerSettings {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            betas: AdamBetas(0.9, 0.999),
+            eps: 1e-8,
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            OptimizerKind::Sgd => write!(
+                f,
+                "sgd momentum {} weight_decay {}",
+                self.momentum, self.weight_decay
+            ),
+            OptimizerKind::Adam => write!(
+                f,
+                "adam betas {}:{} eps {} weight_decay {}",
+                self.betas.0, self.betas.1, self.eps, self.weight_decay
+            ),
         }
     }
 }
@@ -157,6 +236,9 @@ pub enum TrainingError {
     TooLarge { bytes: u64, limit: u64 },
     #[error("{0}")]
     BadRequest(String),
+    /// The model itself refused or failed (bad input, a libtorch error).
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// Counters GetServiceInfo reports; gauges say so.
@@ -283,11 +365,8 @@ fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
-fn internal(model: &Model, e: tch::TchError) -> EngineError {
-    EngineError::Model(ModelError::Internal {
-        model: model.name.clone(),
-        message: model::clean_torch_message(&e.to_string()),
-    })
+fn internal(model: &Model, e: tch::TchError) -> TrainingError {
+    TrainingError::Model(model::internal(model, e))
 }
 
 impl Training {
@@ -339,7 +418,7 @@ impl Training {
         step: &Step,
         input: &RawTensor,
         enc: Encoding,
-    ) -> Result<(RawTensor, Vec<RawTensor>), EngineError> {
+    ) -> Result<(RawTensor, Vec<RawTensor>), TrainingError> {
         match step {
             Step::Forward { forward_id } => self
                 .forward(index, model, forward_id, input, enc)
@@ -362,15 +441,14 @@ impl Training {
         forward_id: &str,
         input: &RawTensor,
         enc: Encoding,
-    ) -> Result<RawTensor, EngineError> {
+    ) -> Result<RawTensor, TrainingError> {
         self.expire();
         if lock(&self.store).entries.contains_key(forward_id) {
             return Err(TrainingError::AlreadyExists {
                 forward_id: forward_id.to_string(),
-            }
-            .into());
+            });
         }
-        let x = engine::raw_to_tensor(model, input, enc)?;
+        let x = model::raw_to_tensor(model, input, enc)?;
         // Integer inputs (token ids) have no gradient; the parameters still do.
         let x = if x.is_floating_point() {
             x.set_requires_grad(true)
@@ -382,7 +460,7 @@ impl Training {
             let y = tch::with_grad(|| model.forward_params_held(&x))?;
             (y, *params)
         };
-        let reply = engine::from_tensor(model, &y, enc)?;
+        let reply = model::from_tensor(model, &y, enc)?;
         let entry = Entry {
             model: index,
             bytes: tensor_bytes(&x) + tensor_bytes(&y),
@@ -482,20 +560,19 @@ impl Training {
         update: Option<Update>,
         grad: &RawTensor,
         enc: Encoding,
-    ) -> Result<RawTensor, EngineError> {
+    ) -> Result<RawTensor, TrainingError> {
         self.expire();
         let entry = {
             let mut store = lock(&self.store);
             let Some(e) = store.entries.get(forward_id) else {
-                return Err(store.not_found(forward_id).into());
+                return Err(store.not_found(forward_id));
             };
             if e.model != index {
                 return Err(TrainingError::WrongModel {
                     forward_id: forward_id.to_string(),
                     owner: self.config.names[e.model].clone(),
                     requested: self.config.names[index].clone(),
-                }
-                .into());
+                });
             }
             if e.out_shape != grad.shape {
                 // A client mistake: the entry stays for a corrected retry.
@@ -505,8 +582,7 @@ impl Training {
                     forward_id: forward_id.to_string(),
                     got: grad.shape.clone(),
                     want,
-                }
-                .into());
+                });
             }
             let e = store.remove(forward_id, Gone::Used);
             self.publish(&store);
@@ -516,10 +592,9 @@ impl Training {
             return Err(TrainingError::NotFound {
                 forward_id: forward_id.to_string(),
                 why: Gone::Unknown,
-            }
-            .into());
+            });
         };
-        let g = engine::raw_to_tensor(model, grad, enc)?;
+        let g = model::raw_to_tensor(model, grad, enc)?;
 
         // A training backward holds the model's state from its gradient
         // accumulation to the step, so steps and their counts never interleave.
@@ -535,8 +610,7 @@ impl Training {
                     model: model.name.clone(),
                     then: entry.version,
                     now,
-                }
-                .into());
+                });
             }
             tch::with_grad(|| -> Result<Option<Tensor>, tch::TchError> {
                 if !entry.output.requires_grad() {
@@ -566,7 +640,7 @@ impl Training {
         drop(state);
         self.stats.backwards.fetch_add(1, Ordering::Relaxed);
         match grad_input {
-            Some(gi) if gi.defined() => engine::from_tensor(model, &gi, enc),
+            Some(gi) if gi.defined() => Ok(model::from_tensor(model, &gi, enc)?),
             // No gradient with respect to the input (integer input): empty.
             _ => Ok(RawTensor {
                 data: Bytes::new(),
@@ -584,7 +658,7 @@ impl Training {
         model: &Model,
         state: &mut ModelState,
         lr: f64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), TrainingError> {
         let settings = self.config.optimizers[index];
         let mut version = model.write_params();
         if state.params.is_none() {
@@ -784,18 +858,18 @@ fn kv(
     past: &[RawTensor],
     kv_enc: Encoding,
     want_present: bool,
-) -> Result<(RawTensor, Vec<RawTensor>), EngineError> {
-    let x = engine::raw_to_tensor(model, hidden, enc)?;
+) -> Result<(RawTensor, Vec<RawTensor>), TrainingError> {
+    let x = model::raw_to_tensor(model, hidden, enc)?;
     let past = past
         .iter()
-        .map(|r| engine::raw_to_tensor(model, r, kv_enc))
+        .map(|r| model::raw_to_tensor(model, r, kv_enc))
         .collect::<Result<Vec<_>, _>>()?;
     let (y, present) = model.forward_kv(&x, past)?;
-    let out = engine::from_tensor(model, &y, enc)?;
+    let out = model::from_tensor(model, &y, enc)?;
     let present = if want_present {
         present
             .iter()
-            .map(|t| engine::from_tensor(model, t, kv_enc))
+            .map(|t| model::from_tensor(model, t, kv_enc))
             .collect::<Result<Vec<_>, _>>()?
     } else {
         Vec::new()
@@ -806,7 +880,6 @@ fn kv(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::AdamBetas;
 
     fn params() -> Tensor {
         Tensor::from_slice(&[0.5f32, -1.0, 2.0]).set_requires_grad(true)

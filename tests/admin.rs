@@ -10,9 +10,8 @@ use axum::http::{Request, StatusCode};
 use common::args;
 use splitserve::admin::{AdminState, router};
 use splitserve::codec::{Encoding, RawTensor, WireDtype};
-use splitserve::config::Auto;
-use splitserve::engine::{Engine, EngineConfig, EngineStatus};
-use splitserve::plan::{CpuBudget, ThreadPlan};
+use splitserve::engine::{Engine, EngineStatus};
+use splitserve::plan::{Auto, CpuBudget, ThreadPlan};
 use splitserve::telemetry::Metrics;
 use tower::ServiceExt;
 
@@ -30,7 +29,7 @@ async fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_probes_and_plan() {
-    let a = args(&["slow=builtin:delay:1500"], &["--stall-timeout", "100ms"]);
+    let mut a = args(&["slow=builtin:delay:1500"], &["--stall-timeout", "100ms"]);
     let plan = ThreadPlan::new(
         CpuBudget::of_this_process(None),
         2,
@@ -41,7 +40,8 @@ async fn metrics_probes_and_plan() {
     )
     .unwrap();
     let metrics = Metrics::new(splitserve::TORCH_VERSION).unwrap();
-    let engine = Engine::start(EngineConfig::from_args(&a, plan), metrics.clone());
+    a.engine.plan = plan;
+    let engine = Engine::start(a.engine.clone(), metrics.clone());
     let state = AdminState {
         engine: engine.clone(),
         metrics,

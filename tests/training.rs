@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{TestServer, args, f32_bytes, f32_values, fixture, request, values};
-use splitserve::config::ModelArg;
 use splitserve::grpc::pb::compute_service_client::ComputeServiceClient;
 use splitserve::grpc::pb::{self, BackwardRequest, ComputeRequest, KvCacheEntry};
 use splitserve::model::Model;
+use splitserve::model::ModelSpec;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -91,8 +91,8 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 
 /// The same built-in model the server builds, in this process.
 fn local_model(spec: &str) -> Model {
-    let arg: ModelArg = format!("ref={spec}").parse().unwrap();
-    Model::load(&arg, Device::Cpu, None).unwrap()
+    let spec: ModelSpec = format!("ref={spec}").parse().unwrap();
+    Model::load(&spec, Device::Cpu).unwrap()
 }
 
 /// Local autograd of sum(model(x) * g): the input's gradient, and the

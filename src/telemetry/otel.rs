@@ -18,7 +18,23 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt as tfmt};
 
-use crate::config::LogFormat;
+/// How the process logs and where its traces go.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// OTLP/gRPC collector; None falls back to OTEL_EXPORTER_OTLP_ENDPOINT.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 /// Keeps the trace pipeline alive; [`TelemetryGuard::shutdown`] flushes it.
 pub struct TelemetryGuard {

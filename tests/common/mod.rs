@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use splitserve::config::{Auto, ServeArgs};
+use splitserve::ServerConfig;
 use splitserve::grpc::pb::compute_service_client::ComputeServiceClient;
 use splitserve::grpc::pb::{self, ComputeRequest};
-use splitserve::plan::{CpuBudget, ThreadPlan};
+use splitserve::plan::{Auto, CpuBudget, ThreadPlan};
 use splitserve::{Listeners, RunError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,33 +33,36 @@ pub fn fixture(name: &str) -> PathBuf {
     p
 }
 
-/// Serve args for the given models, with any extra flags.
-pub fn args(models: &[&str], extra: &[&str]) -> ServeArgs {
+/// The server configuration the command line gives for the given models and
+/// extra flags (the thread plan is refitted by [`TestServer::start`]).
+pub fn args(models: &[&str], extra: &[&str]) -> ServerConfig {
     let mut argv = vec!["splitserve".to_string(), "serve".to_string()];
     for m in models {
         argv.push("--model".into());
         argv.push((*m).into());
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
+    // The plan is refitted in TestServer::start; a test may ask for more
+    // workers than this machine has cores.
+    argv.push("--allow-oversubscription".into());
     use clap::Parser;
-    let cli = splitserve::config::Cli::try_parse_from(argv).unwrap();
-    let splitserve::config::Command::Serve(parsed) = cli.command else {
+    let cli = splitserve::cli::Cli::try_parse_from(argv).unwrap();
+    let splitserve::cli::Command::Serve(parsed) = cli.command else {
         panic!("not a serve command line");
     };
-    parsed.validate().unwrap();
-    *parsed
+    parsed.into_config().unwrap()
 }
 
 impl TestServer {
     /// Starts with 2 single-threaded workers unless the args say otherwise.
-    pub async fn start(args: ServeArgs) -> TestServer {
-        let workers = match args.workers {
+    pub async fn start(mut config: ServerConfig) -> TestServer {
+        let workers = match config.threads.workers {
             Auto::Count(n) => Auto::Count(n),
             Auto::Auto => Auto::Count(2),
         };
-        let plan = ThreadPlan::new(
+        config.engine.plan = ThreadPlan::new(
             CpuBudget::of_this_process(None),
-            args.io_threads,
+            config.threads.io_threads,
             workers,
             Auto::Count(1),
             1,
@@ -70,8 +73,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(splitserve::run(
-            args,
-            plan,
+            config,
             Listeners {
                 grpc: listener,
                 admin: None,
