@@ -2,7 +2,7 @@
 model, splitserve holds the top and trains it.
 
     make build fixtures
-    target/release/splitserve serve --model top=tests/fixtures/generated/top.pt \
+    target/release/splitserve serve --model top=tests/fixtures/generated/top.pt --trainable top \
         --optimizer adam --checkpoint-dir checkpoints &
     .venv/bin/python examples/split_training.py --addr 127.0.0.1:50051
 

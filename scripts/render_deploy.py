@@ -292,9 +292,16 @@ images:
     newTag: 0.1.0-cpu
 ```
 
-The ServiceMonitor, PrometheusRule, HPA and NetworkPolicy are off in the chart's
-defaults and so are not here; install the chart with Helm to get them
-(see `helm/splitserve/README.md`).
+`base/networkpolicy.yaml` admits traffic to both ports only from pods of the
+namespace the manifests are applied to (the chart's default
+`networkPolicy.grpcFrom` / `metricsFrom`); the kubelet's probes are not affected
+by it in most CNIs. Clients or a Prometheus in other namespaces need a patch that
+lists them (see `docs/security.md`).
+
+The ServiceMonitor, PrometheusRule and HPA are off in the chart's defaults and
+so are not here; install the chart with Helm to get them
+(see `helm/splitserve/README.md`). So are TLS and tokens, which need Secrets
+of your own: the chart's `tls` and `auth` values wire them up.
 """
 
 

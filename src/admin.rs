@@ -67,6 +67,7 @@ impl AdminState {
             ("forward", load(&t.forwards)),
             ("backward", load(&t.backwards)),
             ("optimizer_step", load(&t.optimizer_steps)),
+            ("step_rejected", load(&t.steps_rejected)),
             ("eviction", load(&t.evicted)),
             ("expiry", load(&t.expired)),
             ("checkpoint", load(&t.checkpoints_saved)),

@@ -16,9 +16,10 @@ use crate::client::ProbeConfig;
 use crate::codec;
 use crate::diagnose::{DiagnoseConfig, PlanShape};
 use crate::engine::{EngineConfig, ModelSlot};
+use crate::listen::{ListenConfig, TlsFiles};
 use crate::model::{DeviceRequest, ModelSpec};
 use crate::plan::{Auto, PlanRequest, ThreadPlan};
-use crate::server::ServerConfig;
+use crate::server::{Http2Config, ServerConfig};
 use crate::telemetry::otel::{LogFormat, TelemetryConfig};
 use crate::training::{AdamBetas, OptimizerKind, OptimizerSettings, TrainingConfig};
 
@@ -247,6 +248,100 @@ pub struct ServeArgs {
     /// Log line format on stderr.
     #[arg(long, env = "SPLITSERVE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormatArg,
+
+    /// A model whose parameters ComputeBackward's learning_rate may update;
+    /// repeatable. Other models only answer gradients (a backward with a
+    /// learning_rate is PERMISSION_DENIED), so no client can change their weights.
+    #[arg(
+        long = "trainable",
+        env = "SPLITSERVE_TRAINABLE",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub trainable: Vec<String>,
+
+    /// Largest learning_rate a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
+    #[arg(long, env = "SPLITSERVE_MAX_LEARNING_RATE", default_value_t = 10.0)]
+    pub max_learning_rate: f64,
+
+    /// Largest accumulation_step a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
+    #[arg(
+        long,
+        env = "SPLITSERVE_MAX_ACCUMULATION_STEPS",
+        default_value_t = 1024
+    )]
+    pub max_accumulation_steps: u32,
+
+    /// PEM certificate chain: the gRPC port speaks TLS only (with --tls-key).
+    /// Re-read when the file changes (see --credentials-reload-interval).
+    #[arg(long, env = "SPLITSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SPLITSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: clients must present a certificate it verifies (mTLS).
+    #[arg(long, env = "SPLITSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// PEM certificate chain for the admin port (/metrics, /livez, /readyz,
+    /// /debug/plan), which otherwise stays plain HTTP for the kubelet and Prometheus.
+    #[arg(long, env = "SPLITSERVE_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "SPLITSERVE_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
+
+    /// Bearer tokens, one per line: `TOKEN SCOPE[,SCOPE]` with scopes infer and
+    /// train (docs/security.md). Every RPC but grpc.health.v1 then needs
+    /// `authorization: Bearer TOKEN`. Re-read when the file changes.
+    #[arg(long, env = "SPLITSERVE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// How often certificate and token files are checked for changes.
+    #[arg(long, env = "SPLITSERVE_CREDENTIALS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub credentials_reload_interval: Duration,
+
+    /// Open connections on the gRPC port at most; more are closed at once.
+    #[arg(long, env = "SPLITSERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// HTTP/2 streams (concurrent RPCs) one connection may open.
+    #[arg(long, env = "SPLITSERVE_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+
+    /// A request whose body has not fully arrived this long after its headers
+    /// is answered DEADLINE_EXCEEDED and its stream freed.
+    #[arg(long, env = "SPLITSERVE_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
+
+    /// Interval of HTTP/2 keepalive pings on idle connections (0 = none).
+    #[arg(long, env = "SPLITSERVE_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A connection that does not answer a keepalive ping within this is closed.
+    #[arg(long, env = "SPLITSERVE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// A connection with no request in flight for this long is closed (0 = never).
+    #[arg(long, env = "SPLITSERVE_IDLE_CONNECTION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_connection_timeout: Duration,
+
+    /// A TLS handshake that takes longer than this is abandoned.
+    #[arg(long, env = "SPLITSERVE_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Memory for request messages queued or in flight, in bytes, reserved from
+    /// the size each message claims before any of it is read; beyond it new
+    /// requests get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES", default_value_t = 1 << 30)]
+    pub max_inflight_bytes: u64,
+
+    /// Most bytes a zlib payload may inflate to; default: --max-message-bytes.
+    #[arg(long, env = "SPLITSERVE_MAX_DECOMPRESSED_BYTES")]
+    pub max_decompressed_bytes: Option<usize>,
 }
 
 impl ServeArgs {
@@ -310,6 +405,8 @@ impl ServeArgs {
             optimizers: specs.iter().map(|m| self.optimizer_for(&m.name)).collect(),
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every: self.checkpoint_every,
+            max_learning_rate: self.max_learning_rate,
+            max_accumulation_steps: self.max_accumulation_steps,
         };
         let models = specs
             .into_iter()
@@ -317,6 +414,7 @@ impl ServeArgs {
                 let (max_batch, batch_timeout) = self.batching_for(&spec.name);
                 spec.warmup = self.warmup_shape_for(&spec.name);
                 ModelSlot {
+                    trainable: self.trainable.contains(&spec.name),
                     spec,
                     max_batch,
                     batch_timeout,
@@ -337,7 +435,44 @@ impl ServeArgs {
             },
             limits: codec::Limits {
                 max_elements: self.max_elements,
+                max_decompressed_bytes: self
+                    .max_decompressed_bytes
+                    .unwrap_or(self.max_message_bytes),
             },
+            listen: ListenConfig {
+                tls: self
+                    .tls_cert
+                    .clone()
+                    .zip(self.tls_key.clone())
+                    .map(|(cert, key)| TlsFiles {
+                        cert,
+                        key,
+                        client_ca: self.tls_client_ca.clone(),
+                    }),
+                max_connections: self.max_connections,
+                handshake_timeout: self.tls_handshake_timeout,
+                idle_timeout: (!self.idle_connection_timeout.is_zero())
+                    .then_some(self.idle_connection_timeout),
+                reload_interval: self.credentials_reload_interval,
+            },
+            admin_tls: self
+                .admin_tls_cert
+                .clone()
+                .zip(self.admin_tls_key.clone())
+                .map(|(cert, key)| TlsFiles {
+                    cert,
+                    key,
+                    client_ca: None,
+                }),
+            auth_token_file: self.auth_token_file.clone(),
+            http2: Http2Config {
+                max_concurrent_streams: self.max_concurrent_streams,
+                keepalive_interval: (!self.http2_keepalive_interval.is_zero())
+                    .then_some(self.http2_keepalive_interval),
+                keepalive_timeout: self.http2_keepalive_timeout,
+                request_body_timeout: self.request_body_timeout,
+            },
+            max_inflight_bytes: self.max_inflight_bytes,
             max_message_bytes: self.max_message_bytes,
             stall_timeout: self.stall_timeout,
             shutdown_grace: self.shutdown_grace,
@@ -406,6 +541,42 @@ impl ServeArgs {
                     "--cpu-limit must be a positive number of cores, not {limit}"
                 )));
             }
+        }
+        for name in &self.trainable {
+            if !known(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "--trainable names model {:?}, which no --model defines",
+                    codec::clip(name)
+                )));
+            }
+        }
+        if !(self.max_learning_rate > 0.0 && self.max_learning_rate.is_finite()) {
+            return Err(ConfigError::Invalid(format!(
+                "--max-learning-rate must be a positive number, not {}",
+                self.max_learning_rate
+            )));
+        }
+        if self.max_accumulation_steps == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-accumulation-steps must be at least 1".into(),
+            ));
+        }
+        if self.max_connections == 0 || self.max_concurrent_streams == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-connections and --max-concurrent-streams must be at least 1".into(),
+            ));
+        }
+        if self.request_body_timeout.is_zero() || self.credentials_reload_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--request-body-timeout and --credentials-reload-interval must be longer than 0"
+                    .into(),
+            ));
+        }
+        if self.max_inflight_bytes < self.max_message_bytes as u64 + 5 {
+            return Err(ConfigError::Invalid(format!(
+                "--max-inflight-bytes {} cannot hold one message of --max-message-bytes {}",
+                self.max_inflight_bytes, self.max_message_bytes
+            )));
         }
         if self.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(format!(

@@ -139,13 +139,45 @@ impl RawTensor {
 }
 
 /// Limits applied while decoding.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub struct Limits {
+    /// Largest tensor a request may carry, in elements.
     pub max_elements: u64,
+    /// Most bytes a zlib payload may inflate to.
+    pub max_decompressed_bytes: usize,
+}
+
+/// Most dimensions a shape may have (libtorch allows 64; nothing real needs more than a few).
+pub const MAX_DIMS: usize = 32;
+
+/// Longest piece of client text repeated in a message or a log line.
+pub const MAX_ECHO: usize = 128;
+
+/// Client text as it may appear in messages: at most [`MAX_ECHO`] characters.
+pub fn clip(s: &str) -> String {
+    cut(s, MAX_ECHO)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, marked when cut.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
+    #[error("shape has {dims} dimensions; this server accepts at most {MAX_DIMS}")]
+    TooManyDims { dims: usize },
+    #[error(
+        "a zlib payload may inflate to at most {limit} bytes (--max-decompressed-bytes); this one inflates to more"
+    )]
+    DecompressedTooLarge { limit: usize },
     #[error("shape dimension {index} is {value}; dimensions must be >= 0")]
     NegativeDimension { index: usize, value: i32 },
     #[error(
@@ -184,14 +216,30 @@ pub enum CodecError {
     UnknownDtype(String),
 }
 
-/// Checks a wire shape and returns it as i64 dims and its element count.
+/// Checks a wire shape and returns it as i64 dims and its element count. The
+/// dimensions other than 0 must also fit the limit together: libtorch sizes
+/// storage from them, and overflows there even when one dimension is 0.
 pub fn check_shape(shape: &[i32], limits: Limits) -> Result<(Vec<i64>, usize), CodecError> {
+    if shape.len() > MAX_DIMS {
+        return Err(CodecError::TooManyDims { dims: shape.len() });
+    }
     let mut elements: u128 = 1;
+    let mut nonzero: u128 = 1;
     for (index, &value) in shape.iter().enumerate() {
         if value < 0 {
             return Err(CodecError::NegativeDimension { index, value });
         }
         elements = elements.saturating_mul(value as u128);
+        if value > 0 {
+            nonzero = nonzero.saturating_mul(value as u128);
+        }
+    }
+    if nonzero > limits.max_elements as u128 {
+        return Err(CodecError::TooManyElements {
+            shape: shape.to_vec(),
+            elements: nonzero,
+            limit: limits.max_elements,
+        });
     }
     if elements > limits.max_elements as u128 {
         return Err(CodecError::TooManyElements {
@@ -213,10 +261,61 @@ fn looks_like_zlib(data: &[u8]) -> bool {
 
 /// Inflates at most `max` bytes; None if the stream is invalid or longer.
 fn inflate_bounded(data: &[u8], max: usize) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(max.min(1 << 24));
+    let mut out = Vec::with_capacity(max.min(1 << 20));
     let mut decoder = ZlibDecoder::new(data).take(max as u64 + 1);
     decoder.read_to_end(&mut out).ok()?;
     (out.len() <= max).then_some(out)
+}
+
+/// True when decoding this payload may inflate it: expensive, so the caller
+/// runs [`decode`] off the I/O threads (on a [`CodecPool`]).
+pub fn may_inflate(data: &[u8], shape: &[i32], dtype_hint: Option<&str>) -> bool {
+    if !looks_like_zlib(data) {
+        return false;
+    }
+    let n: u128 = shape
+        .iter()
+        .map(|&d| d.max(0) as u128)
+        .fold(1, u128::saturating_mul);
+    match dtype_hint.and_then(WireDtype::parse) {
+        Some(dtype) => data.len() as u128 != n.saturating_mul(dtype.size() as u128),
+        None => n > 0,
+    }
+}
+
+/// Inflates for [`decode`]: the exact size wanted, within the decompression limit.
+fn inflate_within(data: &[u8], want: usize, limits: Limits) -> Result<Option<Vec<u8>>, CodecError> {
+    let max = want.min(limits.max_decompressed_bytes);
+    match inflate_bounded(data, max) {
+        Some(raw) => Ok(Some(raw)),
+        // A valid stream that goes past the limit (but would fit the shape) is
+        // refused as too large; an invalid one is just not zlib.
+        None if want > max && stream_is_longer(data, max) => {
+            Err(CodecError::DecompressedTooLarge {
+                limit: limits.max_decompressed_bytes,
+            })
+        }
+        None => Ok(None),
+    }
+}
+
+/// Whether `data` is a zlib stream that inflates past `max` bytes without error.
+fn stream_is_longer(data: &[u8], max: usize) -> bool {
+    let mut decoder = ZlibDecoder::new(data).take(max as u64 + 1);
+    let mut sink = [0u8; 8192];
+    let mut total = 0usize;
+    loop {
+        match decoder.read(&mut sink) {
+            Ok(0) => return false,
+            Ok(n) => {
+                total += n;
+                if total > max {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Decodes a request tensor. `dtype_hint` is the opt-in metadata value, if any.
@@ -229,15 +328,17 @@ pub fn decode(
     let (shape, n) = check_shape(shape, limits)?;
     let len = data.len();
     if let Some(hint) = dtype_hint {
-        let dtype = WireDtype::parse(hint).ok_or_else(|| CodecError::UnknownDtype(hint.into()))?;
+        let dtype = WireDtype::parse(hint).ok_or_else(|| CodecError::UnknownDtype(clip(hint)))?;
         let expected = n * dtype.size();
         let (data, compressed) = if len == expected {
             (data, false)
         } else {
-            match looks_like_zlib(&data)
-                .then(|| inflate_bounded(&data, expected))
-                .flatten()
-            {
+            let inflated = if looks_like_zlib(&data) {
+                inflate_within(&data, expected, limits)?
+            } else {
+                None
+            };
+            match inflated {
                 Some(raw) if raw.len() == expected => (Bytes::from(raw), true),
                 _ => {
                     return Err(CodecError::ExplicitLengthMismatch {
@@ -260,7 +361,7 @@ pub fn decode(
     // A complete zlib stream with a valid checksum that inflates to exactly one
     // of the two sizes is compressed; random float bytes never pass that test.
     if looks_like_zlib(&data) && n > 0 {
-        if let Some(raw) = inflate_bounded(&data, n * 4) {
+        if let Some(raw) = inflate_within(&data, n * 4, limits)? {
             let dtype = if raw.len() == n * 4 {
                 Some(WireDtype::F32)
             } else if raw.len() == n * 2 {
@@ -322,6 +423,48 @@ pub fn encode(tensor: &RawTensor, enc: Encoding) -> Bytes {
     e.finish().unwrap_or_default().into()
 }
 
+/// A thread that inflates and deflates payloads, so that zlib never runs on
+/// the I/O threads that also answer health probes. Its queue is bounded: when
+/// it is full, callers are refused at once instead of waiting.
+pub struct CodecPool {
+    jobs: std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>,
+}
+
+/// The codec thread's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the server's decompression queue is full; retry with backoff")]
+pub struct CodecBusy;
+
+impl CodecPool {
+    /// Starts the thread (`splitserve-codec`) with room for `queue` waiting jobs.
+    /// It exits when the pool is dropped.
+    pub fn start(queue: usize) -> std::io::Result<CodecPool> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(queue);
+        std::thread::Builder::new()
+            .name("splitserve-codec".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(CodecPool { jobs })
+    }
+
+    /// Runs `f` on the codec thread and waits for it without blocking the caller's thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, CodecBusy> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .try_send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| CodecBusy)?;
+        rx.await.map_err(|_| CodecBusy)
+    }
+}
+
 /// Inflates a zlib payload (clients use this to read compressed replies).
 pub fn inflate(data: &[u8], max: usize) -> Option<Vec<u8>> {
     inflate_bounded(data, max)
@@ -333,6 +476,7 @@ mod tests {
 
     const L: Limits = Limits {
         max_elements: 1 << 20,
+        max_decompressed_bytes: 1 << 22,
     };
 
     fn zlib(bytes: &[u8]) -> Bytes {
@@ -396,6 +540,34 @@ mod tests {
             decode(Bytes::new(), &[0], Some("complex"), L),
             Err(CodecError::UnknownDtype(_))
         ));
+    }
+
+    #[test]
+    fn hostile_shapes_and_bombs_are_refused_with_short_messages() {
+        let dims = vec![1; 5000];
+        let err = decode(Bytes::new(), &dims, None, L).unwrap_err();
+        assert_eq!(err, CodecError::TooManyDims { dims: 5000 });
+        assert!(err.to_string().len() < 100, "{err}");
+        // One dimension 0, the others overflowing libtorch's storage size.
+        let err = decode(Bytes::new(), &[0, i32::MAX, i32::MAX, i32::MAX], None, L).unwrap_err();
+        assert!(matches!(err, CodecError::TooManyElements { .. }), "{err}");
+        // 1 MiB of zeros deflates to ~1 KB; the limit here is 64 KiB.
+        let small = Limits {
+            max_elements: 1 << 20,
+            max_decompressed_bytes: 1 << 16,
+        };
+        let bomb = zlib(&vec![0u8; 1 << 20]);
+        assert!(bomb.len() < 4096);
+        assert!(may_inflate(&bomb, &[1 << 18], None));
+        assert_eq!(
+            decode(bomb, &[1 << 18], None, small).unwrap_err(),
+            CodecError::DecompressedTooLarge { limit: 1 << 16 }
+        );
+        assert!(!may_inflate(&[0u8; 16], &[4], None));
+        let long = "x".repeat(10_000);
+        let err = decode(Bytes::new(), &[0], Some(&long), L).unwrap_err();
+        assert!(err.to_string().len() < 400, "{err}");
+        assert_eq!(clip(&long).len(), MAX_ECHO);
     }
 
     #[test]

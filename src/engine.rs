@@ -76,6 +76,8 @@ impl From<TrainingError> for EngineError {
 #[derive(Debug, Clone)]
 pub struct ModelSlot {
     pub spec: ModelSpec,
+    /// ComputeBackward's learning_rate may update this model's parameters.
+    pub trainable: bool,
     /// Most rows one batched forward joins; 1 turns batching off.
     pub max_batch: usize,
     /// How long a worker holding a partial batch waits for more requests.
@@ -267,6 +269,15 @@ impl Engine {
             .map(|i| self.shared.config.models[i].spec.name.as_str())
     }
 
+    /// Whether a model (resolved name) was started trainable.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.shared
+            .config
+            .models
+            .iter()
+            .any(|m| m.spec.name == name && m.trainable)
+    }
+
     /// The split-training state: forward_id lookups and counters.
     pub fn training(&self) -> &Training {
         &self.shared.training
@@ -351,7 +362,7 @@ impl Engine {
             .iter()
             .position(|m| m.spec.name == name)
             .ok_or_else(|| EngineError::UnknownModel {
-                name: name.to_string(),
+                name: crate::codec::clip(name),
                 known: models
                     .iter()
                     .map(|m| format!("{:?}", m.spec.name))
@@ -564,6 +575,8 @@ fn worker_loop(shared: Arc<Shared>, index: usize) {
     }
     let _grad = tch::no_grad_guard();
     while let Some((model, jobs)) = next_batch(&shared) {
+        // Busy workers release expired activations too, at most once per period.
+        shared.training.sweep();
         let started = Instant::now();
         let since = shared.epoch.elapsed().as_nanos().max(1) as u64;
         shared.busy_since[index].store(since, Ordering::Relaxed);
@@ -629,8 +642,18 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
             return None;
         }
         q.sleeping += 1;
-        q = shared.work.wait(q).unwrap_or_else(|p| p.into_inner());
+        let (guard, waited) = shared
+            .work
+            .wait_timeout(q, shared.training.sweep_every())
+            .unwrap_or_else(|p| p.into_inner());
+        q = guard;
         q.sleeping -= 1;
+        if waited.timed_out() {
+            // Idle: release expired activations here, on a worker, outside the lock.
+            drop(q);
+            shared.training.sweep();
+            q = lock(&shared.queues);
+        }
     }
 }
 

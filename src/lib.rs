@@ -15,7 +15,12 @@
 //!   deadlines, cancellation and drain. The only place libtorch runs.
 //! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
 //!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
-//! - [`grpc`]: generated protos (`pb`), the ComputeService, error -> `Status` mapping.
+//! - [`grpc`]: generated protos (`pb`), one file per service (ComputeService), the
+//!   error -> `Status` mapping, and the tower layers every service shares (limits,
+//!   authentication).
+//! - [`listen`]: accepting connections: connection limit, TLS with certificates
+//!   reloaded on change, idle close, back-off when out of file descriptors.
+//! - [`auth`]: bearer tokens with scopes, reloaded on change.
 //! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
 //!   process/cgroup/GPU readings behind metrics and monitoring snapshots.
 //! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
@@ -35,6 +40,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -42,6 +48,7 @@ pub mod codec;
 pub mod diagnose;
 pub mod engine;
 pub mod grpc;
+pub mod listen;
 pub mod model;
 pub mod plan;
 pub mod server;

@@ -162,6 +162,10 @@ fn serve_with_telemetry(config: ServerConfig) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if matches!(e.downcast_ref(), Some(splitserve::RunError::Config(_))) => {
+            tracing::error!("{e:#}");
+            config_error(e)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("splitserve: {e:#}");

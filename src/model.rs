@@ -268,14 +268,21 @@ impl Model {
         };
         let (inner, description, default_warmup) = match &spec.source {
             ModelSource::TorchScript(path) => {
-                let desc = path.display().to_string();
+                let shown = path.display().to_string();
                 if !path.is_file() {
-                    return Err(load_err(desc, "no such file".into()));
+                    return Err(load_err(shown, "no such file".into()));
                 }
+                let digest =
+                    file_sha256(path).map_err(|e| load_err(shown.clone(), e.to_string()))?;
                 let mut m = CModule::load_on_device(path, device)
-                    .map_err(|e| load_err(desc.clone(), clean_torch_message(&e.to_string())))?;
+                    .map_err(|e| load_err(shown.clone(), clean_torch_message(&e.to_string())))?;
                 m.set_eval();
-                (Inner::Script(m), desc, None)
+                // Clients see the content's digest, never the file's path.
+                (
+                    Inner::Script(m),
+                    format!("torchscript sha256:{digest}"),
+                    None,
+                )
             }
             ModelSource::Builtin(Builtin::Mlp(widths, weights)) => {
                 let mut desc = format!(
@@ -316,12 +323,16 @@ impl Model {
                     .collect();
                 let mut vs = vs;
                 if let Some(file) = weights {
-                    desc = format!("{desc}@{}", file.display());
+                    let shown = format!("{desc}@{}", file.display());
                     if !file.is_file() {
-                        return Err(load_err(desc, "no such file".into()));
+                        return Err(load_err(shown, "no such file".into()));
                     }
-                    vs.load(file)
-                        .map_err(|e| load_err(desc.clone(), clean_torch_message(&e.to_string())))?;
+                    let digest =
+                        file_sha256(file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                    vs.load(file).map_err(|e| {
+                        load_err(shown.clone(), clean_torch_message(&e.to_string()))
+                    })?;
+                    desc = format!("{desc}@sha256:{digest}");
                 }
                 let warm = vec![1, widths[0]];
                 (Inner::Mlp(Mlp { layers, vs }), desc, Some(warm))
@@ -609,6 +620,27 @@ fn ivalue_kind(v: &IValue) -> &'static str {
         IValue::GenericDict(_) => "a dict",
         _ => "a non-tensor value",
     }
+}
+
+/// The SHA-256 of a file's content, in hex: how clients see a model file.
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// A libtorch failure on valid input: the operator's to fix.

@@ -3,21 +3,25 @@
 //! shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::codec;
+use crate::auth::Tokens;
+use crate::codec::{self, CodecPool};
 use crate::engine::{Engine, EngineConfig, EngineStatus};
+use crate::grpc::layers::{AuthLayer, Budget, Guard, GuardLayer};
 use crate::grpc::pb::compute_service_server::ComputeServiceServer;
 use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
+use crate::listen::{self, ListenConfig, Tls, TlsFiles};
 use crate::plan::PlanRequest;
 use crate::telemetry::otel::TelemetryConfig;
 use crate::telemetry::{self, SnapshotCache};
-use crate::{TORCH_VERSION, admin, grpc};
+use crate::{TORCH_VERSION, admin};
 
 /// Everything `splitserve serve` runs with; built by the command line (or by an
 /// embedding program or a test from plain values), passed down whole.
@@ -33,12 +37,34 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     /// Limits applied while decoding tensors.
     pub limits: codec::Limits,
+    /// How the gRPC port accepts connections: TLS, connection limits.
+    pub listen: ListenConfig,
+    /// TLS for the admin port; None: plain HTTP (the kubelet and Prometheus).
+    pub admin_tls: Option<TlsFiles>,
+    /// Bearer tokens with scopes; None: no authentication.
+    pub auth_token_file: Option<PathBuf>,
+    pub http2: Http2Config,
+    /// Bytes of request messages that may be queued or in flight at once.
+    pub max_inflight_bytes: u64,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// A worker busy on one job longer than this marks the process not live.
     pub stall_timeout: Duration,
     /// After shutdown starts, how long queued and in-flight requests get.
     pub shutdown_grace: Duration,
+}
+
+/// HTTP/2 settings of the gRPC port.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Http2Config {
+    /// Streams (concurrent RPCs) one connection may open.
+    pub max_concurrent_streams: u32,
+    /// Keepalive ping interval on idle connections; None: no pings.
+    pub keepalive_interval: Option<Duration>,
+    /// A connection that does not answer a ping within this is closed.
+    pub keepalive_timeout: Duration,
+    /// A request body must have arrived this long after its headers.
+    pub request_body_timeout: Duration,
 }
 
 /// Sockets the caller bound, so tests can use port 0 and read the address.
@@ -50,6 +76,11 @@ pub struct Listeners {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// Credentials that cannot be read or parsed: the operator's to fix.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
     #[error("the models could not be loaded: {0}")]
     Startup(String),
     #[error("the gRPC server failed: {0}")]
@@ -73,10 +104,39 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let plan = config.engine.plan;
     let metrics = telemetry::Metrics::new(TORCH_VERSION)?;
+    // Credentials first: a bad file is a configuration error, reported before
+    // any model loads.
+    let grpc_tls = config
+        .listen
+        .tls
+        .clone()
+        .map(|files| Tls::load(files, "grpc"))
+        .transpose()
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let admin_tls = config
+        .admin_tls
+        .clone()
+        .map(|files| Tls::load(files, "admin"))
+        .transpose()
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let tokens = config
+        .auth_token_file
+        .clone()
+        .map(Tokens::load)
+        .transpose()
+        .map_err(|e| RunError::Config(e.to_string()))?;
     let engine = Engine::start(config.engine.clone(), metrics.clone());
     let snapshots = SnapshotCache::default();
     let stop_background = CancellationToken::new();
     snapshots.spawn_refresher(Duration::from_secs(1), stop_background.clone());
+    let reload = config.listen.reload_interval;
+    for tls in grpc_tls.iter().chain(&admin_tls) {
+        tls.spawn_reloader(reload, metrics.clone(), stop_background.clone());
+    }
+    if let Some(tokens) = &tokens {
+        tokens.spawn_reloader(reload, metrics.clone(), stop_background.clone());
+    }
+    let codec_pool = Arc::new(CodecPool::start(256)?);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in READINESS_SERVICES {
@@ -99,6 +159,7 @@ pub async fn run(
         },
         config.limits,
         snapshots.clone(),
+        codec_pool,
     );
     let compute = ComputeServiceServer::new(api)
         .max_decoding_message_size(config.max_message_bytes)
@@ -112,14 +173,33 @@ pub async fn run(
     );
 
     let stop_server = CancellationToken::new();
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let incoming = listen::incoming(
+        listeners.grpc,
+        config.listen.clone(),
+        grpc_tls,
+        "grpc",
+        metrics.clone(),
+        stop_server.clone(),
+    );
+    let guard = Guard {
+        max_message_bytes: config.max_message_bytes,
+        budget: Budget::new(config.max_inflight_bytes, metrics.inflight_bytes.clone()),
+        body_timeout: config.http2.request_body_timeout,
+        metrics: metrics.clone(),
+    };
     let server = tonic::transport::Server::builder()
-        .layer(tower::util::MapRequestLayer::new(
-            grpc::stamp_arrival::<tonic::body::Body>,
-        ))
-        .layer(tower::util::MapResponseLayer::new(
-            grpc::message_limit_status::<tonic::body::Body>,
-        ))
+        .max_concurrent_streams(config.http2.max_concurrent_streams)
+        .http2_keepalive_interval(config.http2.keepalive_interval)
+        .http2_keepalive_timeout(Some(config.http2.keepalive_timeout))
+        // A client that resets streams as fast as it opens them (the "rapid
+        // reset" attack) gets its connection closed.
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_header_list_size(Some(64 * 1024))
+        .layer(GuardLayer(guard))
+        .layer(AuthLayer {
+            tokens,
+            metrics: metrics.clone(),
+        })
         .add_service(health_service)
         .add_service(compute)
         .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
@@ -133,13 +213,44 @@ pub async fn run(
             stall_timeout: config.stall_timeout,
         };
         let stop = stop_server.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, admin::router(state))
-                .with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "admin sidecar failed");
+        let router = admin::router(state);
+        match admin_tls {
+            None => {
+                tokio::spawn(async move {
+                    let serve = axum::serve(listener, router)
+                        .with_graceful_shutdown(stop.cancelled_owned());
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "admin sidecar failed");
+                    }
+                });
             }
-        });
+            Some(tls) => {
+                let accept = ListenConfig {
+                    tls: None,
+                    max_connections: 256,
+                    handshake_timeout: config.listen.handshake_timeout,
+                    idle_timeout: config.listen.idle_timeout,
+                    reload_interval: reload,
+                };
+                let local = listener.local_addr()?;
+                let conns = listen::incoming(
+                    listener,
+                    accept,
+                    Some(tls),
+                    "admin",
+                    metrics.clone(),
+                    stop.clone(),
+                );
+                let listener = listen::ConnListener::new(conns, local);
+                tokio::spawn(async move {
+                    let serve = axum::serve(listener, router)
+                        .with_graceful_shutdown(stop.cancelled_owned());
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "admin sidecar failed");
+                    }
+                });
+            }
+        }
     }
 
     // Readiness follows the engine: NOT_SERVING until loaded, SERVING after.

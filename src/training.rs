@@ -37,7 +37,14 @@ pub struct TrainingConfig {
     pub checkpoint_dir: Option<PathBuf>,
     /// Save after every N optimizer steps of a model; 0 = only on shutdown.
     pub checkpoint_every: u64,
+    /// Largest learning_rate a backward may ask for.
+    pub max_learning_rate: f64,
+    /// Largest accumulation_step a backward may ask for.
+    pub max_accumulation_steps: u32,
 }
+
+/// Longest forward_id a client may choose, in bytes.
+pub const MAX_FORWARD_ID_BYTES: usize = 128;
 
 /// Which update rule ComputeBackward's learning_rate drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -234,6 +241,11 @@ pub enum TrainingError {
         "the activations of this forward take {bytes} bytes, more than --activation-cache-bytes {limit}"
     )]
     TooLarge { bytes: u64, limit: u64 },
+    #[error(
+        "the optimizer step on model {model:?} would have made its parameters NaN or infinite; \
+         it was rolled back and the weights are unchanged. Lower the learning rate or check grad_output"
+    )]
+    StepRejected { model: String },
     #[error("{0}")]
     BadRequest(String),
     /// The model itself refused or failed (bad input, a libtorch error).
@@ -255,6 +267,8 @@ pub struct TrainingStats {
     /// Backward calls answered with a gradient.
     pub backwards: AtomicU64,
     pub optimizer_steps: AtomicU64,
+    /// Optimizer steps rolled back because a parameter would have become NaN or Inf.
+    pub steps_rejected: AtomicU64,
     pub checkpoints_saved: AtomicU64,
 }
 
@@ -353,6 +367,9 @@ pub struct Training {
     /// Optimizer steps per model, readable without waiting for a training job.
     model_steps: Vec<AtomicU64>,
     stats: TrainingStats,
+    /// When the next expiry sweep is due, in ms since `epoch`.
+    next_sweep_ms: AtomicU64,
+    epoch: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -377,6 +394,32 @@ impl Training {
             models: (0..models).map(|_| Mutex::default()).collect(),
             model_steps: (0..models).map(|_| AtomicU64::new(0)).collect(),
             stats: TrainingStats::default(),
+            next_sweep_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// How often stored activations are checked against `--activation-ttl`.
+    pub fn sweep_every(&self) -> Duration {
+        (self.config.ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// Releases expired activations if a sweep is due. Workers call it between
+    /// jobs and when idle, so expiry does not wait for the next training request.
+    /// Calls libtorch (freeing tensors): worker threads only.
+    pub fn sweep(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let due = self.next_sweep_ms.load(Ordering::Relaxed);
+        if now < due {
+            return;
+        }
+        let next = now + self.sweep_every().as_millis() as u64;
+        if self
+            .next_sweep_ms
+            .compare_exchange(due, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.expire();
         }
     }
 
@@ -463,7 +506,8 @@ impl Training {
         let reply = model::from_tensor(model, &y, enc)?;
         let entry = Entry {
             model: index,
-            bytes: tensor_bytes(&x) + tensor_bytes(&y),
+            // The key counts too: ids are client-chosen (up to MAX_FORWARD_ID_BYTES).
+            bytes: tensor_bytes(&x) + tensor_bytes(&y) + forward_id.len() as u64,
             out_shape: y.size(),
             input: x,
             output: y,
@@ -595,6 +639,12 @@ impl Training {
             });
         };
         let g = model::raw_to_tensor(model, grad, enc)?;
+        if g.is_floating_point() && !all_finite(&g).map_err(|e| internal(model, e))? {
+            // The entry is spent (removed above); the client runs Compute again.
+            return Err(TrainingError::BadRequest(
+                "grad_output contains NaN or infinite values".into(),
+            ));
+        }
 
         // A training backward holds the model's state from its gradient
         // accumulation to the step, so steps and their counts never interleave.
@@ -674,7 +724,11 @@ impl Training {
             ..
         } = state;
         let params = params.as_mut().map(Vec::as_mut_slice).unwrap_or_default();
-        tch::no_grad(|| -> Result<(), tch::TchError> {
+        // What the step changes, kept so that a step that would make any
+        // parameter NaN or Inf can be undone: the served weights stay finite.
+        let saved = tch::no_grad(|| Snapshot::take(params, momentum, adam))
+            .map_err(|e| internal(model, e))?;
+        let stepped = tch::no_grad(|| -> Result<bool, tch::TchError> {
             for (i, p) in params.iter_mut().enumerate() {
                 let g = p.grad();
                 if !g.defined() {
@@ -689,14 +743,40 @@ impl Training {
                     OptimizerKind::Sgd => sgd(p, g, &mut momentum[i], lr, settings.momentum)?,
                     OptimizerKind::Adam => adam_step(p, &g, &mut adam[i], lr, &settings)?,
                 }
-                p.zero_grad();
             }
-            Ok(())
-        })
-        .map_err(|e| internal(model, e))?;
+            for p in params.iter() {
+                if !all_finite(p)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        });
+        for p in params.iter_mut() {
+            p.zero_grad();
+        }
+        state.pending = 0;
+        match stepped {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                tch::no_grad(|| saved.restore(params, momentum, adam))
+                    .map_err(|e| internal(model, e))?;
+                drop(version);
+                if let Err(e) = stepped {
+                    return Err(internal(model, e));
+                }
+                self.stats.steps_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    model = %model.name,
+                    lr,
+                    "optimizer step rolled back: it would have made parameters NaN or infinite"
+                );
+                return Err(TrainingError::StepRejected {
+                    model: model.name.clone(),
+                });
+            }
+        }
         *version += 1;
         drop(version);
-        state.pending = 0;
         state.steps += 1;
         self.stats.optimizer_steps.fetch_add(1, Ordering::Relaxed);
         self.model_steps[index].fetch_add(1, Ordering::Relaxed);
@@ -769,6 +849,7 @@ impl Training {
         custom.insert("training_forwards".into(), count(&s.forwards));
         custom.insert("backwards".into(), count(&s.backwards));
         custom.insert("optimizer_steps".into(), count(&s.optimizer_steps));
+        custom.insert("optimizer_steps_rejected".into(), count(&s.steps_rejected));
         custom.insert("checkpoints_saved".into(), count(&s.checkpoints_saved));
         custom.insert(
             "activation_cache_bytes".into(),
@@ -788,6 +869,64 @@ impl Training {
                 count(&self.model_steps[i]),
             );
         }
+    }
+}
+
+/// True when every element of `t` is finite.
+fn all_finite(t: &Tensor) -> Result<bool, tch::TchError> {
+    Ok(t.f_isfinite()?.f_all()?.int64_value(&[]) != 0)
+}
+
+/// Copies of the parameters and optimizer state one step changes.
+struct Snapshot {
+    params: Vec<Tensor>,
+    momentum: Vec<Option<Tensor>>,
+    adam: Vec<Option<(Tensor, Tensor, u64)>>,
+}
+
+impl Snapshot {
+    fn take(
+        params: &[Tensor],
+        momentum: &[Option<Tensor>],
+        adam: &[Option<(Tensor, Tensor, u64)>],
+    ) -> Result<Snapshot, tch::TchError> {
+        Ok(Snapshot {
+            params: params
+                .iter()
+                .map(|p| p.f_detach_copy())
+                .collect::<Result<_, _>>()?,
+            momentum: momentum
+                .iter()
+                .map(|b| b.as_ref().map(Tensor::f_detach_copy).transpose())
+                .collect::<Result<_, _>>()?,
+            adam: adam
+                .iter()
+                .map(|s| {
+                    s.as_ref()
+                        .map(|(m, v, t)| Ok((m.f_detach_copy()?, v.f_detach_copy()?, *t)))
+                        .transpose()
+                })
+                .collect::<Result<_, tch::TchError>>()?,
+        })
+    }
+
+    /// Writes the saved values back in place (the tensors the model holds).
+    fn restore(
+        self,
+        params: &mut [Tensor],
+        momentum: &mut [Option<Tensor>],
+        adam: &mut [Option<(Tensor, Tensor, u64)>],
+    ) -> Result<(), tch::TchError> {
+        for (p, saved) in params.iter_mut().zip(&self.params) {
+            p.f_copy_(saved)?;
+        }
+        for (b, saved) in momentum.iter_mut().zip(self.momentum) {
+            *b = saved;
+        }
+        for (s, saved) in adam.iter_mut().zip(self.adam) {
+            *s = saved;
+        }
+        Ok(())
     }
 }
 

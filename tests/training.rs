@@ -138,7 +138,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gradients_and_sgd_steps_match_local_autograd() {
     const SPEC: &str = "builtin:mlp:4x8x3";
-    let server = TestServer::start(args(&[&format!("mlp={SPEC}")], &[])).await;
+    let server = TestServer::start(args(&[&format!("mlp={SPEC}")], &["--trainable", "mlp"])).await;
     let mut c = server.client().await;
     let reference = local_model(SPEC);
     let probe = values(2 * 4, 99);
@@ -197,7 +197,7 @@ async fn gradients_and_sgd_steps_match_local_autograd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accumulation_steps_once_every_n_backward_calls_with_the_summed_gradient() {
     const SPEC: &str = "builtin:mlp:4x6x2";
-    let server = TestServer::start(args(&[&format!("m={SPEC}")], &[])).await;
+    let server = TestServer::start(args(&[&format!("m={SPEC}")], &["--trainable", "m"])).await;
     let mut c = server.client().await;
     let reference = local_model(SPEC);
     let probe = values(4, 7);
@@ -239,7 +239,7 @@ async fn concurrent_clients_forward_ids_never_mix() {
     const SPEC: &str = "builtin:mlp:4x16x3";
     let server = TestServer::start(args(
         &[&format!("m={SPEC}"), "k=builtin:scale:2"],
-        &["--workers", "2"],
+        &["--workers", "2", "--trainable", "m"],
     ))
     .await;
     let c = server.client().await;
@@ -286,10 +286,11 @@ async fn concurrent_clients_forward_ids_never_mix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
-    // One forward of [2, 4] -> [2, 2] stores 32 + 16 = 48 bytes: 100 hold two.
+    // One forward of [2, 4] -> [2, 2] stores 32 + 16 bytes of tensors and its
+    // 36-byte id: 84 bytes, so 200 hold two.
     let server = TestServer::start(args(
         &["m=builtin:mlp:4x8x2", "other=builtin:scale:1"],
-        &["--activation-cache-bytes", "100"],
+        &["--activation-cache-bytes", "200", "--trainable", "m"],
     ))
     .await;
     let mut c = server.client().await;
@@ -367,7 +368,7 @@ async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
 
-    // Eviction: two more forwards push the oldest (id) out of 100 bytes.
+    // Eviction: two more forwards push the oldest (id) out of 200 bytes.
     let (second, _) = train_forward(&mut c, "", &x, &[2, 4]).await;
     let (third, _) = train_forward(&mut c, "", &x, &[2, 4]).await;
     expect(
@@ -378,7 +379,7 @@ async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
     );
     assert_eq!(counter(&mut c, "activations_evicted").await, 1);
     assert_eq!(counter(&mut c, "activations_stored").await, 2);
-    assert_eq!(counter(&mut c, "activations_bytes").await, 96);
+    assert_eq!(counter(&mut c, "activations_bytes").await, 168);
     // A forward bigger than the whole store.
     let e = c
         .compute(training_request("", &values(40, 3), &[10, 4], None))
@@ -420,7 +421,7 @@ async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
 async fn activations_expire_after_the_ttl() {
     let server = TestServer::start(args(
         &["m=builtin:mlp:4x8x2"],
-        &["--activation-ttl", "200ms"],
+        &["--activation-ttl", "200ms", "--trainable", "m"],
     ))
     .await;
     let mut c = server.client().await;
@@ -447,7 +448,7 @@ async fn activations_expire_after_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integer_inputs_train_the_parameters_and_get_an_empty_input_gradient() {
     let embed = format!("embed={}", fixture("embed.pt").display());
-    let server = TestServer::start(args(&[&embed], &[])).await;
+    let server = TestServer::start(args(&[&embed], &["--trainable", "embed"])).await;
     let mut c = server.client().await;
     let ids: Vec<i64> = vec![3, 7];
     let request = |training: bool| {
@@ -492,6 +493,8 @@ async fn checkpoints_are_saved_and_serve_again() {
     let server = TestServer::start(args(
         &[&format!("m={SPEC}")],
         &[
+            "--trainable",
+            "m",
             "--checkpoint-dir",
             dir.to_str().unwrap(),
             "--checkpoint-every",

@@ -56,6 +56,20 @@ pub struct Metrics {
     pub activations_bytes: IntGauge,
     /// Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.
     pub training_events: IntCounterVec,
+    /// Limits that triggered, by limit (see [`limit`]): each one a refusal a
+    /// client saw, or a connection closed.
+    pub limit_rejections: IntCounterVec,
+    /// Requests refused by token authentication, by reason
+    /// (unauthenticated, permission_denied).
+    pub auth_failures: IntCounterVec,
+    /// TLS handshakes that failed or timed out, by port.
+    pub tls_handshake_failures: IntCounterVec,
+    /// Credentials re-read after their files changed, by kind (tls, tokens).
+    pub credential_reloads: IntCounterVec,
+    /// Connections open now, by port.
+    pub open_connections: IntGaugeVec,
+    /// Bytes of request messages reserved now (--max-inflight-bytes).
+    pub inflight_bytes: IntGauge,
     /// Read at scrape time (`Metrics::render`): context switches of every thread.
     context_switches: IntCounterVec,
     /// cgroup CPU throttling; no label, so no series until the cgroup reports it.
@@ -75,6 +89,21 @@ pub mod reason {
     pub const CANCELLED: &str = "cancelled";
     pub const INVALID: &str = "invalid";
     pub const DRAINING: &str = "draining";
+}
+
+/// Names of limits, as the `limit` label of `splitserve_limit_rejections_total`
+/// spells them (docs/security.md lists the flag behind each).
+pub mod limit {
+    pub const CONNECTIONS: &str = "connections";
+    pub const FILE_DESCRIPTORS: &str = "file_descriptors";
+    pub const MESSAGE_SIZE: &str = "message_size";
+    pub const INFLIGHT_BYTES: &str = "inflight_bytes";
+    pub const BODY_TIMEOUT: &str = "body_timeout";
+    pub const DECOMPRESSED_SIZE: &str = "decompressed_size";
+    pub const CODEC_QUEUE: &str = "codec_queue";
+    pub const FORWARD_ID: &str = "forward_id";
+    pub const ACCUMULATION_STEPS: &str = "accumulation_steps";
+    pub const LEARNING_RATE: &str = "learning_rate";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,9 +228,48 @@ impl Metrics {
             training_events: IntCounterVec::new(
                 Opts::new(
                     "splitserve_training_events_total",
-                    "Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.",
+                    "Split-training events: forward, backward, optimizer_step, step_rejected, eviction, expiry, checkpoint.",
                 ),
                 &["event"],
+            )?,
+            limit_rejections: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_limit_rejections_total",
+                    "Requests refused or connections closed because a limit triggered, by limit.",
+                ),
+                &["limit"],
+            )?,
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_auth_failures_total",
+                    "Requests refused by token authentication (unauthenticated, permission_denied).",
+                ),
+                &["reason"],
+            )?,
+            tls_handshake_failures: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_tls_handshake_failures_total",
+                    "TLS handshakes that failed or timed out, by port.",
+                ),
+                &["port"],
+            )?,
+            credential_reloads: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_credential_reloads_total",
+                    "Certificates or tokens re-read after their files changed, by kind.",
+                ),
+                &["kind"],
+            )?,
+            open_connections: IntGaugeVec::new(
+                Opts::new(
+                    "splitserve_open_connections",
+                    "Connections open now, by port.",
+                ),
+                &["port"],
+            )?,
+            inflight_bytes: IntGauge::new(
+                "splitserve_inflight_request_bytes",
+                "Bytes of request messages reserved now against --max-inflight-bytes.",
             )?,
             context_switches: IntCounterVec::new(
                 Opts::new(
@@ -271,6 +339,12 @@ impl Metrics {
         r.register(Box::new(m.activations_stored.clone()))?;
         r.register(Box::new(m.activations_bytes.clone()))?;
         r.register(Box::new(m.training_events.clone()))?;
+        r.register(Box::new(m.limit_rejections.clone()))?;
+        r.register(Box::new(m.auth_failures.clone()))?;
+        r.register(Box::new(m.tls_handshake_failures.clone()))?;
+        r.register(Box::new(m.credential_reloads.clone()))?;
+        r.register(Box::new(m.open_connections.clone()))?;
+        r.register(Box::new(m.inflight_bytes.clone()))?;
         r.register(Box::new(build_info))?;
         r.register(Box::new(m.context_switches.clone()))?;
         r.register(Box::new(m.cgroup_throttled_seconds.clone()))?;

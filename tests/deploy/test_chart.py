@@ -1,9 +1,12 @@
 """The Helm chart (helm/splitserve) and the manifests rendered from it (deploy/).
 
-What a user would notice: the probes hit the right gRPC services, the thread plan
-follows the pod's CPU limit, pods get time to drain, the pods run locked down,
-GPU values really ask for a GPU, Grafana finds the dashboard, a typo in the
-values is an error, and deploy/ matches the chart.
+What a user would notice: the probes hit the right gRPC services (HTTP on the
+admin port once the gRPC port speaks TLS), the thread plan follows the pod's CPU
+limit, pods get time to drain, the pods run locked down, TLS, client
+certificates, tokens, trainable models and limits reach the server, the
+NetworkPolicy admits only the listed peers, GPU values really ask for a GPU,
+Grafana finds the dashboard, a typo in the values is an error, and deploy/
+matches the chart.
 """
 
 from __future__ import annotations
@@ -107,22 +110,46 @@ def test_every_template_renders_with_all_options() -> None:
 
 def test_default_values_render_only_the_core_objects() -> None:
     kinds = sorted(o["kind"] for o in objects("default"))
-    assert kinds == ["ConfigMap", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "Pod",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
 
 
 # ------------------------------------------------------------------ probes and lifecycle
 
 
+def _tls_on(key: str) -> bool:
+    return bool(VALUE_SETS[key].get("tls", {}).get("enabled"))
+
+
 @pytest.mark.parametrize("key", ALL_SETS)
-def test_probes_use_native_grpc_health_services(key: str) -> None:
+def test_probes_use_the_health_endpoints(key: str) -> None:
     c = server_container(one(objects(key), "Deployment"))
-    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-    for probe in ("startupProbe", "readinessProbe"):
-        assert c[probe]["grpc"] == {"port": grpc_port, "service": "splitlearn.comm.ComputeService"}, probe
-    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    if _tls_on(key):
+        # The kubelet's gRPC probes cannot speak TLS: HTTP on the admin port instead.
+        for probe in ("startupProbe", "readinessProbe"):
+            assert "grpc" not in c[probe], probe
+            assert c[probe]["httpGet"] == {"path": "/readyz", "port": ports["metrics"]}, probe
+        assert "grpc" not in c["livenessProbe"]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": ports["metrics"]}
+    else:
+        for probe in ("startupProbe", "readinessProbe"):
+            assert c[probe]["grpc"] == {"port": ports["grpc"], "service": "splitlearn.comm.ComputeService"}, probe
+        assert c["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": "liveness"}
     # Startup must allow for loading and warming up the models.
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+def test_value_sets_cover_both_probe_kinds() -> None:
+    assert {_tls_on(key) for key in ALL_SETS} == {True, False}
 
 
 def _seconds(duration: str) -> float:
@@ -177,6 +204,10 @@ def test_default_env_configures_the_server() -> None:
     assert env["SPLITSERVE_LOG_FORMAT"] == "json"
     assert env["SPLITSERVE_SHUTDOWN_GRACE"] == "30s"
     assert "SPLITSERVE_OTLP_ENDPOINT" not in env
+    # Nothing trainable, no TLS, no tokens, and the binary's own limits.
+    for name in ("SPLITSERVE_TRAINABLE", "SPLITSERVE_AUTH_TOKEN_FILE", *LIMIT_ENV.values()):
+        assert name not in env, name
+    assert not any(name.startswith("SPLITSERVE_TLS_") for name in env)
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "metrics": 9090}
     # Built-in model: no model volume.
     assert [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
@@ -200,6 +231,115 @@ def test_all_options_env() -> None:
     assert "fieldRef" in env["OTEL_SERVICE_NAME"]["valueFrom"]
     # extraEnv replaces the chart's own value instead of duplicating it.
     assert value["SPLITSERVE_LOG_FORMAT"] == "text"
+    assert value["SPLITSERVE_TRAINABLE"] == "enc,scale"
+
+
+#: config.limits key -> the variable the server reads.
+LIMIT_ENV = {
+    "maxConnections": "SPLITSERVE_MAX_CONNECTIONS",
+    "maxConcurrentStreams": "SPLITSERVE_MAX_CONCURRENT_STREAMS",
+    "requestBodyTimeout": "SPLITSERVE_REQUEST_BODY_TIMEOUT",
+    "maxInflightBytes": "SPLITSERVE_MAX_INFLIGHT_BYTES",
+    "maxDecompressedBytes": "SPLITSERVE_MAX_DECOMPRESSED_BYTES",
+    "idleConnectionTimeout": "SPLITSERVE_IDLE_CONNECTION_TIMEOUT",
+    "maxLearningRate": "SPLITSERVE_MAX_LEARNING_RATE",
+    "maxAccumulationSteps": "SPLITSERVE_MAX_ACCUMULATION_STEPS",
+}
+
+
+def test_every_limit_reaches_the_server() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert set(values["config"]["limits"]) == set(LIMIT_ENV), "a limit without its variable in LIMIT_ENV"
+    env = {k: v.get("value") for k, v in env_of(server_container(one(objects("all"), "Deployment"))).items()}
+    assert {LIMIT_ENV[k]: env.get(LIMIT_ENV[k]) for k in LIMIT_ENV} == {
+        "SPLITSERVE_MAX_CONNECTIONS": "256",
+        "SPLITSERVE_MAX_CONCURRENT_STREAMS": "64",
+        "SPLITSERVE_REQUEST_BODY_TIMEOUT": "15s",
+        # Above 2^31, and still digits (values arrive as floats in templates).
+        "SPLITSERVE_MAX_INFLIGHT_BYTES": "4294967296",
+        "SPLITSERVE_MAX_DECOMPRESSED_BYTES": "268435456",
+        "SPLITSERVE_IDLE_CONNECTION_TIMEOUT": "10m",
+        "SPLITSERVE_MAX_LEARNING_RATE": "0.5",
+        "SPLITSERVE_MAX_ACCUMULATION_STEPS": "64",
+    }
+
+
+def test_only_the_limits_that_are_set_reach_the_server(chart) -> None:
+    values = {"config": {"limits": {"maxConnections": 100, "idleConnectionTimeout": "0", "maxLearningRate": 1}}}
+    objs = [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+    env = {k: v.get("value") for k, v in env_of(server_container(one(objs, "Deployment"))).items()}
+    got = {name: env[name] for name in LIMIT_ENV.values() if name in env}
+    assert got == {
+        "SPLITSERVE_MAX_CONNECTIONS": "100",
+        "SPLITSERVE_IDLE_CONNECTION_TIMEOUT": "0",
+        "SPLITSERVE_MAX_LEARNING_RATE": "1",
+    }
+
+
+def _volume(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(v for v in pod["volumes"] if v["name"] == name)
+
+
+def _mount_dir(c: dict[str, Any], name: str) -> str:
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == name]
+    # A whole-volume mount: with subPath the kubelet would never swap in a renewed Secret.
+    assert "subPath" not in mount and "subPathExpr" not in mount, mount
+    assert mount["readOnly"] is True, mount
+    return mount["mountPath"]
+
+
+@pytest.mark.parametrize("key", ["all", "all-pvc"])
+def test_tls_client_ca_and_tokens_are_mounted_secrets(key: str) -> None:
+    dep = one(objects(key), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = server_container(dep)
+    env = {k: v.get("value") for k, v in env_of(c).items()}
+
+    assert _volume(pod, "tls-server")["secret"]["secretName"] == "splitserve-tls"
+    tls_dir = _mount_dir(c, "tls-server")
+    assert env["SPLITSERVE_TLS_CERT"] == f"{tls_dir}/tls.crt"
+    assert env["SPLITSERVE_TLS_KEY"] == f"{tls_dir}/tls.key"
+
+    assert _volume(pod, "tls-client-ca")["secret"]["secretName"] == "splitserve-client-ca"
+    assert env["SPLITSERVE_TLS_CLIENT_CA"] == f"{_mount_dir(c, 'tls-client-ca')}/ca.pem"
+
+    assert _volume(pod, "auth-tokens")["secret"]["secretName"] == "splitserve-tokens"
+    assert env["SPLITSERVE_AUTH_TOKEN_FILE"] == f"{_mount_dir(c, 'auth-tokens')}/tokens.txt"
+
+    for name in ("tls-server", "tls-client-ca", "auth-tokens"):
+        # Readable by the server (group fsGroup), by no one else.
+        assert _volume(pod, name)["secret"]["defaultMode"] == 0o440, name
+    assert pod["securityContext"]["fsGroup"] == c["securityContext"]["runAsGroup"]
+    # The three directories are distinct and none hides another mount.
+    paths = [m["mountPath"] for m in c["volumeMounts"]]
+    assert len(paths) == len(set(paths))
+
+
+def test_tls_without_client_ca_and_tokens(chart) -> None:
+    values = {"tls": {"enabled": True, "secretName": "cert"}, "podSecurityContext": {"fsGroup": None}}
+    objs = [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+    dep = one(objs, "Deployment")
+    c = server_container(dep)
+    env = env_of(c)
+    assert {"SPLITSERVE_TLS_CERT", "SPLITSERVE_TLS_KEY"} <= env.keys()
+    assert "SPLITSERVE_TLS_CLIENT_CA" not in env and "SPLITSERVE_AUTH_TOKEN_FILE" not in env
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert set(vols) == {"tmp", "tls-server"}
+    # No fsGroup: the files must be readable by the server's uid without it.
+    assert "fsGroup" not in dep["spec"]["template"]["spec"]["securityContext"]
+    assert vols["tls-server"]["secret"]["defaultMode"] == 0o444
+    for obj in objs:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_tokens_without_tls_keep_the_grpc_probes(chart) -> None:
+    values = {"auth": {"tokenSecretName": "tokens"}}
+    objs = [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+    c = server_container(one(objs, "Deployment"))
+    assert env_of(c)["SPLITSERVE_AUTH_TOKEN_FILE"]["value"] == f"{_mount_dir(c, 'auth-tokens')}/tokens"
+    # grpc.health.v1 needs no token: the native gRPC probes and `splitserve probe` still work.
+    assert c["readinessProbe"]["grpc"]["service"] == "splitlearn.comm.ComputeService"
+    assert one(objs, "Pod", hook=True)["spec"]["containers"][0]["args"][0] == "probe"
 
 
 @pytest.mark.parametrize("key", ALL_SETS)
@@ -280,7 +420,9 @@ def test_service_ports_and_selector(key: str) -> None:
     svc = one(objs, "Service")
     dep = one(objs, "Deployment")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c" and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["grpc"]["targetPort"] == "grpc"
+    # Cleartext HTTP/2 is h2c; TLS that ends in the server is opaque to meshes.
+    assert ports["grpc"].get("appProtocol") == (None if _tls_on(key) else "kubernetes.io/h2c")
     assert ports["metrics"]["appProtocol"] == "http" and ports["metrics"]["targetPort"] == "metrics"
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     selector = svc["spec"]["selector"]
@@ -298,15 +440,23 @@ def test_helm_test_pod_probes_the_service(key: str) -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
     svc = one(objs, "Service")
-    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-    assert c["args"] == [
-        "probe",
-        "--addr",
-        f"{svc['metadata']['name']}:{port}",
-        "--service",
-        "splitlearn.comm.ComputeService",
-    ]
-    assert c["image"] == server_container(one(objs, "Deployment"))["image"]
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    if _tls_on(key):
+        # `splitserve probe` speaks plaintext gRPC; the admin port stays HTTP.
+        assert c["command"] == [
+            "wget", "-q", "-O", "-", "-T", "5",
+            f"http://{svc['metadata']['name']}:{ports['metrics']}/readyz",
+        ]
+        assert c["image"] == "registry.example.com/mirror/busybox:1.37"
+    else:
+        assert c["args"] == [
+            "probe",
+            "--addr",
+            f"{svc['metadata']['name']}:{ports['grpc']}",
+            "--service",
+            "splitlearn.comm.ComputeService",
+        ]
+        assert c["image"] == server_container(one(objs, "Deployment"))["image"]
     assert pod["spec"]["restartPolicy"] == "Never"
 
 
@@ -359,23 +509,71 @@ def test_hpa_scales_on_cpu_and_queue_depth() -> None:
     assert metrics["Pods"]["pods"]["target"] == {"type": "AverageValue", "averageValue": "16"}
 
 
+def _ingress_rules(np: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rules = {}
+    for rule in np["spec"]["ingress"]:
+        (port,) = rule["ports"]
+        rules[port["port"]] = rule
+    return rules
+
+
+def _admits_test_pod_only(peer: dict[str, Any], test_pod: dict[str, Any], server_labels: dict[str, str]) -> bool:
+    """A peer that matches the helm test pod of this namespace and not the server pods."""
+    if set(peer) != {"podSelector"} or set(peer["podSelector"]) != {"matchLabels"}:
+        return False
+    labels = peer["podSelector"]["matchLabels"]
+    return labels.items() <= test_pod["metadata"]["labels"].items() and not labels.items() <= server_labels.items()
+
+
 def test_network_policy_admits_clients_scrapers_and_the_test_pod() -> None:
     objs = objects("all")
     np = one(objs, "NetworkPolicy")
     dep = one(objs, "Deployment")
     test_pod = one(objs, "Pod", hook=True)
+    server_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert np["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
-    rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
-    grpc_peers = rules["grpc"]["from"]
-    assert any(
-        p.get("podSelector", {}).get("matchLabels", {}).items() <= test_pod["metadata"]["labels"].items()
-        and "podSelector" in p
-        for p in grpc_peers
-    )
-    assert rules["metrics"]["from"][0]["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "monitoring"
-    }
+    rules = _ingress_rules(np)
+    assert set(rules) == {"grpc", "metrics"}
+    for port in ("grpc", "metrics"):
+        assert any(_admits_test_pod_only(p, test_pod, server_labels) for p in rules[port]["from"]), port
+    # Exactly the listed peers, plus the test pod.
+    assert rules["grpc"]["from"][:-1] == VALUE_SETS["all"]["networkPolicy"]["grpcFrom"]
+    assert rules["metrics"]["from"][:-1] == VALUE_SETS["all"]["networkPolicy"]["metricsFrom"]
     assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_network_policy_is_on_by_default_for_the_release_namespace() -> None:
+    np = one(objects("default"), "NetworkPolicy")
+    for port, rule in _ingress_rules(np).items():
+        # An empty podSelector without a namespaceSelector: the release's own namespace.
+        assert rule["from"][0] == {"podSelector": {}}, port
+        assert len(rule["from"]) == 2, port
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_network_policy_with_no_sources_admits_only_the_test_pod(chart) -> None:
+    values = {"networkPolicy": {"enabled": True, "grpcFrom": [], "metricsFrom": []}}
+    objs = [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+    np = one(objs, "NetworkPolicy")
+    test_pod = one(objs, "Pod", hook=True)
+    server_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    kubernetes_validate.validate(np, KUBE_VERSIONS[-1], strict=True)
+    rules = _ingress_rules(np)
+    assert set(rules) == {"grpc", "metrics"}
+    for port, rule in rules.items():
+        # Never a rule without `from` (which would admit every source).
+        (peer,) = rule["from"]
+        assert _admits_test_pod_only(peer, test_pod, server_labels), (port, peer)
+    # Not one ingress rule for any other port either.
+    assert len(np["spec"]["ingress"]) == 2
+    notes = chart.render(values, name="splitserve", namespace="ml")["splitserve/templates/NOTES.txt"]
+    assert "no client can reach the gRPC port" in notes
+
+
+def test_network_policy_can_be_switched_off(chart) -> None:
+    values = {"networkPolicy": {"enabled": False}}
+    objs = [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+    assert not [o for o in objs if o["kind"] == "NetworkPolicy"]
 
 
 def test_pdb_selects_the_server_pods() -> None:
@@ -409,6 +607,20 @@ def chart():
         ({"config": {"models": [{"name": "a", "spec": "x.pt,y.pt"}]}}, "/config/models/0/spec"),
         ({"modelSource": {"type": "pvc"}}, "claimName"),
         ({"modelSource": {"type": "s3"}}, "/modelSource/type"),
+        ({"tls": {"enable": True}}, "enable"),
+        ({"tls": {"enabled": True}}, "secretName"),
+        ({"tls": {"enabled": True, "secretName": "cert", "clientCa": {"secretName": "ca"}}}, "clientCa"),
+        ({"tls": {"clientCA": {"secretName": "ca"}}}, "/tls/enabled"),
+        ({"tls": {"clientCA": {"secretname": "ca"}}}, "secretname"),
+        ({"auth": {"tokenSecret": "tokens"}}, "tokenSecret"),
+        ({"auth": {"tokenSecretName": "Not_A_Name"}}, "/auth/tokenSecretName"),
+        ({"config": {"trainable": "enc"}}, "/config/trainable"),
+        ({"config": {"trainable": ["a,b"]}}, "/config/trainable/0"),
+        ({"config": {"limits": {"maxConnection": 10}}}, "maxConnection"),
+        ({"config": {"limits": {"maxConnections": 0}}}, "/config/limits/maxConnections"),
+        ({"config": {"limits": {"requestBodyTimeout": "30 seconds"}}}, "/config/limits/requestBodyTimeout"),
+        ({"config": {"limits": {"maxLearningRate": 0}}}, "/config/limits/maxLearningRate"),
+        ({"tests": {"httpImage": {"repo": "busybox"}}}, "repo"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str) -> None:
@@ -426,11 +638,30 @@ def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str
     [
         ({"hpa": {"enabled": True, "cpu": {"enabled": False}}}, "hpa.cpu.enabled or hpa.queueDepth.enabled"),
         ({"pdb": {"minAvailable": 1}}, "exactly one of maxUnavailable and minAvailable"),
+        ({"config": {"trainable": ["mlp", "top"]}}, 'config.trainable names model "top"'),
     ],
 )
 def test_templates_refuse_contradictory_values(chart, values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm_python.HelmRenderError, match=re.escape(complaint)):
         chart.render(values, name="splitserve", namespace="ml")
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
+        ({"tls": {"clientCA": {"secretName": "ca"}}}, "tls.clientCA.secretName (mTLS) needs tls.enabled"),
+    ],
+)
+def test_templates_refuse_tls_without_its_secret_even_unchecked(
+    tmp_path: Path, values: dict[str, Any], complaint: str
+) -> None:
+    """The same mistakes fail the render when the schema is not there to catch them."""
+    schemaless = tmp_path / "splitserve"
+    shutil.copytree(CHART, schemaless)
+    (schemaless / "values.schema.json").unlink()
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(complaint)):
+        render_deploy.render_chart(values, chart=schemaless)
 
 
 #: Objects that stand for a Kubernetes / prometheus-operator type passed through

@@ -54,8 +54,12 @@ def free_port() -> int:
 class Server:
     """The real binary on a loopback port."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
         assert BIN.is_file(), f"{BIN} is missing: run `make build`"
+        # Set for a server started with --tls-cert: channel() then speaks TLS
+        # (and presents a client certificate where the credentials carry one).
+        self.credentials = credentials
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port()
@@ -72,17 +76,19 @@ class Server:
             text=True,
         )
 
-    def channel(self, max_message_length: int = 100 * 1024 * 1024) -> grpc.Channel:
+    def channel(self, max_message_length: int = 100 * 1024 * 1024,
+                credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
         # The options splitlearn_comm's GRPCComputeClient sets.
-        return grpc.insecure_channel(
-            self.addr,
-            options=[
-                ("grpc.max_send_message_length", max_message_length),
-                ("grpc.max_receive_message_length", max_message_length),
-                ("grpc.keepalive_time_ms", 30000),
-                ("grpc.keepalive_timeout_ms", 10000),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", max_message_length),
+            ("grpc.max_receive_message_length", max_message_length),
+            ("grpc.keepalive_time_ms", 30000),
+            ("grpc.keepalive_timeout_ms", 10000),
+        ]
+        credentials = credentials or self.credentials
+        if credentials is None:
+            return grpc.insecure_channel(self.addr, options=options)
+        return grpc.secure_channel(self.addr, credentials, options=options)
 
     def wait_listening(self, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout
@@ -109,6 +115,28 @@ class Server:
             time.sleep(0.05)
         raise AssertionError(f"server never became healthy:\n{self.output()}")
 
+    def wait_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        """Ready, as grpc.health.v1 says it over channel(): works over TLS and mTLS
+        (with the server's credentials) and with --auth-token-file, whose tokens
+        grpc.health.v1 does not need."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self.wait_listening(timeout)
+        stub = health_pb2_grpc.HealthStub(self.channel())
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.output()}"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = reply.status
+            except grpc.RpcError as e:
+                last = f"{e.code()}: {e.details()}"
+            time.sleep(0.05)
+        raise AssertionError(f"server never became SERVING (last: {last}):\n{self.output()}")
+
     def terminate(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -124,8 +152,9 @@ class Server:
 def server_factory():
     servers = []
 
-    def start(*args: str, env: dict | None = None) -> Server:
-        s = Server(*args, env=env)
+    def start(*args: str, env: dict | None = None,
+              credentials: grpc.ChannelCredentials | None = None) -> Server:
+        s = Server(*args, env=env, credentials=credentials)
         servers.append(s)
         return s
 

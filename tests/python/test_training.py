@@ -36,7 +36,7 @@ OPTIMIZERS = {
 
 
 def start(pb, server_factory, *flags):
-    s = server_factory("--model", f"top={fixture_path('top.pt')}", "--workers", "2", *flags)
+    s = server_factory("--model", f"top={fixture_path('top.pt')}", "--workers", "2", "--trainable", "top", *flags)
     s.wait_ok(pb)
     return s, pb[1].ComputeServiceStub(s.channel())
 

@@ -181,6 +181,45 @@ same name replace them.
 {{- if $c.otlpEndpoint }}
 {{- $env = append $env (dict "name" "SPLITSERVE_OTLP_ENDPOINT" "value" $c.otlpEndpoint) }}
 {{- end }}
+{{- with $c.trainable }}
+{{- $env = append $env (dict "name" "SPLITSERVE_TRAINABLE" "value" (join "," .)) }}
+{{- end }}
+{{- $limits := default (dict) $c.limits }}
+{{- range $key, $var := dict
+  "maxConnections" "SPLITSERVE_MAX_CONNECTIONS"
+  "maxConcurrentStreams" "SPLITSERVE_MAX_CONCURRENT_STREAMS"
+  "requestBodyTimeout" "SPLITSERVE_REQUEST_BODY_TIMEOUT"
+  "maxInflightBytes" "SPLITSERVE_MAX_INFLIGHT_BYTES"
+  "maxDecompressedBytes" "SPLITSERVE_MAX_DECOMPRESSED_BYTES"
+  "idleConnectionTimeout" "SPLITSERVE_IDLE_CONNECTION_TIMEOUT"
+  "maxLearningRate" "SPLITSERVE_MAX_LEARNING_RATE"
+  "maxAccumulationSteps" "SPLITSERVE_MAX_ACCUMULATION_STEPS"
+}}
+{{- /* null in the values deletes the key: only keys that are there are set. */}}
+{{- if and (hasKey $limits $key) (not (kindIs "invalid" (index $limits $key))) }}
+{{- $v := index $limits $key }}
+{{- $s := "" }}
+{{- if kindIs "float64" $v }}
+{{- /* Whole numbers as digits (1073741824, not 1.073741824e+09); fractions as they are. */}}
+{{- $s = ternary (int64 $v | toString) (toString $v) (eq (float64 (int64 $v)) $v) }}
+{{- else }}
+{{- $s = toString $v }}
+{{- end }}
+{{- $env = append $env (dict "name" $var "value" $s) }}
+{{- end }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- $env = concat $env (list
+  (dict "name" "SPLITSERVE_TLS_CERT" "value" "/etc/splitserve/tls/tls.crt")
+  (dict "name" "SPLITSERVE_TLS_KEY" "value" "/etc/splitserve/tls/tls.key")
+) }}
+{{- if .Values.tls.clientCA.secretName }}
+{{- $env = append $env (dict "name" "SPLITSERVE_TLS_CLIENT_CA" "value" (printf "/etc/splitserve/client-ca/%s" .Values.tls.clientCA.key)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.auth.tokenSecretName }}
+{{- $env = append $env (dict "name" "SPLITSERVE_AUTH_TOKEN_FILE" "value" (printf "/etc/splitserve/auth/%s" .Values.auth.tokenSecretKey)) }}
+{{- end }}
 {{- if .Values.gpu.enabled }}
 {{- /* The CUDA JIT cache would go to $HOME, which the read-only root cannot hold. */}}
 {{- $env = append $env (dict "name" "CUDA_CACHE_PATH" "value" "/tmp/cuda-cache") }}

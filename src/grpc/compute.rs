@@ -1,5 +1,5 @@
-//! The gRPC surface: generated protos, the ComputeService implementation and the
-//! one place where domain errors become `tonic::Status`.
+//! `splitlearn.comm.ComputeService`: decode, check, hand the engine a job,
+//! encode. Byte-for-byte compatible with splitlearn_comm 1.0 clients.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -8,107 +8,24 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use prost::bytes::Bytes;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::codec::{self, CodecError, DTYPE_KEY, Encoding, Limits, RawTensor, WireDtype};
+use super::layers::Arrival;
+use super::{
+    SERVICE_NAME, ServeError, code_name, deadline_from_metadata, pb, snapshot_to_pb, wire_shape,
+};
+use crate::auth::{Granted, Scope};
+use crate::codec::{self, CodecPool, DTYPE_KEY, Encoding, Limits, RawTensor, WireDtype};
 use crate::engine::{Engine, EngineError, EngineStatus};
-use crate::model::ModelError;
 use crate::plan::ThreadPlan;
-use crate::telemetry::metrics::reason;
-use crate::telemetry::{ResourceSnapshot, Sampler, SnapshotCache, otel};
-use crate::training::{Step, TrainingError, Update};
-
-/// Generated code for `splitlearn.comm` (kept in OUT_DIR).
-#[allow(clippy::all, clippy::unwrap_used)]
-pub mod pb {
-    tonic::include_proto!("splitlearn.comm");
-    /// Descriptor set of the protos, for reflection and tooling.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("splitlearn_descriptor");
-}
+use crate::telemetry::metrics::{limit, reason};
+use crate::telemetry::{Sampler, SnapshotCache, otel};
+use crate::training::{MAX_FORWARD_ID_BYTES, Step, Update};
 
 use pb::compute_service_server::ComputeService;
-
-/// Full gRPC service name, as health checks and Kubernetes probes name it.
-pub const SERVICE_NAME: &str = "splitlearn.comm.ComputeService";
-
-/// Everything that can go wrong with a request, mapped to a status in one place.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error("{0} is not supported by this server yet")]
-    Unimplemented(&'static str),
-    #[error("{0}")]
-    BadRequest(String),
-}
-
-impl ServeError {
-    /// The client sent something the server cannot compute (counted as `invalid`).
-    pub fn is_invalid_input(&self) -> bool {
-        matches!(
-            self,
-            ServeError::Codec(_)
-                | ServeError::BadRequest(_)
-                | ServeError::Engine(EngineError::Model(ModelError::InvalidInput { .. }))
-                | ServeError::Engine(EngineError::Training(
-                    TrainingError::GradShape { .. }
-                        | TrainingError::WrongModel { .. }
-                        | TrainingError::BadRequest(_)
-                ))
-        )
-    }
-}
-
-impl From<ServeError> for Status {
-    fn from(e: ServeError) -> Status {
-        let msg = e.to_string();
-        match e {
-            ServeError::Codec(c) => match c {
-                CodecError::NegativeDimension { .. }
-                | CodecError::TooManyElements { .. }
-                | CodecError::LengthMismatch { .. }
-                | CodecError::ExplicitLengthMismatch { .. }
-                | CodecError::UnknownDtype(_) => Status::invalid_argument(msg),
-            },
-            ServeError::Engine(en) => match en {
-                EngineError::UnknownModel { .. } => Status::not_found(msg),
-                EngineError::Loading | EngineError::Draining | EngineError::Failed(_) => {
-                    Status::unavailable(msg)
-                }
-                EngineError::QueueFull { .. } => Status::resource_exhausted(msg),
-                EngineError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
-                EngineError::Model(m) => model_status(&m, msg),
-                EngineError::Training(t) => match t {
-                    TrainingError::NotFound { .. } => Status::not_found(msg),
-                    TrainingError::AlreadyExists { .. } => Status::already_exists(msg),
-                    TrainingError::WrongModel { .. }
-                    | TrainingError::GradShape { .. }
-                    | TrainingError::BadRequest(_) => Status::invalid_argument(msg),
-                    TrainingError::Stale { .. } => Status::aborted(msg),
-                    TrainingError::TooLarge { .. } => Status::resource_exhausted(msg),
-                    TrainingError::Model(m) => model_status(&m, msg),
-                },
-                EngineError::Internal(_) => Status::internal(msg),
-            },
-            ServeError::Unimplemented(_) => Status::unimplemented(msg),
-            ServeError::BadRequest(_) => Status::invalid_argument(msg),
-        }
-    }
-}
-
-fn model_status(m: &ModelError, msg: String) -> Status {
-    match m {
-        ModelError::InvalidInput { .. } => Status::invalid_argument(msg),
-        ModelError::Internal { .. } | ModelError::Load { .. } | ModelError::Device { .. } => {
-            Status::internal(msg)
-        }
-    }
-}
 
 /// Facts GetServiceInfo reports that do not change after start-up.
 #[derive(Debug, Clone)]
@@ -128,17 +45,26 @@ pub struct ComputeApi {
     info: Arc<StaticInfo>,
     limits: Limits,
     snapshots: SnapshotCache,
+    /// zlib runs here, never on the I/O threads.
+    codec_pool: Arc<CodecPool>,
     started: Instant,
     total_requests: Arc<AtomicI64>,
 }
 
 impl ComputeApi {
-    pub fn new(engine: Engine, info: StaticInfo, limits: Limits, snapshots: SnapshotCache) -> Self {
+    pub fn new(
+        engine: Engine,
+        info: StaticInfo,
+        limits: Limits,
+        snapshots: SnapshotCache,
+        codec_pool: Arc<CodecPool>,
+    ) -> Self {
         ComputeApi {
             engine,
             info: Arc::new(info),
             limits,
             snapshots,
+            codec_pool,
             started: Instant::now(),
             total_requests: Arc::new(AtomicI64::new(0)),
         }
@@ -167,8 +93,11 @@ impl ComputeApi {
                 "training_mode together with a KV cache (past_key_values, use_cache)",
             ));
         }
-        let hint = req.metadata.get(DTYPE_KEY).map(String::as_str);
-        let (input, enc) = codec::decode(req.data, &req.shape, hint, self.limits)?;
+        if let Some(id) = &req.forward_id {
+            self.check_forward_id(id)?;
+        }
+        let hint = req.metadata.get(DTYPE_KEY).cloned();
+        let (input, enc) = self.decode(req.data, &req.shape, hint).await?;
         // The KV tensors use splitlearn_comm's float encodings, like the input.
         let kv_enc = Encoding {
             explicit: false,
@@ -202,7 +131,7 @@ impl ComputeApi {
             .submit(&req.model_id, input, enc, deadline, step)
             .await?;
         let shape = wire_shape(&out.tensor)?;
-        let data = codec::encode(&out.tensor, enc);
+        let data = self.encode(&out.tensor, enc).await?;
         let present_key_values = out
             .present_key_values
             .chunks_exact(2)
@@ -239,17 +168,49 @@ impl ComputeApi {
                 "forward_id is empty: send the one Compute with training_mode=true returned".into(),
             ));
         }
+        self.check_forward_id(&req.forward_id)?;
+        let model = self
+            .engine
+            .training()
+            .backward_model(&req.forward_id, req.model_id.as_deref())
+            .map_err(EngineError::from)?;
+        // Asking to update a model that is not trainable is refused whatever
+        // the learning rate: no value of it is allowed there.
+        if req.learning_rate.is_some() && !self.engine.is_trainable(&model) {
+            return Err(ServeError::PermissionDenied(format!(
+                "model {model:?} is not trainable: its parameters change only when the server \
+                 is started with --trainable {model}. Without learning_rate, ComputeBackward \
+                 returns the input gradient and changes nothing"
+            )));
+        }
+        let training = &self.engine.config().training;
+        let max_lr = training.max_learning_rate;
         let learning_rate = match req.learning_rate {
             None => None,
-            Some(lr) if lr.is_finite() && lr >= 0.0 => Some(f64::from(lr)),
+            Some(lr) if lr.is_finite() && lr >= 0.0 && f64::from(lr) <= max_lr => {
+                Some(f64::from(lr))
+            }
+            Some(lr) if lr.is_finite() && lr >= 0.0 => {
+                self.count_limit(limit::LEARNING_RATE);
+                return Err(ServeError::BadRequest(format!(
+                    "learning_rate {lr} is above this server's --max-learning-rate {max_lr}"
+                )));
+            }
             Some(lr) => {
                 return Err(ServeError::BadRequest(format!(
                     "learning_rate must be a finite number >= 0, not {lr}"
                 )));
             }
         };
+        let max_steps = training.max_accumulation_steps;
         let accumulation = match req.accumulation_step {
             None | Some(0) | Some(1) => 1,
+            Some(n) if n > 1 && n as i64 > i64::from(max_steps) => {
+                self.count_limit(limit::ACCUMULATION_STEPS);
+                return Err(ServeError::BadRequest(format!(
+                    "accumulation_step {n} is above this server's --max-accumulation-steps {max_steps}"
+                )));
+            }
             Some(n) if n > 1 && learning_rate.is_some() => n as u32,
             Some(n) if n > 1 => {
                 return Err(ServeError::BadRequest(format!(
@@ -263,17 +224,9 @@ impl ComputeApi {
                 )));
             }
         };
-        let model = self
-            .engine
-            .training()
-            .backward_model(&req.forward_id, req.model_id.as_deref())
-            .map_err(EngineError::from)?;
-        let (grad, enc) = codec::decode(
-            req.grad_output_data,
-            &req.grad_output_shape,
-            None,
-            self.limits,
-        )?;
+        let (grad, enc) = self
+            .decode(req.grad_output_data, &req.grad_output_shape, None)
+            .await?;
         let step = Step::Backward {
             forward_id: req.forward_id.clone(),
             update: learning_rate.map(|learning_rate| Update {
@@ -291,7 +244,7 @@ impl ComputeApi {
             grad_input_data: if none {
                 Default::default()
             } else {
-                codec::encode(&out.tensor, enc)
+                self.encode(&out.tensor, enc).await?
             },
             grad_input_shape: wire_shape(&out.tensor)?,
             forward_id: req.forward_id,
@@ -319,6 +272,84 @@ fn decode_past(entries: &[pb::KvCacheEntry], limits: Limits) -> Result<Vec<RawTe
 }
 
 impl ComputeApi {
+    /// Decodes a payload; one that may inflate is decoded on the codec thread.
+    async fn decode(
+        &self,
+        data: Bytes,
+        shape: &[i32],
+        hint: Option<String>,
+    ) -> Result<(RawTensor, Encoding), ServeError> {
+        if !codec::may_inflate(&data, shape, hint.as_deref()) {
+            return Ok(codec::decode(data, shape, hint.as_deref(), self.limits)?);
+        }
+        let shape = shape.to_vec();
+        let limits = self.limits;
+        let decoded = self
+            .codec_pool
+            .run(move || codec::decode(data, &shape, hint.as_deref(), limits))
+            .await
+            .map_err(|busy| {
+                self.count_limit(limit::CODEC_QUEUE);
+                ServeError::Busy(busy.to_string())
+            })?;
+        if let Err(codec::CodecError::DecompressedTooLarge { .. }) = &decoded {
+            self.count_limit(limit::DECOMPRESSED_SIZE);
+        }
+        Ok(decoded?)
+    }
+
+    /// Encodes a reply tensor; compressing runs on the codec thread.
+    async fn encode(&self, t: &RawTensor, enc: Encoding) -> Result<Bytes, ServeError> {
+        if !enc.compressed {
+            return Ok(codec::encode(t, enc));
+        }
+        let t = t.clone();
+        self.codec_pool
+            .run(move || codec::encode(&t, enc))
+            .await
+            .map_err(|busy| {
+                self.count_limit(limit::CODEC_QUEUE);
+                ServeError::Busy(busy.to_string())
+            })
+    }
+
+    fn check_forward_id(&self, id: &str) -> Result<(), ServeError> {
+        if id.len() > MAX_FORWARD_ID_BYTES {
+            self.count_limit(limit::FORWARD_ID);
+            return Err(ServeError::BadRequest(format!(
+                "forward_id is {} bytes; at most {MAX_FORWARD_ID_BYTES} are accepted",
+                id.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn count_limit(&self, which: &str) {
+        self.engine
+            .metrics()
+            .limit_rejections
+            .with_label_values(&[which])
+            .inc();
+    }
+
+    /// With token authentication on, the request's token must carry `scope`.
+    fn authorize<T>(&self, request: &Request<T>, scope: Scope) -> Result<(), ServeError> {
+        match request.extensions().get::<Granted>() {
+            Some(granted) if !granted.allows(scope) => {
+                self.engine
+                    .metrics()
+                    .auth_failures
+                    .with_label_values(&["permission_denied"])
+                    .inc();
+                Err(ServeError::PermissionDenied(format!(
+                    "this token lacks the {:?} scope this call needs",
+                    scope.name()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Starts a tensor RPC: counts it in flight; returns its arrival and deadline.
     fn begin<T>(&self, request: &Request<T>) -> (Instant, Option<Instant>) {
         self.total_requests.fetch_add(1, Ordering::Relaxed);
@@ -371,93 +402,9 @@ impl ComputeApi {
     }
 }
 
-/// gRPC's canonical code names, as the `code` label spells them.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
-    t.shape
-        .iter()
-        .map(|&d| i32::try_from(d))
-        .collect::<Result<_, _>>()
-        .map_err(|_| {
-            ServeError::Engine(EngineError::Internal(format!(
-                "output shape {:?} does not fit the protocol's int32 dimensions",
-                t.shape
-            )))
-        })
-}
-
-const MIB: f32 = 1024.0 * 1024.0;
-
-pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
-    pb::MonitoringSnapshot {
-        timestamp: s.timestamp,
-        cpu_percent: s.cpu_percent,
-        memory_mb: s.memory_mb,
-        memory_percent: s.memory_percent,
-        gpu_available: s.gpu_available,
-        // Percent, like cpu_percent and memory_percent.
-        gpu_utilization: s.gpu.map(|g| g.utilization * 100.0),
-        gpu_memory_used_mb: s.gpu.map(|g| g.memory_used_bytes as f32 / MIB),
-        gpu_memory_total_mb: s.gpu.map(|g| g.memory_total_bytes as f32 / MIB),
-    }
-}
-
-/// When a request's headers reached the server, stamped by [`stamp_arrival`].
-#[derive(Debug, Clone, Copy)]
-pub struct Arrival(pub Instant);
-
-/// Records the arrival time before the body is read, so deadlines count from there.
-pub fn stamp_arrival<B>(mut req: http::Request<B>) -> http::Request<B> {
-    req.extensions_mut().insert(Arrival(Instant::now()));
-    req
-}
-
-/// tonic's transport also enforces `grpc-timeout` and then answers CANCELLED
-/// "Timeout expired" (grpc/grpc-rust#606); answering a little earlier ourselves
-/// keeps the status DEADLINE_EXCEEDED, as the gRPC spec asks.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
-
-/// The deadline a client set with `grpc-timeout` (e.g. `100m` = 100 ms), counted
-/// from the request's arrival.
-pub fn deadline_from_metadata(
-    md: &tonic::metadata::MetadataMap,
-    arrival: Instant,
-) -> Option<Instant> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    arrival.checked_add(d.saturating_sub(DEADLINE_MARGIN))
+/// The first dimensions of a client's shape, for spans (a shape may be long).
+fn short(shape: &[i32]) -> &[i32] {
+    &shape[..shape.len().min(8)]
 }
 
 type SnapshotStream =
@@ -484,9 +431,17 @@ impl ComputeService for ComputeApi {
             rpc.method = "Compute",
             model = %model,
             request_id = ?request.get_ref().request_id,
-            shape = ?request.get_ref().shape,
+            shape = ?short(&request.get_ref().shape),
         );
         otel::continue_trace(&span, request.metadata());
+        let scope = if request.get_ref().training_mode == Some(true) {
+            Scope::Train
+        } else {
+            Scope::Infer
+        };
+        if let Err(e) = self.authorize(&request, scope) {
+            return self.finish(&model, "Compute", arrival, Err(e));
+        }
         let result = self
             .run_compute(deadline, request.into_inner())
             .instrument(span)
@@ -528,10 +483,13 @@ impl ComputeService for ComputeApi {
             rpc.service = SERVICE_NAME,
             rpc.method = "ComputeBackward",
             model = %model,
-            forward_id = %req.forward_id,
-            shape = ?req.grad_output_shape,
+            forward_id = %codec::clip(&req.forward_id),
+            shape = ?short(&req.grad_output_shape),
         );
         otel::continue_trace(&span, request.metadata());
+        if let Err(e) = self.authorize(&request, Scope::Train) {
+            return self.finish(&model, "ComputeBackward", arrival, Err(e));
+        }
         let result = self
             .backward(deadline, request.into_inner())
             .instrument(span)
@@ -546,8 +504,9 @@ impl ComputeService for ComputeApi {
 
     async fn health_check(
         &self,
-        _request: Request<pb::HealthRequest>,
+        request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.authorize(&request, Scope::Infer)?;
         let status = self.engine.status().borrow().clone();
         let (ok, message) = match status {
             EngineStatus::Ready => (
@@ -569,8 +528,9 @@ impl ComputeService for ComputeApi {
 
     async fn get_service_info(
         &self,
-        _request: Request<pb::ServiceInfoRequest>,
+        request: Request<pb::ServiceInfoRequest>,
     ) -> Result<Response<pb::ServiceInfoResponse>, Status> {
+        self.authorize(&request, Scope::Infer)?;
         let plan = self.engine.applied_plan().unwrap_or(self.info.plan);
         let mut custom = HashMap::new();
         custom.insert("thread_plan".into(), plan.to_string());
@@ -683,6 +643,7 @@ impl ComputeService for ComputeApi {
         &self,
         request: Request<pb::MonitoringStreamRequest>,
     ) -> Result<Response<Self::StreamMonitoringStream>, Status> {
+        self.authorize(&request, Scope::Infer)?;
         let requested = request.get_ref().sampling_interval.unwrap_or(1.0);
         let secs = if requested.is_finite() {
             requested.clamp(0.1, 5.0)
@@ -706,83 +667,5 @@ impl ComputeService for ComputeApi {
             },
         );
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-/// tonic answers an over-limit request with OUT_OF_RANGE; gRPC's status table (and
-/// the Python server) say RESOURCE_EXHAUSTED. Rewrites that one trailers-only answer.
-pub fn message_limit_status<B>(mut res: http::Response<B>) -> http::Response<B> {
-    let h = res.headers_mut();
-    let is_limit = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h.get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
-    if is_limit {
-        let detail = h
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .map(|m| m.replace("%20", " ").replace("%3A", ":"))
-            .unwrap_or_default();
-        let sizes = detail.split("found ").nth(1).unwrap_or("").to_string();
-        let text =
-            format!("message too large for this server (--max-message-bytes): found {sizes}");
-        h.insert("grpc-status", http::HeaderValue::from_static("8"));
-        if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&text)) {
-            h.insert("grpc-message", v);
-        }
-    }
-    res
-}
-
-/// gRPC's grpc-message encoding: percent-encode everything outside printable ASCII and '%'.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        let mut md = tonic::metadata::MetadataMap::new();
-        md.insert("grpc-timeout", "250m".parse().unwrap());
-        let d = deadline_from_metadata(&md, Instant::now()).unwrap();
-        let left = d.saturating_duration_since(Instant::now());
-        assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(200));
-        md.insert("grpc-timeout", "junk".parse().unwrap());
-        assert!(deadline_from_metadata(&md, Instant::now()).is_none());
-    }
-
-    #[test]
-    fn over_limit_answers_become_resource_exhausted() {
-        let res = http::Response::builder()
-            .header("grpc-status", "11")
-            .header(
-                "grpc-message",
-                "Error,%20decoded%20message%20length%20too%20large:%20found%202000%20bytes,%20the%20limit%20is:%201024%20bytes",
-            )
-            .body(())
-            .unwrap();
-        let res = message_limit_status(res);
-        assert_eq!(res.headers()["grpc-status"], "8");
-        let msg = res.headers()["grpc-message"].to_str().unwrap();
-        assert!(msg.contains("2000 bytes") && msg.contains("1024"), "{msg}");
-        let other = http::Response::builder()
-            .header("grpc-status", "11")
-            .body(())
-            .unwrap();
-        assert_eq!(message_limit_status(other).headers()["grpc-status"], "11");
     }
 }

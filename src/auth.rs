@@ -1,0 +1,291 @@
+//! Bearer tokens with scopes, read from a file that is re-read when it
+//! changes. Checking a token costs the same whatever it is: every known token
+//! is compared, in constant time, against the SHA-256 of the one presented.
+//!
+//! File format, one token per line: `TOKEN SCOPE[,SCOPE...]`; `#` starts a
+//! comment; blank lines are ignored. A token listed without scopes
+//! authenticates but is allowed nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::Metrics;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Inference and the read-only RPCs (service info, health, monitoring).
+    Infer,
+    /// Training forwards and backwards.
+    Train,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Infer => "infer",
+            Scope::Train => "train",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "infer" => Some(Scope::Infer),
+            "train" => Some(Scope::Train),
+            _ => None,
+        }
+    }
+}
+
+/// The scopes of the token a request carried, put into its extensions by the
+/// authentication layer. Absent when authentication is off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Granted {
+    pub infer: bool,
+    pub train: bool,
+}
+
+impl Granted {
+    pub fn allows(self, scope: Scope) -> bool {
+        match scope {
+            Scope::Infer => self.infer,
+            Scope::Train => self.train,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AuthError {
+    #[error("--auth-token-file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// Never printed with its digest; Debug shows the scopes only.
+#[derive(Clone)]
+struct Entry {
+    digest: [u8; 32],
+    granted: Granted,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `authorization: Bearer` header.
+    Missing,
+    /// A token this server does not know.
+    Unknown,
+}
+
+/// The tokens in force; swapped whole when the file changes.
+pub struct Tokens {
+    path: PathBuf,
+    current: RwLock<(Arc<Vec<Entry>>, [u8; 32])>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("granted", &self.granted)
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Parses the token file's text. Errors name the line, never the token.
+fn parse(text: &str) -> Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let token = parts.next().unwrap_or_default();
+        if token.len() < 16 {
+            return Err(format!(
+                "line {}: a token must be at least 16 characters",
+                n + 1
+            ));
+        }
+        let mut granted = Granted::default();
+        for scope in parts.flat_map(|p| p.split(',')).filter(|s| !s.is_empty()) {
+            match Scope::parse(scope) {
+                Some(Scope::Infer) => granted.infer = true,
+                Some(Scope::Train) => granted.train = true,
+                None => {
+                    return Err(format!(
+                        "line {}: unknown scope {:?} (known: infer, train)",
+                        n + 1,
+                        crate::codec::clip(scope)
+                    ));
+                }
+            }
+        }
+        entries.push(Entry {
+            digest: digest(token.as_bytes()),
+            granted,
+        });
+    }
+    Ok(entries)
+}
+
+fn load(path: &Path) -> Result<(Vec<Entry>, [u8; 32]), AuthError> {
+    let err = |message: String| AuthError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8(bytes).map_err(|_| err("not UTF-8 text".into()))?;
+    let entries = parse(&text).map_err(err)?;
+    Ok((entries, digest(text.as_bytes())))
+}
+
+impl Tokens {
+    /// Reads the file; a failure here is a configuration error.
+    pub fn load(path: PathBuf) -> Result<Arc<Tokens>, AuthError> {
+        let (entries, file_digest) = load(&path)?;
+        if entries.is_empty() {
+            tracing::warn!(path = %path.display(), "the token file lists no token: every RPC but health is refused");
+        }
+        Ok(Arc::new(Tokens {
+            path,
+            current: RwLock::new((Arc::new(entries), file_digest)),
+        }))
+    }
+
+    /// The scopes of a request's `authorization` header value.
+    pub fn check(&self, header: Option<&[u8]>) -> Result<Granted, Refusal> {
+        let presented = header
+            .and_then(|h| {
+                h.strip_prefix(b"Bearer ")
+                    .or_else(|| h.strip_prefix(b"bearer "))
+            })
+            .map(|t| t.trim_ascii())
+            .filter(|t| !t.is_empty())
+            .ok_or(Refusal::Missing)?;
+        let presented = digest(presented);
+        let entries = self
+            .current
+            .read()
+            .map(|c| c.0.clone())
+            .unwrap_or_else(|p| p.into_inner().0.clone());
+        // Compare against every entry, so the time taken does not say which matched.
+        let mut found = None;
+        for e in entries.iter() {
+            if bool::from(e.digest.ct_eq(&presented)) {
+                found = Some(e.granted);
+            }
+        }
+        found.ok_or(Refusal::Unknown)
+    }
+
+    fn reload(&self, metrics: &Metrics) {
+        let Ok(bytes) = std::fs::read(&self.path) else {
+            return; // mid-rotation: try again next time
+        };
+        let unchanged = self
+            .current
+            .read()
+            .map(|c| c.1 == digest(&bytes))
+            .unwrap_or(false);
+        if unchanged {
+            return;
+        }
+        match load(&self.path) {
+            Ok((entries, file_digest)) => {
+                let count = entries.len();
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+                    (Arc::new(entries), file_digest);
+                metrics
+                    .credential_reloads
+                    .with_label_values(&["tokens"])
+                    .inc();
+                tracing::info!(tokens = count, "auth tokens reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the token file changed but does not parse; keeping the previous tokens");
+            }
+        }
+    }
+
+    /// Checks the file every `every` until `stop`.
+    pub fn spawn_reloader(
+        self: &Arc<Self>,
+        every: Duration,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) {
+        let tokens = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => tokens.reload(&metrics),
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_format_gives_scopes_and_rejects_mistakes() {
+        let entries = parse(
+            "# reader\nreader-0123456789abcdef infer\n\ntrainer-0123456789abcdef infer,train  # both\nnobody-0123456789abcdef\n",
+        )
+        .unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(
+            entries[0].granted,
+            Granted {
+                infer: true,
+                train: false
+            }
+        );
+        assert!(entries[1].granted.train && entries[1].granted.infer);
+        assert_eq!(entries[2].granted, Granted::default());
+        let err = parse("short infer").unwrap_err();
+        assert!(err.contains("line 1") && err.contains("16"), "{err}");
+        let err = parse("long-enough-token-123 admin").unwrap_err();
+        assert!(err.contains("unknown scope"), "{err}");
+        assert!(
+            !err.contains("long-enough-token-123"),
+            "never echo a token: {err}"
+        );
+    }
+
+    #[test]
+    fn tokens_are_checked_by_value() {
+        let dir = std::env::temp_dir().join(format!("splitserve-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tokens");
+        std::fs::write(&file, "reader-0123456789abcdef infer\n").unwrap();
+        let tokens = Tokens::load(file).unwrap();
+        assert!(
+            tokens
+                .check(Some(b"Bearer reader-0123456789abcdef"))
+                .unwrap()
+                .allows(Scope::Infer)
+        );
+        assert_eq!(
+            tokens.check(Some(b"Bearer reader-0123456789abcdeX")),
+            Err(Refusal::Unknown)
+        );
+        assert_eq!(tokens.check(None), Err(Refusal::Missing));
+        assert_eq!(tokens.check(Some(b"Basic abc")), Err(Refusal::Missing));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

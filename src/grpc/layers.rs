@@ -1,0 +1,582 @@
+//! Tower layers in front of every gRPC service: the arrival stamp deadlines
+//! count from, request limits, authentication, and rewrites of tonic's own
+//! answers into the codes the gRPC status table names.
+//!
+//! [`GuardLayer`] reads each request message itself before tonic sees it: the
+//! 5-byte gRPC prefix claims a length, which is checked against
+//! `--max-message-bytes` and reserved from the `--max-inflight-bytes` budget
+//! before a byte of it is buffered (tonic would reserve the claimed length at
+//! once), and the body must arrive within `--request-body-timeout`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prost::bytes::{Buf, Bytes, BytesMut};
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::auth::{Refusal, Tokens};
+use crate::listen::ConnInfo;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::limit;
+
+/// Health checks are never refused for lack of a token or of memory budget:
+/// the kubelet must always be able to ask.
+fn is_health(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}
+
+/// Bytes reserved by request messages queued or in flight, against a limit.
+pub struct Budget {
+    limit: u64,
+    used: AtomicU64,
+    gauge: prometheus::IntGauge,
+}
+
+impl Budget {
+    pub fn new(limit: u64, gauge: prometheus::IntGauge) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicU64::new(0),
+            gauge,
+        })
+    }
+
+    /// Reserves `n` bytes, or None when they do not fit now.
+    fn reserve(self: &Arc<Self>, n: u64) -> Option<Reservation> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used.checked_add(n).filter(|&t| t <= self.limit)?;
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.gauge.add(n as i64);
+                    return Some(Reservation {
+                        budget: self.clone(),
+                        bytes: n,
+                    });
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+}
+
+/// Bytes of the budget held until dropped.
+struct Reservation {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.gauge.sub(self.bytes as i64);
+    }
+}
+
+/// What [`GuardLayer`] enforces.
+#[derive(Clone)]
+pub struct Guard {
+    pub max_message_bytes: usize,
+    pub budget: Arc<Budget>,
+    pub body_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Stamps arrival, tracks the connection's activity, and wraps the request
+/// body in the message-size, budget and timeout checks.
+#[derive(Clone)]
+pub struct GuardLayer(pub Guard);
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+    fn layer(&self, inner: S) -> GuardService<S> {
+        GuardService {
+            inner,
+            guard: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GuardService<S> {
+    inner: S,
+    guard: Guard,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for GuardService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<http::Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let exempt = is_health(req.uri().path());
+        req.extensions_mut().insert(Arrival(Instant::now()));
+        let activity = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.activity.begin());
+        let slot = Arc::new(Mutex::new(None));
+        let (parts, body) = req.into_parts();
+        let body = Body::new(GuardedBody {
+            inner: body,
+            buf: BytesMut::new(),
+            need: None,
+            guard: self.guard.clone(),
+            exempt,
+            slot: slot.clone(),
+            deadline: Box::pin(tokio::time::sleep(self.guard.body_timeout)),
+            ended: false,
+        });
+        let req = http::Request::from_parts(parts, body);
+        // The service that was polled ready serves this call; a clone waits.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let res = inner.call(req).await?;
+            let res = rewrite_status(res);
+            // The reservation and the connection's activity last until the
+            // reply has been written.
+            Ok(res.map(|b| {
+                Body::new(HoldBody {
+                    inner: b,
+                    _hold: (slot, activity),
+                })
+            }))
+        })
+    }
+}
+
+/// The request body as tonic reads it: whole messages only, each checked and
+/// reserved from its 5-byte prefix before its bytes are buffered.
+struct GuardedBody {
+    inner: Body,
+    buf: BytesMut,
+    /// Length of the message being received, prefix included, once known.
+    need: Option<usize>,
+    guard: Guard,
+    exempt: bool,
+    slot: Arc<Mutex<Option<Vec<Reservation>>>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    ended: bool,
+}
+
+impl GuardedBody {
+    fn refuse(
+        &self,
+        which: &'static str,
+        status: Status,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.guard
+            .metrics
+            .limit_rejections
+            .with_label_values(&[which])
+            .inc();
+        Poll::Ready(Some(Err(status)))
+    }
+
+    /// Checks a message's prefix: its claimed length fits the limit and the budget.
+    fn admit(&mut self, prefix: &[u8]) -> Result<usize, (&'static str, Status)> {
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        let max = self.guard.max_message_bytes;
+        if len > max {
+            return Err((
+                limit::MESSAGE_SIZE,
+                Status::resource_exhausted(format!(
+                    "message too large for this server (--max-message-bytes): found {len} bytes, the limit is {max} bytes"
+                )),
+            ));
+        }
+        if !self.exempt {
+            match self.guard.budget.reserve(len as u64 + 5) {
+                Some(r) => self
+                    .slot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Vec::new)
+                    .push(r),
+                None => {
+                    return Err((
+                        limit::INFLIGHT_BYTES,
+                        Status::resource_exhausted(format!(
+                            "the server's memory for requests in flight (--max-inflight-bytes {}) cannot take a {len}-byte message now; retry with backoff",
+                            self.guard.budget.limit
+                        )),
+                    ));
+                }
+            }
+        }
+        Ok(len + 5)
+    }
+}
+
+impl HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        loop {
+            if this.need.is_none() && this.buf.len() >= 5 {
+                let prefix = this.buf[..5].to_vec();
+                match this.admit(&prefix) {
+                    Ok(n) => this.need = Some(n),
+                    Err((which, status)) => return this.refuse(which, status),
+                }
+            }
+            if let Some(n) = this.need {
+                if this.buf.len() >= n {
+                    this.need = None;
+                    let message = this.buf.split_to(n).freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(message))));
+                }
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        // The common case: one whole message in one frame, no copy.
+                        if this.buf.is_empty() && this.need.is_none() && data.len() >= 5 {
+                            let prefix = data[..5].to_vec();
+                            match this.admit(&prefix) {
+                                Ok(n) if n == data.len() => {
+                                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                                }
+                                Ok(n) => this.need = Some(n),
+                                Err((which, status)) => return this.refuse(which, status),
+                            }
+                        }
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            let n = chunk.len();
+                            this.buf.extend_from_slice(chunk);
+                            data.advance(n);
+                        }
+                    }
+                    Err(frame) => {
+                        if this.buf.is_empty() {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(status))) => return Poll::Ready(Some(Err(status))),
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    if !this.buf.is_empty() {
+                        let have = this.buf.len();
+                        let msg = match this.need {
+                            Some(n) => format!(
+                                "the request body ended inside a message: {have} of its {n} bytes arrived"
+                            ),
+                            None => format!(
+                                "the request body ended inside a message prefix ({have} of 5 bytes)"
+                            ),
+                        };
+                        this.buf.clear();
+                        return Poll::Ready(Some(Err(Status::invalid_argument(msg))));
+                    }
+                }
+                Poll::Pending => {
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        let secs = this.guard.body_timeout.as_secs_f64();
+                        this.ended = true;
+                        this.buf = BytesMut::new();
+                        return this.refuse(
+                            limit::BODY_TIMEOUT,
+                            Status::deadline_exceeded(format!(
+                                "the request body did not arrive within {secs} s (--request-body-timeout)"
+                            )),
+                        );
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.buf.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// A response body that keeps something alive until the reply is written.
+struct HoldBody<T> {
+    inner: Body,
+    _hold: T,
+}
+
+impl<T: Send + Unpin + 'static> HttpBody for HoldBody<T> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Checks `authorization: Bearer` on every RPC but health, and hands the
+/// token's scopes to the handlers in the request's extensions.
+#[derive(Clone)]
+pub struct AuthLayer {
+    pub tokens: Option<Arc<Tokens>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl<S> Service<http::Request<Body>> for AuthService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<http::Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(tokens) = &self.layer.tokens else {
+            return Box::pin(inner.call(req));
+        };
+        if is_health(req.uri().path()) {
+            return Box::pin(inner.call(req));
+        }
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        match tokens.check(header) {
+            Ok(granted) => {
+                req.extensions_mut().insert(granted);
+                Box::pin(inner.call(req))
+            }
+            Err(refusal) => {
+                self.layer
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["unauthenticated"])
+                    .inc();
+                let msg = match refusal {
+                    Refusal::Missing => {
+                        "this server requires a token: send metadata 'authorization: Bearer <token>'"
+                    }
+                    Refusal::Unknown => "the bearer token is not valid on this server",
+                };
+                let res = Status::unauthenticated(msg).into_http::<Body>();
+                Box::pin(async move { Ok(res) })
+            }
+        }
+    }
+}
+
+/// When a request's headers reached the server, stamped by [`GuardLayer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
+
+/// tonic's transport also enforces `grpc-timeout` and then answers CANCELLED
+/// "Timeout expired" (grpc/grpc-rust#606); answering a little earlier ourselves
+/// keeps the status DEADLINE_EXCEEDED, as the gRPC spec asks.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// The deadline a client set with `grpc-timeout` (e.g. `100m` = 100 ms), counted
+/// from the request's arrival.
+pub fn deadline_from_metadata(
+    md: &tonic::metadata::MetadataMap,
+    arrival: Instant,
+) -> Option<Instant> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    arrival.checked_add(d.saturating_sub(DEADLINE_MARGIN))
+}
+
+/// The longest status message sent; longer ones are cut (grpc-python refuses
+/// metadata past 8 KiB by default, and nobody reads a page of error).
+pub const MAX_STATUS_MESSAGE: usize = 1000;
+
+/// Rewrites tonic's own trailers-only answers where the gRPC status table names
+/// another code: a message over the size limit is RESOURCE_EXHAUSTED (tonic says
+/// OUT_OF_RANGE), and a body that is not a valid protobuf message is the
+/// client's INVALID_ARGUMENT (tonic says INTERNAL). Every message is cut to
+/// [`MAX_STATUS_MESSAGE`] bytes.
+pub fn rewrite_status<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let h = res.headers_mut();
+    let Some(code) = h
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return res;
+    };
+    let message = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    let (code, text) = match code.as_str() {
+        "11" if message.contains("message length too large") => {
+            let sizes = message.split("found ").nth(1).unwrap_or("").to_string();
+            (
+                "8",
+                format!("message too large for this server (--max-message-bytes): found {sizes}"),
+            )
+        }
+        "13" if message.starts_with("failed to decode Protobuf message") => (
+            "3",
+            format!(
+                "the request is not a valid protobuf message for this RPC ({})",
+                message
+                    .trim_start_matches("failed to decode Protobuf message")
+                    .trim_start_matches(": ")
+            ),
+        ),
+        "13" if message.starts_with("Unexpected EOF decoding stream") => {
+            ("3", "the request body ended inside a message".to_string())
+        }
+        _ if message.len() > MAX_STATUS_MESSAGE => (code.as_str(), message.clone()),
+        _ => return res,
+    };
+    let text = crate::codec::cut(&text, MAX_STATUS_MESSAGE);
+    if let Ok(v) = http::HeaderValue::from_str(code) {
+        h.insert("grpc-status", v);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&text)) {
+        h.insert("grpc-message", v);
+    }
+    res
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// gRPC's grpc-message encoding: percent-encode everything outside printable ASCII and '%'.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        let d = deadline_from_metadata(&md, Instant::now()).unwrap();
+        let left = d.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(200));
+        md.insert("grpc-timeout", "junk".parse().unwrap());
+        assert!(deadline_from_metadata(&md, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn over_limit_answers_become_resource_exhausted() {
+        let res = http::Response::builder()
+            .header("grpc-status", "11")
+            .header(
+                "grpc-message",
+                "Error,%20decoded%20message%20length%20too%20large:%20found%202000%20bytes,%20the%20limit%20is:%201024%20bytes",
+            )
+            .body(())
+            .unwrap();
+        let res = rewrite_status(res);
+        assert_eq!(res.headers()["grpc-status"], "8");
+        let msg = res.headers()["grpc-message"].to_str().unwrap();
+        assert!(msg.contains("2000 bytes") && msg.contains("1024"), "{msg}");
+        let other = http::Response::builder()
+            .header("grpc-status", "11")
+            .body(())
+            .unwrap();
+        assert_eq!(rewrite_status(other).headers()["grpc-status"], "11");
+    }
+}

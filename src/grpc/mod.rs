@@ -1,0 +1,175 @@
+//! The gRPC front-ends: generated protos, one file per service, the one place
+//! where domain errors become `tonic::Status`, and the tower layers every
+//! service shares (arrival stamps, limits, authentication).
+//!
+//! - [`compute`] serves `splitlearn.comm.ComputeService`.
+//! - [`layers`] holds deadlines from `grpc-timeout`, request limits (message size,
+//!   memory budget, body timeout), authentication, status rewrites.
+
+use tonic::Status;
+
+use crate::codec::{CodecError, RawTensor};
+use crate::engine::EngineError;
+use crate::model::ModelError;
+use crate::telemetry::ResourceSnapshot;
+use crate::training::TrainingError;
+
+pub mod compute;
+pub mod layers;
+
+pub use compute::{ComputeApi, StaticInfo};
+pub use layers::{Arrival, deadline_from_metadata};
+
+/// Generated code for `splitlearn.comm` (kept in OUT_DIR).
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("splitlearn.comm");
+    /// Descriptor set of the protos, for reflection and tooling.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("splitlearn_descriptor");
+}
+
+/// Full gRPC service name, as health checks and Kubernetes probes name it.
+pub const SERVICE_NAME: &str = "splitlearn.comm.ComputeService";
+
+/// Everything that can go wrong with a request, mapped to a status in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0} is not supported by this server yet")]
+    Unimplemented(&'static str),
+    #[error("{0}")]
+    BadRequest(String),
+    /// The caller may not do this (a model that is not trainable, a token's scope).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A bounded queue in front of expensive work is full.
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl ServeError {
+    /// The client sent something the server cannot compute (counted as `invalid`).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            ServeError::Codec(_)
+                | ServeError::BadRequest(_)
+                | ServeError::Engine(EngineError::Model(ModelError::InvalidInput { .. }))
+                | ServeError::Engine(EngineError::Training(
+                    TrainingError::GradShape { .. }
+                        | TrainingError::WrongModel { .. }
+                        | TrainingError::BadRequest(_)
+                        | TrainingError::StepRejected { .. }
+                ))
+        )
+    }
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Status {
+        // Client text inside is already clipped; this bounds the whole message.
+        let msg = crate::codec::cut(&e.to_string(), layers::MAX_STATUS_MESSAGE);
+        match e {
+            ServeError::Codec(c) => match c {
+                CodecError::DecompressedTooLarge { .. } => Status::resource_exhausted(msg),
+                CodecError::TooManyDims { .. }
+                | CodecError::NegativeDimension { .. }
+                | CodecError::TooManyElements { .. }
+                | CodecError::LengthMismatch { .. }
+                | CodecError::ExplicitLengthMismatch { .. }
+                | CodecError::UnknownDtype(_) => Status::invalid_argument(msg),
+            },
+            ServeError::Engine(en) => match en {
+                EngineError::UnknownModel { .. } => Status::not_found(msg),
+                EngineError::Loading | EngineError::Draining | EngineError::Failed(_) => {
+                    Status::unavailable(msg)
+                }
+                EngineError::QueueFull { .. } => Status::resource_exhausted(msg),
+                EngineError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
+                EngineError::Model(m) => model_status(&m, msg),
+                EngineError::Training(t) => match t {
+                    TrainingError::NotFound { .. } => Status::not_found(msg),
+                    TrainingError::AlreadyExists { .. } => Status::already_exists(msg),
+                    TrainingError::WrongModel { .. }
+                    | TrainingError::GradShape { .. }
+                    | TrainingError::BadRequest(_)
+                    | TrainingError::StepRejected { .. } => Status::invalid_argument(msg),
+                    TrainingError::Stale { .. } => Status::aborted(msg),
+                    TrainingError::TooLarge { .. } => Status::resource_exhausted(msg),
+                    TrainingError::Model(m) => model_status(&m, msg),
+                },
+                EngineError::Internal(_) => Status::internal(msg),
+            },
+            ServeError::Unimplemented(_) => Status::unimplemented(msg),
+            ServeError::BadRequest(_) => Status::invalid_argument(msg),
+            ServeError::PermissionDenied(_) => Status::permission_denied(msg),
+            ServeError::Busy(_) => Status::resource_exhausted(msg),
+        }
+    }
+}
+
+fn model_status(m: &ModelError, msg: String) -> Status {
+    match m {
+        ModelError::InvalidInput { .. } => Status::invalid_argument(msg),
+        ModelError::Internal { .. } | ModelError::Load { .. } | ModelError::Device { .. } => {
+            Status::internal(msg)
+        }
+    }
+}
+
+/// gRPC's canonical code names, as the `code` label spells them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn wire_shape(t: &RawTensor) -> Result<Vec<i32>, ServeError> {
+    t.shape
+        .iter()
+        .map(|&d| i32::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            ServeError::Engine(EngineError::Internal(format!(
+                "output shape {:?} does not fit the protocol's int32 dimensions",
+                t.shape
+            )))
+        })
+}
+
+const MIB: f32 = 1024.0 * 1024.0;
+
+pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
+    pb::MonitoringSnapshot {
+        timestamp: s.timestamp,
+        cpu_percent: s.cpu_percent,
+        memory_mb: s.memory_mb,
+        memory_percent: s.memory_percent,
+        gpu_available: s.gpu_available,
+        // Percent, like cpu_percent and memory_percent.
+        gpu_utilization: s.gpu.map(|g| g.utilization * 100.0),
+        gpu_memory_used_mb: s.gpu.map(|g| g.memory_used_bytes as f32 / MIB),
+        gpu_memory_total_mb: s.gpu.map(|g| g.memory_total_bytes as f32 / MIB),
+    }
+}

@@ -1,0 +1,545 @@
+//! Accepting connections for the client-facing ports: a connection limit, TLS
+//! handshakes off the accept path (certificates re-read when their files
+//! change, so cert-manager's in-place rotation needs no restart), idle
+//! connections closed, and a back-off instead of a busy loop when the process
+//! runs out of file descriptors.
+//!
+//! tonic's own `ServerTlsConfig` is fixed at start-up, so the server drives
+//! tokio-rustls (the same rustls tonic's `tls-ring` feature uses) itself.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::limit;
+
+/// PEM files of a TLS identity, and the CA that client certificates must chain to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Set: clients must present a certificate this CA bundle verifies (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How a port accepts connections.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ListenConfig {
+    pub tls: Option<TlsFiles>,
+    /// Open connections at most; one more is closed at once.
+    pub max_connections: usize,
+    /// A TLS handshake that takes longer is abandoned.
+    pub handshake_timeout: Duration,
+    /// A connection with no request in flight for this long is closed; None: never.
+    pub idle_timeout: Option<Duration>,
+    /// How often certificate files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("TLS: cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("TLS: {0}")]
+    Config(String),
+}
+
+/// A certificate set that can be swapped while connections are open: every
+/// handshake takes the current one; established sessions keep theirs.
+pub struct Tls {
+    files: TlsFiles,
+    current: RwLock<(Arc<ServerConfig>, [u8; 32])>,
+    /// Label for logs and metrics ("grpc", "admin").
+    port: &'static str,
+}
+
+impl Tls {
+    /// Reads the files; a failure here is a configuration error.
+    pub fn load(files: TlsFiles, port: &'static str) -> Result<Arc<Tls>, ListenError> {
+        let (config, digest) = build_config(&files)?;
+        Ok(Arc::new(Tls {
+            files,
+            current: RwLock::new((Arc::new(config), digest)),
+            port,
+        }))
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        TlsAcceptor::from(current.0.clone())
+    }
+
+    /// Re-reads the files when their contents changed. A broken new set (a
+    /// half-written Secret) keeps the old one in service and is logged.
+    fn reload(&self, metrics: &Metrics) {
+        let Ok(digest) = files_digest(&self.files) else {
+            return; // unreadable for a moment: try again next time
+        };
+        let unchanged = self.current.read().map(|c| c.1 == digest).unwrap_or(false);
+        if unchanged {
+            return;
+        }
+        match build_config(&self.files) {
+            Ok((config, digest)) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+                    (Arc::new(config), digest);
+                metrics.credential_reloads.with_label_values(&["tls"]).inc();
+                tracing::info!(port = self.port, cert = %self.files.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(port = self.port, error = %e, "TLS files changed but do not load; keeping the previous certificate");
+            }
+        }
+    }
+
+    /// Checks the files every `every` until `stop`.
+    pub fn spawn_reloader(
+        self: &Arc<Self>,
+        every: Duration,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) {
+        let tls = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => tls.reload(&metrics),
+                }
+            }
+        });
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ListenError> {
+    std::fs::read(path).map_err(|e| ListenError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn files_digest(files: &TlsFiles) -> Result<[u8; 32], ListenError> {
+    let mut h = Sha256::new();
+    h.update(read(&files.cert)?);
+    h.update(read(&files.key)?);
+    if let Some(ca) = &files.client_ca {
+        h.update(read(ca)?);
+    }
+    Ok(h.finalize().into())
+}
+
+fn build_config(files: &TlsFiles) -> Result<(ServerConfig, [u8; 32]), ListenError> {
+    let digest = files_digest(files)?;
+    let cert_pem = read(&files.cert)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ListenError::Config(format!("{}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(ListenError::Config(format!(
+            "{} holds no PEM certificate",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|e| ListenError::Config(format!("{}: {e}", files.key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ListenError::Config(e.to_string()))?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            let ca_pem = read(ca)?;
+            for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+                let cert =
+                    cert.map_err(|e| ListenError::Config(format!("{}: {e}", ca.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ListenError::Config(format!("{}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(ListenError::Config(format!(
+                    "{} holds no CA certificate",
+                    ca.display()
+                )));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| ListenError::Config(format!("client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| ListenError::Config(format!("certificate and key: {e}")))?;
+    // gRPC needs HTTP/2; HTTP/1.1 stays possible for the HTTP ports.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((config, digest))
+}
+
+/// What a connection is doing, shared with the request layers: requests in
+/// flight and when the last one started or ended.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last request start or end.
+    last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A request started on this connection; the guard marks its end.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        ActivityGuard(self.clone())
+    }
+
+    /// How long the connection has had nothing in flight; None while busy.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Some(Duration::from_millis(
+            now.saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+        ))
+    }
+}
+
+/// Ends a request's activity when dropped.
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// What the request layers learn about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote_addr: Option<SocketAddr>,
+    pub activity: Arc<Activity>,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// One accepted connection: holds its slot of `--max-connections` until it closes.
+pub struct Conn {
+    stream: Stream,
+    info: ConnInfo,
+    _slot: OwnedSemaphorePermit,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// `splitserve_open_connections` for this port, decremented on close.
+    open: prometheus::IntGauge,
+}
+
+impl Conn {
+    /// True once the connection has been idle for its limit: reads then end,
+    /// and the HTTP/2 server closes the connection.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some((limit, sleep)) = &mut self.idle else {
+            return false;
+        };
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            match self.info.activity.idle_for() {
+                Some(idle) if idle >= *limit => return true,
+                Some(idle) => sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + (*limit - idle)),
+                None => sleep.as_mut().reset(tokio::time::Instant::now() + *limit),
+            }
+        }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.idle_expired(cx) {
+            return Poll::Ready(Ok(())); // end of stream: the server closes it
+        }
+        match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accept errors that mean "out of a resource", not "this one connection
+/// failed": retrying at once would spin.
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// errno values (Linux), without a libc dependency for four numbers.
+mod libc_errno {
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    pub const ENOBUFS: i32 = 105;
+}
+
+/// Accepts on `listener` until `stop`, yielding connections ready for HTTP/2
+/// (TLS already negotiated). Handshakes run in their own tasks, so a slow or
+/// silent client never holds up the next accept.
+pub fn incoming(
+    listener: TcpListener,
+    config: ListenConfig,
+    tls: Option<Arc<Tls>>,
+    port: &'static str,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> impl futures::Stream<Item = Result<Conn, io::Error>> + Send + 'static {
+    let (tx, rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let open = metrics.open_connections.with_label_values(&[port]);
+    tokio::spawn(async move {
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, addr) = match accepted {
+                Ok(a) => a,
+                Err(e) if is_resource_error(&e) => {
+                    metrics
+                        .limit_rejections
+                        .with_label_values(&[limit::FILE_DESCRIPTORS])
+                        .inc();
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(port, error = %e, "cannot accept connections: out of file descriptors or memory; backing off");
+                    }
+                    // Pending connections wait in the kernel's backlog meanwhile.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(port, error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics
+                    .limit_rejections
+                    .with_label_values(&[limit::CONNECTIONS])
+                    .inc();
+                drop(tcp); // closed at once: the client retries elsewhere or later
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let info = ConnInfo {
+                remote_addr: Some(addr),
+                activity: Arc::new(Activity::new()),
+            };
+            let idle = config
+                .idle_timeout
+                .map(|d| (d, Box::pin(tokio::time::sleep(d))));
+            let open = open.clone();
+            match &tls {
+                None => {
+                    open.inc();
+                    let conn = Conn {
+                        stream: Stream::Plain(tcp),
+                        info,
+                        _slot: slot,
+                        idle,
+                        open,
+                    };
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(tls) => {
+                    let acceptor = tls.acceptor();
+                    let tx = tx.clone();
+                    let metrics = metrics.clone();
+                    let timeout = config.handshake_timeout;
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                open.inc();
+                                let conn = Conn {
+                                    stream: Stream::Tls(Box::new(stream)),
+                                    info,
+                                    _slot: slot,
+                                    idle,
+                                    open,
+                                };
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Ok(Err(e)) => {
+                                metrics
+                                    .tls_handshake_failures
+                                    .with_label_values(&[port])
+                                    .inc();
+                                tracing::debug!(port, peer = %addr, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                metrics
+                                    .tls_handshake_failures
+                                    .with_label_values(&[port])
+                                    .inc();
+                                tracing::debug!(port, peer = %addr, "TLS handshake timed out");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// The accepted connections as axum's listener, for the admin port with TLS.
+pub struct ConnListener {
+    conns: Pin<Box<dyn futures::Stream<Item = Result<Conn, io::Error>> + Send>>,
+    local: SocketAddr,
+}
+
+impl ConnListener {
+    pub fn new(
+        conns: impl futures::Stream<Item = Result<Conn, io::Error>> + Send + 'static,
+        local: SocketAddr,
+    ) -> ConnListener {
+        ConnListener {
+            conns: Box::pin(conns),
+            local,
+        }
+    }
+}
+
+impl axum::serve::Listener for ConnListener {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        use futures::StreamExt;
+        loop {
+            match self.conns.next().await {
+                Some(Ok(conn)) => {
+                    let addr = conn.info.remote_addr.unwrap_or(self.local);
+                    return (conn, addr);
+                }
+                Some(Err(_)) => continue,
+                // Shutting down: no more connections; axum's graceful shutdown ends the loop.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}

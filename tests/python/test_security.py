@@ -1,0 +1,651 @@
+"""Safe to expose: TLS and mTLS with certificate rotation, bearer tokens with
+scopes, training only where it was opted into, and bounded, well-formed answers
+to hostile requests. Real grpcio clients and Python's ssl against the real
+binary; certificates are made here with `cryptography`."""
+
+import datetime
+import hashlib
+import http.client
+import ipaddress
+import os
+import random
+import re
+import socket
+import secrets
+import ssl
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import fixture_path
+
+SERVICE = "splitlearn.comm.ComputeService"
+RELOAD = ("--credentials-reload-interval", "200ms")
+TIMEOUT = 30  # seconds, for every RPC
+
+
+# --- certificates -------------------------------------------------------------
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class Issued:
+    """A certificate and its private key, as PEM."""
+
+    def __init__(self, cert: x509.Certificate, key):
+        self.cert = cert
+        self.key = key
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.key_pem = _pem_key(key)
+
+    def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
+        cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+        cert.write_bytes(self.cert_pem)
+        key.write_bytes(self.key_pem)
+        return cert, key
+
+
+class Authority:
+    """A self-signed CA that issues server and client certificates."""
+
+    def __init__(self, name: str):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(days=1))
+            .not_valid_after(_now() + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, name: str, *, server: bool, serial: int | None = None,
+              not_before=None, not_after=None) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial or x509.random_serial_number())
+            .not_valid_before(not_before or _now() - datetime.timedelta(days=1))
+            .not_valid_after(not_after or _now() + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
+        return Issued(builder.sign(self.key, hashes.SHA256()), key)
+
+
+SERIAL_A, SERIAL_B = 0x5EC0A, 0x5EC0B
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA with a server certificate (A) and its successor (B), a valid and an
+    expired client certificate, and a client certificate from another CA."""
+    d = tmp_path_factory.mktemp("pki")
+    ca, other = Authority("splitserve test CA"), Authority("some other CA")
+    (d / "ca.pem").write_bytes(ca.pem)
+    pki = types.SimpleNamespace()
+    pki.dir, pki.ca, pki.ca_path = d, ca, d / "ca.pem"
+    pki.server_a = ca.issue("splitserve A", server=True, serial=SERIAL_A)
+    pki.server_b = ca.issue("splitserve B", server=True, serial=SERIAL_B)
+    pki.cert, pki.key = pki.server_a.write(d, "server")
+    pki.client = ca.issue("good client", server=False)
+    pki.foreign_client = other.issue("foreign client", server=False)
+    pki.expired_client = ca.issue(
+        "expired client", server=False,
+        not_before=_now() - datetime.timedelta(days=10),
+        not_after=_now() - datetime.timedelta(days=1),
+    )
+    return pki
+
+
+def tls(pki, client: Issued | None = None) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=pki.ca.pem)
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.pem, private_key=client.key_pem, certificate_chain=client.cert_pem
+    )
+
+
+def peer_certificate(port: int, ca_path: Path) -> x509.Certificate:
+    """The certificate a NEW TLS connection to the port is shown (ALPN h2)."""
+    ctx = ssl.create_default_context(cafile=str(ca_path))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            assert conn.selected_alpn_protocol() == "h2"
+            der = conn.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def tensor(a) -> dict:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return dict(data=a.tobytes(), shape=list(a.shape))
+
+
+def decode(data: bytes, shape) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.float32).reshape(tuple(shape))
+
+
+def outcome(call):
+    """(status code, details) of a call; StatusCode.OK and its reply when it succeeds."""
+    try:
+        return grpc.StatusCode.OK, call()
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+
+
+def poll(call, want, timeout=15.0):
+    """Repeats call() until its outcome's code is `want`, up to a deadline; returns
+    the last outcome, whatever it was."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = outcome(call)
+        if got[0] == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def bearer(token: str):
+    return [("authorization", "Bearer " + token)]
+
+
+def http_get(url: str, context=None) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5, context=context) as r:
+        return r.status, r.read().decode()
+
+
+def metric_sum(text: str, name: str, **labels) -> float:
+    """Sum of every sample of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def health_status(channel, service=""):
+    return health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT
+    ).status
+
+
+# --- TLS ----------------------------------------------------------------------
+
+
+def test_tls_port_answers_tls_clients_only(pb, server_factory, pki):
+    pb2, pb2_grpc = pb
+    s = server_factory("--tls-cert", str(pki.cert), "--tls-key", str(pki.key), credentials=tls(pki))
+    s.wait_serving()
+
+    # The default model (builtin:mlp:512x1024x512) over TLS, trusting only our CA.
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    x = np.random.default_rng(0).standard_normal((1, 512))
+    reply = stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT)
+    assert list(reply.shape) == [1, 512]
+    assert np.isfinite(decode(reply.data, reply.shape)).all()
+    assert stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT).status == "ok"
+    # What a TLS client is shown: our server certificate, negotiated as h2.
+    assert peer_certificate(s.port, pki.ca_path).serial_number == SERIAL_A
+
+    # Plaintext gRPC to the TLS port gets nothing.
+    plain = pb2_grpc.ComputeServiceStub(grpc.insecure_channel(s.addr))
+    code, _ = outcome(lambda: plain.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+    # Without --admin-tls-cert the admin port stays plaintext HTTP (kubelet, Prometheus).
+    assert http_get(f"{s.metrics_url}/livez")[0] == 200
+    # And the TLS server keeps answering TLS clients.
+    assert list(stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT).shape) == [1, 512]
+
+
+def test_admin_port_speaks_tls_when_given_a_certificate(pb, server_factory, pki):
+    s = server_factory(
+        "--model", "m=builtin:scale:2",
+        "--admin-tls-cert", str(pki.cert), "--admin-tls-key", str(pki.key),
+    )
+    s.wait_serving()
+    https = s.metrics_url.replace("http://", "https://")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_path))
+    status, body = http_get(f"{https}/metrics", context=ctx)
+    assert status == 200 and "splitserve_" in body
+    assert http_get(f"{https}/readyz", context=ctx)[0] == 200
+    try:
+        plain = http_get(f"{s.metrics_url}/metrics")
+    except (OSError, urllib.error.URLError, http.client.HTTPException):
+        plain = None
+    assert plain is None or plain[0] != 200, "the admin port still answers plaintext HTTP"
+
+
+# --- mTLS ---------------------------------------------------------------------
+
+
+def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pki):
+    pb2, pb2_grpc = pb
+    s = server_factory(
+        "--model", "m=builtin:scale:2",
+        "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-client-ca", str(pki.ca_path),
+        credentials=tls(pki, pki.client),
+    )
+    s.wait_serving()
+    x = np.arange(6).reshape(2, 3)
+
+    def compute(credentials):
+        stub = pb2_grpc.ComputeServiceStub(s.channel(credentials=credentials))
+        return outcome(lambda: stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT))
+
+    for who, creds in (
+        ("no client certificate", tls(pki)),
+        ("a certificate from another CA", tls(pki, pki.foreign_client)),
+        ("an expired certificate", tls(pki, pki.expired_client)),
+    ):
+        code, details = compute(creds)
+        assert code == grpc.StatusCode.UNAVAILABLE, f"{who}: {code} {details}"
+
+    code, reply = compute(tls(pki, pki.client))
+    assert code == grpc.StatusCode.OK, reply
+    assert np.array_equal(decode(reply.data, reply.shape), x * 2)
+
+
+# --- rotation -----------------------------------------------------------------
+
+
+def test_rotated_certificate_reaches_new_connections_and_spares_open_ones(pb, server_factory, pki, tmp_path):
+    pb2, pb2_grpc = pb
+    cert, key = pki.server_a.write(tmp_path, "server")
+    s = server_factory(
+        "--model", "m=builtin:scale:2", "--tls-cert", str(cert), "--tls-key", str(key), *RELOAD,
+        credentials=tls(pki),
+    )
+    s.wait_serving()
+    pid = s.proc.pid
+    x = np.arange(4).reshape(1, 4)
+
+    # A channel connected before the rotation, watched for any reconnect.
+    channel = s.channel()
+    stub = pb2_grpc.ComputeServiceStub(channel)
+    reply = stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT)
+    assert np.array_equal(decode(reply.data, reply.shape), x * 2)
+    states, lock = [], threading.Lock()
+
+    def watch(state):
+        with lock:
+            states.append(state)
+
+    channel.subscribe(watch, try_to_connect=False)
+    uptime_before = stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT).uptime_seconds
+    assert peer_certificate(s.port, pki.ca_path).serial_number == SERIAL_A
+
+    # Rotate: certificate B (same CA) replaces A in the same files.
+    for path, pem in ((key, pki.server_b.key_pem), (cert, pki.server_b.cert_pem)):
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(pem)
+        os.replace(tmp, path)
+
+    deadline = time.monotonic() + 15
+    serial = None
+    while time.monotonic() < deadline:
+        serial = peer_certificate(s.port, pki.ca_path).serial_number
+        if serial == SERIAL_B:
+            break
+        time.sleep(0.05)
+    assert serial == SERIAL_B, f"new connections still see serial {serial:#x}, not B's {SERIAL_B:#x}"
+
+    # The connection opened before the rotation still answers, on that connection.
+    for _ in range(3):
+        reply = stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT)
+        assert np.array_equal(decode(reply.data, reply.shape), x * 2)
+    with lock:
+        seen = list(states)
+    assert seen and all(st == grpc.ChannelConnectivity.READY for st in seen), (
+        f"the open connection was dropped during the rotation: {seen}"
+    )
+    channel.unsubscribe(watch)
+
+    # A fresh grpc channel also works (and verifies B against the CA).
+    fresh = pb2_grpc.ComputeServiceStub(s.channel(credentials=tls(pki)))
+    assert list(fresh.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT).shape) == [1, 4]
+
+    # The same process all along: never restarted.
+    assert s.proc.poll() is None and s.proc.pid == pid
+    assert stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT).uptime_seconds >= uptime_before
+
+
+# --- tokens -------------------------------------------------------------------
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
+    pb2, pb2_grpc = pb
+    # Tokens as a user would make them (secrets.token_hex): long and random.
+    infer_tok, train_tok, none_tok, new_tok, unknown_tok = (
+        f"{name}-{secrets.token_hex(16)}" for name in ("infer", "train", "none", "new", "unknown"))
+    tokens = tmp_path / "tokens"
+    tokens.write_text(
+        "# token scopes\n"
+        "\n"
+        f"{infer_tok} infer\n"
+        f"{train_tok} infer,train\n"
+        f"{none_tok}\n"
+    )
+    s = server_factory("--model", "m=builtin:mlp:4x8x4", "--auth-token-file", str(tokens), *RELOAD)
+    s.wait_serving()  # grpc.health.v1 needs no token
+    channel = s.channel()
+    stub = pb2_grpc.ComputeServiceStub(channel)
+    x = tensor(np.ones((2, 4)))
+
+    def infer(metadata=None):
+        return outcome(lambda: stub.Compute(pb2.ComputeRequest(**x), metadata=metadata, timeout=TIMEOUT))
+
+    def train_forward(metadata=None):
+        return outcome(lambda: stub.Compute(
+            pb2.ComputeRequest(**x, training_mode=True), metadata=metadata, timeout=TIMEOUT))
+
+    code, details = infer()
+    assert code == grpc.StatusCode.UNAUTHENTICATED, f"no token: {code} {details}"
+    code, details = infer(bearer(unknown_tok))
+    assert code == grpc.StatusCode.UNAUTHENTICATED, f"unknown token: {code} {details}"
+    code, details = outcome(lambda: stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.UNAUTHENTICATED, f"HealthCheck without a token: {code} {details}"
+
+    # infer: inference, HealthCheck and GetServiceInfo; not training.
+    code, reply = infer(bearer(infer_tok))
+    assert code == grpc.StatusCode.OK, reply
+    assert list(reply.shape) == [2, 4]
+    assert stub.HealthCheck(pb2.HealthRequest(), metadata=bearer(infer_tok), timeout=TIMEOUT).status == "ok"
+    assert stub.GetServiceInfo(pb2.ServiceInfoRequest(), metadata=bearer(infer_tok), timeout=TIMEOUT).service_name
+    code, details = train_forward(bearer(infer_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"training with an infer token: {code} {details}"
+
+    # train: a training forward and its (gradient-only) backward.
+    code, fwd = train_forward(bearer(train_tok))
+    assert code == grpc.StatusCode.OK, fwd
+    assert fwd.forward_id and list(fwd.shape) == [2, 4]
+    back = stub.ComputeBackward(
+        pb2.BackwardRequest(grad_output_data=tensor(np.ones((2, 4)))["data"], grad_output_shape=[2, 4],
+                            forward_id=fwd.forward_id),
+        metadata=bearer(train_tok), timeout=TIMEOUT,
+    )
+    assert list(back.grad_input_shape) == [2, 4]
+
+    # Listed without a scope: known, but allowed nothing.
+    code, details = infer(bearer(none_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"no-scope token: {code} {details}"
+
+    # grpc.health.v1 needs no token.
+    assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+    # The file is re-read: a new token works, a removed one no longer does.
+    write_atomically(tokens, f"{new_tok} infer\n{train_tok} infer,train\n")
+    code, reply = poll(lambda: stub.Compute(pb2.ComputeRequest(**x), metadata=bearer(new_tok), timeout=TIMEOUT),
+                       grpc.StatusCode.OK)
+    assert code == grpc.StatusCode.OK, f"the added token: {code} {reply}"
+    code, details = poll(lambda: stub.Compute(pb2.ComputeRequest(**x), metadata=bearer(infer_tok),
+                                              timeout=TIMEOUT), grpc.StatusCode.UNAUTHENTICATED)
+    assert code == grpc.StatusCode.UNAUTHENTICATED, f"the removed token: {code} {details}"
+    assert infer(bearer(train_tok))[0] == grpc.StatusCode.OK
+    assert s.proc.poll() is None
+
+
+# --- training opt-in ----------------------------------------------------------
+
+
+def start_mlp(pb, server_factory, *flags):
+    s = server_factory("--model", "m=builtin:mlp:4x8x4", *flags)
+    s.wait_serving()
+    return s, pb[1].ComputeServiceStub(s.channel())
+
+
+PROBE = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+
+def inference(stub, pb2) -> bytes:
+    reply = stub.Compute(pb2.ComputeRequest(**tensor(PROBE)), timeout=TIMEOUT)
+    assert list(reply.shape) == [3, 4]
+    return reply.data
+
+
+def train_forward(stub, pb2, x) -> str:
+    reply = stub.Compute(pb2.ComputeRequest(**tensor(x), training_mode=True), timeout=TIMEOUT)
+    assert reply.forward_id
+    return reply.forward_id
+
+
+def backward_request(pb2, grad, forward_id, **kw):
+    g = tensor(grad)
+    return pb2.BackwardRequest(grad_output_data=g["data"], grad_output_shape=g["shape"],
+                               forward_id=forward_id, **kw)
+
+
+def test_parameters_change_only_on_models_opted_in_with_trainable(pb, server_factory):
+    pb2, _ = pb
+    _, stub = start_mlp(pb, server_factory)
+    before = inference(stub, pb2)
+    x = np.ones((2, 4))
+
+    # The attack: a training forward, then a huge step on a model never made trainable.
+    fid = train_forward(stub, pb2, x)
+    code, details = outcome(lambda: stub.ComputeBackward(
+        backward_request(pb2, np.full((2, 4), 1e30), fid, learning_rate=3.4e38), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"{code} {details}"
+    assert "--trainable" in details, details
+
+    # Gradient-only backward (split inference needs dLoss/dInput) still works.
+    fid = train_forward(stub, pb2, x)
+    back = stub.ComputeBackward(backward_request(pb2, np.ones((2, 4)), fid), timeout=TIMEOUT)
+    assert list(back.grad_input_shape) == [2, 4]
+    assert np.isfinite(decode(back.grad_input_data, back.grad_input_shape)).all()
+
+    assert inference(stub, pb2) == before, "the weights changed"
+
+
+def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
+    pb2, _ = pb
+    s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10")
+    before = inference(stub, pb2)
+    x = np.ones((2, 4))
+
+    def step(grad, **kw):
+        fid = train_forward(stub, pb2, x)
+        return outcome(lambda: stub.ComputeBackward(backward_request(pb2, grad, fid, **kw), timeout=TIMEOUT))
+
+    nan_grad = np.ones((2, 4))
+    nan_grad[1, 2] = np.nan
+    code, details = step(nan_grad, learning_rate=0.01)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"NaN gradient: {code} {details}"
+    inf_grad = np.ones((2, 4))
+    inf_grad[0, 0] = np.inf
+    code, details = step(inf_grad, learning_rate=0.01)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"Inf gradient: {code} {details}"
+
+    code, details = step(np.ones((2, 4)), learning_rate=11.0)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"learning_rate above --max-learning-rate: {code} {details}"
+
+    # Finite gradient, allowed learning rate, overflowing update: the last layer's
+    # bias gradient alone is 2 rows x 1e38 = 2e38 (finite float32); 9 x 2e38 is
+    # not. (With 1e30 this small MLP's update would stay finite.)
+    code, details = step(np.full((2, 4), 1e38), learning_rate=9.0)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"overflowing step: {code} {details}"
+    metrics = http_get(f"{s.metrics_url}/metrics")[1]
+    rejected = metric_sum(metrics, "splitserve_training_events_total", event="step_rejected")
+    assert rejected >= 1, [ln for ln in metrics.splitlines() if "training_events" in ln]
+
+    after = inference(stub, pb2)
+    assert np.isfinite(decode(after, [3, 4])).all()
+    assert after == before, "a rejected step changed the weights"
+
+    # An ordinary step on the opted-in model still trains it.
+    code, reply = step(np.ones((2, 4)), learning_rate=0.01)
+    assert code == grpc.StatusCode.OK, reply
+    trained = inference(stub, pb2)
+    assert trained != before and np.isfinite(decode(trained, [3, 4])).all()
+
+
+# --- limits -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limits_server(pb):
+    from conftest import Server
+
+    s = Server("--model", f"top={fixture_path('top.pt')}", "--trainable", "top")
+    s.wait_serving()
+    yield s
+    assert s.terminate() == 0
+
+
+def test_oversized_client_strings_get_short_clear_statuses(pb, limits_server):
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(limits_server.channel())
+    x = np.ones((2, 8))
+
+    code, details = outcome(lambda: stub.Compute(
+        pb2.ComputeRequest(**tensor(x), training_mode=True, forward_id="f" * 129), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"129-byte forward_id: {code} {details}"
+    code, details = outcome(lambda: stub.ComputeBackward(
+        backward_request(pb2, np.ones((2, 4)), "b" * 129), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"129-byte forward_id in a backward: {code} {details}"
+    # 128 bytes is still fine.
+    fid = "g" * 128
+    reply = stub.Compute(pb2.ComputeRequest(**tensor(x), training_mode=True, forward_id=fid), timeout=TIMEOUT)
+    assert reply.forward_id == fid
+
+    code, details = outcome(lambda: stub.ComputeBackward(
+        backward_request(pb2, np.ones((2, 4)), fid, learning_rate=0.01, accumulation_step=1025),
+        timeout=TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"accumulation_step 1025 > 1024: {code} {details}"
+
+    code, details = outcome(lambda: stub.Compute(
+        pb2.ComputeRequest(**tensor(x), model_id="q" * 100_000), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.NOT_FOUND, f"{code} {details[:300]}"
+    assert len(details.encode()) < 1024, len(details)
+    assert "q" * 129 not in details, "the client's model_id is not cut to 128 characters"
+
+
+def test_a_5000_dimension_shape_gets_a_short_invalid_argument(pb, limits_server):
+    pb2, pb2_grpc = pb
+    # grpc-python's default channel options: a huge status message would not even arrive.
+    stub = pb2_grpc.ComputeServiceStub(grpc.insecure_channel(limits_server.addr))
+    code, details = outcome(lambda: stub.Compute(
+        pb2.ComputeRequest(data=np.ones(1, np.float32).tobytes(), shape=[1] * 5000), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code} {details[:300]}"
+    assert len(details.encode()) < 1024, len(details)
+
+
+def test_garbage_and_truncated_bodies_are_invalid_argument_and_the_server_keeps_serving(pb, limits_server):
+    pb2, pb2_grpc = pb
+    channel = limits_server.channel()
+    raw = channel.unary_unary(f"/{SERVICE}/Compute", request_serializer=None, response_deserializer=None)
+    rng = random.Random(7)
+    while True:
+        garbage = bytes(rng.getrandbits(8) for _ in range(256))
+        try:
+            pb2.ComputeRequest.FromString(garbage)
+        except DecodeError:
+            break  # bytes that are not a ComputeRequest, as protobuf itself says
+    valid = pb2.ComputeRequest(**tensor(np.ones((2, 8)))).SerializeToString()
+    truncated = valid[: len(valid) // 2]
+    with pytest.raises(DecodeError):
+        pb2.ComputeRequest.FromString(truncated)
+
+    for what, body in (("garbage", garbage), ("truncated", truncated)):
+        code, details = outcome(lambda: raw(body, timeout=TIMEOUT))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{what} body: {code} {details}"
+
+    reply = raw(valid, timeout=TIMEOUT)
+    assert list(pb2.ComputeResponse.FromString(reply).shape) == [2, 4]
+    assert limits_server.proc.poll() is None
+
+
+def test_model_sources_show_a_digest_not_a_path(pb, limits_server):
+    pb2, pb2_grpc = pb
+    path = fixture_path("top.pt")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stub = pb2_grpc.ComputeServiceStub(limits_server.channel())
+    info = dict(stub.GetServiceInfo(pb2.ServiceInfoRequest(), timeout=TIMEOUT).custom_info)
+    leaks = {k: v for k, v in info.items() if str(path.parent) in v}
+    assert not leaks, f"custom_info shows the model's path: {leaks}"
+    source = info.get("model.top.source", "")
+    m = re.search(r"sha256:([0-9a-f]+)", source)
+    assert m and digest.startswith(m.group(1)), f"model.top.source = {source!r}, file sha256 {digest}"
+
+    status, plan = http_get(f"{limits_server.metrics_url}/debug/plan")
+    assert status == 200
+    assert str(path.parent) not in plan, "/debug/plan shows the model's path"
+    assert f"sha256:{m.group(1)}" in plan
