@@ -1,0 +1,298 @@
+//! Attacks on the HTTP/2 layer with a raw HTTP/2 client: streams that claim
+//! huge messages and never send them, and streams that never send a body. The
+//! server refuses or times them out with clear statuses, reserves no memory for
+//! what was only claimed, and keeps answering everyone else.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, args, f32_values, request, values};
+use prost::bytes::Bytes;
+use tokio::net::TcpStream;
+
+/// One raw HTTP/2 connection to the server.
+async fn connect(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Opens a Compute stream and sends `prefix` (if any) without ending the body;
+/// returns the grpc-status the server answers with.
+async fn stalled_stream(
+    mut client: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    prefix: Option<[u8; 5]>,
+) -> String {
+    client = client.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://{addr}/splitlearn.comm.ComputeService/Compute"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    if let Some(p) = prefix {
+        body.send_data(Bytes::copy_from_slice(&p), false).unwrap();
+    }
+    let response = response.await.unwrap();
+    // A refusal is a trailers-only answer: grpc-status in the headers.
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    match status {
+        Some(s) => s,
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            let trailers = body.trailers().await.unwrap().unwrap_or_default();
+            trailers["grpc-status"].to_str().unwrap().to_string()
+        }
+    }
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_sizes_reserve_no_memory_and_stalled_bodies_time_out() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &[
+            // Room for two 100 MiB messages at a time.
+            "--max-inflight-bytes",
+            "220000000",
+            "--request-body-timeout",
+            "1s",
+        ],
+    ))
+    .await;
+    let addr = server.addr;
+    let mut c = server.client().await;
+    let before = resident_bytes();
+
+    // 400 streams on 4 connections, each claiming 100 MiB and sending nothing more.
+    let claim = 100u32 * 1024 * 1024;
+    let mut prefix = [0u8; 5];
+    prefix[1..].copy_from_slice(&claim.to_be_bytes());
+    let mut attacks = Vec::new();
+    for _ in 0..4 {
+        let client = connect(addr).await;
+        for _ in 0..100 {
+            attacks.push(tokio::spawn(stalled_stream(
+                client.clone(),
+                addr,
+                Some(prefix),
+            )));
+        }
+    }
+    // And streams with headers and no body at all.
+    let client = connect(addr).await;
+    let silent: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(stalled_stream(client.clone(), addr, None)))
+        .collect();
+
+    // Meanwhile an ordinary client is served.
+    let x = values(6, 1);
+    let y = c
+        .compute(request("double", &x, &[2, 3]))
+        .await
+        .unwrap()
+        .into_inner();
+    let want: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    assert_eq!(f32_values(&y.data), want);
+
+    let started = Instant::now();
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for a in attacks {
+        *codes.entry(a.await.unwrap()).or_default() += 1;
+    }
+    // RESOURCE_EXHAUSTED (8) at once for what the budget cannot take; the two
+    // admitted claims DEADLINE_EXCEEDED (4) when their body does not come.
+    assert_eq!(codes.get("8"), Some(&398), "{codes:?}");
+    assert_eq!(codes.get("4"), Some(&2), "{codes:?}");
+    for s in silent {
+        assert_eq!(s.await.unwrap(), "4", "a bodiless stream is timed out");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stalled streams were held"
+    );
+    // 40 GB were claimed; nothing like it was allocated.
+    let grew = resident_bytes().saturating_sub(before);
+    assert!(grew < 200 << 20, "resident memory grew by {grew} bytes");
+
+    // The budget is free again: a normal request is still served.
+    let y = c
+        .compute(request("double", &x, &[2, 3]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f32_values(&y.data), want);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &["--max-message-bytes", "65536"],
+    ))
+    .await;
+    let claim = 1u32 << 30;
+    let mut prefix = [0u8; 5];
+    prefix[1..].copy_from_slice(&claim.to_be_bytes());
+    let client = connect(server.addr).await;
+    assert_eq!(stalled_stream(client, server.addr, Some(prefix)).await, "8");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_and_the_rest_served() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &["--max-connections", "2"],
+    ))
+    .await;
+    // TestServer's readiness check left its connection behind; take the
+    // remaining slots with clients that work.
+    let mut c = server.client().await;
+    let x = values(2, 3);
+    c.compute(request("double", &x, &[2])).await.unwrap();
+    // New connections past the limit are accepted by the kernel and closed by
+    // the server before any HTTP/2 is spoken: their calls fail.
+    let mut held = Vec::new();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..3 {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .timeout(Duration::from_secs(5));
+        let call = async {
+            let channel = endpoint.connect().await?;
+            let mut client =
+                splitserve::grpc::pb::compute_service_client::ComputeServiceClient::new(channel);
+            client
+                .compute(request("double", &x, &[2]))
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client)
+        };
+        match call.await {
+            Ok(client) => {
+                served += 1;
+                held.push(client); // keep its connection open
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(
+        served <= 1 && refused >= 2,
+        "served {served}, refused {refused} past --max-connections 2"
+    );
+    // The connections inside the limit still work.
+    c.compute(request("double", &x, &[2])).await.unwrap();
+    server.stop().await.unwrap();
+}
+
+/// The same attack at scale against the real binary under a 4 GiB
+/// address-space limit (libtorch alone maps about 3 GiB): 10,000 streams each
+/// claiming 100 MiB. Without the guard, the server reserved every claim and
+/// aborted; now it refuses them and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_claims_of_100_mib_under_a_4_gib_address_space() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--as=4294967296")
+        .arg(env!("CARGO_BIN_EXE_splitserve"))
+        .args(["serve", "--grpc-addr", &addr.to_string()])
+        .args(["--metrics-addr", "127.0.0.1:0", "--device", "cpu"])
+        .args([
+            "--model",
+            "double=builtin:scale:2",
+            "--request-body-timeout",
+            "2s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs the server");
+    let endpoint = format!("http://{addr}");
+    let mut c = loop {
+        if let Ok(mut c) =
+            splitserve::grpc::pb::compute_service_client::ComputeServiceClient::connect(
+                endpoint.clone(),
+            )
+            .await
+        {
+            if c.health_check(splitserve::grpc::pb::HealthRequest {})
+                .await
+                .is_ok_and(|r| r.get_ref().status == "ok")
+            {
+                break c;
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the server exited at start-up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let claim = 100u32 * 1024 * 1024;
+    let mut prefix = [0u8; 5];
+    prefix[1..].copy_from_slice(&claim.to_be_bytes());
+    let mut attacks = Vec::new();
+    for _ in 0..80 {
+        let client = connect(addr).await;
+        for _ in 0..125 {
+            attacks.push(tokio::spawn(stalled_stream(
+                client.clone(),
+                addr,
+                Some(prefix),
+            )));
+        }
+    }
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for a in attacks {
+        *codes.entry(a.await.unwrap()).or_default() += 1;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server died: {codes:?}"
+    );
+    let refused = codes.get("8").copied().unwrap_or(0);
+    let timed_out = codes.get("4").copied().unwrap_or(0);
+    assert_eq!(refused + timed_out, 10_000, "{codes:?}");
+    let x = values(4, 9);
+    let y = c
+        .compute(request("double", &x, &[4]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        f32_values(&y.data),
+        x.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
