@@ -273,12 +273,19 @@ pub struct Conn {
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     /// `splitserve_open_connections` for this port, decremented on close.
     open: prometheus::IntGauge,
+    /// Counts connections closed for idling (`limit="idle_connection"`).
+    idle_closed: prometheus::IntCounter,
+    /// Idle past the limit: reads end from now on.
+    expired: bool,
 }
 
 impl Conn {
     /// True once the connection has been idle for its limit: reads then end,
     /// and the HTTP/2 server closes the connection.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.expired {
+            return true;
+        }
         let Some((limit, sleep)) = &mut self.idle else {
             return false;
         };
@@ -287,7 +294,11 @@ impl Conn {
                 return false;
             }
             match self.info.activity.idle_for() {
-                Some(idle) if idle >= *limit => return true,
+                Some(idle) if idle >= *limit => {
+                    self.idle_closed.inc();
+                    self.expired = true;
+                    return true;
+                }
                 Some(idle) => sleep
                     .as_mut()
                     .reset(tokio::time::Instant::now() + (*limit - idle)),
@@ -441,6 +452,9 @@ pub fn incoming(
                 .idle_timeout
                 .map(|d| (d, Box::pin(tokio::time::sleep(d))));
             let open = open.clone();
+            let idle_closed = metrics
+                .limit_rejections
+                .with_label_values(&[limit::IDLE_CONNECTION]);
             match &tls {
                 None => {
                     open.inc();
@@ -450,6 +464,8 @@ pub fn incoming(
                         _slot: slot,
                         idle,
                         open,
+                        idle_closed,
+                        expired: false,
                     };
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
@@ -470,6 +486,8 @@ pub fn incoming(
                                     _slot: slot,
                                     idle,
                                     open,
+                                    idle_closed,
+                                    expired: false,
                                 };
                                 let _ = tx.send(Ok(conn)).await;
                             }

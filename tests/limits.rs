@@ -296,3 +296,28 @@ async fn ten_thousand_claims_of_100_mib_under_a_4_gib_address_space() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    let server = TestServer::start(args(
+        &["slow=builtin:delay:1500"],
+        &["--idle-connection-timeout", "500ms"],
+    ))
+    .await;
+    // A connection that never sends a request is closed by the server.
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (_client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(closed.is_ok(), "an idle connection stayed open");
+    // A request that computes for longer than the idle limit keeps its
+    // connection: it is not idle while the request is in flight.
+    let mut c = server.client().await;
+    let x = values(2, 5);
+    let y = c
+        .compute(request("slow", &x, &[2]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f32_values(&y.data), x);
+    server.stop().await.unwrap();
+}

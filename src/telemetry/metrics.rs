@@ -95,6 +95,7 @@ pub mod reason {
 /// spells them (docs/security.md lists the flag behind each).
 pub mod limit {
     pub const CONNECTIONS: &str = "connections";
+    pub const IDLE_CONNECTION: &str = "idle_connection";
     pub const FILE_DESCRIPTORS: &str = "file_descriptors";
     pub const MESSAGE_SIZE: &str = "message_size";
     pub const INFLIGHT_BYTES: &str = "inflight_bytes";
