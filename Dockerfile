@@ -113,7 +113,7 @@ LABEL org.opencontainers.image.title="splitserve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
 
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["splitserve", "probe", "--addr", "127.0.0.1:50051"]

@@ -38,7 +38,8 @@ test: build fixtures test-rust test-python test-deploy
 test-rust: build fixtures
 	cargo test --release -- --test-threads 2
 
-## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators.
+## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators,
+## the KServe SDK (in .venv-kserve: it pins protobuf<7).
 tools: setup
 	bash scripts/setup-deploy-tools.sh
 

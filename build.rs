@@ -11,12 +11,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut prost_config = prost_build::Config::new();
     prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("splitlearn_descriptor.bin"))
+        .file_descriptor_set_path(out_dir.join("splitserve_descriptor.bin"))
         // Tensor payloads stay zero-copy slices of the HTTP/2 frames.
         .bytes(".")
         .compile_with_config(
             prost_config,
-            &["proto/splitlearn/comm/compute_service.proto"],
+            &[
+                "proto/splitlearn/comm/compute_service.proto",
+                "proto/inference/grpc_service.proto",
+                "proto/inference/model_config.proto",
+            ],
             &["proto"],
         )?;
 

@@ -31,6 +31,15 @@ class Pair(nn.Module):
         return x, x
 
 
+class AddMul(nn.Module):
+    """Two inputs, two outputs (the Open Inference Protocol tests): INPUT__0 and
+    INPUT__1 are float32 [N, 4]; OUTPUT__0 = a + b, OUTPUT__1 = a * b. Not
+    pair.pt, which stays the one-input model whose tuple Compute refuses."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return a + b, a * b
+
+
 class Embed(nn.Module):
     """Token ids (int64) in, float32 embeddings out."""
 
@@ -121,6 +130,7 @@ def main() -> None:
         ),
         "raiser.pt": Raiser(),
         "pair.pt": Pair(),
+        "addmul.pt": AddMul(),
         "embed.pt": Embed(),
         "rowsum.pt": RowSum(),
         # The server's partition in the split-training tests: the client holds the

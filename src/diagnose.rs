@@ -466,7 +466,7 @@ fn measure_together(
         .args(["--workers", &plan.workers.to_string()])
         .args(["--intra-op-threads", &plan.intra_op_threads.to_string()])
         .arg("--allow-oversubscription")
-        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -588,7 +588,7 @@ pub fn run(args: &DiagnoseConfig) -> Result<DiagnoseReport, DiagnoseError> {
     let mut spec: ModelSpec = format!("diag={}", args.model)
         .parse()
         .map_err(DiagnoseError::Invalid)?;
-    spec.warmup = Some(args.shape.clone());
+    spec.warmup = Some(vec![args.shape.clone()]);
     let model = Arc::new(Model::load(&spec, Device::Cpu)?);
     let plans = if args.plans.is_empty() {
         default_plans(budget.cores)

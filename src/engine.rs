@@ -101,7 +101,10 @@ pub struct EngineConfig {
 /// A computed reply, still as plain bytes.
 #[derive(Debug)]
 pub struct Output {
+    /// The (first) output.
     pub tensor: RawTensor,
+    /// The model's further outputs, when the request asked for all of them.
+    pub others: Vec<RawTensor>,
     /// Time in the model's forward (the whole batch's forward when batched).
     pub compute_time: Duration,
     /// Time from enqueue to the start of the forward.
@@ -143,8 +146,17 @@ impl ModelMetrics {
     }
 }
 
+/// What jobs must share to be batched: trailing shape, dtype, and whether
+/// they want every output.
+type BatchKey<'a> = (&'a [i64], Kind, bool);
+
 struct Job {
     input: RawTensor,
+    /// Further inputs, passed to `forward` after `input`, in order.
+    more: Vec<RawTensor>,
+    /// Reply with every output of a model that returns several (the Open
+    /// Inference Protocol); otherwise such a model is an error.
+    all_outputs: bool,
     enc: Encoding,
     /// A training or KV-cache step instead of a plain forward; never batched.
     step: Option<Step>,
@@ -158,13 +170,21 @@ struct Job {
 }
 
 impl Job {
-    /// Rows along dimension 0 and the batching key, or None if it cannot batch.
-    fn batch_key(&self) -> Option<(i64, (&[i64], Kind))> {
-        if self.step.is_some() {
+    /// Rows along dimension 0 and the batching key, or None if it cannot
+    /// batch: steps, and requests with several inputs, run alone.
+    fn batch_key(&self) -> Option<(i64, BatchKey<'_>)> {
+        if self.step.is_some() || !self.more.is_empty() {
             return None;
         }
         let (rows, rest) = self.input.shape.split_first()?;
-        Some((*rows, (rest, model::input_kind(&self.input, self.enc))))
+        Some((
+            *rows,
+            (
+                rest,
+                model::input_kind(&self.input, self.enc),
+                self.all_outputs,
+            ),
+        ))
     }
 }
 
@@ -307,6 +327,26 @@ impl Engine {
         self.shared.device.get().copied()
     }
 
+    /// The inputs and outputs of a loaded model (resolved name), when known.
+    pub fn signature(&self, name: &str) -> Option<model::Signature> {
+        self.shared
+            .models
+            .get()?
+            .iter()
+            .find(|m| m.name == name)?
+            .signature
+            .clone()
+    }
+
+    /// The settings a model was started with (resolved name).
+    pub fn slot(&self, name: &str) -> Option<&ModelSlot> {
+        self.shared
+            .config
+            .models
+            .iter()
+            .find(|m| m.spec.name == name)
+    }
+
     /// (name, device, description) of each loaded model.
     pub fn loaded_models(&self) -> Vec<(String, String, String)> {
         self.shared
@@ -384,12 +424,51 @@ impl Engine {
         self.submit(model, input, enc, deadline, None).await
     }
 
+    /// Queues a request with one or more inputs (explicit dtypes) and returns
+    /// every output of the model: the Open Inference Protocol's inference.
+    pub async fn infer_all(
+        &self,
+        model: &str,
+        mut inputs: Vec<RawTensor>,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
+        if inputs.is_empty() {
+            return Err(EngineError::Model(ModelError::InvalidInput {
+                model: crate::codec::clip(model),
+                message: "the request has no input tensor".into(),
+            }));
+        }
+        let input = inputs.remove(0);
+        let enc = Encoding {
+            dtype: input.dtype,
+            compressed: false,
+            explicit: true,
+        };
+        self.enqueue(model, input, inputs, true, enc, deadline, None)
+            .await
+    }
+
     /// [`Engine::infer`], or with a `step`, a training or KV-cache step that goes
     /// through the same queue, limits and workers but is never batched.
     pub async fn submit(
         &self,
         model: &str,
         input: RawTensor,
+        enc: Encoding,
+        deadline: Option<Instant>,
+        step: Option<Step>,
+    ) -> Result<Output, EngineError> {
+        self.enqueue(model, input, Vec::new(), false, enc, deadline, step)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn enqueue(
+        &self,
+        model: &str,
+        input: RawTensor,
+        more: Vec<RawTensor>,
+        all_outputs: bool,
         enc: Encoding,
         deadline: Option<Instant>,
         step: Option<Step>,
@@ -426,6 +505,8 @@ impl Engine {
                 tracing::debug_span!("queue", model = %self.shared.config.models[index].spec.name);
             queue.push_back(Job {
                 input,
+                more,
+                all_outputs,
                 enc,
                 step,
                 deadline,
@@ -770,11 +851,12 @@ fn run_batch(
             shared
                 .training
                 .run(model_index, model, s, &job.input, job.enc)
+                .map(|(t, present)| (vec![t], present))
                 .map_err(EngineError::from),
         ],
         None => compute(model, &jobs)
             .into_iter()
-            .map(|r| r.map(|t| (t, Vec::new())))
+            .map(|r| r.map(|ts| (ts, Vec::new())))
             .collect(),
     }));
     let compute_time = started.elapsed();
@@ -806,24 +888,34 @@ fn run_batch(
         }
         let _ = job
             .reply
-            .send(result.map(|(tensor, present_key_values)| Output {
-                tensor,
-                compute_time,
-                queue_time,
-                batch_size,
-                present_key_values,
+            .send(result.and_then(|(mut tensors, present_key_values)| {
+                if tensors.is_empty() {
+                    return Err(EngineError::Model(ModelError::Internal {
+                        model: model.name.clone(),
+                        message: "forward returned no tensor".into(),
+                    }));
+                }
+                let tensor = tensors.remove(0);
+                Ok(Output {
+                    tensor,
+                    others: tensors,
+                    compute_time,
+                    queue_time,
+                    batch_size,
+                    present_key_values,
+                })
             }));
     }
 }
 
 /// Runs one forward for the jobs (one, or a compatible batch) and splits the
-/// output back. A failed batch is retried one by one, so one bad request cannot
-/// fail its neighbours.
-fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<RawTensor, EngineError>> {
+/// outputs back. A failed batch is retried one by one, so one bad request
+/// cannot fail its neighbours.
+fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<Vec<RawTensor>, EngineError>> {
     if jobs.len() == 1 {
         return vec![compute_one(model, &jobs[0])];
     }
-    let batched = (|| -> Result<Vec<RawTensor>, EngineError> {
+    let batched = (|| -> Result<Vec<Vec<RawTensor>>, EngineError> {
         let inputs = jobs
             .iter()
             .map(|j| to_tensor(model, j))
@@ -831,25 +923,32 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<RawTensor, EngineError>> {
         let sizes: Vec<i64> = jobs.iter().map(|j| j.input.shape[0]).collect();
         let total: i64 = sizes.iter().sum();
         let x = Tensor::f_cat(&inputs, 0).map_err(|e| internal(model, e))?;
-        let y = model.forward(&x)?;
-        if y.dim() == 0 || y.size()[0] != total {
-            return Err(EngineError::Model(ModelError::Internal {
-                model: model.name.clone(),
-                message: format!(
-                    "output shape {:?} does not keep the batch dimension ({total} rows in); \
-                     turn batching off for this model",
-                    y.size()
-                ),
-            }));
+        // Jobs batch only with jobs that want the same outputs (batch_key).
+        let ys = if jobs[0].all_outputs {
+            model.forward_all(std::slice::from_ref(&x))?
+        } else {
+            vec![model.forward(&x)?]
+        };
+        let mut per_job: Vec<Vec<RawTensor>> = jobs.iter().map(|_| Vec::new()).collect();
+        for y in &ys {
+            if y.dim() == 0 || y.size()[0] != total {
+                return Err(EngineError::Model(ModelError::Internal {
+                    model: model.name.clone(),
+                    message: format!(
+                        "output shape {:?} does not keep the batch dimension ({total} rows in); \
+                         turn batching off for this model",
+                        y.size()
+                    ),
+                }));
+            }
+            let parts = y
+                .f_split_with_sizes(&sizes, 0)
+                .map_err(|e| internal(model, e))?;
+            for ((p, j), out) in parts.iter().zip(jobs).zip(&mut per_job) {
+                out.push(model::from_tensor(model, p, j.enc)?);
+            }
         }
-        let parts = y
-            .f_split_with_sizes(&sizes, 0)
-            .map_err(|e| internal(model, e))?;
-        parts
-            .iter()
-            .zip(jobs)
-            .map(|(p, j)| Ok(model::from_tensor(model, p, j.enc)?))
-            .collect()
+        Ok(per_job)
     })();
     match batched {
         Ok(outs) => outs.into_iter().map(Ok).collect(),
@@ -857,10 +956,21 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<RawTensor, EngineError>> {
     }
 }
 
-fn compute_one(model: &Model, job: &Job) -> Result<RawTensor, EngineError> {
-    let x = to_tensor(model, job)?;
-    let y = model.forward(&x)?;
-    Ok(model::from_tensor(model, &y, job.enc)?)
+fn compute_one(model: &Model, job: &Job) -> Result<Vec<RawTensor>, EngineError> {
+    if !job.all_outputs {
+        let x = to_tensor(model, job)?;
+        let y = model.forward(&x)?;
+        return Ok(vec![model::from_tensor(model, &y, job.enc)?]);
+    }
+    let mut xs = vec![to_tensor(model, job)?];
+    for raw in &job.more {
+        xs.push(model::raw_to_tensor(model, raw, job.enc)?);
+    }
+    model
+        .forward_all(&xs)?
+        .iter()
+        .map(|y| Ok(model::from_tensor(model, y, job.enc)?))
+        .collect()
 }
 
 fn internal(model: &Model, e: tch::TchError) -> EngineError {

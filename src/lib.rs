@@ -17,10 +17,14 @@
 //!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), one file per service (ComputeService), the
 //!   error -> `Status` mapping, and the tower layers every service shares (limits,
-//!   authentication).
+//!   authentication); ComputeService and the Open Inference Protocol
+//!   (`inference.GRPCInferenceService`), plus gRPC reflection.
 //! - [`listen`]: accepting connections: connection limit, TLS with certificates
 //!   reloaded on change, idle close, back-off when out of file descriptors.
 //! - [`auth`]: bearer tokens with scopes, reloaded on change.
+//! - [`v2`]: the Open Inference Protocol's tensors (datatypes, names, checks
+//!   against a model's signature), shared by its gRPC and HTTP front-ends.
+//! - [`http`]: the Open Inference Protocol over HTTP/REST (axum), same engine.
 //! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
 //!   process/cgroup/GPU readings behind metrics and monitoring snapshots.
 //! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
@@ -48,12 +52,14 @@ pub mod codec;
 pub mod diagnose;
 pub mod engine;
 pub mod grpc;
+pub mod http;
 pub mod listen;
 pub mod model;
 pub mod plan;
 pub mod server;
 pub mod telemetry;
 pub mod training;
+pub mod v2;
 
 pub use server::{Listeners, RunError, ServerConfig, run};
 

@@ -149,12 +149,16 @@ fn serve_with_telemetry(config: ServerConfig) -> ExitCode {
                     config.metrics_addr
                 )
             })?;
-        tracing::info!(grpc = %grpc.local_addr()?, metrics = %admin.local_addr()?, "listening");
+        let http = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--http-addr): {e}", config.http_addr))?;
+        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, metrics = %admin.local_addr()?, "listening");
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let listeners = Listeners {
             grpc,
             admin: Some(admin),
+            http: Some(http),
         };
         splitserve::run(config, listeners, shutdown)
             .await

@@ -45,9 +45,10 @@ impl FromStr for DeviceRequest {
 pub struct ModelSpec {
     pub name: String,
     pub source: ModelSource,
-    /// Input shape of the warm-up forward at load; built-in models know their
-    /// own, a TorchScript model without one loads without a warm-up forward.
-    pub warmup: Option<Vec<i64>>,
+    /// Input shapes of the warm-up forward at load, one per input (float32
+    /// zeros); built-in models know their own, a TorchScript model without
+    /// them loads without a warm-up forward and without a known signature.
+    pub warmup: Option<Vec<Vec<i64>>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +67,8 @@ pub enum Builtin {
     Mlp(Vec<i64>, Option<PathBuf>),
     /// Sleeps, then returns its input: makes queueing and drain observable in tests.
     Delay(Duration),
+    /// Returns its inputs unchanged, any dtype and shape: a protocol round trip.
+    Identity,
 }
 
 impl ModelSpec {
@@ -140,6 +143,7 @@ impl FromStr for ModelSource {
                     }
                 }
             }
+            "identity" if arg.is_empty() => Builtin::Identity,
             "delay" => {
                 Builtin::Delay(Duration::from_millis(arg.parse::<u64>().map_err(|_| {
                     format!("builtin:delay needs milliseconds, got {arg:?}")
@@ -147,7 +151,7 @@ impl FromStr for ModelSource {
             }
             other => {
                 return Err(format!(
-                    "unknown built-in model {other:?} (known: mlp, scale, delay)"
+                    "unknown built-in model {other:?} (known: mlp, scale, delay, identity)"
                 ));
             }
         };
@@ -205,12 +209,46 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
+/// One tensor of a model's signature: its dtype and shape, the first
+/// dimension (the batch) as -1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSig {
+    pub dtype: WireDtype,
+    pub shape: Vec<i64>,
+}
+
+/// What a model takes and returns, in order, as its warm-up showed (or as
+/// configured). Models without one accept any inputs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Signature {
+    pub inputs: Vec<TensorSig>,
+    pub outputs: Vec<TensorSig>,
+}
+
+impl Signature {
+    fn of(inputs: &[Tensor], outputs: &[Tensor]) -> Option<Signature> {
+        let sig = |t: &Tensor| {
+            let mut shape = t.size();
+            if let Some(d) = shape.first_mut() {
+                *d = -1;
+            }
+            WireDtype::from_kind(t.kind()).map(|dtype| TensorSig { dtype, shape })
+        };
+        Some(Signature {
+            inputs: inputs.iter().map(sig).collect::<Option<_>>()?,
+            outputs: outputs.iter().map(sig).collect::<Option<_>>()?,
+        })
+    }
+}
+
 /// A loaded model, shared by every worker thread.
 pub struct Model {
     pub name: String,
     pub device: Device,
     /// Human description: the file path or the built-in spec.
     pub description: String,
+    /// Inputs and outputs, learnt at warm-up; None when unknown or any.
+    pub signature: Option<Signature>,
     inner: Inner,
     /// The parameters' version: optimizer steps applied so far. Every forward
     /// and backward holds the read side while it uses the parameters; an
@@ -224,6 +262,7 @@ enum Inner {
     Mlp(Mlp),
     Scale(f64),
     Delay(Duration),
+    Identity,
 }
 
 /// SplitMix64: a small deterministic generator for built-in weights.
@@ -334,36 +373,48 @@ impl Model {
                     })?;
                     desc = format!("{desc}@sha256:{digest}");
                 }
-                let warm = vec![1, widths[0]];
+                let warm = vec![vec![1, widths[0]]];
                 (Inner::Mlp(Mlp { layers, vs }), desc, Some(warm))
             }
             ModelSource::Builtin(Builtin::Scale(k)) => (
                 Inner::Scale(*k),
                 format!("builtin:scale:{k}"),
-                Some(vec![1, 1]),
+                Some(vec![vec![1, 1]]),
             ),
             ModelSource::Builtin(Builtin::Delay(d)) => (
                 Inner::Delay(*d),
                 format!("builtin:delay:{}", d.as_millis()),
                 None,
             ),
+            ModelSource::Builtin(Builtin::Identity) => {
+                (Inner::Identity, "builtin:identity".to_string(), None)
+            }
         };
-        let model = Model {
+        let mut model = Model {
             name: spec.name.clone(),
             device,
             description,
+            signature: None,
             inner,
             params: RwLock::new(0),
         };
-        if let Some(shape) = spec.warmup.clone().or(default_warmup) {
+        if let Some(shapes) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
-            let input = Tensor::zeros(&shape, (Kind::Float, device));
-            let _warm = model.forward(&input).map_err(|e| {
+            let inputs: Vec<Tensor> = shapes
+                .iter()
+                .map(|shape| Tensor::zeros(shape, (Kind::Float, device)))
+                .collect();
+            let outputs = model.forward_all(&inputs).map_err(|e| {
                 load_err(
                     model.description.clone(),
-                    format!("warm-up forward on shape {shape:?} failed: {e}"),
+                    format!("warm-up forward on shapes {shapes:?} failed: {e}"),
                 )
             })?;
+            // Only models with a fixed signature report one; the scaling and
+            // test models take anything.
+            if matches!(model.inner, Inner::Script(_) | Inner::Mlp(_)) {
+                model.signature = Signature::of(&inputs, &outputs);
+            }
         }
         Ok(model)
     }
@@ -415,6 +466,7 @@ impl Model {
                     std::thread::sleep(*d);
                     Ok(input.shallow_clone())
                 }
+                Inner::Identity => Ok(input.shallow_clone()),
             }
         };
         // A panic inside tch (it panics on some errors) must not kill a worker.
@@ -428,6 +480,51 @@ impl Model {
 }
 
 impl Model {
+    /// Runs the model on several inputs, passed to `forward` in order, and
+    /// returns every output: a tuple or list of tensors becomes several. Inputs
+    /// are on the model's device; the caller holds a no_grad guard.
+    pub fn forward_all(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        let Inner::Script(m) = &self.inner else {
+            return match (&self.inner, inputs) {
+                (Inner::Identity, _) => Ok(inputs.iter().map(Tensor::shallow_clone).collect()),
+                (_, [x]) => Ok(vec![self.forward(x)?]),
+                _ => Err(ModelError::InvalidInput {
+                    model: self.name.clone(),
+                    message: format!("{} takes one input, not {}", self.description, inputs.len()),
+                }),
+            };
+        };
+        let _params = self.read_params();
+        let run = || -> Result<Vec<Tensor>, ModelError> {
+            let args: Vec<IValue> = inputs
+                .iter()
+                .map(|t| IValue::Tensor(t.shallow_clone()))
+                .collect();
+            let out = m.forward_is(&args).map_err(|e| ModelError::InvalidInput {
+                model: self.name.clone(),
+                message: clean_torch_message(&e.to_string()),
+            })?;
+            match out {
+                IValue::Tensor(t) => Ok(vec![t]),
+                other => {
+                    let kind = ivalue_kind(&other);
+                    flatten_tensors(Some(other)).ok_or_else(|| ModelError::Internal {
+                        model: self.name.clone(),
+                        message: format!(
+                            "forward returned {kind}, expected tensors (a tensor, or a tuple or list of them)"
+                        ),
+                    })
+                }
+            }
+        };
+        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+            Err(ModelError::Internal {
+                model: self.name.clone(),
+                message: panic_message(panic.as_ref()),
+            })
+        })
+    }
+
     /// Shared access to the parameters, and their version (optimizer steps so far).
     pub fn read_params(&self) -> RwLockReadGuard<'_, u64> {
         // A panic while holding the lock cannot leave the version half-written.
@@ -456,7 +553,7 @@ impl Model {
                 .iter()
                 .flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()])
                 .collect(),
-            Inner::Scale(_) | Inner::Delay(_) => Vec::new(),
+            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
         };
         Ok(all.into_iter().filter(Tensor::requires_grad).collect())
     }
@@ -544,7 +641,7 @@ impl Model {
         let file = match &self.inner {
             Inner::Script(_) => dir.join(format!("{}.pt", self.name)),
             Inner::Mlp(_) => dir.join(format!("{}.safetensors", self.name)),
-            Inner::Scale(_) | Inner::Delay(_) => return Ok(None),
+            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => return Ok(None),
         };
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
         let tmp = file.with_extension(match &self.inner {
@@ -564,7 +661,7 @@ impl Model {
                         .collect();
                     Tensor::write_safetensors(&named, &tmp)
                 }
-                Inner::Scale(_) | Inner::Delay(_) => Ok(()),
+                Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
             }
             .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
         }

@@ -14,6 +14,8 @@ use tonic_health::ServingStatus;
 use crate::auth::Tokens;
 use crate::codec::{self, CodecPool};
 use crate::engine::{Engine, EngineConfig, EngineStatus};
+use crate::grpc::inference::{InferenceApi, InferenceGrpc};
+use crate::grpc::inference_pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::grpc::layers::{AuthLayer, Budget, Guard, GuardLayer};
 use crate::grpc::pb::compute_service_server::ComputeServiceServer;
 use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
@@ -21,7 +23,7 @@ use crate::listen::{self, ListenConfig, Tls, TlsFiles};
 use crate::plan::PlanRequest;
 use crate::telemetry::otel::TelemetryConfig;
 use crate::telemetry::{self, SnapshotCache};
-use crate::{TORCH_VERSION, admin};
+use crate::{TORCH_VERSION, admin, grpc, http};
 
 /// Everything `splitserve serve` runs with; built by the command line (or by an
 /// embedding program or a test from plain values), passed down whole.
@@ -31,6 +33,8 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Where the admin sidecar listens (the caller binds it).
     pub metrics_addr: SocketAddr,
+    /// Where the Open Inference Protocol's HTTP/REST front-end listens (the caller binds it).
+    pub http_addr: SocketAddr,
     pub telemetry: TelemetryConfig,
     /// The thread plan as requested; `engine.plan` is what it came to.
     pub threads: PlanRequest,
@@ -72,6 +76,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The admin sidecar (/metrics, /livez, /readyz, /debug/plan); None to skip it.
     pub admin: Option<TcpListener>,
+    /// The Open Inference Protocol over HTTP (`/v2/...`); None to skip it.
+    pub http: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +170,27 @@ pub async fn run(
     let compute = ComputeServiceServer::new(api)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let inference_api = Arc::new(InferenceApi::new(
+        engine.clone(),
+        config.limits,
+        env!("CARGO_PKG_VERSION"),
+        config.stall_timeout,
+    ));
+    let inference = GrpcInferenceServiceServer::new(InferenceGrpc(inference_api.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| RunError::Config(format!("gRPC reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| RunError::Config(format!("gRPC reflection: {e}")))?;
+    let budget = Budget::new(config.max_inflight_bytes, metrics.inflight_bytes.clone());
 
     spawn_stall_watchdog(
         engine.clone(),
@@ -173,6 +200,8 @@ pub async fn run(
     );
 
     let stop_server = CancellationToken::new();
+    // The HTTP front-end speaks TLS with the same certificate as gRPC.
+    let http_tls = grpc_tls.clone();
     let incoming = listen::incoming(
         listeners.grpc,
         config.listen.clone(),
@@ -183,7 +212,7 @@ pub async fn run(
     );
     let guard = Guard {
         max_message_bytes: config.max_message_bytes,
-        budget: Budget::new(config.max_inflight_bytes, metrics.inflight_bytes.clone()),
+        budget: budget.clone(),
         body_timeout: config.http2.request_body_timeout,
         metrics: metrics.clone(),
     };
@@ -197,13 +226,44 @@ pub async fn run(
         .http2_max_header_list_size(Some(64 * 1024))
         .layer(GuardLayer(guard))
         .layer(AuthLayer {
-            tokens,
+            tokens: tokens.clone(),
             metrics: metrics.clone(),
         })
         .add_service(health_service)
+        .add_service(inference)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(compute)
         .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
+
+    if let Some(listener) = listeners.http {
+        let state = http::HttpState {
+            api: inference_api.clone(),
+            tokens: tokens.clone(),
+            budget: budget.clone(),
+            max_message_bytes: config.max_message_bytes,
+            body_timeout: config.http2.request_body_timeout,
+        };
+        let local = listener.local_addr()?;
+        let conns = listen::incoming(
+            listener,
+            config.listen.clone(),
+            http_tls,
+            "http",
+            metrics.clone(),
+            stop_server.clone(),
+        );
+        let stop = stop_server.clone();
+        let router = http::router(state);
+        tokio::spawn(async move {
+            let serve = axum::serve(listen::ConnListener::new(conns, local), router)
+                .with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP front-end failed");
+            }
+        });
+    }
 
     if let Some(listener) = listeners.admin {
         let state = admin::AdminState {

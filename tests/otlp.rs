@@ -82,6 +82,8 @@ async fn spans_continue_the_callers_trace() {
             &grpc,
             "--metrics-addr",
             "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
         ])
         .args(["--model", "k=builtin:scale:2"])
         .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])

@@ -256,6 +256,7 @@ def server_argv(server: Server, model: Model, port: int) -> list:
         str(BIN), "serve",
         "--grpc-addr", f"127.0.0.1:{port}",
         "--metrics-addr", "127.0.0.1:0",
+        "--http-addr", "127.0.0.1:0",
         "--model", f"m={model.path}",
         "--warmup-shape", f"m={model.shape}",
     ]  # fmt: skip

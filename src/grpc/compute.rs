@@ -14,14 +14,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::layers::Arrival;
-use super::{
-    SERVICE_NAME, ServeError, code_name, deadline_from_metadata, pb, snapshot_to_pb, wire_shape,
-};
+use super::{SERVICE_NAME, ServeError, deadline_from_metadata, pb, snapshot_to_pb, wire_shape};
 use crate::auth::{Granted, Scope};
 use crate::codec::{self, CodecPool, DTYPE_KEY, Encoding, Limits, RawTensor, WireDtype};
 use crate::engine::{Engine, EngineError, EngineStatus};
 use crate::plan::ThreadPlan;
-use crate::telemetry::metrics::{limit, reason};
+use crate::telemetry::metrics::{limit, protocol, reason};
 use crate::telemetry::{Sampler, SnapshotCache, otel};
 use crate::training::{MAX_FORWARD_ID_BYTES, Step, Update};
 
@@ -392,13 +390,14 @@ impl ComputeApi {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
-        let m = self.engine.metrics();
-        m.requests
-            .with_label_values(&[model, method, code_name(code)])
-            .inc();
-        m.request_duration
-            .with_label_values(&[model, method])
-            .observe(arrival.elapsed().as_secs_f64());
+        super::observe(
+            self.engine.metrics(),
+            protocol::SPLITLEARN,
+            model,
+            method,
+            arrival,
+            code,
+        );
     }
 }
 

@@ -49,7 +49,7 @@ impl Budget {
     }
 
     /// Reserves `n` bytes, or None when they do not fit now.
-    fn reserve(self: &Arc<Self>, n: u64) -> Option<Reservation> {
+    pub fn reserve(self: &Arc<Self>, n: u64) -> Option<Reservation> {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let next = used.checked_add(n).filter(|&t| t <= self.limit)?;
@@ -71,7 +71,7 @@ impl Budget {
 }
 
 /// Bytes of the budget held until dropped.
-struct Reservation {
+pub struct Reservation {
     budget: Arc<Budget>,
     bytes: u64,
 }

@@ -3,6 +3,8 @@
 //! service shares (arrival stamps, limits, authentication).
 //!
 //! - [`compute`] serves `splitlearn.comm.ComputeService`.
+//! - [`inference`] serves `inference.GRPCInferenceService` (the Open Inference
+//!   Protocol); the HTTP front-end calls the same functions.
 //! - [`layers`] holds deadlines from `grpc-timeout`, request limits (message size,
 //!   memory budget, body timeout), authentication, status rewrites.
 
@@ -11,22 +13,30 @@ use tonic::Status;
 use crate::codec::{CodecError, RawTensor};
 use crate::engine::EngineError;
 use crate::model::ModelError;
-use crate::telemetry::ResourceSnapshot;
+use crate::telemetry::{Metrics, ResourceSnapshot};
 use crate::training::TrainingError;
 
 pub mod compute;
+pub mod inference;
 pub mod layers;
 
 pub use compute::{ComputeApi, StaticInfo};
 pub use layers::{Arrival, deadline_from_metadata};
 
+/// Generated code for the Open Inference Protocol, package `inference`.
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod inference_pb {
+    tonic::include_proto!("inference");
+}
+
 /// Generated code for `splitlearn.comm` (kept in OUT_DIR).
 #[allow(clippy::all, clippy::unwrap_used)]
 pub mod pb {
     tonic::include_proto!("splitlearn.comm");
-    /// Descriptor set of the protos, for reflection and tooling.
+    /// Descriptor set of every proto the server speaks (splitlearn.comm and
+    /// inference), for reflection and tooling.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("splitlearn_descriptor");
+        tonic::include_file_descriptor_set!("splitserve_descriptor");
 }
 
 /// Full gRPC service name, as health checks and Kubernetes probes name it.
@@ -49,6 +59,9 @@ pub enum ServeError {
     /// A bounded queue in front of expensive work is full.
     #[error("{0}")]
     Busy(String),
+    /// An Open Inference Protocol request that does not fit the model.
+    #[error(transparent)]
+    V2(#[from] crate::v2::V2Error),
 }
 
 impl ServeError {
@@ -58,6 +71,7 @@ impl ServeError {
             self,
             ServeError::Codec(_)
                 | ServeError::BadRequest(_)
+                | ServeError::V2(_)
                 | ServeError::Engine(EngineError::Model(ModelError::InvalidInput { .. }))
                 | ServeError::Engine(EngineError::Training(
                     TrainingError::GradShape { .. }
@@ -108,6 +122,7 @@ impl From<ServeError> for Status {
             ServeError::BadRequest(_) => Status::invalid_argument(msg),
             ServeError::PermissionDenied(_) => Status::permission_denied(msg),
             ServeError::Busy(_) => Status::resource_exhausted(msg),
+            ServeError::V2(_) => Status::invalid_argument(msg),
         }
     }
 }
@@ -119,6 +134,25 @@ fn model_status(m: &ModelError, msg: String) -> Status {
             Status::internal(msg)
         }
     }
+}
+
+/// Counts an answered request and its server time, by protocol.
+pub fn observe(
+    metrics: &Metrics,
+    protocol: &str,
+    model: &str,
+    method: &str,
+    arrival: std::time::Instant,
+    code: tonic::Code,
+) {
+    metrics
+        .requests
+        .with_label_values(&[model, protocol, method, code_name(code)])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[model, protocol, method])
+        .observe(arrival.elapsed().as_secs_f64());
 }
 
 /// gRPC's canonical code names, as the `code` label spells them.

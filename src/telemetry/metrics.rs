@@ -82,6 +82,13 @@ pub struct Metrics {
     gpu_process_memory: GaugeVec,
 }
 
+/// Names of the protocols, as the `protocol` label spells them.
+pub mod protocol {
+    pub const SPLITLEARN: &str = "splitlearn";
+    pub const V2_GRPC: &str = "v2-grpc";
+    pub const V2_HTTP: &str = "v2-http";
+}
+
 /// Names of rejection reasons, as the `reason` label spells them.
 pub mod reason {
     pub const QUEUE_FULL: &str = "queue_full";
@@ -135,14 +142,14 @@ impl Metrics {
             requests: IntCounterVec::new(
                 Opts::new(
                     "splitserve_requests_total",
-                    "RPCs answered, by model, method and gRPC code.",
+                    "RPCs answered, by model, protocol (splitlearn, v2-grpc, v2-http), method and gRPC code.",
                 ),
-                &["model", "method", "code"],
+                &["model", "protocol", "method", "code"],
             )?,
             request_duration: histogram(
                 "splitserve_request_duration_seconds",
                 "Server time per RPC, from arrival to answer.",
-                &["model", "method"],
+                &["model", "protocol", "method"],
                 &LATENCY_BUCKETS,
             )?,
             queue_duration: histogram(
@@ -442,7 +449,7 @@ mod tests {
     fn the_exposition_names_every_family_with_its_unit() {
         let m = Metrics::new("2.13.0+cu130").unwrap();
         m.requests
-            .with_label_values(&["mlp", "Compute", "OK"])
+            .with_label_values(&["mlp", "splitlearn", "Compute", "OK"])
             .inc();
         m.rejected
             .with_label_values(&["mlp", reason::DEADLINE])
@@ -455,7 +462,7 @@ mod tests {
             .observe(0.00007);
         let text = m.render();
         for family in [
-            "splitserve_requests_total{code=\"OK\",method=\"Compute\",model=\"mlp\"} 1",
+            "splitserve_requests_total{code=\"OK\",method=\"Compute\",model=\"mlp\",protocol=\"splitlearn\"} 1",
             "splitserve_queue_duration_seconds_bucket{model=\"mlp\",le=\"0.00005\"} 0",
             "splitserve_queue_duration_seconds_bucket{model=\"mlp\",le=\"0.0001\"} 1",
             "splitserve_build_info{cuda=\"cu130\",torch_version=\"2.13.0+cu130\",version=",

@@ -77,6 +77,7 @@ impl TestServer {
             Listeners {
                 grpc: listener,
                 admin: None,
+                http: None,
             },
             shutdown.clone(),
         ));

@@ -4,9 +4,10 @@ What a user would notice: the probes hit the right gRPC services (HTTP on the
 admin port once the gRPC port speaks TLS), the thread plan follows the pod's CPU
 limit, pods get time to drain, the pods run locked down, TLS, client
 certificates, tokens, trainable models and limits reach the server, the
+HTTP/REST (Open Inference Protocol) port is exposed like the gRPC one, the
 NetworkPolicy admits only the listed peers, GPU values really ask for a GPU,
 Grafana finds the dashboard, a typo in the values is an error, and deploy/
-matches the chart.
+matches the chart. The KServe ServingRuntime has its own file, test_kserve.py.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ from deploy_support import (
 #: Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 #: that kubernetes-validate knows.
 KUBE_VERSIONS = ["1.30.0", kv.latest_version()]
-#: prometheus-operator CRDs: kubernetes-validate has no schema for them.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+#: Custom resources (prometheus-operator, KServe) and their apiVersion:
+#: kubernetes-validate has no schema for them.
+CRD_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ServingRuntime": "serving.kserve.io/v1alpha1",
+}
 ALL_SETS = sorted(VALUE_SETS)
 
 
@@ -68,7 +74,7 @@ def test_every_manifest_validates_against_kubernetes(key: str) -> None:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] in CRD_KINDS:
             # No schema for CRDs: check the envelope here, the contents in their own tests.
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1", where
+            assert obj["apiVersion"] == CRD_KINDS[obj["kind"]], where
             assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "ml", where
             assert isinstance(obj.get("spec"), dict) and obj["spec"], where
             continue
@@ -104,6 +110,7 @@ def test_every_template_renders_with_all_options() -> None:
         "NetworkPolicy",
         "ConfigMap",
         "Pod",
+        "ServingRuntime",
     }
     assert "splitserve/templates/NOTES.txt" in rendered("all")
 
@@ -196,6 +203,7 @@ def test_default_env_configures_the_server() -> None:
     env = {k: v.get("value") for k, v in env_of(c).items()}
     assert c["args"] == ["serve"]
     assert env["SPLITSERVE_GRPC_ADDR"] == "0.0.0.0:50051"
+    assert env["SPLITSERVE_HTTP_ADDR"] == "0.0.0.0:8000"
     assert env["SPLITSERVE_METRICS_ADDR"] == "0.0.0.0:9090"
     assert env["SPLITSERVE_MODEL"] == "mlp=builtin:mlp:512x1024x512"
     assert env["SPLITSERVE_DEVICE"] == "cpu"
@@ -208,7 +216,7 @@ def test_default_env_configures_the_server() -> None:
     for name in ("SPLITSERVE_TRAINABLE", "SPLITSERVE_AUTH_TOKEN_FILE", *LIMIT_ENV.values()):
         assert name not in env, name
     assert not any(name.startswith("SPLITSERVE_TLS_") for name in env)
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "metrics": 9090}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9090}
     # Built-in model: no model volume.
     assert [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
     assert "initContainers" not in dep["spec"]["template"]["spec"]
@@ -420,9 +428,16 @@ def test_service_ports_and_selector(key: str) -> None:
     svc = one(objs, "Service")
     dep = one(objs, "Deployment")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert set(ports) == {"grpc", "http", "metrics"}
     assert ports["grpc"]["targetPort"] == "grpc"
     # Cleartext HTTP/2 is h2c; TLS that ends in the server is opaque to meshes.
     assert ports["grpc"].get("appProtocol") == (None if _tls_on(key) else "kubernetes.io/h2c")
+    # The Open Inference Protocol's REST port, over TLS with the same certificate when tls is on.
+    assert ports["http"]["targetPort"] == "http"
+    assert ports["http"]["appProtocol"] == ("https" if _tls_on(key) else "http")
+    assert ports["http"]["port"] == VALUE_SETS[key].get("service", {}).get("httpPort", 8000)
+    container_ports = {p["name"] for p in server_container(dep)["ports"]}
+    assert {p["targetPort"] for p in ports.values()} <= container_ports
     assert ports["metrics"]["appProtocol"] == "http" and ports["metrics"]["targetPort"] == "metrics"
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     selector = svc["spec"]["selector"]
@@ -510,10 +525,13 @@ def test_hpa_scales_on_cpu_and_queue_depth() -> None:
 
 
 def _ingress_rules(np: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Port name -> the ingress rule that admits it (each port in exactly one rule)."""
     rules = {}
     for rule in np["spec"]["ingress"]:
-        (port,) = rule["ports"]
-        rules[port["port"]] = rule
+        for port in rule["ports"]:
+            assert port["port"] not in rules, f"port {port['port']} in two rules"
+            assert port["protocol"] == "TCP"
+            rules[port["port"]] = rule
     return rules
 
 
@@ -533,9 +551,11 @@ def test_network_policy_admits_clients_scrapers_and_the_test_pod() -> None:
     server_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert np["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     rules = _ingress_rules(np)
-    assert set(rules) == {"grpc", "metrics"}
-    for port in ("grpc", "metrics"):
+    assert set(rules) == {"grpc", "http", "metrics"}
+    for port in ("grpc", "http", "metrics"):
         assert any(_admits_test_pod_only(p, test_pod, server_labels) for p in rules[port]["from"]), port
+    # The HTTP/REST port serves the same inference: the same peers as gRPC.
+    assert rules["http"]["from"] == rules["grpc"]["from"]
     # Exactly the listed peers, plus the test pod.
     assert rules["grpc"]["from"][:-1] == VALUE_SETS["all"]["networkPolicy"]["grpcFrom"]
     assert rules["metrics"]["from"][:-1] == VALUE_SETS["all"]["networkPolicy"]["metricsFrom"]
@@ -544,6 +564,7 @@ def test_network_policy_admits_clients_scrapers_and_the_test_pod() -> None:
 
 def test_network_policy_is_on_by_default_for_the_release_namespace() -> None:
     np = one(objects("default"), "NetworkPolicy")
+    assert set(_ingress_rules(np)) == {"grpc", "http", "metrics"}
     for port, rule in _ingress_rules(np).items():
         # An empty podSelector without a namespaceSelector: the release's own namespace.
         assert rule["from"][0] == {"podSelector": {}}, port
@@ -559,7 +580,7 @@ def test_network_policy_with_no_sources_admits_only_the_test_pod(chart) -> None:
     server_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     kubernetes_validate.validate(np, KUBE_VERSIONS[-1], strict=True)
     rules = _ingress_rules(np)
-    assert set(rules) == {"grpc", "metrics"}
+    assert set(rules) == {"grpc", "http", "metrics"}
     for port, rule in rules.items():
         # Never a rule without `from` (which would admit every source).
         (peer,) = rule["from"]
@@ -574,6 +595,30 @@ def test_network_policy_can_be_switched_off(chart) -> None:
     values = {"networkPolicy": {"enabled": False}}
     objs = [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
     assert not [o for o in objs if o["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.parametrize("key", ALL_SETS)
+def test_notes_show_how_to_reach_both_ports(key: str) -> None:
+    notes = rendered(key)["splitserve/templates/NOTES.txt"]
+    ports = {p["name"]: p["port"] for p in one(objects(key), "Service")["spec"]["ports"]}
+    assert f"{ports['grpc']}:grpc {ports['http']}:http" in notes  # the port-forward line
+    # Reflection lists every service on the gRPC port; the v2 health endpoint on the HTTP port.
+    (listing,) = [line for line in notes.splitlines() if line.strip().startswith("grpcurl") and " list" in line]
+    assert f"localhost:{ports['grpc']} list" in listing
+    (ready,) = [line for line in notes.splitlines() if "/v2/health/ready" in line]
+    assert ready.strip().startswith("curl ")
+    if _tls_on(key):
+        assert "-plaintext" not in notes
+        assert "-cacert ca.crt" in listing and "--cacert ca.crt" in ready
+        assert f"https://splitserve.ml.svc:{ports['http']}/v2/health/ready" in ready
+    else:
+        assert listing.strip().startswith("grpcurl -plaintext")
+        assert f"localhost:{ports['http']}/v2/health/ready" in ready
+        assert f'tritonclient.http as h; print(h.InferenceServerClient("localhost:{ports["http"]}")' in notes
+    # Health needs no token; everything else does when tokens are on.
+    assert "authorization" not in ready
+    if VALUE_SETS[key].get("auth", {}).get("tokenSecretName"):
+        assert 'authorization: Bearer $TOKEN' in listing
 
 
 def test_pdb_selects_the_server_pods() -> None:
@@ -621,6 +666,14 @@ def chart():
         ({"config": {"limits": {"requestBodyTimeout": "30 seconds"}}}, "/config/limits/requestBodyTimeout"),
         ({"config": {"limits": {"maxLearningRate": 0}}}, "/config/limits/maxLearningRate"),
         ({"tests": {"httpImage": {"repo": "busybox"}}}, "repo"),
+        ({"ports": {"http": 0}}, "/ports/http"),
+        ({"service": {"httpport": 8000}}, "httpport"),
+        ({"kserve": {"servingRuntime": {"enable": True}}}, "enable"),
+        ({"kserve": {"servingRuntime": {"modelFile": "/mnt/models/model.pt"}}}, "/kserve/servingRuntime/modelFile"),
+        ({"kserve": {"servingRuntime": {"grpcPort": "8081"}}}, "/kserve/servingRuntime/grpcPort"),
+        ({"kserve": {"servingRuntime": {"name": "Splitserve_Runtime"}}}, "/kserve/servingRuntime/name"),
+        ({"kserve": {"servingRuntime": {"warmupShape": "1x4,1x4"}}}, "/kserve/servingRuntime/warmupShape"),
+        ({"kserve": {"runtime": {"enabled": True}}}, "runtime"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str) -> None:
@@ -639,6 +692,11 @@ def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str
         ({"hpa": {"enabled": True, "cpu": {"enabled": False}}}, "hpa.cpu.enabled or hpa.queueDepth.enabled"),
         ({"pdb": {"minAvailable": 1}}, "exactly one of maxUnavailable and minAvailable"),
         ({"config": {"trainable": ["mlp", "top"]}}, 'config.trainable names model "top"'),
+        ({"ports": {"http": 50051}}, "ports.grpc, ports.http and ports.metrics must differ"),
+        (
+            {"kserve": {"servingRuntime": {"enabled": True, "grpcPort": 8080}}},
+            "kserve.servingRuntime.httpPort, kserve.servingRuntime.grpcPort and ports.metrics must differ",
+        ),
     ],
 )
 def test_templates_refuse_contradictory_values(chart, values: dict[str, Any], complaint: str) -> None:

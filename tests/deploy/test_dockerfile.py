@@ -78,7 +78,7 @@ def test_runtime_stage(commands) -> None:
     assert [(c.flags, c.value) for c in copies] == [(("--from=builder",), ("/staging/", "/"))]
     cmds = {c.cmd: c for c in rt}
     assert cmds["USER"].value == ("10001:10001",)
-    assert set(cmds["EXPOSE"].value) == {"50051", "9090"}
+    assert set(cmds["EXPOSE"].value) == {"50051", "8000", "9090"}  # gRPC, HTTP/REST (v2), metrics
     assert cmds["HEALTHCHECK"].value == ("CMD", "splitserve", "probe", "--addr", "127.0.0.1:50051")
     assert cmds["ENTRYPOINT"].value == ("splitserve",) and cmds["ENTRYPOINT"].json
     assert cmds["CMD"].value == ("serve",) and cmds["CMD"].json
@@ -93,4 +93,4 @@ def test_dockerignore_keeps_build_outputs_out() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {"target", ".venv", ".git"} <= patterns
+    assert {"target", ".venv", ".venv-kserve", ".git"} <= patterns

@@ -64,12 +64,18 @@ class Server:
         self.addr = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        # The Open Inference Protocol's HTTP/REST port (tritonclient.http takes
+        # http_addr: host:port without a scheme).
+        self.http_port = free_port()
+        self.http_addr = f"127.0.0.1:{self.http_port}"
+        self.http_url = f"http://{self.http_addr}"
         self.log = []
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--grpc-addr", self.addr,
-             "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *args],
+             "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
+             "--http-addr", self.http_addr, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -100,6 +106,18 @@ class Server:
             except OSError:
                 time.sleep(0.05)
         raise AssertionError("server did not listen in time")
+
+    def wait_http_listening(self, timeout: float = 60.0) -> None:
+        """The HTTP/REST port accepts connections (it may open after the gRPC port)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.output()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("the HTTP port did not listen in time")
 
     def wait_ok(self, pb, timeout: float = 60.0) -> None:
         self.wait_listening(timeout)

@@ -120,15 +120,38 @@ print as 1e+06. Strings (auto) pass through.
 {{- end }}
 
 {{/*
-SPLITSERVE_* settings as a YAML list of EnvVar; entries of extraEnv with the
-same name replace them.
+SPLITSERVE_* settings of the Deployment's server container as a YAML list of
+EnvVar; entries of extraEnv with the same name replace them.
 */}}
 {{- define "splitserve.env" -}}
-{{- $c := .Values.config }}
+{{- include "splitserve.serverEnv" (dict "root" . "kserve" false) }}
+{{- end }}
+
+{{/*
+The same settings for the container of the KServe ServingRuntime: the model is
+the file KServe's storage initializer puts under /mnt/models, named after the
+InferenceService ({{.Name}} is KServe's placeholder, filled in per
+InferenceService); ports are KServe's; the Deployment's models, trainable
+models, TLS and tokens do not apply (their files and Secrets are the
+Deployment's). kserve.servingRuntime.extraEnv replaces entries of the same name.
+*/}}
+{{- define "splitserve.kserveEnv" -}}
+{{- include "splitserve.serverEnv" (dict "root" . "kserve" true) }}
+{{- end }}
+
+{{/*
+Both of the above: (dict "root" $ "kserve" bool).
+*/}}
+{{- define "splitserve.serverEnv" -}}
+{{- $root := .root }}
+{{- $kserve := .kserve }}
+{{- $c := $root.Values.config }}
+{{- $sr := $root.Values.kserve.servingRuntime }}
 {{- $models := list }}
 {{- $warmups := list }}
 {{- $batch := list (include "splitserve.int" $c.maxBatchSize) }}
 {{- $timeouts := list (include "splitserve.int" $c.batchTimeoutUs) }}
+{{- if not $kserve }}
 {{- range $c.models }}
 {{- $models = append $models (printf "%s=%s" .name .spec) }}
 {{- if .warmupShape }}
@@ -141,23 +164,41 @@ same name replace them.
 {{- $timeouts = append $timeouts (printf "%s=%s" .name (include "splitserve.int" .batchTimeoutUs)) }}
 {{- end }}
 {{- end }}
-{{- $env := list
-  (dict "name" "SPLITSERVE_GRPC_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" .Values.ports.grpc)))
-  (dict "name" "SPLITSERVE_METRICS_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" .Values.ports.metrics)))
+{{- end }}
+{{- $env := list }}
+{{- if $kserve }}
+{{- if not (kindIs "invalid" $sr.grpcPort) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_GRPC_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $sr.grpcPort))) }}
+{{- end }}
+{{- $env = concat $env (list
+  (dict "name" "SPLITSERVE_HTTP_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $sr.httpPort)))
+  (dict "name" "SPLITSERVE_METRICS_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.metrics)))
+  (dict "name" "SPLITSERVE_MODEL" "value" (printf "{{.Name}}=/mnt/models/%s" $sr.modelFile))
+) }}
+{{- with $sr.warmupShape }}
+{{- $warmups = list (printf "{{.Name}}=%s" .) }}
+{{- end }}
+{{- else }}
+{{- $env = list
+  (dict "name" "SPLITSERVE_GRPC_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.grpc)))
+  (dict "name" "SPLITSERVE_HTTP_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.http)))
+  (dict "name" "SPLITSERVE_METRICS_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.metrics)))
   (dict "name" "SPLITSERVE_MODEL" "value" (join "," $models))
 }}
+{{- end }}
 {{- if $warmups }}
 {{- $env = append $env (dict "name" "SPLITSERVE_WARMUP_SHAPE" "value" (join "," $warmups)) }}
 {{- end }}
 {{- $env = concat $env (list
-  (dict "name" "SPLITSERVE_DEVICE" "value" (include "splitserve.device" .))
+  (dict "name" "SPLITSERVE_DEVICE" "value" (include "splitserve.device" $root))
   (dict "name" "SPLITSERVE_WORKERS" "value" (include "splitserve.int" $c.workers))
   (dict "name" "SPLITSERVE_INTRA_OP_THREADS" "value" (include "splitserve.int" $c.intraOpThreads))
   (dict "name" "SPLITSERVE_INTER_OP_THREADS" "value" (include "splitserve.int" $c.interOpThreads))
   (dict "name" "SPLITSERVE_IO_THREADS" "value" (include "splitserve.int" $c.ioThreads))
 ) }}
 {{- if $c.cpuLimitFromResources }}
-{{- $env = append $env (dict "name" "SPLITSERVE_CPU_LIMIT" "valueFrom" (dict "resourceFieldRef" (dict "containerName" "splitserve" "resource" "limits.cpu" "divisor" "1"))) }}
+{{- $container := ternary "kserve-container" "splitserve" $kserve }}
+{{- $env = append $env (dict "name" "SPLITSERVE_CPU_LIMIT" "valueFrom" (dict "resourceFieldRef" (dict "containerName" $container "resource" "limits.cpu" "divisor" "1"))) }}
 {{- end }}
 {{- if $c.allowOversubscription }}
 {{- $env = append $env (dict "name" "SPLITSERVE_ALLOW_OVERSUBSCRIPTION" "value" "true") }}
@@ -181,8 +222,10 @@ same name replace them.
 {{- if $c.otlpEndpoint }}
 {{- $env = append $env (dict "name" "SPLITSERVE_OTLP_ENDPOINT" "value" $c.otlpEndpoint) }}
 {{- end }}
+{{- if not $kserve }}
 {{- with $c.trainable }}
 {{- $env = append $env (dict "name" "SPLITSERVE_TRAINABLE" "value" (join "," .)) }}
+{{- end }}
 {{- end }}
 {{- $limits := default (dict) $c.limits }}
 {{- range $key, $var := dict
@@ -208,24 +251,27 @@ same name replace them.
 {{- $env = append $env (dict "name" $var "value" $s) }}
 {{- end }}
 {{- end }}
-{{- if .Values.tls.enabled }}
+{{- if not $kserve }}
+{{- if $root.Values.tls.enabled }}
 {{- $env = concat $env (list
   (dict "name" "SPLITSERVE_TLS_CERT" "value" "/etc/splitserve/tls/tls.crt")
   (dict "name" "SPLITSERVE_TLS_KEY" "value" "/etc/splitserve/tls/tls.key")
 ) }}
-{{- if .Values.tls.clientCA.secretName }}
-{{- $env = append $env (dict "name" "SPLITSERVE_TLS_CLIENT_CA" "value" (printf "/etc/splitserve/client-ca/%s" .Values.tls.clientCA.key)) }}
+{{- if $root.Values.tls.clientCA.secretName }}
+{{- $env = append $env (dict "name" "SPLITSERVE_TLS_CLIENT_CA" "value" (printf "/etc/splitserve/client-ca/%s" $root.Values.tls.clientCA.key)) }}
 {{- end }}
 {{- end }}
-{{- if .Values.auth.tokenSecretName }}
-{{- $env = append $env (dict "name" "SPLITSERVE_AUTH_TOKEN_FILE" "value" (printf "/etc/splitserve/auth/%s" .Values.auth.tokenSecretKey)) }}
+{{- if $root.Values.auth.tokenSecretName }}
+{{- $env = append $env (dict "name" "SPLITSERVE_AUTH_TOKEN_FILE" "value" (printf "/etc/splitserve/auth/%s" $root.Values.auth.tokenSecretKey)) }}
 {{- end }}
-{{- if .Values.gpu.enabled }}
+{{- end }}
+{{- if $root.Values.gpu.enabled }}
 {{- /* The CUDA JIT cache would go to $HOME, which the read-only root cannot hold. */}}
 {{- $env = append $env (dict "name" "CUDA_CACHE_PATH" "value" "/tmp/cuda-cache") }}
 {{- end }}
+{{- $extra := ternary $sr.extraEnv $root.Values.extraEnv $kserve }}
 {{- $overridden := dict }}
-{{- range .Values.extraEnv }}
+{{- range $extra }}
 {{- $_ := set $overridden .name true }}
 {{- end }}
 {{- $out := list }}
@@ -234,5 +280,5 @@ same name replace them.
 {{- $out = append $out . }}
 {{- end }}
 {{- end }}
-{{- concat $out .Values.extraEnv | toYaml }}
+{{- concat $out $extra | toYaml }}
 {{- end }}

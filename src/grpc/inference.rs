@@ -1,0 +1,617 @@
+//! `inference.GRPCInferenceService`: the Open Inference Protocol (KServe v2)
+//! with Triton's ModelConfig and ModelStatistics. A thin front-end over the
+//! same engine as ComputeService; the HTTP front-end (`http`) calls the same
+//! functions, so both protocols answer alike.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::bytes::Bytes;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::inference_pb as pb;
+use super::layers::Arrival;
+use super::{ServeError, deadline_from_metadata, observe};
+use crate::auth::{Granted, Scope};
+use crate::codec::{self, Limits, RawTensor};
+use crate::engine::{Engine, EngineError, EngineStatus};
+use crate::model::Signature;
+use crate::telemetry::metrics::{protocol, reason};
+use crate::telemetry::otel;
+use crate::v2::{self, InputTensor, Values};
+
+/// The only version each model has (a model repository brings more).
+pub const VERSION: &str = "1";
+
+/// Extensions of the protocol this server implements, as ServerMetadata lists them.
+pub const EXTENSIONS: [&str; 4] = [
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "parameters",
+];
+
+/// The Open Inference Protocol's shared core; cheap to clone.
+#[derive(Clone)]
+pub struct InferenceApi {
+    engine: Engine,
+    limits: Limits,
+    version: &'static str,
+    /// A worker busy on one job longer than this means the server is not live.
+    stall_timeout: Duration,
+}
+
+/// A v2 inference request, whichever front-end it came through.
+pub struct InferRequest {
+    pub model: String,
+    pub version: String,
+    pub id: String,
+    pub inputs: Vec<InputTensor>,
+    /// Output names asked for; empty: all.
+    pub outputs: Vec<String>,
+    /// From grpc-timeout or the request's `timeout` parameter (microseconds).
+    pub deadline: Option<Instant>,
+}
+
+/// Its answer: the model that computed it and the named outputs.
+pub struct InferReply {
+    pub model: String,
+    pub id: String,
+    pub outputs: Vec<(String, RawTensor)>,
+}
+
+impl InferenceApi {
+    pub fn new(
+        engine: Engine,
+        limits: Limits,
+        version: &'static str,
+        stall_timeout: Duration,
+    ) -> Self {
+        InferenceApi {
+            engine,
+            limits,
+            version,
+            stall_timeout,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn live(&self) -> bool {
+        self.engine.stalled_workers(self.stall_timeout) == 0
+    }
+
+    pub fn ready(&self) -> bool {
+        *self.engine.status().borrow() == EngineStatus::Ready
+    }
+
+    /// The served model a v2 name (and version) means, or NOT_FOUND.
+    pub fn resolve(&self, name: &str, version: &str) -> Result<String, ServeError> {
+        let model = match self.engine.resolve_model(name) {
+            Some(m) if !name.is_empty() => m.to_string(),
+            _ => {
+                return Err(ServeError::Engine(EngineError::UnknownModel {
+                    name: codec::clip(name),
+                    known: self
+                        .engine
+                        .model_names()
+                        .iter()
+                        .map(|n| format!("{n:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }));
+            }
+        };
+        if !version.is_empty() && version != VERSION {
+            return Err(ServeError::Engine(EngineError::UnknownModel {
+                name: format!("{model}/versions/{}", codec::clip(version)),
+                known: format!("{model:?} version {VERSION}"),
+            }));
+        }
+        Ok(model)
+    }
+
+    pub fn model_ready(&self, name: &str, version: &str) -> bool {
+        self.resolve(name, version).is_ok() && self.ready()
+    }
+
+    pub fn server_metadata(&self) -> pb::ServerMetadataResponse {
+        pb::ServerMetadataResponse {
+            name: "splitserve".into(),
+            version: self.version.into(),
+            extensions: EXTENSIONS.iter().map(|e| (*e).into()).collect(),
+        }
+    }
+
+    pub fn model_metadata(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<pb::ModelMetadataResponse, ServeError> {
+        use pb::model_metadata_response::TensorMetadata;
+        let model = self.resolve(name, version)?;
+        let sig = self.engine.signature(&model).unwrap_or_default();
+        let tensors = |list: &[crate::model::TensorSig], name: fn(usize) -> String| {
+            list.iter()
+                .enumerate()
+                .map(|(i, t)| TensorMetadata {
+                    name: name(i),
+                    datatype: v2::datatype_name(t.dtype).into(),
+                    shape: t.shape.clone(),
+                })
+                .collect()
+        };
+        Ok(pb::ModelMetadataResponse {
+            name: model,
+            versions: vec![VERSION.into()],
+            platform: "pytorch_libtorch".into(),
+            inputs: tensors(&sig.inputs, v2::input_name),
+            outputs: tensors(&sig.outputs, v2::output_name),
+        })
+    }
+
+    /// Triton's model configuration: `max_batch_size` is the model's
+    /// --max-batch-size, and `dims` leave out the batch dimension.
+    pub fn model_config(&self, name: &str, version: &str) -> Result<pb::ModelConfig, ServeError> {
+        let model = self.resolve(name, version)?;
+        let sig = self.engine.signature(&model).unwrap_or_default();
+        let (max_batch, batch_timeout) = self
+            .engine
+            .slot(&model)
+            .map_or((1, Duration::ZERO), |s| (s.max_batch, s.batch_timeout));
+        let dims = |shape: &[i64]| shape.iter().skip(1).copied().collect::<Vec<_>>();
+        let gpu = matches!(self.engine.device(), Some(tch::Device::Cuda(_)));
+        let workers = self.engine.config().plan.workers;
+        Ok(pb::ModelConfig {
+            name: model,
+            platform: "pytorch_libtorch".into(),
+            backend: "pytorch".into(),
+            max_batch_size: i32::try_from(max_batch).unwrap_or(i32::MAX),
+            input: sig
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| pb::ModelInput {
+                    name: v2::input_name(i),
+                    data_type: data_type(t.dtype) as i32,
+                    dims: dims(&t.shape),
+                    ..Default::default()
+                })
+                .collect(),
+            output: sig
+                .outputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| pb::ModelOutput {
+                    name: v2::output_name(i),
+                    data_type: data_type(t.dtype) as i32,
+                    dims: dims(&t.shape),
+                    ..Default::default()
+                })
+                .collect(),
+            scheduling_choice: (max_batch > 1).then(|| {
+                pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
+                    max_queue_delay_microseconds: batch_timeout.as_micros() as u64,
+                    ..Default::default()
+                })
+            }),
+            instance_group: vec![pb::ModelInstanceGroup {
+                name: "workers".into(),
+                kind: if gpu {
+                    pb::model_instance_group::Kind::Gpu
+                } else {
+                    pb::model_instance_group::Kind::Cpu
+                } as i32,
+                count: i32::try_from(workers).unwrap_or(i32::MAX),
+                gpus: Vec::new(),
+            }],
+            default_model_filename: "model.pt".into(),
+            ..Default::default()
+        })
+    }
+
+    /// Cumulative counts and times per model, from the same metrics Prometheus reads.
+    pub fn model_statistics(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<pb::ModelStatisticsResponse, ServeError> {
+        let models = if name.is_empty() {
+            self.engine.model_names()
+        } else {
+            vec![self.resolve(name, version)?]
+        };
+        let m = self.engine.metrics();
+        let duration = |h: &prometheus::HistogramVec, model: &str| {
+            let h = h.with_label_values(&[model]);
+            let (count, sum) = (h.get_sample_count(), h.get_sample_sum());
+            pb::StatisticDuration {
+                count,
+                ns: (sum * 1e9) as u64,
+            }
+        };
+        let model_stats = models
+            .iter()
+            .map(|model| {
+                let computed = m.total(&m.computed, &[("model", model)]);
+                let failed = m.total(
+                    &m.rejected,
+                    &[("model", model), ("reason", reason::INVALID)],
+                );
+                pb::ModelStatistics {
+                    name: model.clone(),
+                    version: VERSION.into(),
+                    last_inference: 0,
+                    inference_count: computed,
+                    execution_count: m.total(&m.forwards, &[("model", model)]),
+                    inference_stats: Some(pb::InferStatistics {
+                        success: Some(pb::StatisticDuration {
+                            count: computed,
+                            ns: duration(&m.inference_duration, model).ns
+                                + duration(&m.queue_duration, model).ns,
+                        }),
+                        fail: Some(pb::StatisticDuration {
+                            count: failed,
+                            ns: 0,
+                        }),
+                        queue: Some(duration(&m.queue_duration, model)),
+                        compute_input: Some(pb::StatisticDuration::default()),
+                        compute_infer: Some(duration(&m.inference_duration, model)),
+                        compute_output: Some(pb::StatisticDuration::default()),
+                    }),
+                    batch_stats: Vec::new(),
+                }
+            })
+            .collect();
+        Ok(pb::ModelStatisticsResponse { model_stats })
+    }
+
+    /// Checks a token's scope (when tokens are on).
+    pub fn authorize(&self, granted: Option<&Granted>) -> Result<(), ServeError> {
+        match granted {
+            Some(g) if !g.allows(Scope::Infer) => {
+                self.engine
+                    .metrics()
+                    .auth_failures
+                    .with_label_values(&["permission_denied"])
+                    .inc();
+                Err(ServeError::PermissionDenied(
+                    "this token lacks the \"infer\" scope this call needs".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a request against the model and runs it through the engine.
+    pub async fn infer(&self, req: InferRequest) -> Result<InferReply, ServeError> {
+        let model = self.resolve(&req.model, &req.version)?;
+        let signature: Option<Signature> = self.engine.signature(&model);
+        let inputs = v2::order_inputs(&model, req.inputs, signature.as_ref(), self.limits)?;
+        let out = self.engine.infer_all(&model, inputs, req.deadline).await?;
+        let mut all = Vec::with_capacity(1 + out.others.len());
+        all.push(out.tensor);
+        all.extend(out.others);
+        let outputs = v2::select_outputs(all, &req.outputs)?;
+        Ok(InferReply {
+            model,
+            id: req.id,
+            outputs,
+        })
+    }
+
+    /// Counts a finished v2 request (and invalid input as a rejection).
+    pub fn finish<T>(
+        &self,
+        protocol: &str,
+        model: &str,
+        method: &str,
+        arrival: Instant,
+        result: Result<T, ServeError>,
+    ) -> Result<T, Status> {
+        let metrics = self.engine.metrics();
+        let result = result.map_err(|e| {
+            tracing::debug!(error = %e, method, "request failed");
+            if e.is_invalid_input() {
+                metrics
+                    .rejected
+                    .with_label_values(&[model, reason::INVALID])
+                    .inc();
+            }
+            Status::from(e)
+        });
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        observe(metrics, protocol, model, method, arrival, code);
+        result
+    }
+
+    /// The label a request's model gets: its name when served, else "unknown".
+    pub fn model_label(&self, name: &str) -> String {
+        match self.engine.resolve_model(name) {
+            Some(m) if !name.is_empty() => m.to_string(),
+            _ => "unknown".into(),
+        }
+    }
+}
+
+/// The model configuration's datatype enum for a dtype.
+fn data_type(d: codec::WireDtype) -> pb::DataType {
+    use codec::WireDtype as D;
+    match d {
+        D::Bool => pb::DataType::TypeBool,
+        D::U8 => pb::DataType::TypeUint8,
+        D::I8 => pb::DataType::TypeInt8,
+        D::I16 => pb::DataType::TypeInt16,
+        D::I32 => pb::DataType::TypeInt32,
+        D::I64 => pb::DataType::TypeInt64,
+        D::F16 => pb::DataType::TypeFp16,
+        D::BF16 => pb::DataType::TypeBf16,
+        D::F32 => pb::DataType::TypeFp32,
+        D::F64 => pb::DataType::TypeFp64,
+    }
+}
+
+/// A request's `timeout` parameter (microseconds, as Triton reads it).
+pub fn timeout_parameter(params: &HashMap<String, pb::InferParameter>) -> Option<Duration> {
+    match params.get("timeout")?.parameter_choice {
+        Some(pb::infer_parameter::ParameterChoice::Int64Param(us)) if us > 0 => {
+            Some(Duration::from_micros(us as u64))
+        }
+        _ => None,
+    }
+}
+
+/// The earlier of two deadlines.
+pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The bytes of an input given as typed `contents`.
+fn contents_bytes(
+    name: &str,
+    datatype: &str,
+    contents: &pb::InferTensorContents,
+) -> Result<Bytes, ServeError> {
+    let dtype = v2::parse_datatype(name, datatype)?;
+    let values = if !contents.bool_contents.is_empty() {
+        Values::Bool(contents.bool_contents.clone())
+    } else if !contents.int_contents.is_empty() {
+        Values::Int(contents.int_contents.clone())
+    } else if !contents.int64_contents.is_empty() {
+        Values::Int64(contents.int64_contents.clone())
+    } else if !contents.uint_contents.is_empty() {
+        Values::Uint(contents.uint_contents.clone())
+    } else if !contents.fp32_contents.is_empty() {
+        Values::Fp32(contents.fp32_contents.clone())
+    } else if !contents.fp64_contents.is_empty() {
+        Values::Fp64(contents.fp64_contents.clone())
+    } else {
+        return Ok(Bytes::new());
+    };
+    v2::values_to_bytes(&values, dtype)
+        .map(Bytes::from)
+        .ok_or_else(|| {
+            ServeError::V2(v2::V2Error(format!(
+                "input {}: its contents do not fit datatype {datatype} (FP16 and BF16 need raw_input_contents)",
+                codec::clip(name)
+            )))
+        })
+}
+
+/// The inputs of a gRPC ModelInferRequest: raw contents in order, or typed contents.
+fn grpc_inputs(req: &mut pb::ModelInferRequest) -> Result<Vec<InputTensor>, ServeError> {
+    let raw = std::mem::take(&mut req.raw_input_contents);
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
+        return Err(ServeError::V2(v2::V2Error(format!(
+            "raw_input_contents has {} entries for {} inputs",
+            raw.len(),
+            req.inputs.len()
+        ))));
+    }
+    let mut raw = raw.into_iter();
+    req.inputs
+        .iter()
+        .map(|input| {
+            let data = match raw.next() {
+                Some(bytes) => bytes,
+                None => match &input.contents {
+                    Some(c) => contents_bytes(&input.name, &input.datatype, c)?,
+                    None => Bytes::new(),
+                },
+            };
+            Ok(InputTensor {
+                name: input.name.clone(),
+                datatype: input.datatype.clone(),
+                shape: input.shape.clone(),
+                data,
+            })
+        })
+        .collect()
+}
+
+/// The gRPC service over [`InferenceApi`].
+#[derive(Clone)]
+pub struct InferenceGrpc(pub Arc<InferenceApi>);
+
+type R<T> = Result<Response<T>, Status>;
+
+impl InferenceGrpc {
+    fn start<T>(&self, request: &Request<T>) -> (Instant, Result<(), ServeError>) {
+        let arrival = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        (
+            arrival,
+            self.0.authorize(request.extensions().get::<Granted>()),
+        )
+    }
+
+    /// Metadata-style RPCs: authorize, run, count.
+    fn simple<Q, T>(
+        &self,
+        request: Request<Q>,
+        method: &str,
+        model: Option<&str>,
+        f: impl FnOnce(&InferenceApi, &Q) -> Result<T, ServeError>,
+    ) -> R<T> {
+        let (arrival, auth) = self.start(&request);
+        let label = model.map_or_else(|| "-".to_string(), |m| self.0.model_label(m));
+        let result = auth.and_then(|()| f(&self.0, request.get_ref()));
+        self.0
+            .finish(protocol::V2_GRPC, &label, method, arrival, result)
+            .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
+    async fn server_live(
+        &self,
+        request: Request<pb::ServerLiveRequest>,
+    ) -> R<pb::ServerLiveResponse> {
+        self.simple(request, "ServerLive", None, |api, _| {
+            Ok(pb::ServerLiveResponse { live: api.live() })
+        })
+    }
+
+    async fn server_ready(
+        &self,
+        request: Request<pb::ServerReadyRequest>,
+    ) -> R<pb::ServerReadyResponse> {
+        self.simple(request, "ServerReady", None, |api, _| {
+            Ok(pb::ServerReadyResponse { ready: api.ready() })
+        })
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> R<pb::ModelReadyResponse> {
+        let name = request.get_ref().name.clone();
+        self.simple(request, "ModelReady", Some(&name), |api, r| {
+            Ok(pb::ModelReadyResponse {
+                ready: api.model_ready(&r.name, &r.version),
+            })
+        })
+    }
+
+    async fn server_metadata(
+        &self,
+        request: Request<pb::ServerMetadataRequest>,
+    ) -> R<pb::ServerMetadataResponse> {
+        self.simple(request, "ServerMetadata", None, |api, _| {
+            Ok(api.server_metadata())
+        })
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> R<pb::ModelMetadataResponse> {
+        let name = request.get_ref().name.clone();
+        self.simple(request, "ModelMetadata", Some(&name), |api, r| {
+            api.model_metadata(&r.name, &r.version)
+        })
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> R<pb::ModelConfigResponse> {
+        let name = request.get_ref().name.clone();
+        self.simple(request, "ModelConfig", Some(&name), |api, r| {
+            Ok(pb::ModelConfigResponse {
+                config: Some(api.model_config(&r.name, &r.version)?),
+            })
+        })
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> R<pb::ModelStatisticsResponse> {
+        let name = request.get_ref().name.clone();
+        self.simple(request, "ModelStatistics", Some(&name), |api, r| {
+            api.model_statistics(&r.name, &r.version)
+        })
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> R<pb::ModelInferResponse> {
+        let (arrival, auth) = self.start(&request);
+        let label = self.0.model_label(&request.get_ref().model_name);
+        let metrics = self.0.engine.metrics();
+        metrics.inflight.inc();
+        let span = tracing::debug_span!(
+            "ModelInfer",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "inference.GRPCInferenceService",
+            rpc.method = "ModelInfer",
+            model = %label,
+        );
+        otel::continue_trace(&span, request.metadata());
+        let grpc_deadline = deadline_from_metadata(request.metadata(), arrival);
+        let mut req = request.into_inner();
+        let result = async {
+            auth?;
+            let deadline = earliest(
+                grpc_deadline,
+                timeout_parameter(&req.parameters).and_then(|d| arrival.checked_add(d)),
+            );
+            let inputs = grpc_inputs(&mut req)?;
+            let reply = self
+                .0
+                .infer(InferRequest {
+                    model: req.model_name,
+                    version: req.model_version,
+                    id: req.id,
+                    inputs,
+                    outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+                    deadline,
+                })
+                .await?;
+            let mut response = pb::ModelInferResponse {
+                model_name: reply.model,
+                model_version: VERSION.into(),
+                id: reply.id,
+                ..Default::default()
+            };
+            for (name, t) in reply.outputs {
+                response
+                    .outputs
+                    .push(pb::model_infer_response::InferOutputTensor {
+                        name,
+                        datatype: v2::datatype_name(t.dtype).into(),
+                        shape: t.shape.clone(),
+                        ..Default::default()
+                    });
+                response.raw_output_contents.push(t.data);
+            }
+            Ok(response)
+        }
+        .instrument(span)
+        .await;
+        metrics.inflight.dec();
+        self.0
+            .finish(protocol::V2_GRPC, &label, "ModelInfer", arrival, result)
+            .map(Response::new)
+    }
+}

@@ -1,0 +1,671 @@
+//! The Open Inference Protocol over HTTP/REST (axum) on `--http-addr`: the
+//! routes Triton and KServe serve, JSON tensors and the binary tensor data
+//! extension (`Inference-Header-Content-Length`) that `tritonclient.http`
+//! uses. Every request goes through [`InferenceApi`], the same core as the
+//! gRPC front-end, and so through the same engine, limits and metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prost::bytes::Bytes;
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+use crate::auth::{Granted, Tokens};
+use crate::codec::{self, MAX_DIMS, RawTensor};
+use crate::grpc::ServeError;
+use crate::grpc::inference::{InferRequest, InferenceApi, VERSION, earliest};
+use crate::grpc::inference_pb as pb;
+use crate::grpc::layers::Budget;
+use crate::telemetry::metrics::{limit, protocol};
+use crate::telemetry::otel;
+use crate::v2::{self, InputTensor, Values};
+
+/// The header that splits a binary-extension body: the JSON's length.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// What the HTTP routes share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub api: Arc<InferenceApi>,
+    pub tokens: Option<Arc<Tokens>>,
+    pub budget: Arc<Budget>,
+    pub max_message_bytes: usize,
+    pub body_timeout: Duration,
+}
+
+/// The `/v2` routes.
+pub fn router(state: HttpState) -> Router {
+    let model_routes = |prefix: &str| {
+        Router::new()
+            .route(prefix, get(model_metadata))
+            .route(&format!("{prefix}/ready"), get(model_ready))
+            .route(&format!("{prefix}/config"), get(model_config))
+            .route(&format!("{prefix}/stats"), get(model_stats))
+            .route(&format!("{prefix}/infer"), post(infer))
+    };
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/stats", get(all_stats))
+        .merge(model_routes("/v2/models/{name}"))
+        .merge(model_routes("/v2/models/{name}/versions/{version}"))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// An error as Triton answers it: `{"error": "..."}` with the status its code means.
+fn error_response(code: tonic::Code, message: &str) -> Response {
+    use tonic::Code;
+    let status = match code {
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable | Code::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+fn from_status(s: tonic::Status) -> Response {
+    error_response(s.code(), s.message())
+}
+
+async fn not_found() -> Response {
+    error_response(tonic::Code::NotFound, "no such endpoint; see /v2")
+}
+
+/// Tokens (when on): every route but health needs `authorization: Bearer`.
+fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Option<Granted>, Box<Response>> {
+    let Some(tokens) = &state.tokens else {
+        return Ok(None);
+    };
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    tokens.check(header).map(Some).map_err(|_| {
+        Box::new({
+            state
+                .api
+                .engine()
+                .metrics()
+                .auth_failures
+                .with_label_values(&["unauthenticated"])
+                .inc();
+            error_response(
+                tonic::Code::Unauthenticated,
+                "this server requires a token: send 'authorization: Bearer <token>'",
+            )
+        })
+    })
+}
+
+/// Runs a metadata-style route: authenticate, authorize, run, count.
+fn simple<T>(
+    state: &HttpState,
+    headers: &HeaderMap,
+    method: &str,
+    model: Option<&str>,
+    f: impl FnOnce(&InferenceApi) -> Result<T, ServeError>,
+) -> Result<T, Box<Response>> {
+    let arrival = Instant::now();
+    let granted = authenticate(state, headers)?;
+    let label = model.map_or_else(|| "-".to_string(), |m| state.api.model_label(m));
+    let result = state
+        .api
+        .authorize(granted.as_ref())
+        .and_then(|()| f(&state.api));
+    state
+        .api
+        .finish(protocol::V2_HTTP, &label, method, arrival, result)
+        .map_err(|s| Box::new(from_status(s)))
+}
+
+async fn server_metadata(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    match simple(&state, &headers, "ServerMetadata", None, |api| {
+        Ok(api.server_metadata())
+    }) {
+        Ok(m) => axum::Json(json!({
+            "name": m.name,
+            "version": m.version,
+            "extensions": m.extensions,
+        }))
+        .into_response(),
+        Err(r) => *r,
+    }
+}
+
+async fn live(State(state): State<HttpState>) -> StatusCode {
+    if state.api.live() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn ready(State(state): State<HttpState>) -> StatusCode {
+    if state.api.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// `{name}` and, on the versioned routes, `{version}`.
+#[derive(serde::Deserialize)]
+struct ModelPath {
+    name: String,
+    #[serde(default)]
+    version: String,
+}
+
+async fn model_metadata(
+    State(state): State<HttpState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Response {
+    let tensors = |list: Vec<pb::model_metadata_response::TensorMetadata>| {
+        list.into_iter()
+            .map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape }))
+            .collect::<Vec<_>>()
+    };
+    match simple(&state, &headers, "ModelMetadata", Some(&p.name), |api| {
+        api.model_metadata(&p.name, &p.version)
+    }) {
+        Ok(m) => axum::Json(json!({
+            "name": m.name,
+            "versions": m.versions,
+            "platform": m.platform,
+            "inputs": tensors(m.inputs),
+            "outputs": tensors(m.outputs),
+        }))
+        .into_response(),
+        Err(r) => *r,
+    }
+}
+
+async fn model_ready(
+    State(state): State<HttpState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Response {
+    match simple(&state, &headers, "ModelReady", Some(&p.name), |api| {
+        Ok(api.model_ready(&p.name, &p.version))
+    }) {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => StatusCode::BAD_REQUEST.into_response(),
+        Err(r) => *r,
+    }
+}
+
+/// Triton's JSON form of a model configuration (enum names as strings).
+fn config_json(c: pb::ModelConfig) -> Value {
+    let dtype = |d: i32| {
+        pb::DataType::try_from(d)
+            .map(|d| d.as_str_name())
+            .unwrap_or("TYPE_INVALID")
+    };
+    let mut v = json!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "max_batch_size": c.max_batch_size,
+        "input": c.input.iter().map(|i| json!({
+            "name": i.name, "data_type": dtype(i.data_type), "dims": i.dims,
+        })).collect::<Vec<_>>(),
+        "output": c.output.iter().map(|o| json!({
+            "name": o.name, "data_type": dtype(o.data_type), "dims": o.dims,
+        })).collect::<Vec<_>>(),
+        "instance_group": c.instance_group.iter().map(|g| json!({
+            "name": g.name,
+            "kind": pb::model_instance_group::Kind::try_from(g.kind)
+                .map(|k| k.as_str_name()).unwrap_or("KIND_AUTO"),
+            "count": g.count,
+        })).collect::<Vec<_>>(),
+        "default_model_filename": c.default_model_filename,
+    });
+    if let Some(pb::model_config::SchedulingChoice::DynamicBatching(d)) = c.scheduling_choice {
+        v["dynamic_batching"] = json!({
+            "max_queue_delay_microseconds": d.max_queue_delay_microseconds,
+        });
+    }
+    v
+}
+
+async fn model_config(
+    State(state): State<HttpState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Response {
+    match simple(&state, &headers, "ModelConfig", Some(&p.name), |api| {
+        api.model_config(&p.name, &p.version)
+    }) {
+        Ok(c) => axum::Json(config_json(c)).into_response(),
+        Err(r) => *r,
+    }
+}
+
+fn stats_json(s: pb::ModelStatisticsResponse) -> Value {
+    let d = |d: Option<pb::StatisticDuration>| {
+        let d = d.unwrap_or_default();
+        json!({ "count": d.count, "ns": d.ns })
+    };
+    json!({
+        "model_stats": s.model_stats.into_iter().map(|m| {
+            let i = m.inference_stats.unwrap_or_default();
+            json!({
+                "name": m.name,
+                "version": m.version,
+                "last_inference": m.last_inference,
+                "inference_count": m.inference_count,
+                "execution_count": m.execution_count,
+                "inference_stats": {
+                    "success": d(i.success), "fail": d(i.fail), "queue": d(i.queue),
+                    "compute_input": d(i.compute_input), "compute_infer": d(i.compute_infer),
+                    "compute_output": d(i.compute_output),
+                },
+                "batch_stats": [],
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+async fn model_stats(
+    State(state): State<HttpState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+) -> Response {
+    match simple(&state, &headers, "ModelStatistics", Some(&p.name), |api| {
+        api.model_statistics(&p.name, &p.version)
+    }) {
+        Ok(s) => axum::Json(stats_json(s)).into_response(),
+        Err(r) => *r,
+    }
+}
+
+async fn all_stats(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    match simple(&state, &headers, "ModelStatistics", None, |api| {
+        api.model_statistics("", "")
+    }) {
+        Ok(s) => axum::Json(stats_json(s)).into_response(),
+        Err(r) => *r,
+    }
+}
+
+fn invalid(msg: String) -> ServeError {
+    ServeError::V2(v2::V2Error(msg))
+}
+
+/// The flat values of a JSON `data` field (nested lists are flattened, as the
+/// protocol allows).
+fn flatten(v: &Value, out: &mut Vec<Value>, budget: &mut usize) -> Result<(), ServeError> {
+    match v {
+        Value::Array(items) => {
+            for item in items {
+                flatten(item, out, budget)?;
+            }
+            Ok(())
+        }
+        other => {
+            if *budget == 0 {
+                return Err(invalid("data holds more values than its shape".into()));
+            }
+            *budget -= 1;
+            out.push(other.clone());
+            Ok(())
+        }
+    }
+}
+
+/// JSON values as the typed list a dtype takes.
+fn json_values(name: &str, dtype: codec::WireDtype, flat: &[Value]) -> Result<Values, ServeError> {
+    use codec::WireDtype as D;
+    let wrong = || {
+        invalid(format!(
+            "input {}: data does not fit its datatype",
+            codec::clip(name)
+        ))
+    };
+    Ok(match dtype {
+        D::Bool => Values::Bool(
+            flat.iter()
+                .map(|v| v.as_bool().ok_or_else(wrong))
+                .collect::<Result<_, _>>()?,
+        ),
+        D::U8 => Values::Uint(
+            flat.iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(wrong)
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        D::I8 | D::I16 | D::I32 => Values::Int(
+            flat.iter()
+                .map(|v| {
+                    v.as_i64()
+                        .and_then(|x| i32::try_from(x).ok())
+                        .ok_or_else(wrong)
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        D::I64 => Values::Int64(
+            flat.iter()
+                .map(|v| v.as_i64().ok_or_else(wrong))
+                .collect::<Result<_, _>>()?,
+        ),
+        D::F16 | D::BF16 | D::F32 => Values::Fp32(
+            flat.iter()
+                .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(wrong))
+                .collect::<Result<_, _>>()?,
+        ),
+        D::F64 => Values::Fp64(
+            flat.iter()
+                .map(|v| v.as_f64().ok_or_else(wrong))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// A JSON array of the tensor's values.
+fn values_json(t: &RawTensor) -> Value {
+    match v2::bytes_to_values(&t.data, t.dtype) {
+        Values::Bool(v) => json!(v),
+        Values::Int(v) => json!(v),
+        Values::Int64(v) => json!(v),
+        Values::Uint(v) => json!(v),
+        Values::Fp32(v) => json!(v),
+        Values::Fp64(v) => json!(v),
+    }
+}
+
+/// A request body: the JSON, and the binary data that followed it.
+fn split_body(headers: &HeaderMap, body: Bytes) -> Result<(Value, Bytes), ServeError> {
+    let json_len = match headers.get(HEADER_LENGTH) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&n| n <= body.len())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "Inference-Header-Content-Length must be a number of bytes within the {}-byte body",
+                    body.len()
+                ))
+            })?,
+        None => body.len(),
+    };
+    let json: Value = serde_json::from_slice(&body[..json_len]).map_err(|e| {
+        invalid(format!(
+            "the request is not valid JSON: {}",
+            codec::clip(&e.to_string())
+        ))
+    })?;
+    Ok((json, body.slice(json_len..)))
+}
+
+/// The request's inputs, from JSON `data` or from the binary section.
+fn http_inputs(
+    json: &Value,
+    mut binary: Bytes,
+    limits: codec::Limits,
+) -> Result<Vec<InputTensor>, ServeError> {
+    let Some(inputs) = json.get("inputs").and_then(Value::as_array) else {
+        return Err(invalid("the request has no \"inputs\" list".into()));
+    };
+    let mut out = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let name = input
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let datatype = input
+            .get("datatype")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let shape: Vec<i64> = input
+            .get("shape")
+            .and_then(Value::as_array)
+            .filter(|s| s.len() <= MAX_DIMS)
+            .map(|s| s.iter().map(|d| d.as_i64().unwrap_or(-1)).collect())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "input {:?} needs a \"shape\" of at most {MAX_DIMS} dimensions",
+                    codec::clip(&name)
+                ))
+            })?;
+        let binary_size = input
+            .get("parameters")
+            .and_then(|p| p.get("binary_data_size"))
+            .and_then(Value::as_u64);
+        let data = match binary_size {
+            Some(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > binary.len() {
+                    return Err(invalid(format!(
+                        "input {:?}: binary_data_size {n} is more than the {} bytes left in the body",
+                        codec::clip(&name),
+                        binary.len()
+                    )));
+                }
+                binary.split_to(n)
+            }
+            None => {
+                let dtype = v2::parse_datatype(&name, &datatype)?;
+                let mut flat = Vec::new();
+                let mut room = usize::try_from(limits.max_elements).unwrap_or(usize::MAX);
+                flatten(
+                    input.get("data").unwrap_or(&Value::Null),
+                    &mut flat,
+                    &mut room,
+                )?;
+                let values = json_values(&name, dtype, &flat)?;
+                Bytes::from(v2::values_to_bytes(&values, dtype).unwrap_or_default())
+            }
+        };
+        out.push(InputTensor {
+            name,
+            datatype,
+            shape,
+            data,
+        });
+    }
+    Ok(out)
+}
+
+async fn infer(
+    State(state): State<HttpState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let arrival = Instant::now();
+    let label = state.api.model_label(&p.name);
+    let span = tracing::debug_span!(
+        "ModelInfer",
+        otel.kind = "server",
+        http.route = "/v2/models/{name}/infer",
+        model = %label,
+    );
+    otel::continue_trace(
+        &span,
+        &tonic::metadata::MetadataMap::from_headers(headers.clone()),
+    );
+    let granted = match authenticate(&state, &headers) {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
+    let metrics = state.api.engine().metrics();
+    metrics.inflight.inc();
+    let result = async {
+        state.api.authorize(granted.as_ref())?;
+        state.api.resolve(&p.name, &p.version)?;
+        // The body is read only after its size is reserved from the budget.
+        let claimed = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(state.max_message_bytes as u64);
+        if claimed > state.max_message_bytes as u64 {
+            metrics.limit_rejections.with_label_values(&[limit::MESSAGE_SIZE]).inc();
+            return Err(ServeError::Busy(format!(
+                "request body too large for this server (--max-message-bytes): {claimed} bytes, the limit is {}",
+                state.max_message_bytes
+            )));
+        }
+        let _reservation = state.budget.reserve(claimed).ok_or_else(|| {
+            metrics.limit_rejections.with_label_values(&[limit::INFLIGHT_BYTES]).inc();
+            ServeError::Busy(
+                "the server's memory for requests in flight (--max-inflight-bytes) cannot take this body now; retry with backoff"
+                    .into(),
+            )
+        })?;
+        let body = match tokio::time::timeout(
+            state.body_timeout,
+            axum::body::to_bytes(body, state.max_message_bytes),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => {
+                return Err(ServeError::Busy(format!(
+                    "request body too large for this server (--max-message-bytes {}) or cut off",
+                    state.max_message_bytes
+                )));
+            }
+            Err(_) => {
+                metrics.limit_rejections.with_label_values(&[limit::BODY_TIMEOUT]).inc();
+                return Err(ServeError::BadRequest(
+                    "the request body did not arrive within --request-body-timeout".into(),
+                ));
+            }
+        };
+        let (json, binary) = split_body(&headers, body)?;
+        let inputs = http_inputs(&json, binary, state.api_limits())?;
+        let timeout = json
+            .get("parameters")
+            .and_then(|p| p.get("timeout"))
+            .and_then(Value::as_u64)
+            .filter(|&us| us > 0)
+            .map(Duration::from_micros);
+        let binary_default = json
+            .get("parameters")
+            .and_then(|p| p.get("binary_data_output"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let requested: Vec<(String, Option<bool>)> = json
+            .get("outputs")
+            .and_then(Value::as_array)
+            .map(|outs| {
+                outs.iter()
+                    .map(|o| {
+                        (
+                            o.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            o.get("parameters")
+                                .and_then(|p| p.get("binary_data"))
+                                .and_then(Value::as_bool),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let reply = state
+            .api
+            .infer(InferRequest {
+                model: p.name.clone(),
+                version: p.version.clone(),
+                id: json.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+                inputs,
+                outputs: requested.iter().map(|(n, _)| n.clone()).collect(),
+                deadline: earliest(None, timeout.and_then(|d| arrival.checked_add(d))),
+            })
+            .await?;
+        Ok((reply, requested, binary_default))
+    }
+    .instrument(span)
+    .await;
+    metrics.inflight.dec();
+    let result = state
+        .api
+        .finish(protocol::V2_HTTP, &label, "ModelInfer", arrival, result);
+    match result {
+        Err(s) => from_status(s),
+        Ok((reply, requested, binary_default)) => {
+            let mut binary = Vec::new();
+            let outputs: Vec<Value> = reply
+                .outputs
+                .iter()
+                .map(|(name, t)| {
+                    let as_binary = requested
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .and_then(|(_, b)| *b)
+                        .unwrap_or(binary_default);
+                    let mut o = json!({
+                        "name": name,
+                        "datatype": v2::datatype_name(t.dtype),
+                        "shape": t.shape,
+                    });
+                    if as_binary {
+                        o["parameters"] = json!({ "binary_data_size": t.data.len() });
+                        binary.extend_from_slice(&t.data);
+                    } else {
+                        o["data"] = values_json(t);
+                    }
+                    o
+                })
+                .collect();
+            let mut head = json!({
+                "model_name": reply.model,
+                "model_version": VERSION,
+                "outputs": outputs,
+            });
+            if !reply.id.is_empty() {
+                head["id"] = json!(reply.id);
+            }
+            let head = head.to_string();
+            if binary.is_empty() {
+                return ([(header::CONTENT_TYPE, "application/json")], head).into_response();
+            }
+            let len = head.len();
+            let mut body = head.into_bytes();
+            body.extend_from_slice(&binary);
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (
+                        header::HeaderName::from_static(HEADER_LENGTH),
+                        len.to_string(),
+                    ),
+                ],
+                body,
+            )
+                .into_response()
+        }
+    }
+}
+
+impl HttpState {
+    fn api_limits(&self) -> codec::Limits {
+        self.api.limits()
+    }
+}

@@ -1,0 +1,449 @@
+//! The Open Inference Protocol's (KServe v2) view of tensors, shared by its
+//! gRPC and HTTP front-ends: datatype names, Triton's PyTorch-backend tensor
+//! names (`INPUT__0`, `OUTPUT__0`, ...), typed contents, and the checks of a
+//! request against the model's signature. Pure Rust: runs on the I/O threads.
+
+use prost::bytes::Bytes;
+
+use crate::codec::{self, Limits, MAX_DIMS, RawTensor, WireDtype};
+use crate::model::{Signature, TensorSig};
+
+/// A client mistake in a v2 request: INVALID_ARGUMENT (HTTP 400).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct V2Error(pub String);
+
+fn bad(msg: String) -> V2Error {
+    V2Error(msg)
+}
+
+/// The protocol's name of a dtype.
+pub fn datatype_name(d: WireDtype) -> &'static str {
+    match d {
+        WireDtype::Bool => "BOOL",
+        WireDtype::U8 => "UINT8",
+        WireDtype::I8 => "INT8",
+        WireDtype::I16 => "INT16",
+        WireDtype::I32 => "INT32",
+        WireDtype::I64 => "INT64",
+        WireDtype::F16 => "FP16",
+        WireDtype::BF16 => "BF16",
+        WireDtype::F32 => "FP32",
+        WireDtype::F64 => "FP64",
+    }
+}
+
+/// A protocol datatype libtorch can compute with.
+pub fn parse_datatype(tensor: &str, s: &str) -> Result<WireDtype, V2Error> {
+    Ok(match s {
+        "BOOL" => WireDtype::Bool,
+        "UINT8" => WireDtype::U8,
+        "INT8" => WireDtype::I8,
+        "INT16" => WireDtype::I16,
+        "INT32" => WireDtype::I32,
+        "INT64" => WireDtype::I64,
+        "FP16" => WireDtype::F16,
+        "BF16" => WireDtype::BF16,
+        "FP32" => WireDtype::F32,
+        "FP64" => WireDtype::F64,
+        "BYTES" | "UINT16" | "UINT32" | "UINT64" => {
+            return Err(bad(format!(
+                "input {}: datatype {s} is not supported by this server (libtorch tensors: BOOL, \
+                 UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64)",
+                codec::clip(tensor)
+            )));
+        }
+        other => {
+            return Err(bad(format!(
+                "input {}: unknown datatype {:?}",
+                codec::clip(tensor),
+                codec::clip(other)
+            )));
+        }
+    })
+}
+
+/// Triton's PyTorch backend names: the Nth input of `forward` is `INPUT__N`.
+pub fn input_name(i: usize) -> String {
+    format!("INPUT__{i}")
+}
+
+/// The Nth output of `forward` (a tuple's Nth element) is `OUTPUT__N`.
+pub fn output_name(i: usize) -> String {
+    format!("OUTPUT__{i}")
+}
+
+fn index_of(name: &str, prefix: &str) -> Option<usize> {
+    name.strip_prefix(prefix)?.parse().ok()
+}
+
+/// One input tensor of a request, its bytes little-endian row-major.
+#[derive(Debug, Clone)]
+pub struct InputTensor {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub data: Bytes,
+}
+
+fn show_shape(shape: &[i64]) -> String {
+    let shown: Vec<String> = shape.iter().take(MAX_DIMS).map(i64::to_string).collect();
+    format!("[{}]", shown.join(","))
+}
+
+/// Puts a request's inputs in `forward`'s order and checks each against the
+/// model's signature (when known): name, datatype, shape and data size.
+pub fn order_inputs(
+    model: &str,
+    inputs: Vec<InputTensor>,
+    signature: Option<&Signature>,
+    limits: Limits,
+) -> Result<Vec<RawTensor>, V2Error> {
+    let expected = signature.map(|s| s.inputs.len());
+    let mut slots: Vec<Option<RawTensor>> = Vec::new();
+    for input in inputs {
+        let Some(i) = index_of(&input.name, "INPUT__") else {
+            return Err(bad(format!(
+                "unknown input {:?}: model {model:?} takes {}",
+                codec::clip(&input.name),
+                match expected {
+                    Some(n) => (0..n).map(input_name).collect::<Vec<_>>().join(", "),
+                    None => "INPUT__0, INPUT__1, ... in forward's order".into(),
+                }
+            )));
+        };
+        if expected.is_some_and(|n| i >= n) || i >= 64 {
+            return Err(bad(format!(
+                "unknown input {}: model {model:?} takes {} input(s)",
+                input_name(i),
+                expected.unwrap_or(64)
+            )));
+        }
+        let dtype = parse_datatype(&input.name, &input.datatype)?;
+        if input.shape.len() > MAX_DIMS || input.shape.iter().any(|&d| d < 0) {
+            return Err(bad(format!(
+                "input {}: shape {} must have at most {MAX_DIMS} dimensions, each >= 0",
+                input_name(i),
+                show_shape(&input.shape)
+            )));
+        }
+        let n = input
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .filter(|&n| n <= limits.max_elements)
+            .ok_or_else(|| {
+                bad(format!(
+                    "input {}: shape {} has more elements than this server's limit of {} (--max-elements)",
+                    input_name(i),
+                    show_shape(&input.shape),
+                    limits.max_elements
+                ))
+            })?;
+        if let Some(TensorSig {
+            dtype: want,
+            shape: want_shape,
+        }) = signature.and_then(|s| s.inputs.get(i))
+        {
+            if dtype != *want {
+                return Err(bad(format!(
+                    "input {} has datatype {}; model {model:?} expects {}",
+                    input_name(i),
+                    datatype_name(dtype),
+                    datatype_name(*want)
+                )));
+            }
+            let fits = want_shape.len() == input.shape.len()
+                && want_shape
+                    .iter()
+                    .zip(&input.shape)
+                    .all(|(&w, &g)| w < 0 || w == g);
+            if !fits {
+                return Err(bad(format!(
+                    "input {} has shape {}; model {model:?} expects {}",
+                    input_name(i),
+                    show_shape(&input.shape),
+                    show_shape(want_shape)
+                )));
+            }
+        }
+        let need = n as usize * dtype.size();
+        if input.data.len() != need {
+            return Err(bad(format!(
+                "input {}: {} bytes of data, but shape {} of {} needs {need}",
+                input_name(i),
+                input.data.len(),
+                show_shape(&input.shape),
+                datatype_name(dtype)
+            )));
+        }
+        if slots.len() <= i {
+            slots.resize(i + 1, None);
+        }
+        if slots[i].is_some() {
+            return Err(bad(format!("input {} is given twice", input_name(i))));
+        }
+        slots[i] = Some(RawTensor {
+            data: input.data,
+            shape: input.shape,
+            dtype,
+        });
+    }
+    let want = expected.unwrap_or(slots.len()).max(1);
+    slots.resize(want.max(slots.len()), None);
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.ok_or_else(|| {
+                bad(format!(
+                    "input {} is missing: model {model:?} takes {want} input(s)",
+                    input_name(i)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The outputs a request asked for (all when it named none), with their names.
+pub fn select_outputs(
+    outputs: Vec<RawTensor>,
+    requested: &[String],
+) -> Result<Vec<(String, RawTensor)>, V2Error> {
+    let named: Vec<(String, RawTensor)> = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (output_name(i), t))
+        .collect();
+    if requested.is_empty() {
+        return Ok(named);
+    }
+    let mut chosen = Vec::with_capacity(requested.len());
+    for r in requested {
+        match named.iter().find(|(n, _)| n == r) {
+            Some((n, t)) => chosen.push((n.clone(), t.clone())),
+            None => {
+                return Err(bad(format!(
+                    "unknown output {:?}: the model returns {}",
+                    codec::clip(r),
+                    named
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// Values of one tensor as the typed lists the protocol carries them in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    Bool(Vec<bool>),
+    /// INT8, INT16, INT32 (and UINT8 through `Uint`).
+    Int(Vec<i32>),
+    Int64(Vec<i64>),
+    Uint(Vec<u32>),
+    /// FP32; also FP16 and BF16 in JSON, as numbers.
+    Fp32(Vec<f32>),
+    Fp64(Vec<f64>),
+}
+
+/// Little-endian bytes of `values` as `dtype`; None if the list's type does
+/// not carry that dtype.
+pub fn values_to_bytes(values: &Values, dtype: WireDtype) -> Option<Vec<u8>> {
+    use WireDtype as D;
+    Some(match (values, dtype) {
+        (Values::Bool(v), D::Bool) => v.iter().map(|&b| u8::from(b)).collect(),
+        (Values::Int(v), D::I8) => v.iter().map(|&x| x as i8 as u8).collect(),
+        (Values::Int(v), D::I16) => v.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect(),
+        (Values::Int(v), D::I32) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        (Values::Int64(v), D::I64) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        (Values::Uint(v), D::U8) => v.iter().map(|&x| x as u8).collect(),
+        (Values::Fp32(v), D::F32) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        (Values::Fp32(v), D::F16) => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        (Values::Fp32(v), D::BF16) => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        (Values::Fp64(v), D::F64) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        _ => return None,
+    })
+}
+
+/// The values of little-endian `bytes` of `dtype`, in the list type the
+/// protocol uses for it (FP16 and BF16 as FP32 numbers, for JSON).
+pub fn bytes_to_values(bytes: &[u8], dtype: WireDtype) -> Values {
+    use WireDtype as D;
+    match dtype {
+        D::Bool => Values::Bool(bytes.iter().map(|&b| b != 0).collect()),
+        D::U8 => Values::Uint(bytes.iter().map(|&b| u32::from(b)).collect()),
+        D::I8 => Values::Int(bytes.iter().map(|&b| i32::from(b as i8)).collect()),
+        D::I16 => Values::Int(
+            bytes
+                .chunks_exact(2)
+                .map(|c| i32::from(i16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        D::I32 => Values::Int(
+            bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        D::I64 => Values::Int64(
+            bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        ),
+        D::F16 => Values::Fp32(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        D::BF16 => Values::Fp32(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        D::F32 => Values::Fp32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        D::F64 => Values::Fp64(
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        max_elements: 1 << 20,
+        max_decompressed_bytes: 1 << 20,
+    };
+
+    fn input(name: &str, datatype: &str, shape: &[i64], bytes: usize) -> InputTensor {
+        InputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            data: Bytes::from(vec![0u8; bytes]),
+        }
+    }
+
+    fn sig() -> Signature {
+        Signature {
+            inputs: vec![
+                TensorSig {
+                    dtype: WireDtype::F32,
+                    shape: vec![-1, 4],
+                },
+                TensorSig {
+                    dtype: WireDtype::I64,
+                    shape: vec![-1],
+                },
+            ],
+            outputs: vec![],
+        }
+    }
+
+    #[test]
+    fn inputs_are_ordered_by_name_and_checked_against_the_signature() {
+        let got = order_inputs(
+            "m",
+            vec![
+                input("INPUT__1", "INT64", &[2], 16),
+                input("INPUT__0", "FP32", &[2, 4], 32),
+            ],
+            Some(&sig()),
+            L,
+        )
+        .unwrap();
+        assert_eq!(got[0].dtype, WireDtype::F32);
+        assert_eq!(got[1].dtype, WireDtype::I64);
+        let e = order_inputs(
+            "m",
+            vec![input("INPUT__0", "FP32", &[2, 4], 32)],
+            Some(&sig()),
+            L,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("INPUT__1 is missing"), "{e}");
+        let e = order_inputs(
+            "m",
+            vec![
+                input("INPUT__0", "FP64", &[2, 4], 64),
+                input("INPUT__1", "INT64", &[2], 16),
+            ],
+            Some(&sig()),
+            L,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("INPUT__0 has datatype FP64") && e.0.contains("FP32"),
+            "{e}"
+        );
+        let e = order_inputs(
+            "m",
+            vec![
+                input("INPUT__0", "FP32", &[2, 5], 40),
+                input("INPUT__1", "INT64", &[2], 16),
+            ],
+            Some(&sig()),
+            L,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("[2,5]") && e.0.contains("[-1,4]"), "{e}");
+        let e = order_inputs("m", vec![input("x", "FP32", &[1], 4)], None, L).unwrap_err();
+        assert!(e.0.contains("unknown input"), "{e}");
+        let e = order_inputs("m", vec![input("INPUT__0", "BYTES", &[1], 4)], None, L).unwrap_err();
+        assert!(e.0.contains("not supported"), "{e}");
+        let e = order_inputs("m", vec![input("INPUT__0", "FP32", &[3], 4)], None, L).unwrap_err();
+        assert!(e.0.contains("needs 12"), "{e}");
+    }
+
+    #[test]
+    fn values_round_trip_through_bytes() {
+        for (values, dtype) in [
+            (Values::Bool(vec![true, false]), WireDtype::Bool),
+            (Values::Int(vec![-3, 7]), WireDtype::I8),
+            (Values::Int(vec![-300, 7]), WireDtype::I16),
+            (Values::Int64(vec![-3, 1 << 40]), WireDtype::I64),
+            (Values::Uint(vec![0, 255]), WireDtype::U8),
+            (Values::Fp32(vec![0.5, -2.0]), WireDtype::F16),
+            (Values::Fp32(vec![0.5, -2.0]), WireDtype::BF16),
+            (Values::Fp64(vec![0.1, -2.0]), WireDtype::F64),
+        ] {
+            let bytes = values_to_bytes(&values, dtype).unwrap();
+            assert_eq!(bytes.len(), 2 * dtype.size());
+            assert_eq!(bytes_to_values(&bytes, dtype), values, "{dtype:?}");
+        }
+        assert!(values_to_bytes(&Values::Fp64(vec![1.0]), WireDtype::F32).is_none());
+    }
+
+    #[test]
+    fn outputs_are_named_and_filtered() {
+        let t = RawTensor::from_f32(&[1.0], &[1]);
+        let all = select_outputs(vec![t.clone(), t.clone()], &[]).unwrap();
+        assert_eq!(all[1].0, "OUTPUT__1");
+        let one = select_outputs(vec![t.clone(), t.clone()], &["OUTPUT__1".into()]).unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(select_outputs(vec![t], &["OUT".into()]).is_err());
+    }
+}
