@@ -26,8 +26,33 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def splitlearn_comm_stubs():
+    """splitlearn_comm's own generated stubs, when that package is installed:
+    compiling a second copy of the same proto would register
+    'splitlearn.comm.*' twice in protobuf's descriptor pool ("duplicate
+    symbol"). None when the package is absent."""
+    import importlib
+    import pkgutil
+
+    try:
+        package = importlib.import_module("splitlearn_comm")
+    except ImportError:
+        return None
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if info.name.endswith("compute_service_pb2_grpc"):
+            grpc_module = importlib.import_module(info.name)
+            pb2 = importlib.import_module(info.name[: -len("_grpc")])
+            if hasattr(grpc_module, "ComputeServiceStub"):
+                return pb2, grpc_module
+    return None
+
+
 def load_stubs():
-    """(pb2, pb2_grpc) compiled from the project's proto with grpcio-tools."""
+    """(pb2, pb2_grpc): splitlearn_comm's when installed, else compiled from
+    the project's proto with grpcio-tools."""
+    installed = splitlearn_comm_stubs()
+    if installed is not None:
+        return installed
     from grpc_tools import protoc
 
     out = tempfile.mkdtemp(prefix="splitserve-stubs-")
@@ -58,9 +83,12 @@ def from_wire(data: bytes, shape) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(tuple(shape)).copy())
 
 
-def train(stub, pb2, steps: int = 40, lr: float = 0.01, model_id: str = "", log=print):
+def train(stub, pb2, steps: int = 40, lr: float = 0.01, model_id: str = "", log=print,
+          server_lr: bool = False):
     """Trains bottom (here) + top (splitserve) on a synthetic regression task;
-    returns the loss of every step."""
+    returns the loss of every step. With `server_lr`, ComputeBackward carries
+    no learning_rate, as unchanged splitlearn_comm clients send it: the server's
+    --learning-rate trains the top."""
     torch.manual_seed(0)
     x = torch.randn(128, 6)
     y = torch.tanh(x @ torch.randn(6, 4))
@@ -78,16 +106,15 @@ def train(stub, pb2, steps: int = 40, lr: float = 0.01, model_id: str = "", log=
         loss = nn.functional.mse_loss(out, y)
         loss.backward()
         grad, grad_shape = to_wire(out.grad)
-        back = stub.ComputeBackward(
-            pb2.BackwardRequest(
-                grad_output_data=grad,
-                grad_output_shape=grad_shape,
-                forward_id=reply.forward_id,
-                model_id=model_id,
-                learning_rate=lr,
-            ),
-            timeout=30,
+        request = pb2.BackwardRequest(
+            grad_output_data=grad,
+            grad_output_shape=grad_shape,
+            forward_id=reply.forward_id,
+            model_id=model_id,
         )
+        if not server_lr:
+            request.learning_rate = lr
+        back = stub.ComputeBackward(request, timeout=30)
         optimizer.zero_grad()
         hidden.backward(from_wire(back.grad_input_data, back.grad_input_shape))
         optimizer.step()
@@ -102,10 +129,13 @@ def main() -> int:
     parser.add_argument("--model-id", default="", help="the top's --model NAME (default: the default model)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--server-lr", action="store_true",
+                        help="send no learning_rate (the server's --learning-rate applies)")
     args = parser.parse_args()
     pb2, pb2_grpc = load_stubs()
     stub = pb2_grpc.ComputeServiceStub(grpc.insecure_channel(args.addr))
-    losses = train(stub, pb2, steps=args.steps, lr=args.lr, model_id=args.model_id)
+    losses = train(stub, pb2, steps=args.steps, lr=args.lr, model_id=args.model_id,
+                   server_lr=args.server_lr)
     print(f"loss fell from {losses[0]:.4f} to {losses[-1]:.4f}")
     return 0
 

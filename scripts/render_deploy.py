@@ -377,10 +377,14 @@ default `networkPolicy.grpcFrom` / `metricsFrom`); the kubelet's probes are not 
 by it in most CNIs. Clients or a Prometheus in other namespaces need a patch that
 lists them (see `docs/security.md`).
 
-The ServiceMonitor, PrometheusRule and HPA are off in the chart's defaults and
-so are not here; install the chart with Helm to get them
+`base/deployment.yaml` ages connections out (`SPLITSERVE_MAX_CONNECTION_AGE=5m`):
+clients reconnect and spread over the replicas, new ones included.
+
+The ServiceMonitor, PrometheusRule, HPA and headless Service are off in the
+chart's defaults and so are not here; install the chart with Helm to get them
 (see `helm/splitserve/README.md`). So are TLS and tokens, which need Secrets
-of your own: the chart's `tls` and `auth` values wire them up.
+of your own: the chart's `tls` and `auth` values wire them up. So is training
+(`training.enabled`: one pod, a checkpoint volume; `docs/training.md`).
 """
 
 

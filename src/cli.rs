@@ -267,6 +267,30 @@ pub struct ServeArgs {
     )]
     pub trainable: Vec<String>,
 
+    /// The learning rate a ComputeBackward without one uses, on trainable models
+    /// only: N for every trainable model or NAME=N for one. Unchanged
+    /// splitlearn_comm clients send none, so this is how they train.
+    #[arg(
+        long,
+        env = "SPLITSERVE_LEARNING_RATE",
+        value_delimiter = ',',
+        value_name = "[NAME=]F"
+    )]
+    pub learning_rate: Vec<PerModel<f64>>,
+
+    /// Complete checkpoints kept per model in --checkpoint-dir; older ones are removed.
+    #[arg(long, env = "SPLITSERVE_CHECKPOINT_KEEP", default_value_t = 3)]
+    pub checkpoint_keep: usize,
+
+    /// Connections older than this get a GOAWAY (in-flight requests finish), so
+    /// clients reconnect and new pods get their share of the load; 0 = never.
+    #[arg(long, env = "SPLITSERVE_MAX_CONNECTION_AGE", default_value = "0", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// How long requests on a connection past --max-connection-age may take to finish.
+    #[arg(long, env = "SPLITSERVE_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
     /// Largest learning_rate a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
     #[arg(long, env = "SPLITSERVE_MAX_LEARNING_RATE", default_value_t = 10.0)]
     pub max_learning_rate: f64,
@@ -414,6 +438,16 @@ impl ServeArgs {
             checkpoint_every: self.checkpoint_every,
             max_learning_rate: self.max_learning_rate,
             max_accumulation_steps: self.max_accumulation_steps,
+            learning_rates: specs
+                .iter()
+                .map(|m| {
+                    self.trainable
+                        .contains(&m.name)
+                        .then(|| PerModel::resolve(&self.learning_rate, &m.name))
+                        .flatten()
+                })
+                .collect(),
+            checkpoint_keep: self.checkpoint_keep,
         };
         let models = specs
             .into_iter()
@@ -479,6 +513,9 @@ impl ServeArgs {
                     .then_some(self.http2_keepalive_interval),
                 keepalive_timeout: self.http2_keepalive_timeout,
                 request_body_timeout: self.request_body_timeout,
+                max_connection_age: (!self.max_connection_age.is_zero())
+                    .then_some(self.max_connection_age),
+                max_connection_age_grace: self.max_connection_age_grace,
             },
             max_inflight_bytes: self.max_inflight_bytes,
             max_message_bytes: self.max_message_bytes,
@@ -557,6 +594,27 @@ impl ServeArgs {
                     codec::clip(name)
                 )));
             }
+        }
+        for lr in &self.learning_rate {
+            if let Some(name) = &lr.model {
+                if !self.trainable.contains(name) {
+                    return Err(ConfigError::Invalid(format!(
+                        "--learning-rate names model {:?}, which --trainable does not list",
+                        codec::clip(name)
+                    )));
+                }
+            }
+            if !(lr.value > 0.0 && lr.value.is_finite() && lr.value <= self.max_learning_rate) {
+                return Err(ConfigError::Invalid(format!(
+                    "--learning-rate must be a positive number at most --max-learning-rate {}, not {}",
+                    self.max_learning_rate, lr.value
+                )));
+            }
+        }
+        if self.checkpoint_keep == 0 {
+            return Err(ConfigError::Invalid(
+                "--checkpoint-keep must be at least 1".into(),
+            ));
         }
         if !(self.max_learning_rate > 0.0 && self.max_learning_rate.is_finite()) {
             return Err(ConfigError::Invalid(format!(

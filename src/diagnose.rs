@@ -466,7 +466,12 @@ fn measure_together(
         .args(["--workers", &plan.workers.to_string()])
         .args(["--intra-op-threads", &plan.intra_op_threads.to_string()])
         .arg("--allow-oversubscription")
-        .args(["--metrics-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());

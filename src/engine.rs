@@ -611,7 +611,7 @@ fn load_then_start_workers(shared: Arc<Shared>) {
             })
             .collect()
     })();
-    let models = match loaded {
+    let mut models = match loaded {
         Ok(models) => models,
         Err(e) => {
             tracing::error!(error = %e, "model loading failed");
@@ -621,6 +621,8 @@ fn load_then_start_workers(shared: Arc<Shared>) {
             return;
         }
     };
+    // Trained models continue from their newest checkpoint.
+    shared.training.resume(&mut models);
     let _ = shared.models.set(models);
     for i in 0..shared.config.plan.workers {
         let s = shared.clone();

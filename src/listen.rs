@@ -408,6 +408,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let open = metrics.open_connections.with_label_values(&[port]);
+    let accepted_total = metrics.connections.with_label_values(&[port]);
     tokio::spawn(async move {
         let mut last_warning: Option<Instant> = None;
         loop {
@@ -452,12 +453,14 @@ pub fn incoming(
                 .idle_timeout
                 .map(|d| (d, Box::pin(tokio::time::sleep(d))));
             let open = open.clone();
+            let accepted_total = accepted_total.clone();
             let idle_closed = metrics
                 .limit_rejections
                 .with_label_values(&[limit::IDLE_CONNECTION]);
             match &tls {
                 None => {
                     open.inc();
+                    accepted_total.inc();
                     let conn = Conn {
                         stream: Stream::Plain(tcp),
                         info,
@@ -480,6 +483,7 @@ pub fn incoming(
                         match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
                                 open.inc();
+                                accepted_total.inc();
                                 let conn = Conn {
                                     stream: Stream::Tls(Box::new(stream)),
                                     info,
@@ -560,4 +564,139 @@ impl axum::serve::Listener for ConnListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
     }
+}
+
+/// HTTP/2 settings of a port served by [`serve`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http2Settings {
+    /// Streams (concurrent RPCs) one connection may open.
+    pub max_concurrent_streams: u32,
+    /// Keepalive ping interval on idle connections; None: no pings.
+    pub keepalive_interval: Option<Duration>,
+    /// A connection that does not answer a ping within this is closed.
+    pub keepalive_timeout: Duration,
+    /// Connections older than this (±10% jitter, so they do not all reconnect
+    /// at once) get a GOAWAY; None: never.
+    pub max_connection_age: Option<Duration>,
+    /// After that GOAWAY, in-flight requests get this long before the
+    /// connection is closed.
+    pub max_connection_age_grace: Duration,
+}
+
+/// Waits on an optional timer; never ready without one.
+async fn maybe(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `d` moved by up to ±10%, from a cheap per-connection seed.
+fn jitter(d: Duration, seed: u64) -> Duration {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^= z >> 31;
+    let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    d.mul_f64(0.9 + 0.2 * unit)
+}
+
+/// Serves HTTP/2 (gRPC) on the accepted connections until `stop`, then lets
+/// every connection finish its requests (GOAWAY) and returns when all closed.
+/// Each request carries its connection's [`ConnInfo`] in its extensions.
+///
+/// tonic's own transport would do this, but its max_connection_age sends no
+/// GOAWAY in 0.14 (it closes the connection after the grace, or panics
+/// without one; grpc/grpc-rust#2449), so connections are driven here.
+pub async fn serve<S>(
+    incoming: impl futures::Stream<Item = Result<Conn, io::Error>> + Send + 'static,
+    service: S,
+    settings: Http2Settings,
+    stop: CancellationToken,
+) where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use futures::StreamExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        // A client that resets streams as fast as it opens them (the "rapid
+        // reset" attack) gets its connection closed.
+        .max_pending_accept_reset_streams(64)
+        .max_header_list_size(64 * 1024);
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut incoming = std::pin::pin!(incoming);
+    let mut seq: u64 = 0;
+    loop {
+        let conn = tokio::select! {
+            _ = stop.cancelled() => break,
+            next = incoming.next() => match next {
+                Some(Ok(conn)) => conn,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+        };
+        seq += 1;
+        let info = conn.info.clone();
+        let svc = service.clone();
+        let hyper_svc =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut req = req.map(tonic::body::Body::new);
+                req.extensions_mut().insert(info.clone());
+                svc.clone().oneshot(req)
+            });
+        let builder = builder.clone();
+        let stop = stop.clone();
+        let age = settings.max_connection_age.map(|a| {
+            let seed = seq ^ (conn.info.remote_addr.map_or(0, |a| u64::from(a.port())) << 32);
+            Box::pin(tokio::time::sleep(jitter(a, seed)))
+        });
+        let grace_after = settings.max_connection_age_grace;
+        connections.spawn(async move {
+            let served = builder.serve_connection(TokioIo::new(conn), hyper_svc);
+            let mut served = std::pin::pin!(served);
+            let mut age = age;
+            let mut grace: Option<Pin<Box<Sleep>>> = None;
+            let mut going_away = false;
+            loop {
+                tokio::select! {
+                    _ = served.as_mut() => break,
+                    _ = maybe(&mut age) => {
+                        // GOAWAY: the client opens a new connection (maybe to
+                        // another pod) for new requests; these ones finish.
+                        age = None;
+                        if !going_away {
+                            going_away = true;
+                            served.as_mut().graceful_shutdown();
+                            grace = Some(Box::pin(tokio::time::sleep(grace_after)));
+                        }
+                    }
+                    _ = maybe(&mut grace) => {
+                        tracing::debug!("connection past its age and grace: closed");
+                        break;
+                    }
+                    _ = stop.cancelled(), if !going_away => {
+                        going_away = true;
+                        served.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }

@@ -628,49 +628,87 @@ impl Model {
             .unwrap_or_else(|panic| Err(internal(panic_message(panic.as_ref()))))
     }
 
-    /// Writes the current parameters into `dir`: `NAME.pt` (TorchScript, what
-    /// `--model NAME=FILE` loads) or `NAME.safetensors` (builtin:mlp, loaded by
-    /// `builtin:mlp:WIDTHS@FILE`). Returns the file, or None for a model without
-    /// parameters. Writes a temporary file and renames it, so a reader never
-    /// sees half a checkpoint.
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<Option<PathBuf>, ModelError> {
-        let fail = |message: String| ModelError::Internal {
-            model: self.name.clone(),
-            message: format!("cannot save a checkpoint in {}: {message}", dir.display()),
-        };
-        let file = match &self.inner {
-            Inner::Script(_) => dir.join(format!("{}.pt", self.name)),
-            Inner::Mlp(_) => dir.join(format!("{}.safetensors", self.name)),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => return Ok(None),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let tmp = file.with_extension(match &self.inner {
-            Inner::Mlp(_) => "tmp.safetensors",
-            _ => "tmp.pt",
-        });
-        {
-            let _params = self.read_params();
-            match &self.inner {
-                Inner::Script(m) => m.save(&tmp),
-                Inner::Mlp(mlp) => {
-                    let named: Vec<(String, Tensor)> = mlp
-                        .vs
-                        .variables()
-                        .into_iter()
-                        .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
-                        .collect();
-                    Tensor::write_safetensors(&named, &tmp)
-                }
-                Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
-            }
-            .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
+    /// The file name a checkpoint keeps this model's parameters under:
+    /// `model.pt` (TorchScript, what `--model NAME=FILE` loads) or
+    /// `model.safetensors` (builtin:mlp, `builtin:mlp:WIDTHS@FILE`); None for a
+    /// model without parameters.
+    pub fn parameters_file_name(&self) -> Option<&'static str> {
+        match &self.inner {
+            Inner::Script(_) => Some("model.pt"),
+            Inner::Mlp(_) => Some("model.safetensors"),
+            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => None,
         }
-        std::fs::rename(&tmp, &file).map_err(|e| fail(e.to_string()))?;
-        Ok(Some(file))
     }
 
-    /// The `--model` spec that serves a checkpoint written by
-    /// [`Model::save_checkpoint`] again.
+    /// Writes the current parameters to `file` (see [`Model::parameters_file_name`]).
+    pub fn write_parameters(&self, file: &Path) -> Result<(), ModelError> {
+        let _params = self.read_params();
+        match &self.inner {
+            Inner::Script(m) => m.save(file),
+            Inner::Mlp(mlp) => {
+                let named: Vec<(String, Tensor)> = mlp
+                    .vs
+                    .variables()
+                    .into_iter()
+                    .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
+                    .collect();
+                Tensor::write_safetensors(&named, file)
+            }
+            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
+        }
+        .map_err(|e| ModelError::Internal {
+            model: self.name.clone(),
+            message: format!(
+                "cannot write {}: {}",
+                file.display(),
+                clean_torch_message(&e.to_string())
+            ),
+        })
+    }
+
+    /// Replaces the parameters with those a checkpoint file holds (written by
+    /// [`Model::write_parameters`] for the same model). Runs before the model
+    /// is shared.
+    pub fn load_parameters(&mut self, file: &Path) -> Result<(), ModelError> {
+        let fail = |message: String| ModelError::Load {
+            name: self.name.clone(),
+            source_desc: file.display().to_string(),
+            message,
+        };
+        let device = self.device;
+        match &mut self.inner {
+            Inner::Script(m) => {
+                let saved = CModule::load_on_device(file, device)
+                    .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
+                let saved: std::collections::HashMap<String, Tensor> = saved
+                    .named_parameters()
+                    .map_err(|e| fail(clean_torch_message(&e.to_string())))?
+                    .into_iter()
+                    .collect();
+                let ours = m
+                    .named_parameters()
+                    .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
+                tch::no_grad(|| -> Result<(), ModelError> {
+                    for (name, mut p) in ours {
+                        let Some(v) = saved.get(&name) else {
+                            return Err(fail(format!("the checkpoint has no parameter {name:?}")));
+                        };
+                        p.f_copy_(v)
+                            .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
+                    }
+                    Ok(())
+                })
+            }
+            Inner::Mlp(mlp) => mlp
+                .vs
+                .load(file)
+                .map_err(|e| fail(clean_torch_message(&e.to_string()))),
+            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
+        }
+    }
+
+    /// The `--model` spec that serves a parameters file written by
+    /// [`Model::write_parameters`] again.
     pub fn checkpoint_spec(&self, file: &Path) -> String {
         match &self.inner {
             Inner::Mlp(_) => {

@@ -19,7 +19,7 @@ use crate::grpc::inference_pb::grpc_inference_service_server::GrpcInferenceServi
 use crate::grpc::layers::{AuthLayer, Budget, Guard, GuardLayer};
 use crate::grpc::pb::compute_service_server::ComputeServiceServer;
 use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
-use crate::listen::{self, ListenConfig, Tls, TlsFiles};
+use crate::listen::{self, Http2Settings, ListenConfig, Tls, TlsFiles};
 use crate::plan::PlanRequest;
 use crate::telemetry::otel::TelemetryConfig;
 use crate::telemetry::{self, SnapshotCache};
@@ -69,6 +69,10 @@ pub struct Http2Config {
     pub keepalive_timeout: Duration,
     /// A request body must have arrived this long after its headers.
     pub request_body_timeout: Duration,
+    /// Connections older than this get a GOAWAY; None: never.
+    pub max_connection_age: Option<Duration>,
+    /// Time in-flight requests get after that GOAWAY.
+    pub max_connection_age_grace: Duration,
 }
 
 /// Sockets the caller bound, so tests can use port 0 and read the address.
@@ -89,8 +93,6 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error("the models could not be loaded: {0}")]
     Startup(String),
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Metrics(#[from] telemetry::metrics::MetricsError),
 }
@@ -216,25 +218,31 @@ pub async fn run(
         body_timeout: config.http2.request_body_timeout,
         metrics: metrics.clone(),
     };
-    let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(config.http2.max_concurrent_streams)
-        .http2_keepalive_interval(config.http2.keepalive_interval)
-        .http2_keepalive_timeout(Some(config.http2.keepalive_timeout))
-        // A client that resets streams as fast as it opens them (the "rapid
-        // reset" attack) gets its connection closed.
-        .http2_max_pending_accept_reset_streams(Some(64))
-        .http2_max_header_list_size(Some(64 * 1024))
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(inference)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(compute)
+        .prepare();
+    let service = tower::ServiceBuilder::new()
         .layer(GuardLayer(guard))
         .layer(AuthLayer {
             tokens: tokens.clone(),
             metrics: metrics.clone(),
         })
-        .add_service(health_service)
-        .add_service(inference)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(compute)
-        .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
+        .service(routes);
+    let server = listen::serve(
+        incoming,
+        service,
+        Http2Settings {
+            max_concurrent_streams: config.http2.max_concurrent_streams,
+            keepalive_interval: config.http2.keepalive_interval,
+            keepalive_timeout: config.http2.keepalive_timeout,
+            max_connection_age: config.http2.max_connection_age,
+            max_connection_age_grace: config.http2.max_connection_age_grace,
+        },
+        stop_server.clone(),
+    );
     let mut server = tokio::spawn(server);
 
     if let Some(listener) = listeners.http {
@@ -339,7 +347,7 @@ pub async fn run(
             res = &mut server => {
                 stop_background.cancel();
                 return match res {
-                    Ok(r) => r.map_err(RunError::from),
+                    Ok(()) => Err(RunError::Startup("the gRPC server stopped accepting connections".into())),
                     Err(e) => Err(RunError::Startup(format!("server task ended: {e}"))),
                 };
             }

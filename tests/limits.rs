@@ -226,7 +226,12 @@ async fn ten_thousand_claims_of_100_mib_under_a_4_gib_address_space() {
         .arg("--as=4294967296")
         .arg(env!("CARGO_BIN_EXE_splitserve"))
         .args(["serve", "--grpc-addr", &addr.to_string()])
-        .args(["--metrics-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .args(["--device", "cpu"])
         .args([
             "--model",

@@ -183,7 +183,15 @@ impl ComputeApi {
         }
         let training = &self.engine.config().training;
         let max_lr = training.max_learning_rate;
+        // Without one, a trainable model's --learning-rate applies (unchanged
+        // splitlearn_comm clients send none).
+        let server_lr = if req.learning_rate.is_none() && self.engine.is_trainable(&model) {
+            self.engine.training().default_learning_rate(&model)
+        } else {
+            None
+        };
         let learning_rate = match req.learning_rate {
+            None if server_lr.is_some() => server_lr,
             None => None,
             Some(lr) if lr.is_finite() && lr >= 0.0 && f64::from(lr) <= max_lr => {
                 Some(f64::from(lr))

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub credential_reloads: IntCounterVec,
     /// Connections open now, by port.
     pub open_connections: IntGaugeVec,
+    /// Connections accepted since start, by port (rotation shows here).
+    pub connections: IntCounterVec,
     /// Bytes of request messages reserved now (--max-inflight-bytes).
     pub inflight_bytes: IntGauge,
     /// Read at scrape time (`Metrics::render`): context switches of every thread.
@@ -275,6 +277,13 @@ impl Metrics {
                 ),
                 &["port"],
             )?,
+            connections: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_connections_total",
+                    "Connections accepted (TLS handshake done), by port.",
+                ),
+                &["port"],
+            )?,
             inflight_bytes: IntGauge::new(
                 "splitserve_inflight_request_bytes",
                 "Bytes of request messages reserved now against --max-inflight-bytes.",
@@ -352,6 +361,7 @@ impl Metrics {
         r.register(Box::new(m.tls_handshake_failures.clone()))?;
         r.register(Box::new(m.credential_reloads.clone()))?;
         r.register(Box::new(m.open_connections.clone()))?;
+        r.register(Box::new(m.connections.clone()))?;
         r.register(Box::new(m.inflight_bytes.clone()))?;
         r.register(Box::new(build_info))?;
         r.register(Box::new(m.context_switches.clone()))?;

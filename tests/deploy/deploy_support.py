@@ -54,6 +54,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "all": values_file("values-all.yaml"),
     # modelSource picks one source: the PVC variant of the all-options file.
     "all-pvc": deep_merge(values_file("values-all.yaml"), {"modelSource": {"type": "pvc"}}),
+    # Training runs one pod without HPA and PDB: every training setting.
+    "training": values_file("values-training.yaml"),
 }
 
 
@@ -73,8 +75,14 @@ def objects(key: str) -> list[dict[str, Any]]:
     return [obj for _, obj in render_deploy.manifests(rendered(key))]
 
 
-def one(objs: list[dict[str, Any]], kind: str, *, hook: bool = False) -> dict[str, Any]:
-    matches = [o for o in objs if o["kind"] == kind and render_deploy.is_hook(o) == hook]
+def one(objs: list[dict[str, Any]], kind: str, *, hook: bool = False, name: str | None = None) -> dict[str, Any]:
+    matches = [
+        o
+        for o in objs
+        if o["kind"] == kind
+        and render_deploy.is_hook(o) == hook
+        and (name is None or o["metadata"]["name"] == name)
+    ]
     assert len(matches) == 1, f"expected one {kind}, got {[m['metadata']['name'] for m in matches]}"
     return matches[0]
 

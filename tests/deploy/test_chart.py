@@ -3,11 +3,13 @@
 What a user would notice: the probes hit the right gRPC services (HTTP on the
 admin port once the gRPC port speaks TLS), the thread plan follows the pod's CPU
 limit, pods get time to drain, the pods run locked down, TLS, client
-certificates, tokens, trainable models and limits reach the server, the
-HTTP/REST (Open Inference Protocol) port is exposed like the gRPC one, the
-NetworkPolicy admits only the listed peers, GPU values really ask for a GPU,
-Grafana finds the dashboard, a typo in the values is an error, and deploy/
-matches the chart. The KServe ServingRuntime has its own file, test_kserve.py.
+certificates, tokens and limits reach the server, connections are aged out so
+that load spreads over new pods (and a headless Service serves clients that
+balance themselves), training runs in one pod that checkpoints to a writable
+volume and is never scaled out, the HTTP/REST (Open Inference Protocol) port is
+exposed like the gRPC one, the NetworkPolicy admits only the listed peers, GPU
+values really ask for a GPU, Grafana finds the dashboard, a typo or a
+contradiction in the values is an error, and deploy/ matches the chart. The KServe ServingRuntime has its own file, test_kserve.py.
 """
 
 from __future__ import annotations
@@ -212,8 +214,11 @@ def test_default_env_configures_the_server() -> None:
     assert env["SPLITSERVE_LOG_FORMAT"] == "json"
     assert env["SPLITSERVE_SHUTDOWN_GRACE"] == "30s"
     assert "SPLITSERVE_OTLP_ENDPOINT" not in env
+    # Inference: connections are aged out, so clients reconnect and spread over new pods.
+    assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "5m"
+    assert env["SPLITSERVE_MAX_CONNECTION_AGE_GRACE"] == "30s"
     # Nothing trainable, no TLS, no tokens, and the binary's own limits.
-    for name in ("SPLITSERVE_TRAINABLE", "SPLITSERVE_AUTH_TOKEN_FILE", *LIMIT_ENV.values()):
+    for name in ("SPLITSERVE_AUTH_TOKEN_FILE", *TRAINING_ENV, *LIMIT_ENV.values()):
         assert name not in env, name
     assert not any(name.startswith("SPLITSERVE_TLS_") for name in env)
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9090}
@@ -239,7 +244,27 @@ def test_all_options_env() -> None:
     assert "fieldRef" in env["OTEL_SERVICE_NAME"]["valueFrom"]
     # extraEnv replaces the chart's own value instead of duplicating it.
     assert value["SPLITSERVE_LOG_FORMAT"] == "text"
-    assert value["SPLITSERVE_TRAINABLE"] == "enc,scale"
+    assert value["SPLITSERVE_MAX_CONNECTION_AGE"] == "10m"
+    assert value["SPLITSERVE_MAX_CONNECTION_AGE_GRACE"] == "1m"
+    # Inference with several replicas and an HPA: nothing is trained.
+    assert not TRAINING_ENV & value.keys()
+
+
+#: Variables only the training pod gets.
+TRAINING_ENV = {
+    "SPLITSERVE_TRAINABLE",
+    "SPLITSERVE_OPTIMIZER",
+    "SPLITSERVE_LEARNING_RATE",
+    "SPLITSERVE_MOMENTUM",
+    "SPLITSERVE_WEIGHT_DECAY",
+    "SPLITSERVE_ADAM_BETAS",
+    "SPLITSERVE_ADAM_EPS",
+    "SPLITSERVE_CHECKPOINT_DIR",
+    "SPLITSERVE_CHECKPOINT_EVERY",
+    "SPLITSERVE_CHECKPOINT_KEEP",
+    "SPLITSERVE_ACTIVATION_CACHE_BYTES",
+    "SPLITSERVE_ACTIVATION_TTL",
+}
 
 
 #: config.limits key -> the variable the server reads.
@@ -419,13 +444,18 @@ def server_container_pod(pod: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in pod["containers"] if c["name"] == "splitserve")
 
 
+def main_service(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The release's Service (not the optional <name>-headless one)."""
+    return one(objs, "Service", name="splitserve")
+
+
 # ------------------------------------------------------------------ Service, monitoring, scaling
 
 
 @pytest.mark.parametrize("key", ALL_SETS)
 def test_service_ports_and_selector(key: str) -> None:
     objs = objects(key)
-    svc = one(objs, "Service")
+    svc = main_service(objs)
     dep = one(objs, "Deployment")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert set(ports) == {"grpc", "http", "metrics"}
@@ -454,7 +484,7 @@ def test_helm_test_pod_probes_the_service(key: str) -> None:
     pod = one(objs, "Pod", hook=True)
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
-    svc = one(objs, "Service")
+    svc = main_service(objs)
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     if _tls_on(key):
         # `splitserve probe` speaks plaintext gRPC; the admin port stays HTTP.
@@ -494,7 +524,7 @@ def test_dashboard_configmap_options() -> None:
 def test_service_monitor_scrapes_the_metrics_port() -> None:
     objs = objects("all")
     sm = one(objs, "ServiceMonitor")
-    svc = one(objs, "Service")
+    svc = main_service(objs)
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
@@ -600,7 +630,7 @@ def test_network_policy_can_be_switched_off(chart) -> None:
 @pytest.mark.parametrize("key", ALL_SETS)
 def test_notes_show_how_to_reach_both_ports(key: str) -> None:
     notes = rendered(key)["splitserve/templates/NOTES.txt"]
-    ports = {p["name"]: p["port"] for p in one(objects(key), "Service")["spec"]["ports"]}
+    ports = {p["name"]: p["port"] for p in main_service(objects(key))["spec"]["ports"]}
     assert f"{ports['grpc']}:grpc {ports['http']}:http" in notes  # the port-forward line
     # Reflection lists every service on the gRPC port; the v2 health endpoint on the HTTP port.
     (listing,) = [line for line in notes.splitlines() if line.strip().startswith("grpcurl") and " list" in line]
@@ -631,6 +661,220 @@ def test_pdb_selects_the_server_pods() -> None:
     assert one(objects("all"), "PodDisruptionBudget")["spec"]["minAvailable"] == 2
 
 
+# ------------------------------------------------------------------ scaling out: connection age, headless Service
+
+
+def _render_objects(chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    return [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+
+
+def _server_env(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: v.get("value") for k, v in env_of(server_container(one(objs, "Deployment"))).items()}
+
+
+@pytest.mark.parametrize(
+    "config, want",
+    [
+        # Numbers are seconds; "0" switches the GOAWAY off, and its grace with it.
+        ({"maxConnectionAge": "90s", "maxConnectionAgeGrace": "5s"}, {"SPLITSERVE_MAX_CONNECTION_AGE": "90s", "SPLITSERVE_MAX_CONNECTION_AGE_GRACE": "5s"}),
+        ({"maxConnectionAge": 600}, {"SPLITSERVE_MAX_CONNECTION_AGE": "600", "SPLITSERVE_MAX_CONNECTION_AGE_GRACE": "30s"}),
+        ({"maxConnectionAge": "0"}, {"SPLITSERVE_MAX_CONNECTION_AGE": "0"}),
+        ({"maxConnectionAge": 0}, {"SPLITSERVE_MAX_CONNECTION_AGE": "0"}),
+    ],
+)
+def test_max_connection_age_reaches_the_server(chart, config: dict[str, Any], want: dict[str, str]) -> None:
+    env = _server_env(_render_objects(chart, {"config": config}))
+    got = {k: v for k, v in env.items() if k.startswith("SPLITSERVE_MAX_CONNECTION_AGE")}
+    assert got == want
+
+
+def test_notes_explain_how_clients_rebalance() -> None:
+    default = rendered("default")["splitserve/templates/NOTES.txt"]
+    # Unchanged splitlearn_comm clients cannot configure round robin: the GOAWAY moves them.
+    assert "Connections older than 5m get a GOAWAY" in default
+    assert "unchanged splitlearn_comm ones included" in default
+    assert "round robin" not in default and "clusterIP=None" not in default
+    assert "-headless" not in default
+    notes = rendered("all")["splitserve/templates/NOTES.txt"]
+    assert "Connections older than 10m get a GOAWAY (in-flight calls finish within 1m)" in notes
+    assert "dns:///splitserve-headless.ml.svc:50051" in notes and "round_robin" in notes
+
+
+def test_headless_service_is_off_by_default() -> None:
+    assert [s["metadata"]["name"] for s in objects("default") if s["kind"] == "Service"] == ["splitserve"]
+
+
+def test_headless_service_for_clients_that_balance_themselves() -> None:
+    objs = objects("all")
+    svc = main_service(objs)
+    headless = one(objs, "Service", name="splitserve-headless")
+    dep = one(objs, "Deployment")
+    # The ClusterIP Service stays, for the clients that cannot balance per call.
+    assert svc["spec"].get("clusterIP") != "None"
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert headless["metadata"]["annotations"] == {"example.com/dns": "client-balanced"}
+    # Clients dial the pods' addresses: the ports are the container ports, whatever service.*Port says.
+    container_ports = {p["name"]: p["containerPort"] for p in server_container(dep)["ports"]}
+    ports = {p["name"]: p for p in headless["spec"]["ports"]}
+    assert set(ports) == {"grpc", "http"}, "no metrics port: a ServiceMonitor must not scrape every pod twice"
+    for name, port in ports.items():
+        assert port["port"] == container_ports[name] and port["targetPort"] == name, name
+    assert ports["http"]["appProtocol"] == "https"  # values-all has TLS on
+    # The ServiceMonitor finds exactly one Service with a metrics port.
+    sm = one(objs, "ServiceMonitor")
+    selector = sm["spec"]["selector"]["matchLabels"].items()
+    scraped = [
+        o["metadata"]["name"]
+        for o in objs
+        if o["kind"] == "Service"
+        and selector <= o["metadata"]["labels"].items()
+        and any(p["name"] == "metrics" for p in o["spec"]["ports"])
+    ]
+    assert scraped == ["splitserve"]
+
+
+def test_headless_service_without_tls_speaks_h2c(chart) -> None:
+    objs = _render_objects(chart, {"service": {"headless": {"enabled": True}, "grpcPort": 443}})
+    headless = one(objs, "Service", name="splitserve-headless")
+    ports = {p["name"]: p for p in headless["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert ports["grpc"]["port"] == 50051  # the container port, not service.grpcPort
+    for obj in objs:
+        if obj["kind"] == "Service":
+            kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_training_runs_one_pod_with_a_writable_checkpoint_volume() -> None:
+    objs = objects("training")
+    dep = one(objs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = server_container(dep)
+    # One pod, replaced (never rolled) so two pods never share the checkpoints.
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    kinds = {o["kind"] for o in objs}
+    assert "HorizontalPodAutoscaler" not in kinds
+    # No budget: on one pod it would block drains forever (minAvailable 1) or protect nothing.
+    assert "PodDisruptionBudget" not in kinds
+    # The claim the chart creates, mounted writable where SPLITSERVE_CHECKPOINT_DIR points.
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "splitserve-checkpoints"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert pvc["spec"]["storageClassName"] == "fast-ssd"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Trained weights outlive helm uninstall.
+    assert pvc["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep", "example.com/backup": "daily"}
+    assert _volume(pod, "checkpoints")["persistentVolumeClaim"] == {"claimName": "splitserve-checkpoints"}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "checkpoints"]
+    assert mount.get("readOnly") is not True
+    assert mount["mountPath"] == "/var/lib/splitserve/checkpoints"
+    # The server's group owns the volume (fsGroup), so uid 10001 can write it.
+    assert pod["securityContext"]["fsGroup"] == c["securityContext"]["runAsGroup"]
+    # The models still come read-only from their own claim.
+    models = next(m for m in c["volumeMounts"] if m["name"] == "models")
+    assert models["readOnly"] is True
+
+
+def test_training_env_configures_the_optimizer_and_checkpoints() -> None:
+    c = server_container(one(objects("training"), "Deployment"))
+    env = {k: v.get("value") for k, v in env_of(c).items()}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "checkpoints")
+    assert {k: env.get(k) for k in TRAINING_ENV} == {
+        "SPLITSERVE_TRAINABLE": "top,head",
+        # Maps are NAME=VALUE lists (by name); single values apply to every model.
+        "SPLITSERVE_OPTIMIZER": "head=sgd,top=adam",
+        "SPLITSERVE_LEARNING_RATE": "0.01",
+        "SPLITSERVE_MOMENTUM": "head=0.9",
+        "SPLITSERVE_WEIGHT_DECAY": "0.0001",
+        "SPLITSERVE_ADAM_BETAS": "top=0.9:0.98",
+        "SPLITSERVE_ADAM_EPS": "1e-08",
+        "SPLITSERVE_CHECKPOINT_DIR": mount["mountPath"],
+        "SPLITSERVE_CHECKPOINT_EVERY": "50",
+        "SPLITSERVE_CHECKPOINT_KEEP": "5",
+        "SPLITSERVE_ACTIVATION_CACHE_BYTES": "2147483648",
+        "SPLITSERVE_ACTIVATION_TTL": "2m",
+    }
+    # One pod: no GOAWAY, which would only interrupt the clients between forward and backward.
+    assert not [k for k in env if k.startswith("SPLITSERVE_MAX_CONNECTION_AGE")]
+
+
+def test_training_defaults(chart) -> None:
+    objs = _render_objects(chart, {"training": {"enabled": True, "models": ["mlp"]}})
+    env = _server_env(objs)
+    assert {k: env[k] for k in TRAINING_ENV if k in env} == {
+        "SPLITSERVE_TRAINABLE": "mlp",
+        "SPLITSERVE_CHECKPOINT_DIR": "/var/lib/splitserve/checkpoints",
+        "SPLITSERVE_CHECKPOINT_EVERY": "100",
+        "SPLITSERVE_CHECKPOINT_KEEP": "3",
+    }
+    assert "SPLITSERVE_MAX_CONNECTION_AGE" not in env
+    dep = one(objs, "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    # The default PDB switch is on, and still no budget for the training pod.
+    assert not [o for o in objs if o["kind"] in ("PodDisruptionBudget", "HorizontalPodAutoscaler")]
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert "storageClassName" not in pvc["spec"]  # the cluster's default class
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    for obj in objs:
+        if obj["kind"] != "Pod":
+            kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    notes = chart.render({"training": {"enabled": True, "models": ["mlp"]}}, name="splitserve", namespace="ml")[
+        "splitserve/templates/NOTES.txt"
+    ]
+    assert "Trainable models (ComputeBackward with a learning rate): mlp." in notes
+    assert "PersistentVolumeClaim splitserve-checkpoints" in notes and "GOAWAY" not in notes
+
+
+def test_training_with_an_existing_claim_and_explicit_settings(chart) -> None:
+    values = {
+        "replicaCount": 1,
+        "config": {"maxConnectionAge": "30m"},
+        "training": {
+            "enabled": True,
+            "models": ["mlp"],
+            "checkpointEvery": 0,
+            "checkpoints": {"existingClaim": "trained-weights", "subPath": "run-7", "mountPath": "/ckpt"},
+        },
+    }
+    objs = _render_objects(chart, values)
+    assert not [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+    dep = one(objs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 1
+    assert _volume(pod, "checkpoints")["persistentVolumeClaim"] == {"claimName": "trained-weights"}
+    (mount,) = [m for m in server_container(dep)["volumeMounts"] if m["name"] == "checkpoints"]
+    assert mount["mountPath"] == "/ckpt" and mount["subPath"] == "run-7"
+    env = _server_env(objs)
+    assert env["SPLITSERVE_CHECKPOINT_DIR"] == "/ckpt"
+    assert env["SPLITSERVE_CHECKPOINT_EVERY"] == "0"
+    # An explicit age applies even to the training pod.
+    assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "30m"
+
+
+def test_inference_keeps_replicas_hpa_and_pdb() -> None:
+    dep = one(objects("default"), "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert not [o for o in objects("default") if o["kind"] == "PersistentVolumeClaim"]
+    kinds = {o["kind"] for o in objects("all")}
+    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert "PersistentVolumeClaim" not in kinds
+
+
+def test_kserve_runtime_never_trains(chart) -> None:
+    values = {"training": {"enabled": True, "models": ["mlp"]}, "kserve": {"servingRuntime": {"enabled": True}}}
+    runtime = one(_render_objects(chart, values), "ServingRuntime")
+    env = {e["name"]: e.get("value") for e in runtime["spec"]["containers"][0]["env"]}
+    assert not TRAINING_ENV & env.keys()
+    # Its predictors serve inference behind a Service: the inference default age.
+    assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "5m"
+    assert "volumes" in runtime["spec"] and [v["name"] for v in runtime["spec"]["volumes"]] == ["tmp"]
+
+
 # ------------------------------------------------------------------ values schema
 
 
@@ -659,8 +903,29 @@ def chart():
         ({"tls": {"clientCA": {"secretname": "ca"}}}, "secretname"),
         ({"auth": {"tokenSecret": "tokens"}}, "tokenSecret"),
         ({"auth": {"tokenSecretName": "Not_A_Name"}}, "/auth/tokenSecretName"),
-        ({"config": {"trainable": "enc"}}, "/config/trainable"),
-        ({"config": {"trainable": ["a,b"]}}, "/config/trainable/0"),
+        # config.trainable became training.models (with training.enabled).
+        ({"config": {"trainable": ["mlp"]}}, "trainable"),
+        ({"training": {"enabled": True, "models": "mlp"}}, "/training/models"),
+        ({"training": {"enabled": True, "models": ["a,b"]}}, "/training/models/0"),
+        ({"training": {"enabled": True}}, "/training/models"),
+        ({"training": {"models": ["mlp"]}}, "/training/models"),
+        ({"training": {"enable": True}}, "enable"),
+        ({"training": {"enabled": True, "models": ["mlp"], "optimizer": "adamw"}}, "/training/optimizer"),
+        ({"training": {"enabled": True, "models": ["mlp"], "optimizer": {"mlp": "rmsprop"}}}, "/training/optimizer"),
+        ({"training": {"enabled": True, "models": ["mlp"], "learningRate": 0}}, "/training/learningRate"),
+        ({"training": {"enabled": True, "models": ["mlp"], "adamBetas": "0.9,0.999"}}, "/training/adamBetas"),
+        ({"training": {"enabled": True, "models": ["mlp"], "checkpointKeep": 0}}, "/training/checkpointKeep"),
+        ({"training": {"checkpoints": {"claimName": "x"}}}, "claimName"),
+        ({"training": {"checkpoints": {"accessModes": ["ReadOnlyMany"]}}}, "/training/checkpoints/accessModes/0"),
+        # One pod when training: neither more replicas nor an autoscaler.
+        ({"training": {"enabled": True, "models": ["mlp"]}, "replicaCount": 2}, "/replicaCount"),
+        (
+            {"training": {"enabled": True, "models": ["mlp"]}, "hpa": {"enabled": True}},
+            "/hpa/enabled",
+        ),
+        ({"config": {"maxConnectionAge": "5 minutes"}}, "/config/maxConnectionAge"),
+        ({"config": {"maxConnectionAgeGrace": "30 seconds"}}, "/config/maxConnectionAgeGrace"),
+        ({"service": {"headless": {"enable": True}}}, "enable"),
         ({"config": {"limits": {"maxConnection": 10}}}, "maxConnection"),
         ({"config": {"limits": {"maxConnections": 0}}}, "/config/limits/maxConnections"),
         ({"config": {"limits": {"requestBodyTimeout": "30 seconds"}}}, "/config/limits/requestBodyTimeout"),
@@ -691,7 +956,20 @@ def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str
     [
         ({"hpa": {"enabled": True, "cpu": {"enabled": False}}}, "hpa.cpu.enabled or hpa.queueDepth.enabled"),
         ({"pdb": {"minAvailable": 1}}, "exactly one of maxUnavailable and minAvailable"),
-        ({"config": {"trainable": ["mlp", "top"]}}, 'config.trainable names model "top"'),
+        ({"training": {"enabled": True, "models": ["mlp", "top"]}}, 'training.models names model "top"'),
+        (
+            {"training": {"enabled": True, "models": ["mlp"], "learningRate": {"top": 0.1}}},
+            'training.learningRate names model "top", which training.models does not list',
+        ),
+        (
+            {"training": {"enabled": True, "models": ["mlp"], "learningRate": 0.5},
+             "config": {"limits": {"maxLearningRate": 0.1}}},
+            "training.learningRate 0.5 is above config.limits.maxLearningRate",
+        ),
+        (
+            {"training": {"enabled": True, "models": ["mlp"], "checkpoints": {"mountPath": "/tmp"}}},
+            "training.checkpoints.mountPath /tmp is taken",
+        ),
         ({"ports": {"http": 50051}}, "ports.grpc, ports.http and ports.metrics must differ"),
         (
             {"kserve": {"servingRuntime": {"enabled": True, "grpcPort": 8080}}},
@@ -709,9 +987,19 @@ def test_templates_refuse_contradictory_values(chart, values: dict[str, Any], co
     [
         ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
         ({"tls": {"clientCA": {"secretName": "ca"}}}, "tls.clientCA.secretName (mTLS) needs tls.enabled"),
+        (
+            {"training": {"enabled": True, "models": ["mlp"]}, "replicaCount": 2},
+            "training.enabled runs exactly one pod",
+        ),
+        (
+            {"training": {"enabled": True, "models": ["mlp"]}, "hpa": {"enabled": True}},
+            "training.enabled runs exactly one pod, which an HPA would scale out",
+        ),
+        ({"training": {"enabled": True}}, "training.enabled needs training.models"),
+        ({"training": {"models": ["mlp"]}}, "training.models is set but training.enabled is false"),
     ],
 )
-def test_templates_refuse_tls_without_its_secret_even_unchecked(
+def test_templates_refuse_contradictions_even_unchecked(
     tmp_path: Path, values: dict[str, Any], complaint: str
 ) -> None:
     """The same mistakes fail the render when the schema is not there to catch them."""

@@ -111,6 +111,72 @@ print as 1e+06. Strings (auto) pass through.
 {{- end }}
 {{- end }}
 
+{{/*
+A number from the values as the server parses it: whole floats as digits
+(1073741824, not 1.073741824e+09), fractions as they are (0.001), strings as
+they are.
+*/}}
+{{- define "splitserve.num" -}}
+{{- if kindIs "float64" . }}
+{{- ternary (int64 . | toString) (toString .) (eq (float64 (int64 .)) .) }}
+{{- else if kindIs "string" . }}
+{{- . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A per-model setting of the training section as the [NAME=]VALUE list its flag
+reads: one value for every model, or a map {NAME: value} as NAME=VALUE,...
+(sorted by name).
+*/}}
+{{- define "splitserve.perModel" -}}
+{{- if kindIs "map" . }}
+{{- $items := list }}
+{{- range $name, $v := . }}
+{{- $items = append $items (printf "%s=%s" $name (include "splitserve.num" $v)) }}
+{{- end }}
+{{- join "," $items }}
+{{- else }}
+{{- include "splitserve.num" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pods of the Deployment (without an HPA): replicaCount, or by default 2, and 1
+with training.enabled.
+*/}}
+{{- define "splitserve.replicas" -}}
+{{- if not (kindIs "invalid" .Values.replicaCount) }}
+{{- include "splitserve.int" .Values.replicaCount }}
+{{- else }}
+{{- ternary 1 2 (.Values.training.enabled | default false) }}
+{{- end }}
+{{- end }}
+
+{{/*
+config.maxConnectionAge as set, or its default: 5m for inference, none for the
+training pod (one pod: a GOAWAY would only interrupt it). Empty: not set.
+(dict "root" $ "training" bool)
+*/}}
+{{- define "splitserve.maxConnectionAge" -}}
+{{- $age := .root.Values.config.maxConnectionAge }}
+{{- if not (kindIs "invalid" $age) }}
+{{- include "splitserve.num" $age }}
+{{- else if not .training }}
+{{- "5m" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the checkpoint claim: training.checkpoints.existingClaim or the one the
+chart creates.
+*/}}
+{{- define "splitserve.checkpointClaim" -}}
+{{- default (printf "%s-checkpoints" (include "splitserve.fullname" .)) .Values.training.checkpoints.existingClaim }}
+{{- end }}
+
 {{- define "splitserve.device" -}}
 {{- if .Values.config.device }}
 {{- .Values.config.device }}
@@ -131,8 +197,8 @@ EnvVar; entries of extraEnv with the same name replace them.
 The same settings for the container of the KServe ServingRuntime: the model is
 the file KServe's storage initializer puts under /mnt/models, named after the
 InferenceService ({{.Name}} is KServe's placeholder, filled in per
-InferenceService); ports are KServe's; the Deployment's models, trainable
-models, TLS and tokens do not apply (their files and Secrets are the
+InferenceService); ports are KServe's; the Deployment's models, training,
+TLS and tokens do not apply (their files and Secrets are the
 Deployment's). kserve.servingRuntime.extraEnv replaces entries of the same name.
 */}}
 {{- define "splitserve.kserveEnv" -}}
@@ -222,9 +288,40 @@ Both of the above: (dict "root" $ "kserve" bool).
 {{- if $c.otlpEndpoint }}
 {{- $env = append $env (dict "name" "SPLITSERVE_OTLP_ENDPOINT" "value" $c.otlpEndpoint) }}
 {{- end }}
-{{- if not $kserve }}
-{{- with $c.trainable }}
-{{- $env = append $env (dict "name" "SPLITSERVE_TRAINABLE" "value" (join "," .)) }}
+{{- $t := $root.Values.training }}
+{{- /* KServe's predictors never train: the inference default applies to them. */}}
+{{- $age := include "splitserve.maxConnectionAge" (dict "root" $root "training" (and $t.enabled (not $kserve))) }}
+{{- if $age }}
+{{- $env = append $env (dict "name" "SPLITSERVE_MAX_CONNECTION_AGE" "value" $age) }}
+{{- if gt (include "splitserve.durationSeconds" $age | int64) 0 }}
+{{- $env = append $env (dict "name" "SPLITSERVE_MAX_CONNECTION_AGE_GRACE" "value" (include "splitserve.num" $c.maxConnectionAgeGrace)) }}
+{{- end }}
+{{- end }}
+{{- if and $t.enabled (not $kserve) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_TRAINABLE" "value" (join "," $t.models)) }}
+{{- range $key, $var := dict
+  "optimizer" "SPLITSERVE_OPTIMIZER"
+  "learningRate" "SPLITSERVE_LEARNING_RATE"
+  "momentum" "SPLITSERVE_MOMENTUM"
+  "weightDecay" "SPLITSERVE_WEIGHT_DECAY"
+  "adamBetas" "SPLITSERVE_ADAM_BETAS"
+  "adamEps" "SPLITSERVE_ADAM_EPS"
+}}
+{{- $v := index $t $key }}
+{{- if not (kindIs "invalid" $v) }}
+{{- $env = append $env (dict "name" $var "value" (include "splitserve.perModel" $v)) }}
+{{- end }}
+{{- end }}
+{{- $env = append $env (dict "name" "SPLITSERVE_CHECKPOINT_DIR" "value" $t.checkpoints.mountPath) }}
+{{- if not (kindIs "invalid" $t.checkpointEvery) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_CHECKPOINT_EVERY" "value" (include "splitserve.int" $t.checkpointEvery)) }}
+{{- end }}
+{{- $env = append $env (dict "name" "SPLITSERVE_CHECKPOINT_KEEP" "value" (include "splitserve.int" $t.checkpointKeep)) }}
+{{- if not (kindIs "invalid" $t.activationCacheBytes) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_ACTIVATION_CACHE_BYTES" "value" (include "splitserve.int" $t.activationCacheBytes)) }}
+{{- end }}
+{{- if not (kindIs "invalid" $t.activationTtl) }}
+{{- $env = append $env (dict "name" "SPLITSERVE_ACTIVATION_TTL" "value" (toString $t.activationTtl)) }}
 {{- end }}
 {{- end }}
 {{- $limits := default (dict) $c.limits }}
@@ -241,14 +338,7 @@ Both of the above: (dict "root" $ "kserve" bool).
 {{- /* null in the values deletes the key: only keys that are there are set. */}}
 {{- if and (hasKey $limits $key) (not (kindIs "invalid" (index $limits $key))) }}
 {{- $v := index $limits $key }}
-{{- $s := "" }}
-{{- if kindIs "float64" $v }}
-{{- /* Whole numbers as digits (1073741824, not 1.073741824e+09); fractions as they are. */}}
-{{- $s = ternary (int64 $v | toString) (toString $v) (eq (float64 (int64 $v)) $v) }}
-{{- else }}
-{{- $s = toString $v }}
-{{- end }}
-{{- $env = append $env (dict "name" $var "value" $s) }}
+{{- $env = append $env (dict "name" $var "value" (include "splitserve.num" $v)) }}
 {{- end }}
 {{- end }}
 {{- if not $kserve }}

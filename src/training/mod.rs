@@ -20,6 +20,8 @@ use tch::Tensor;
 use crate::codec::{Encoding, RawTensor};
 use crate::model::{self, Model, ModelError};
 
+mod checkpoint;
+
 /// Forward_ids whose fate is remembered for NOT_FOUND messages.
 const GONE_REMEMBERED: usize = 4096;
 
@@ -39,6 +41,11 @@ pub struct TrainingConfig {
     pub checkpoint_every: u64,
     /// Largest learning_rate a backward may ask for.
     pub max_learning_rate: f64,
+    /// Per model, the learning rate a backward without one uses (trainable
+    /// models only; `--learning-rate`).
+    pub learning_rates: Vec<Option<f64>>,
+    /// Complete checkpoints kept per model (`--checkpoint-keep`).
+    pub checkpoint_keep: usize,
     /// Largest accumulation_step a backward may ask for.
     pub max_accumulation_steps: u32,
 }
@@ -793,7 +800,7 @@ impl Training {
         let Some(dir) = &self.config.checkpoint_dir else {
             return;
         };
-        match model.save_checkpoint(dir) {
+        match checkpoint::write(dir, model, state, self.config.checkpoint_keep) {
             Ok(Some(file)) => {
                 state.saved_at = state.steps;
                 self.stats.checkpoints_saved.fetch_add(1, Ordering::Relaxed);
@@ -807,6 +814,35 @@ impl Training {
             }
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "checkpoint failed"),
+        }
+    }
+
+    /// The learning rate a backward without one uses on a model, if any.
+    pub fn default_learning_rate(&self, model: &str) -> Option<f64> {
+        let i = self.config.names.iter().position(|n| n == model)?;
+        self.config.learning_rates.get(i).copied().flatten()
+    }
+
+    /// At start, before the models are shared: removes what a crash left half
+    /// written, and resumes each model from its newest complete checkpoint
+    /// (parameters, optimizer state, pending gradients, step count).
+    pub fn resume(&self, models: &mut [Model]) {
+        let Some(dir) = &self.config.checkpoint_dir else {
+            return;
+        };
+        for (i, model) in models.iter_mut().enumerate() {
+            checkpoint::clean_stale(dir, &model.name);
+            if let Some((state, from)) = checkpoint::restore(dir, model) {
+                tracing::info!(
+                    model = %model.name,
+                    steps = state.steps,
+                    pending = state.pending,
+                    checkpoint = %from.display(),
+                    "resumed from checkpoint"
+                );
+                self.model_steps[i].store(state.steps, Ordering::Relaxed);
+                *lock(&self.models[i]) = state;
+            }
         }
     }
 

@@ -1,0 +1,332 @@
+//! Durable, exact checkpoints: a model's parameters, its optimizer state
+//! (momentum buffers, Adam moments and step counts) and the gradients still
+//! pending accumulation, so that a restarted server continues exactly where
+//! the last checkpoint left off.
+//!
+//! Layout under `--checkpoint-dir`:
+//! - `NAME.ckpt/step-0000000042/` one complete checkpoint: `model.pt` or
+//!   `model.safetensors`, `optimizer.safetensors`, `state.json`;
+//! - `NAME.pt` / `NAME.safetensors`: the newest parameters (a hard link into
+//!   the newest checkpoint), what `--model` serves again.
+//!
+//! A checkpoint is written into `NAME.ckpt/.tmp-...`, every file and the
+//! directory fsynced, then renamed into place and the parent fsynced: a crash
+//! leaves either the whole checkpoint or a temporary directory that the next
+//! start removes. `--checkpoint-keep` bounds how many are retained.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::ModelState;
+use crate::model::Model;
+
+/// Bumped when the layout changes; older ones are refused, not misread.
+const FORMAT: u32 = 1;
+
+/// What `state.json` records next to the tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    model: String,
+    /// Optimizer steps taken.
+    steps: u64,
+    /// Training backwards accumulated since the last step.
+    pending: u32,
+    /// The parameters the optimizer updates, in order.
+    params: usize,
+    /// Adam's step count per parameter (None: no Adam state).
+    adam_steps: Vec<Option<u64>>,
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+fn sync_file(path: &Path) -> Result<(), String> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("cannot fsync", path, e))
+}
+
+/// A directory's entries are durable only once the directory is fsynced.
+fn sync_dir(path: &Path) -> Result<(), String> {
+    fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot fsync directory", path, e))
+}
+
+fn root(dir: &Path, model: &str) -> PathBuf {
+    dir.join(format!("{model}.ckpt"))
+}
+
+fn cpu(t: &Tensor) -> Tensor {
+    t.detach().to_device(Device::Cpu).contiguous()
+}
+
+/// Writes one checkpoint of `model` at `state.steps` and keeps the newest
+/// `keep`. Returns the newest-parameters file, or None for a model without
+/// parameters.
+pub(super) fn write(
+    dir: &Path,
+    model: &Model,
+    state: &ModelState,
+    keep: usize,
+) -> Result<Option<PathBuf>, String> {
+    let Some(file_name) = model.parameters_file_name() else {
+        return Ok(None);
+    };
+    let root = root(dir, &model.name);
+    fs::create_dir_all(&root).map_err(|e| io("cannot create", &root, e))?;
+    let name = format!("step-{:010}", state.steps);
+    let tmp = root.join(format!(".tmp-{name}"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
+
+    let params_file = tmp.join(file_name);
+    model
+        .write_parameters(&params_file)
+        .map_err(|e| e.to_string())?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (i, b) in state.momentum.iter().enumerate() {
+        if let Some(b) = b {
+            tensors.push((format!("momentum.{i}"), cpu(b)));
+        }
+    }
+    for (i, a) in state.adam.iter().enumerate() {
+        if let Some((m, v, _)) = a {
+            tensors.push((format!("adam_m.{i}"), cpu(m)));
+            tensors.push((format!("adam_v.{i}"), cpu(v)));
+        }
+    }
+    if state.pending > 0 {
+        for (i, p) in state.params.iter().flatten().enumerate() {
+            let g = p.grad();
+            if g.defined() {
+                tensors.push((format!("grad.{i}"), cpu(&g)));
+            }
+        }
+    }
+    let optimizer_file = tmp.join("optimizer.safetensors");
+    let mut files = vec![params_file.clone()];
+    if !tensors.is_empty() {
+        Tensor::write_safetensors(&tensors, &optimizer_file)
+            .map_err(|e| format!("cannot write {}: {e}", optimizer_file.display()))?;
+        files.push(optimizer_file);
+    }
+    let state_file = tmp.join("state.json");
+    let record = StateFile {
+        format: FORMAT,
+        model: model.name.clone(),
+        steps: state.steps,
+        pending: state.pending,
+        params: state.params.as_ref().map_or(0, Vec::len),
+        adam_steps: state.adam.iter().map(|a| a.as_ref().map(|s| s.2)).collect(),
+    };
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    fs::write(&state_file, json).map_err(|e| io("cannot write", &state_file, e))?;
+    files.push(state_file);
+    for f in &files {
+        sync_file(f)?;
+    }
+    sync_dir(&tmp)?;
+
+    let done = root.join(&name);
+    if done.exists() {
+        // The same step saved again (at shutdown): the new one replaces it.
+        fs::remove_dir_all(&done).map_err(|e| io("cannot replace", &done, e))?;
+    }
+    fs::rename(&tmp, &done).map_err(|e| io("cannot rename into", &done, e))?;
+    sync_dir(&root)?;
+
+    // The newest parameters under a stable name, for `--model` and tools.
+    let ext = Path::new(file_name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("pt");
+    let latest = dir.join(format!("{}.{ext}", model.name));
+    let link = dir.join(format!(".{}.{ext}.tmp", model.name));
+    let _ = fs::remove_file(&link);
+    if fs::hard_link(done.join(file_name), &link).is_err() {
+        fs::copy(done.join(file_name), &link).map_err(|e| io("cannot copy to", &link, e))?;
+        sync_file(&link)?;
+    }
+    fs::rename(&link, &latest).map_err(|e| io("cannot rename into", &latest, e))?;
+    sync_dir(dir)?;
+
+    prune(&root, keep);
+    Ok(Some(latest))
+}
+
+/// Complete checkpoints of a model, newest first.
+fn complete(dir: &Path, model: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root(dir, model)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+                && p.join("state.json").is_file()
+        })
+        .collect();
+    found.sort();
+    found.reverse();
+    found
+}
+
+fn prune(root: &Path, keep: usize) {
+    let Some(dir) = root.parent() else { return };
+    let Some(model) = root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".ckpt"))
+    else {
+        return;
+    };
+    for old in complete(dir, model).into_iter().skip(keep.max(1)) {
+        if let Err(e) = fs::remove_dir_all(&old) {
+            tracing::warn!(path = %old.display(), error = %e, "cannot remove an old checkpoint");
+        }
+    }
+}
+
+/// Removes what a crash mid-write left behind: temporary checkpoint
+/// directories and half-linked parameter files.
+pub(super) fn clean_stale(dir: &Path, model: &str) {
+    let mut stale = Vec::new();
+    if let Ok(entries) = fs::read_dir(root(dir, model)) {
+        stale.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(".tmp-"))
+                }),
+        );
+    }
+    for ext in ["pt", "safetensors"] {
+        let link = dir.join(format!(".{model}.{ext}.tmp"));
+        if link.exists() {
+            stale.push(link);
+        }
+        // Left by versions that wrote NAME.tmp.pt.
+        let old = dir.join(format!("{model}.tmp.{ext}"));
+        if old.exists() {
+            stale.push(old);
+        }
+    }
+    for path in stale {
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a checkpoint left incomplete by a crash")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an incomplete checkpoint")
+            }
+        }
+    }
+}
+
+/// Restores the newest complete checkpoint that loads, into `model` and a
+/// fresh optimizer state. None when there is none.
+pub(super) fn restore(dir: &Path, model: &mut Model) -> Option<(ModelState, PathBuf)> {
+    for candidate in complete(dir, &model.name) {
+        match restore_one(&candidate, model) {
+            Ok(state) => return Some((state, candidate)),
+            Err(e) => tracing::warn!(
+                model = %model.name,
+                checkpoint = %candidate.display(),
+                error = %e,
+                "checkpoint does not load; trying an older one"
+            ),
+        }
+    }
+    None
+}
+
+fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
+    let state_file = path.join("state.json");
+    let record: StateFile = serde_json::from_slice(
+        &fs::read(&state_file).map_err(|e| io("cannot read", &state_file, e))?,
+    )
+    .map_err(|e| format!("{}: {e}", state_file.display()))?;
+    if record.format != FORMAT {
+        return Err(format!(
+            "checkpoint format {} is not {FORMAT}",
+            record.format
+        ));
+    }
+    let file_name = model
+        .parameters_file_name()
+        .ok_or("the model has no parameters")?;
+    model
+        .load_parameters(&path.join(file_name))
+        .map_err(|e| e.to_string())?;
+    let params = model.trainable_parameters().map_err(|e| e.to_string())?;
+    if params.len() != record.params && record.params != 0 {
+        return Err(format!(
+            "the checkpoint has {} trainable parameters, the model {}",
+            record.params,
+            params.len()
+        ));
+    }
+    let optimizer_file = path.join("optimizer.safetensors");
+    let tensors: HashMap<String, Tensor> = if optimizer_file.is_file() {
+        Tensor::read_safetensors(&optimizer_file)
+            .map_err(|e| format!("optimizer.safetensors: {e}"))?
+            .into_iter()
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let device = model.device;
+    let take = |key: String| tensors.get(&key).map(|t| t.to_device(device));
+    let momentum = (0..params.len())
+        .map(|i| take(format!("momentum.{i}")))
+        .collect();
+    let adam = (0..params.len())
+        .map(|i| {
+            let t = record.adam_steps.get(i).copied().flatten()?;
+            Some((
+                take(format!("adam_m.{i}"))?,
+                take(format!("adam_v.{i}"))?,
+                t,
+            ))
+        })
+        .collect();
+    if record.pending > 0 {
+        // Gradients pending accumulation go back where backward put them: the
+        // gradient of sum(p * g) with respect to p is g.
+        tch::with_grad(|| -> Result<(), tch::TchError> {
+            for (i, p) in params.iter().enumerate() {
+                if let Some(g) = take(format!("grad.{i}")) {
+                    p.f_mul(&g)?.f_sum(None::<tch::Kind>)?.f_backward()?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("pending gradients: {e}"))?;
+    }
+    Ok(ModelState {
+        params: Some(params),
+        momentum,
+        adam,
+        pending: record.pending,
+        steps: record.steps,
+        saved_at: record.steps,
+    })
+}

@@ -1,0 +1,191 @@
+"""Scale-out and durable training against the real binary: connections that
+rotate under load without a failed request, the server's learning rate for
+clients that send none (as unchanged splitlearn_comm clients do), and exact
+resume after SIGKILL from durable checkpoints."""
+
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import torch
+
+from conftest import ROOT, fixture_path
+
+sys.path.insert(0, str(ROOT / "examples"))
+import split_training  # noqa: E402
+
+to_wire, from_wire = split_training.to_wire, split_training.from_wire
+
+
+def metric(server, family: str, **labels) -> float:
+    """One sample of a family on the admin /metrics endpoint (0 if absent)."""
+    text = urllib.request.urlopen(server.metrics_url + "/metrics", timeout=5).read().decode()
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(family + "{") or line.startswith(family + " "):
+            if all(w in line for w in want):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_connection_rotation_under_load_fails_no_request(pb, server_factory):
+    pb2, pb2_grpc = pb
+    s = server_factory("--max-connection-age", "1s", "--max-connection-age-grace", "10s")
+    s.wait_ok(pb)
+    before = metric(s, "splitserve_connections_total", port="grpc")
+    channel = s.channel()  # one long-lived channel, as splitlearn_comm keeps
+    stub = pb2_grpc.ComputeServiceStub(channel)
+    x = np.ones((1, 512), dtype=np.float32).tobytes()
+    failures, done = [], []
+    stop = time.time() + 5.0
+
+    def client():
+        n = 0
+        while time.time() < stop:
+            try:
+                reply = stub.Compute(pb2.ComputeRequest(data=x, shape=[1, 512]), timeout=30)
+                assert list(reply.shape) == [1, 512]
+                n += 1
+            except grpc.RpcError as e:
+                failures.append((e.code(), e.details()))
+        done.append(n)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rotated = metric(s, "splitserve_connections_total", port="grpc") - before
+    assert failures == [], failures[:5]
+    assert sum(done) > 100, done
+    # The channel reconnected as its connections aged out.
+    assert rotated >= 2, f"{rotated} new connections"
+    assert s.terminate() == 0
+
+
+def start_top(pb, server_factory, *flags):
+    s = server_factory("--model", f"top={fixture_path('top.pt')}", "--trainable", "top", *flags)
+    s.wait_ok(pb)
+    return s, pb[1].ComputeServiceStub(s.channel())
+
+
+def info(stub, pb2) -> dict:
+    return stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info
+
+
+def test_clients_that_send_no_learning_rate_train_with_the_servers(pb, server_factory):
+    pb2, _ = pb
+    s, stub = start_top(pb, server_factory, "--optimizer", "adam", "--learning-rate", "0.01")
+    losses = split_training.train(stub, pb2, steps=40, lr=0.01, log=lambda _: None, server_lr=True)
+    assert losses[-1] < losses[0] / 2, losses
+    assert info(stub, pb2)["model.top.optimizer_steps"] == "40"
+    assert s.terminate() == 0
+
+    # Without --learning-rate the same client only gets gradients back.
+    s, stub = start_top(pb, server_factory, "--optimizer", "adam")
+    split_training.train(stub, pb2, steps=3, lr=0.01, log=lambda _: None, server_lr=True)
+    assert info(stub, pb2)["model.top.optimizer_steps"] == "0"
+    assert s.terminate() == 0
+
+
+def train_step(stub, pb2, k: int):
+    """Step k of a fixed sequence: the same inputs and gradients every run."""
+    g = torch.Generator().manual_seed(1000 + k)
+    x = torch.randn(4, 8, generator=g)
+    data, shape = to_wire(x)
+    reply = stub.Compute(pb2.ComputeRequest(data=data, shape=shape, training_mode=True), timeout=30)
+    grad = torch.randn(*reply.shape, generator=g)
+    gdata, gshape = to_wire(grad)
+    stub.ComputeBackward(
+        pb2.BackwardRequest(grad_output_data=gdata, grad_output_shape=gshape,
+                            forward_id=reply.forward_id, learning_rate=0.01),
+        timeout=30,
+    )
+
+
+def parameters(path) -> dict:
+    return {n: p.detach().clone() for n, p in torch.jit.load(str(path)).named_parameters()}
+
+
+def test_sigkill_after_a_checkpoint_resumes_exactly(pb, server_factory, tmp_path):
+    pb2, _ = pb
+    flags = ["--optimizer", "adam", "--checkpoint-every", "3", "--checkpoint-keep", "2"]
+
+    # Uninterrupted: six Adam steps.
+    whole = tmp_path / "whole"
+    s, stub = start_top(pb, server_factory, *flags, "--checkpoint-dir", str(whole))
+    for k in range(6):
+        train_step(stub, pb2, k)
+    assert s.terminate() == 0
+    expected = parameters(whole / "top.pt")
+    # Checkpoints at steps 3 and 6, each complete, none half-written.
+    kept = sorted(p.name for p in (whole / "top.ckpt").iterdir())
+    assert kept == ["step-0000000003", "step-0000000006"], kept
+    for d in kept:
+        assert {f.name for f in (whole / "top.ckpt" / d).iterdir()} >= {"model.pt", "state.json", "optimizer.safetensors"}
+
+    # Interrupted: a checkpoint at step 3, one more step, then SIGKILL.
+    crashed = tmp_path / "crashed"
+    s, stub = start_top(pb, server_factory, *flags, "--checkpoint-dir", str(crashed))
+    for k in range(4):
+        train_step(stub, pb2, k)
+    s.proc.kill()
+    s.proc.wait()
+    # What a crash in the middle of a write leaves behind.
+    (crashed / "top.ckpt" / ".tmp-step-0000000004").mkdir()
+    (crashed / "top.tmp.pt").write_bytes(b"half")
+
+    s, stub = start_top(pb, server_factory, *flags, "--checkpoint-dir", str(crashed))
+    assert not (crashed / "top.ckpt" / ".tmp-step-0000000004").exists()
+    assert not (crashed / "top.tmp.pt").exists()
+    # The step count continues from the checkpoint; step 4 is redone.
+    assert info(stub, pb2)["model.top.optimizer_steps"] == "3"
+    for k in range(3, 6):
+        train_step(stub, pb2, k)
+    assert info(stub, pb2)["model.top.optimizer_steps"] == "6"
+    assert s.terminate() == 0
+    resumed = parameters(crashed / "top.pt")
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_a_resumed_model_keeps_its_pending_accumulation(pb, server_factory, tmp_path):
+    """SIGTERM between the two backwards of an accumulation_step=2 step: the
+    restarted server completes the same step with both gradients."""
+    pb2, _ = pb
+
+    def half_step(stub, k, accumulate):
+        g = torch.Generator().manual_seed(2000 + k)
+        data, shape = to_wire(torch.randn(4, 8, generator=g))
+        reply = stub.Compute(pb2.ComputeRequest(data=data, shape=shape, training_mode=True), timeout=30)
+        gdata, gshape = to_wire(torch.randn(*reply.shape, generator=g))
+        stub.ComputeBackward(
+            pb2.BackwardRequest(grad_output_data=gdata, grad_output_shape=gshape, forward_id=reply.forward_id,
+                                learning_rate=0.01, accumulation_step=accumulate),
+            timeout=30,
+        )
+
+    flags = ["--optimizer", "sgd", "--momentum", "0.9"]
+    whole = tmp_path / "whole"
+    s, stub = start_top(pb, server_factory, *flags, "--checkpoint-dir", str(whole))
+    for k in range(4):
+        half_step(stub, k, 2)
+    assert s.terminate() == 0
+
+    split = tmp_path / "split"
+    s, stub = start_top(pb, server_factory, *flags, "--checkpoint-dir", str(split))
+    for k in range(3):
+        half_step(stub, k, 2)
+    assert s.terminate() == 0  # one backward pending: saved with the checkpoint
+    s, stub = start_top(pb, server_factory, *flags, "--checkpoint-dir", str(split))
+    assert info(stub, pb2)["model.top.optimizer_steps"] == "1"
+    half_step(stub, 3, 2)
+    assert info(stub, pb2)["model.top.optimizer_steps"] == "2"
+    assert s.terminate() == 0
+    expected, resumed = parameters(whole / "top.pt"), parameters(split / "top.pt")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=0)
