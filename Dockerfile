@@ -74,6 +74,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
       echo "VARIANT=cuda needs a CUDA build of torch (drop TORCH_INDEX_URL)" >&2; exit 1; \
     fi; \
     install -D -m 0755 target/release/splitserve /staging/usr/local/bin/splitserve; \
+    # probe and bench without libtorch: the HEALTHCHECK and the Helm test.
+    install -D -m 0755 target/release/splitserve-client /staging/usr/local/bin/splitserve-client; \
     mkdir -p "/staging${torch_lib}"; \
     cp -a "${torch_lib}/." "/staging${torch_lib}/"; \
     # A CUDA wheel's libraries find cuDNN, cuBLAS, NCCL, ... through
@@ -116,7 +118,7 @@ LABEL org.opencontainers.image.title="splitserve" \
 EXPOSE 50051 8000 9090
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["splitserve", "probe", "--addr", "127.0.0.1:50051"]
+  CMD ["splitserve-client", "probe", "--addr", "127.0.0.1:50051"]
 ENTRYPOINT ["splitserve"]
 CMD ["serve"]
 

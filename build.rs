@@ -42,6 +42,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => "unknown".into(),
     };
     println!("cargo:rustc-env=SPLITSERVE_TORCH_VERSION={torch_version}");
+    // The wheel's version names its CUDA build: 2.13.0+cu130, 2.13.0+cpu.
+    let cuda = match torch_version.split_once('+') {
+        Some((_, b)) if b.starts_with("cu") => b.to_string(),
+        Some((_, b)) => format!("none ({b} build)"),
+        None => "unknown".into(),
+    };
+    println!("cargo:rustc-env=SPLITSERVE_CUDA={cuda}");
+    // The commit built, for --version; "unknown" outside a git checkout.
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=SPLITSERVE_GIT_COMMIT={commit}");
     Ok(())
 }
 

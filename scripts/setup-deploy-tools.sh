@@ -139,4 +139,18 @@ else
   }
 fi
 
+# --- GNU time ------------------------------------------------------------------
+# The Python tests read a process's own peak memory with /usr/bin/time -f %M.
+if [[ -x /usr/bin/time ]]; then
+  log "GNU time present"
+elif [[ "$(id -u)" -eq 0 ]]; then
+  log "installing the Debian package time"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends time >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends time >/dev/null; }
+else
+  log "/usr/bin/time is missing; run as root (or: sudo apt-get install -y time)"
+  exit 1
+fi
+
 log "ok"
+

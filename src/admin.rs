@@ -63,17 +63,21 @@ impl AdminState {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         m.activations_stored.set(load(&t.stored) as i64);
         m.activations_bytes.set(load(&t.bytes) as i64);
-        for (event, value) in [
-            ("forward", load(&t.forwards)),
-            ("backward", load(&t.backwards)),
-            ("optimizer_step", load(&t.optimizer_steps)),
-            ("step_rejected", load(&t.steps_rejected)),
-            ("eviction", load(&t.evicted)),
-            ("expiry", load(&t.expired)),
-            ("checkpoint", load(&t.checkpoints_saved)),
-        ] {
-            // The training side counts; the counter catches up to it at each scrape.
-            catch_up(&m.training_events.with_label_values(&[event]), value);
+        let names = self.engine.model_names();
+        for (model, events) in names.iter().zip(&t.per_model) {
+            for (event, value) in events.events() {
+                // The training side counts; the counter catches up at each scrape.
+                catch_up(&m.training_events.with_label_values(&[model, event]), value);
+            }
+        }
+        for (model, device, description) in self.engine.loaded_models() {
+            let digest = description
+                .split("sha256:")
+                .nth(1)
+                .map_or_else(|| description.clone(), |d| format!("sha256:{d}"));
+            m.model_info
+                .with_label_values(&[&model, "1", &device, &digest])
+                .set(1);
         }
         let busy = self.engine.busy_workers();
         let stalled = self.engine.stalled_workers(self.stall_timeout);

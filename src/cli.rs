@@ -1,7 +1,8 @@
 //! The command line: every flag is also a `SPLITSERVE_*` variable. This module
 //! owns every clap type; it parses, validates and converts into the plain
 //! configuration types the rest of the crate owns ([`ServerConfig`],
-//! [`BenchConfig`], [`DiagnoseConfig`], [`ProbeConfig`]). Nothing else in the
+//! [`DiagnoseConfig`]; `probe` and `bench` come from the client crate, which
+//! carries its own small binary). Nothing else in the
 //! library knows clap exists.
 
 use std::net::SocketAddr;
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::bench::BenchConfig;
-use crate::client::ProbeConfig;
+pub use splitserve_client::args::{BenchArgs, Dims, ProbeArgs, parse_dims, parse_duration};
+
 use crate::codec;
 use crate::diagnose::{DiagnoseConfig, PlanShape};
 use crate::engine::{EngineConfig, ModelSlot};
@@ -23,6 +24,17 @@ use crate::server::{Http2Config, ServerConfig};
 use crate::telemetry::otel::{LogFormat, TelemetryConfig};
 use crate::training::{AdamBetas, OptimizerKind, OptimizerSettings, TrainingConfig};
 
+/// `--version`: what this binary was built from and against.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nlibtorch ",
+    env!("SPLITSERVE_TORCH_VERSION"),
+    "\nCUDA ",
+    env!("SPLITSERVE_CUDA"),
+    "\ncommit ",
+    env!("SPLITSERVE_GIT_COMMIT"),
+);
+
 /// Exit code for a configuration that cannot run (BSD `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 
@@ -30,6 +42,7 @@ pub const EXIT_CONFIG: i32 = 64;
 #[command(
     name = "splitserve",
     version,
+    long_version = LONG_VERSION,
     about = "gRPC compute service for split learning and model-partition inference on libtorch",
     long_about = "splitserve serves the server half of a split neural network to unchanged \
                   splitlearn_comm clients (splitlearn.comm.ComputeService), runs the model on \
@@ -57,18 +70,19 @@ pub enum Command {
 /// Everything `splitserve serve` needs; passed down whole, never split into arguments.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "SPLITSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    /// Address the gRPC server listens on, HOST:PORT (a host name is resolved).
+    #[arg(long, env = "SPLITSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051", value_parser = parse_addr)]
     pub grpc_addr: SocketAddr,
 
     /// Address of the Open Inference Protocol's HTTP/REST front-end (/v2/...,
-    /// what tritonclient.http and KServe's REST clients speak).
+    /// what tritonclient.http and KServe's REST clients speak); off to turn it off.
     #[arg(long, env = "SPLITSERVE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
-    pub http_addr: SocketAddr,
+    pub http_addr: OptionalAddr,
 
-    /// Address of the admin sidecar: /metrics (Prometheus), /livez, /readyz, /debug/plan.
+    /// Address of the admin sidecar: /metrics (Prometheus), /livez, /readyz,
+    /// /debug/plan; off to turn it off.
     #[arg(long, env = "SPLITSERVE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
-    pub metrics_addr: SocketAddr,
+    pub metrics_addr: OptionalAddr,
 
     /// OTLP/gRPC collector for traces (e.g. http://otel-collector:4317); falls back to
     /// OTEL_EXPORTER_OTLP_ENDPOINT. Unset: no traces are exported.
@@ -126,9 +140,9 @@ pub struct ServeArgs {
     pub inter_op_threads: usize,
 
     /// CPU cores this process may use, e.g. the pod's limits.cpu through the
-    /// downward API. The budget is the smallest of this, the cgroup quota, the
-    /// cpuset and the cores the OS gives the process.
-    #[arg(long, env = "SPLITSERVE_CPU_LIMIT")]
+    /// downward API: 2, 1.5 or 1500m. The budget is the smallest of this, the
+    /// cgroup quota, the cpuset and the cores the OS gives the process.
+    #[arg(long, env = "SPLITSERVE_CPU_LIMIT", value_parser = parse_cpu)]
     pub cpu_limit: Option<f64>,
 
     /// Start even when workers x intra-op threads exceeds the CPU budget (logs a warning).
@@ -162,9 +176,9 @@ pub struct ServeArgs {
     pub batch_timeout_us: Vec<PerModel<u64>>,
 
     /// Bytes of activations kept for ComputeBackward (input and output of every
-    /// `training_mode` forward, summed); beyond it the least recently used are
-    /// evicted and their backward answers NOT_FOUND.
-    #[arg(long, env = "SPLITSERVE_ACTIVATION_CACHE_BYTES", default_value_t = 1 << 30)]
+    /// `training_mode` forward, summed; e.g. 1GiB, 512Mi, 100000000); beyond it
+    /// the least recently used are evicted and their backward answers NOT_FOUND.
+    #[arg(long, env = "SPLITSERVE_ACTIVATION_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub activation_cache_bytes: u64,
 
     /// How long a `training_mode` forward's activations wait for their
@@ -238,9 +252,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_MAX_ELEMENTS", default_value_t = 1 << 26)]
     pub max_elements: u64,
 
-    /// Largest gRPC message accepted or sent, in bytes (splitlearn_comm's default is
-    /// 100 MiB); larger requests get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "SPLITSERVE_MAX_MESSAGE_BYTES", default_value_t = 100 * 1024 * 1024)]
+    /// Largest gRPC message accepted or sent (splitlearn_comm's default is
+    /// 100 MiB; units as 100MiB, 64Mi, 1000000); larger requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SPLITSERVE_MAX_MESSAGE_BYTES", default_value = "100MiB", value_parser = parse_size)]
     pub max_message_bytes: usize,
 
     /// A worker busy on one job for longer than this marks the process not live
@@ -255,6 +269,11 @@ pub struct ServeArgs {
     /// Log line format on stderr.
     #[arg(long, env = "SPLITSERVE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormatArg,
+
+    /// One structured log line per request (target splitserve::access): model,
+    /// protocol, method, code, duration, payload bytes in and out, trace id.
+    #[arg(long, env = "SPLITSERVE_ACCESS_LOG")]
+    pub access_log: bool,
 
     /// A model whose parameters ComputeBackward's learning_rate may update;
     /// repeatable. Other models only answer gradients (a backward with a
@@ -367,11 +386,11 @@ pub struct ServeArgs {
     /// Memory for request messages queued or in flight, in bytes, reserved from
     /// the size each message claims before any of it is read; beyond it new
     /// requests get RESOURCE_EXHAUSTED at once.
-    #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES", default_value_t = 1 << 30)]
+    #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub max_inflight_bytes: u64,
 
     /// Most bytes a zlib payload may inflate to; default: --max-message-bytes.
-    #[arg(long, env = "SPLITSERVE_MAX_DECOMPRESSED_BYTES")]
+    #[arg(long, env = "SPLITSERVE_MAX_DECOMPRESSED_BYTES", value_parser = parse_size)]
     pub max_decompressed_bytes: Option<usize>,
 }
 
@@ -405,6 +424,7 @@ impl ServeArgs {
     pub fn telemetry_config(&self) -> TelemetryConfig {
         TelemetryConfig {
             log_format: self.log_format.into(),
+            access_log: self.access_log,
             otlp_endpoint: self.otlp_endpoint.clone(),
         }
     }
@@ -464,8 +484,8 @@ impl ServeArgs {
             .collect();
         Ok(ServerConfig {
             grpc_addr: self.grpc_addr,
-            metrics_addr: self.metrics_addr,
-            http_addr: self.http_addr,
+            metrics_addr: self.metrics_addr.0,
+            http_addr: self.http_addr.0,
             telemetry: self.telemetry_config(),
             threads,
             engine: EngineConfig {
@@ -788,27 +808,6 @@ impl FromStr for WarmupShapeArg {
     }
 }
 
-/// A tensor shape on the command line, `1x64x256`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dims(pub Vec<i64>);
-
-impl FromStr for Dims {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_dims(s).map(Dims)
-    }
-}
-
-/// Parses `1x64x256` (or `1,64,256`) into dimensions.
-pub fn parse_dims(s: &str) -> Result<Vec<i64>, String> {
-    s.split(['x', ','])
-        .map(|d| match d.trim().parse::<i64>() {
-            Ok(v) if v >= 0 => Ok(v),
-            _ => Err(format!("bad dimension {d:?} in shape {s:?}")),
-        })
-        .collect()
-}
-
 /// A value for every model (`N`) or for one (`NAME=N`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PerModel<T> {
@@ -842,92 +841,89 @@ impl<T: FromStr> FromStr for PerModel<T> {
     }
 }
 
-/// Parses `30s`, `500ms`, `2m`, `1h`, `100us` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("expected a duration like 30s or 500ms, got {s:?}"))?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("duration {s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+/// An address that may be turned off: HOST:PORT, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
 
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Server address, host:port.
-    #[arg(long, env = "SPLITSERVE_BENCH_ADDR", default_value = "127.0.0.1:50051")]
-    pub addr: String,
-
-    /// Clients in flight at once; each sends its next request when the last returns.
-    #[arg(long, env = "SPLITSERVE_BENCH_CONCURRENCY", default_value_t = 32)]
-    pub concurrency: usize,
-
-    /// HTTP/2 connections the clients share (round-robin).
-    #[arg(long, env = "SPLITSERVE_BENCH_CONNECTIONS", default_value_t = 4)]
-    pub connections: usize,
-
-    /// How long to measure (e.g. 10s).
-    #[arg(long, env = "SPLITSERVE_BENCH_DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub duration: Duration,
-
-    /// Load before measuring, not counted (e.g. 1s).
-    #[arg(long, env = "SPLITSERVE_BENCH_WARMUP", default_value = "1s", value_parser = parse_duration)]
-    pub warmup: Duration,
-
-    /// Input tensor shape, e.g. 1x512 or 1x64x256.
-    #[arg(long, env = "SPLITSERVE_BENCH_SHAPE", default_value = "1x512")]
-    pub shape: Dims,
-
-    /// model_id to send (empty: the server's default model).
-    #[arg(long, env = "SPLITSERVE_BENCH_MODEL_ID", default_value = "")]
-    pub model_id: String,
-
-    /// Payload encoding: float32 or float16 (what splitlearn_comm clients send).
-    #[arg(long, env = "SPLITSERVE_BENCH_DTYPE", default_value = "float32")]
-    pub dtype: String,
-
-    /// Per-request deadline sent as grpc-timeout.
-    #[arg(long, env = "SPLITSERVE_BENCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub timeout: Duration,
-
-    /// Threads of the load generator's own runtime.
-    #[arg(long, env = "SPLITSERVE_BENCH_CLIENT_THREADS", default_value_t = 1)]
-    pub client_threads: usize,
-
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-impl BenchArgs {
-    pub fn into_config(self) -> BenchConfig {
-        BenchConfig {
-            addr: self.addr,
-            concurrency: self.concurrency,
-            connections: self.connections,
-            duration: self.duration,
-            warmup: self.warmup,
-            shape: self.shape.0,
-            model_id: self.model_id,
-            dtype: self.dtype,
-            timeout: self.timeout,
-            client_threads: self.client_threads,
+impl FromStr for OptionalAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" | "" => Ok(OptionalAddr(None)),
+            _ => parse_addr(s).map(|a| OptionalAddr(Some(a))),
         }
     }
+}
+
+/// HOST:PORT, the host an IP address or a name (resolved now, first address).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !s.contains(':') {
+        return Err(format!("expected HOST:PORT like 0.0.0.0:50051, got {s:?}"));
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// A byte count: a plain number, or with a unit: k/K/KB, M/MB, G/GB, T/TB
+/// (powers of 1000) or Ki/KiB, Mi/MiB, Gi/GiB, Ti/TiB (powers of 1024), as
+/// Kubernetes writes them; `B` alone is bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a size like 1GiB, 512Mi or 1000000, got {s:?}"))?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "k" | "K" | "KB" | "kB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "T" | "TB" => 1e12,
+        "Ki" | "KiB" => 1024.0,
+        "Mi" | "MiB" => 1024.0 * 1024.0,
+        "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use B, K, M, G, T, Ki, Mi, Gi or Ti)"
+            ));
+        }
+    };
+    let bytes = (value * scale).round();
+    if !(bytes.is_finite() && bytes >= 0.0 && bytes <= u64::MAX as f64) {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// [`parse_bytes`] for sizes held in memory.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    parse_bytes(s)
+        .and_then(|b| usize::try_from(b).map_err(|_| format!("size {s:?} is out of range")))
+}
+
+/// CPU cores as Kubernetes writes them: `2`, `1.5` or `1500m` (millicores).
+pub fn parse_cpu(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let cores = match t.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().map(|m| m / 1000.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("expected CPU cores like 2, 1.5 or 1500m, got {s:?}"))?;
+    if !(cores > 0.0 && cores.is_finite()) {
+        return Err(format!("CPU cores must be a positive number, not {s:?}"));
+    }
+    Ok(cores)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -957,8 +953,13 @@ pub struct DiagnoseArgs {
     #[arg(long, env = "SPLITSERVE_DIAGNOSE_PLANS", value_delimiter = ',')]
     pub plans: Vec<PlanShape>,
 
-    /// CPU cores this process may use (as `serve --cpu-limit`).
-    #[arg(long, env = "SPLITSERVE_CPU_LIMIT")]
+    /// Runs of each gRPC measurement; their spread tells a busy machine apart
+    /// from a real difference between plans.
+    #[arg(long, env = "SPLITSERVE_DIAGNOSE_REPEATS", default_value_t = 3)]
+    pub repeats: usize,
+
+    /// CPU cores this process may use (as `serve --cpu-limit`: 2, 1.5 or 1500m).
+    #[arg(long, env = "SPLITSERVE_CPU_LIMIT", value_parser = parse_cpu)]
     pub cpu_limit: Option<f64>,
 
     /// Print one JSON object instead of the report.
@@ -974,37 +975,8 @@ impl DiagnoseArgs {
             duration: self.duration,
             concurrency: self.concurrency,
             plans: self.plans,
+            repeats: self.repeats,
             cpu_limit: self.cpu_limit,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct ProbeArgs {
-    /// Server address, host:port.
-    #[arg(long, env = "SPLITSERVE_PROBE_ADDR", default_value = "127.0.0.1:50051")]
-    pub addr: String,
-
-    /// Health service to check: "" (the server), splitlearn.comm.ComputeService
-    /// (ready to compute) or liveness (no stalled worker).
-    #[arg(
-        long,
-        env = "SPLITSERVE_PROBE_SERVICE",
-        default_value = "splitlearn.comm.ComputeService"
-    )]
-    pub service: String,
-
-    /// Give up after this long (connect plus check).
-    #[arg(long, env = "SPLITSERVE_PROBE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
-    pub timeout: Duration,
-}
-
-impl ProbeArgs {
-    pub fn into_config(self) -> ProbeConfig {
-        ProbeConfig {
-            addr: self.addr,
-            service: self.service,
-            timeout: self.timeout,
         }
     }
 }
@@ -1051,6 +1023,22 @@ mod tests {
         );
         args.momentum = vec!["zzz=0.5".parse().unwrap()];
         assert!(args.validate().unwrap_err().to_string().contains("zzz"));
+    }
+
+    #[test]
+    fn sizes_cpus_and_addresses_take_the_units_kubernetes_writes() {
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("512Mi").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_bytes("1000000").unwrap(), 1_000_000);
+        assert!(parse_bytes("2 parsecs").is_err());
+        assert_eq!(parse_cpu("1000m").unwrap(), 1.0);
+        assert_eq!(parse_cpu("1.5").unwrap(), 1.5);
+        assert!(parse_cpu("0").is_err());
+        assert!(parse_addr("localhost:50051").unwrap().ip().is_loopback());
+        assert_eq!(parse_addr("0.0.0.0:1").unwrap().port(), 1);
+        assert!(parse_addr("nohostport").is_err());
+        assert_eq!("off".parse::<OptionalAddr>().unwrap(), OptionalAddr(None));
     }
 
     #[test]

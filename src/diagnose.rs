@@ -14,7 +14,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use tonic::{Request, Response, Status};
 
-use crate::bench::{self, BenchConfig, summarize};
+use crate::bench::{self, BenchConfig};
 use crate::grpc::pb;
 use crate::grpc::pb::compute_service_server::{ComputeService, ComputeServiceServer};
 use crate::model::{Model, ModelSpec};
@@ -51,6 +51,8 @@ pub struct DiagnoseConfig {
     /// Plans to measure, WxT (workers x intra-op threads), comma-separated.
     /// Default: every split of the budget plus one oversubscribed plan.
     pub plans: Vec<PlanShape>,
+    /// Runs of each gRPC measurement (at least 1).
+    pub repeats: usize,
 
     /// CPU cores this process may use (as `serve --cpu-limit`).
     pub cpu_limit: Option<f64>,
@@ -115,13 +117,49 @@ pub struct Row {
     pub threads: u64,
     pub involuntary_ctx_switches_per_s: f64,
     pub errors: u64,
+    /// Repeated runs: the lowest and highest throughput seen (`throughput_rps`
+    /// is their median).
+    pub throughput_min: f64,
+    pub throughput_max: f64,
+    pub runs: usize,
+}
+
+impl Row {
+    /// The spread of the repeated runs, relative to their median.
+    pub fn spread(&self) -> f64 {
+        if self.throughput_rps <= 0.0 {
+            return 0.0;
+        }
+        (self.throughput_max - self.throughput_min) / self.throughput_rps
+    }
+}
+
+/// Combines repeated runs of one configuration: the median run, with the
+/// throughput range of all of them.
+fn combine(mut runs: Vec<Row>) -> Option<Row> {
+    runs.sort_by(|a, b| a.throughput_rps.total_cmp(&b.throughput_rps));
+    let min = runs.first()?.throughput_rps;
+    let max = runs.last()?.throughput_rps;
+    let n = runs.len();
+    let errors = runs.iter().map(|r| r.errors).sum();
+    let mut median = runs.swap_remove(n / 2);
+    median.throughput_min = min;
+    median.throughput_max = max;
+    median.runs = n;
+    median.errors = errors;
+    Some(median)
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Recommendation {
     pub workers: usize,
     pub intra_op_threads: usize,
+    /// The plan as flags, as environment variables, and as Helm values.
     pub flags: String,
+    pub env: String,
+    pub helm: String,
+    /// The plan is what `auto` already picks for this budget: nothing to set.
+    pub is_auto: bool,
     pub reason: String,
 }
 
@@ -137,6 +175,8 @@ pub struct DiagnoseReport {
     pub grpc_alone: Option<Row>,
     pub together: Vec<Row>,
     pub recommendation: Option<Recommendation>,
+    /// Why there is no recommendation, when there is none.
+    pub no_recommendation: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,13 +280,15 @@ fn measure_libtorch(
                     .lock()
                     .map(|u| u.unwrap_or_else(Instant::now))
                     .unwrap_or_else(|_| Instant::now());
-                let mut lat = Vec::new();
+                let mut lat: Vec<u64> = Vec::new();
                 while Instant::now() < stop {
                     let t = Instant::now();
                     if model.forward(&x).is_err() {
                         break;
                     }
-                    lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    // Nanoseconds: a forward of a small model is ~100 µs, where
+                    // whole microseconds would round every percentile alike.
+                    lat.push(t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64);
                 }
                 end_line.wait();
                 lat
@@ -264,23 +306,31 @@ fn measure_libtorch(
     let cs_after = involuntary_switches(pid);
     let elapsed = began.elapsed().as_secs_f64().max(1e-3);
     let threads = sampler.finish(true);
-    let lat: Vec<u32> = handles
+    let mut lat: Vec<u64> = handles
         .into_iter()
         .flat_map(|h| h.join().unwrap_or_default())
         .collect();
     let n = lat.len();
-    let l = summarize(lat);
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get(((n as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or(0.0, |&ns| ns as f64 / 1e6)
+    };
+    let (p50, p99) = (pct(0.5), pct(0.99));
     Row {
         measure: "libtorch alone".into(),
         workers: plan.workers,
         intra_op_threads: plan.intra_op_threads,
         oversubscribed: plan.workers * plan.intra_op_threads > budget,
         throughput_rps: n as f64 / elapsed,
-        p50_ms: l.p50,
-        p99_ms: l.p99,
+        p50_ms: p50,
+        p99_ms: p99,
         threads,
         involuntary_ctx_switches_per_s: cs_after.saturating_sub(cs_before) as f64 / elapsed,
         errors: 0,
+        throughput_min: n as f64 / elapsed,
+        throughput_max: n as f64 / elapsed,
+        runs: 1,
     }
 }
 
@@ -394,6 +444,9 @@ fn row_from_bench(
         threads,
         involuntary_ctx_switches_per_s: cs as f64 / r.duration_s.max(1e-3),
         errors: r.errors.values().sum(),
+        throughput_min: r.throughput_rps,
+        throughput_max: r.throughput_rps,
+        runs: 1,
     }
 }
 
@@ -511,27 +564,61 @@ fn measure_together(
     ))
 }
 
-fn recommend(rows: &[Row], clients: usize) -> Option<Recommendation> {
+/// The plan to run, or why there is none. Within 5% of the best throughput
+/// the lowest p99 wins; no plan is recommended when the repeated runs spread
+/// wider than the difference the choice rests on (a busy machine).
+fn recommend(rows: &[Row], clients: usize, budget: usize) -> Result<Recommendation, String> {
     let fits: Vec<&Row> = rows
         .iter()
         .filter(|r| !r.oversubscribed && r.errors == 0)
         .collect();
     let best_rps = fits.iter().map(|r| r.throughput_rps).fold(0.0, f64::max);
-    // Within 5% of the best throughput, the lowest p99 wins.
     let best = fits
-        .into_iter()
+        .iter()
         .filter(|r| r.throughput_rps >= 0.95 * best_rps)
-        .min_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))?;
-    Some(Recommendation {
-        workers: best.workers,
-        intra_op_threads: best.intra_op_threads,
-        flags: format!(
-            "--workers {} --intra-op-threads {}",
-            best.workers, best.intra_op_threads
-        ),
+        .min_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))
+        .copied()
+        .ok_or_else(|| "no plan within the budget ran cleanly".to_string())?;
+    // The closest competitor: is the gap between them bigger than the noise?
+    if let Some(other) = fits
+        .iter()
+        .filter(|r| !std::ptr::eq(**r, best))
+        .max_by(|a, b| a.throughput_rps.total_cmp(&b.throughput_rps))
+    {
+        let gap =
+            (best.throughput_rps - other.throughput_rps).abs() / best.throughput_rps.max(1e-9);
+        let noise = best.spread().max(other.spread());
+        if best.runs > 1 && noise > gap && noise > 0.05 {
+            return Err(format!(
+                "runs disagree: {}x{} and {}x{} differ by {:.0}% but repeated runs spread {:.0}%; \
+                 the machine is likely busy, measure again when it is quiet",
+                best.workers,
+                best.intra_op_threads,
+                other.workers,
+                other.intra_op_threads,
+                gap * 100.0,
+                noise * 100.0
+            ));
+        }
+    }
+    let is_auto = best.workers == budget && best.intra_op_threads == 1;
+    let (w, t) = (best.workers, best.intra_op_threads);
+    Ok(Recommendation {
+        workers: w,
+        intra_op_threads: t,
+        flags: format!("--workers {w} --intra-op-threads {t}"),
+        env: format!("SPLITSERVE_WORKERS={w} SPLITSERVE_INTRA_OP_THREADS={t}"),
+        helm: format!("--set config.workers={w} --set config.intraOpThreads={t}"),
+        is_auto,
         reason: format!(
-            "{:.0} requests/s at p99 {:.2} ms with {clients} clients, within the CPU budget",
-            best.throughput_rps, best.p99_ms
+            "{:.0} requests/s at p99 {:.2} ms with {clients} clients, within the CPU budget{}",
+            best.throughput_rps,
+            best.p99_ms,
+            if is_auto {
+                "; this is what auto already picks, so nothing needs setting"
+            } else {
+                ""
+            }
         ),
     })
 }
@@ -576,13 +663,6 @@ pub fn run(args: &DiagnoseConfig) -> Result<DiagnoseReport, DiagnoseError> {
             budget.cores, budget.source
         ));
     }
-    if env["OMP_NUM_THREADS"].is_none() {
-        warnings.push(
-            "OMP_NUM_THREADS is unset: a Python server's torch sizes its pool from the machine; \
-             splitserve sets libtorch's threads from its plan instead"
-                .into(),
-        );
-    }
     if budget.cores < available {
         warnings.push(format!(
             "the machine shows {available} cores but this process may use {} ({})",
@@ -606,11 +686,38 @@ pub fn run(args: &DiagnoseConfig) -> Result<DiagnoseReport, DiagnoseError> {
         .map(|&p| measure_libtorch(&model, &args.shape, p, budget.cores, args.duration))
         .collect();
     let grpc_alone = Some(measure_echo(args, budget.cores)?);
+    let repeats = args.repeats.max(1);
     let mut together = Vec::new();
     for &p in &plans {
-        together.push(measure_together(args, p, budget.cores)?);
+        let runs = (0..repeats)
+            .map(|_| measure_together(args, p, budget.cores))
+            .collect::<Result<Vec<_>, _>>()?;
+        together.extend(combine(runs));
     }
-    let recommendation = recommend(&together, args.concurrency);
+    if let (Some(fast), Some(best_fit)) = (
+        together
+            .iter()
+            .filter(|r| r.oversubscribed)
+            .max_by(|a, b| a.throughput_rps.total_cmp(&b.throughput_rps)),
+        together
+            .iter()
+            .filter(|r| !r.oversubscribed)
+            .max_by(|a, b| a.throughput_rps.total_cmp(&b.throughput_rps)),
+    ) {
+        if fast.throughput_rps > best_fit.throughput_rps {
+            warnings.push(format!(
+                "the oversubscribed {}x{} plan measured faster than every plan within the budget: \
+                 on an idle machine oversubscription only adds contention, so other load was \
+                 likely running; repeat on a quiet machine",
+                fast.workers, fast.intra_op_threads
+            ));
+        }
+    }
+    let (recommendation, no_recommendation) =
+        match recommend(&together, args.concurrency, budget.cores) {
+            Ok(r) => (Some(r), None),
+            Err(why) => (None, Some(why)),
+        };
     Ok(DiagnoseReport {
         budget: facts,
         torch,
@@ -622,6 +729,7 @@ pub fn run(args: &DiagnoseConfig) -> Result<DiagnoseReport, DiagnoseError> {
         grpc_alone,
         together,
         recommendation,
+        no_recommendation,
     })
 }
 
@@ -657,8 +765,16 @@ impl DiagnoseReport {
         }
         s += &format!("\nmodel {} shape {:?}\n", self.model, self.shape);
         s += &format!(
-            "{:<20} {:>6} {:>10} {:>9} {:>9} {:>8} {:>12} {:>7}\n",
-            "measure", "WxT", "req/s", "p50 ms", "p99 ms", "threads", "invol cs/s", "errors"
+            "{:<20} {:>6} {:>10} {:>8} {:>9} {:>9} {:>8} {:>12} {:>7}\n",
+            "measure",
+            "WxT",
+            "req/s",
+            "spread",
+            "p50 ms",
+            "p99 ms",
+            "threads",
+            "invol cs/s",
+            "errors"
         );
         let rows = self
             .libtorch_alone
@@ -676,11 +792,17 @@ impl DiagnoseReport {
                     if r.oversubscribed { "!" } else { "" }
                 )
             };
+            let spread = if r.runs > 1 {
+                format!("±{:.0}%", r.spread() * 50.0)
+            } else {
+                "-".to_string()
+            };
             s += &format!(
-                "{:<20} {:>6} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>12.0} {:>7}\n",
+                "{:<20} {:>6} {:>10.0} {:>8} {:>9.3} {:>9.3} {:>8} {:>12.0} {:>7}\n",
                 r.measure,
                 plan,
                 r.throughput_rps,
+                spread,
                 r.p50_ms,
                 r.p99_ms,
                 r.threads,
@@ -690,8 +812,19 @@ impl DiagnoseReport {
         }
         s += "(! = oversubscribed: workers x intra-op threads > CPU budget)\n";
         match &self.recommendation {
-            Some(r) => s += &format!("\nrecommended    {}  ({})\n", r.flags, r.reason),
-            None => s += "\nrecommended    no plan within the budget ran cleanly\n",
+            Some(r) => {
+                s += &format!("\nrecommended    {}  ({})\n", r.flags, r.reason);
+                s += &format!("  environment  {}\n", r.env);
+                s += &format!("  Helm         {}\n", r.helm);
+            }
+            None => {
+                s += &format!(
+                    "\nrecommended    nothing: {}\n",
+                    self.no_recommendation
+                        .as_deref()
+                        .unwrap_or("no plan ran cleanly")
+                )
+            }
         }
         s
     }
@@ -723,6 +856,9 @@ mod tests {
             threads: 0,
             involuntary_ctx_switches_per_s: 0.0,
             errors: 0,
+            throughput_min: rps,
+            throughput_max: rps,
+            runs: 3,
         }
     }
 
@@ -733,8 +869,30 @@ mod tests {
             row(2, 990.0, 2.0, false),
             row(10, 5000.0, 1.0, true),
         ];
-        let r = recommend(&rows, 16).unwrap();
+        let r = recommend(&rows, 16, 2).unwrap();
         assert_eq!(r.workers, 2);
+        assert!(r.is_auto && r.reason.contains("auto"), "{}", r.reason);
+        assert_eq!(r.env, "SPLITSERVE_WORKERS=2 SPLITSERVE_INTRA_OP_THREADS=1");
+        assert!(r.helm.contains("config.workers=2"), "{}", r.helm);
+    }
+
+    #[test]
+    fn no_recommendation_when_runs_spread_wider_than_the_gap() {
+        let mut a = row(1, 1000.0, 2.0, false);
+        let mut b = row(2, 1050.0, 1.5, false);
+        // Both spread ±20% across runs; they differ by 5%.
+        a.throughput_min = 800.0;
+        a.throughput_max = 1200.0;
+        b.throughput_min = 840.0;
+        b.throughput_max = 1260.0;
+        let why = recommend(&[a.clone(), b.clone()], 16, 2).unwrap_err();
+        assert!(why.contains("disagree"), "{why}");
+        // Tight runs: the faster plan is recommended.
+        b.throughput_min = 1045.0;
+        b.throughput_max = 1055.0;
+        a.throughput_min = 995.0;
+        a.throughput_max = 1005.0;
+        assert_eq!(recommend(&[a, b], 16, 2).unwrap().workers, 2);
     }
 
     #[test]

@@ -559,6 +559,13 @@ async fn infer(
                 ));
             }
         };
+        let body_len = body.len();
+        let binary_request = headers.contains_key(HEADER_LENGTH);
+        metrics
+            .request_bytes
+            .with_label_values(&[protocol::V2_HTTP, if binary_request { "binary" } else { "json" }])
+            .observe(body_len as f64);
+        crate::grpc::layers::note_payload(Some(body_len as u64), None);
         let (json, binary) = split_body(&headers, body)?;
         let inputs = http_inputs(&json, binary, state.api_limits())?;
         let timeout = json
@@ -601,12 +608,26 @@ async fn infer(
             .await?;
         Ok((reply, requested, binary_default))
     }
-    .instrument(span)
+    .instrument(span.clone());
+    let (result, result_bytes) = crate::grpc::layers::with_payload(async {
+        let r = result.await;
+        if let Ok((reply, _, _)) = &r {
+            let out: usize = reply.outputs.iter().map(|(_, t)| t.data.len()).sum();
+            crate::grpc::layers::note_payload(None, Some(out as u64));
+        }
+        let bytes = crate::grpc::layers::payload();
+        (r, bytes)
+    })
     .await;
     metrics.inflight.dec();
-    let result = state
-        .api
-        .finish(protocol::V2_HTTP, &label, "ModelInfer", arrival, result);
+    let result = crate::grpc::layers::with_payload(async {
+        crate::grpc::layers::note_payload(Some(result_bytes.0), Some(result_bytes.1));
+        state
+            .api
+            .finish(protocol::V2_HTTP, &label, "ModelInfer", arrival, result)
+    })
+    .instrument(span)
+    .await;
     match result {
         Err(s) => from_status(s),
         Ok((reply, requested, binary_default)) => {
@@ -643,6 +664,11 @@ async fn infer(
                 head["id"] = json!(reply.id);
             }
             let head = head.to_string();
+            let encoding = if binary.is_empty() { "json" } else { "binary" };
+            metrics
+                .response_bytes
+                .with_label_values(&[protocol::V2_HTTP, encoding])
+                .observe((head.len() + binary.len()) as f64);
             if binary.is_empty() {
                 return ([(header::CONTENT_TYPE, "application/json")], head).into_response();
             }

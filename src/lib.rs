@@ -28,8 +28,9 @@
 //! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
 //!   process/cgroup/GPU readings behind metrics and monitoring snapshots.
 //! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
-//! - [`client`]: connecting, and `splitserve probe` (grpc.health.v1 check).
-//! - [`bench`]: `splitserve bench`, the closed-loop load generator.
+//! - [`client`], [`bench`]: `probe` (grpc.health.v1 check) and the closed-loop
+//!   load generator, from the `splitserve-client` crate (no libtorch; it also
+//!   builds the small `splitserve-client` binary).
 //! - [`diagnose`]: `splitserve diagnose`, the contention diagnostic.
 //!
 //! The thread model: tonic runs on a small tokio runtime (io threads) that decodes
@@ -45,9 +46,7 @@
 
 pub mod admin;
 pub mod auth;
-pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod codec;
 pub mod diagnose;
 pub mod engine;
@@ -62,6 +61,8 @@ pub mod training;
 pub mod v2;
 
 pub use server::{Listeners, RunError, ServerConfig, run};
+/// `probe` and `bench` live in the libtorch-free client crate.
+pub use splitserve_client::{bench, probe as client};
 
 /// libtorch version this binary was built against.
 pub const TORCH_VERSION: &str = env!("SPLITSERVE_TORCH_VERSION");

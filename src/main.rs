@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use splitserve::cli::{BenchArgs, Cli, Command, DiagnoseArgs, EXIT_CONFIG, ProbeArgs, ServeArgs};
+use splitserve::cli::{Cli, Command, DiagnoseArgs, EXIT_CONFIG, ServeArgs};
 use splitserve::{Listeners, ServerConfig, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -11,91 +11,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Bench(args) => bench(*args),
-        Command::Probe(args) => probe(args),
+        Command::Bench(args) => splitserve_client::commands::bench(*args),
+        Command::Probe(args) => splitserve_client::commands::probe(args),
         Command::Diagnose(args) => diagnose(*args),
-    }
-}
-
-/// A small runtime for the client-side subcommands.
-fn client_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("splitserve: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        })
-}
-
-fn bench(args: BenchArgs) -> ExitCode {
-    let json = args.json;
-    let config = args.into_config();
-    let runtime = match client_runtime(config.client_threads) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result = runtime.block_on(splitserve::bench::run(&config));
-    report(
-        "bench",
-        json,
-        result.map(|r| (serde_json::to_string(&r), r.render())),
-    )
-}
-
-/// Prints a report as JSON or text, or the error; the exit code says which.
-fn report<E: std::fmt::Display>(
-    command: &str,
-    json: bool,
-    result: Result<(serde_json::Result<String>, String), E>,
-) -> ExitCode {
-    match result {
-        Ok((as_json, text)) => {
-            if json {
-                println!("{}", as_json.unwrap_or_default());
-            } else {
-                print!("{text}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("splitserve {command}: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 
 fn diagnose(args: DiagnoseArgs) -> ExitCode {
     let json = args.json;
     let result = splitserve::diagnose::run(&args.into_config());
-    report(
+    splitserve_client::commands::report(
         "diagnose",
         json,
         result.map(|r| (serde_json::to_string(&r), r.render())),
     )
-}
-
-fn probe(args: ProbeArgs) -> ExitCode {
-    let args = args.into_config();
-    let runtime = match client_runtime(1) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    match runtime.block_on(splitserve::client::probe(&args)) {
-        Ok(status) => {
-            println!("{} {:?}: {status}", args.addr, args.service);
-            if status == "SERVING" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("splitserve probe: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 fn config_error(msg: impl std::fmt::Display) -> ExitCode {
@@ -106,7 +35,11 @@ fn config_error(msg: impl std::fmt::Display) -> ExitCode {
 fn serve(args: ServeArgs) -> ExitCode {
     let telemetry = args.telemetry_config();
     let endpoint = telemetry::otel::otlp_endpoint(telemetry.otlp_endpoint.as_deref());
-    let guard = match telemetry::otel::init(telemetry.log_format, endpoint.as_deref()) {
+    let guard = match telemetry::otel::init(
+        telemetry.log_format,
+        endpoint.as_deref(),
+        telemetry.access_log,
+    ) {
         Ok(guard) => guard,
         Err(e) => return config_error(e),
     };
@@ -141,25 +74,27 @@ fn serve_with_telemetry(config: ServerConfig) -> ExitCode {
         let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_addr))?;
-        let admin = tokio::net::TcpListener::bind(config.metrics_addr)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen on {} (--metrics-addr): {e}",
-                    config.metrics_addr
-                )
-            })?;
-        let http = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--http-addr): {e}", config.http_addr))?;
-        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, metrics = %admin.local_addr()?, "listening");
+        let admin = match config.metrics_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {addr} (--metrics-addr): {e}")
+            })?),
+            None => None,
+        };
+        let http = match config.http_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {addr} (--http-addr): {e}")
+            })?),
+            None => None,
+        };
+        let local = |l: &Option<tokio::net::TcpListener>| {
+            l.as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map_or_else(|| "off".to_string(), |a| a.to_string())
+        };
+        tracing::info!(grpc = %grpc.local_addr()?, http = %local(&http), metrics = %local(&admin), "listening");
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let listeners = Listeners {
-            grpc,
-            admin: Some(admin),
-            http: Some(http),
-        };
+        let listeners = Listeners { grpc, admin, http };
         splitserve::run(config, listeners, shutdown)
             .await
             .map_err(anyhow::Error::from)

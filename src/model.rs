@@ -314,7 +314,7 @@ impl Model {
                 let digest =
                     file_sha256(path).map_err(|e| load_err(shown.clone(), e.to_string()))?;
                 let mut m = CModule::load_on_device(path, device)
-                    .map_err(|e| load_err(shown.clone(), clean_torch_message(&e.to_string())))?;
+                    .map_err(|e| load_err(shown.clone(), not_torchscript_hint(&e.to_string())))?;
                 m.set_eval();
                 // Clients see the content's digest, never the file's path.
                 (
@@ -754,6 +754,30 @@ fn ivalue_kind(v: &IValue) -> &'static str {
         IValue::TensorList(_) | IValue::GenericList(_) => "a list",
         IValue::GenericDict(_) => "a dict",
         _ => "a non-tensor value",
+    }
+}
+
+/// libtorch's message for a file that is not TorchScript, with what to do.
+/// A `torch.save` pickle or a `torch.export` (.pt2) archive fails with
+/// "constants.pkl: file not found ... corrupted", which names no fix.
+fn not_torchscript_hint(raw: &str) -> String {
+    let msg = clean_torch_message(raw);
+    let looks_wrong = [
+        "constants.pkl",
+        "PytorchStreamReader",
+        "file not found",
+        "zip archive",
+    ]
+    .iter()
+    .any(|k| raw.contains(k));
+    if looks_wrong {
+        format!(
+            "{msg}. This file is not TorchScript: a torch.save() pickle or a torch.export \
+             (.pt2) archive cannot be served. Save the module with \
+             torch.jit.script(model).save(path) (or torch.jit.trace(model, example).save(path))"
+        )
+    } else {
+        msg
     }
 }
 

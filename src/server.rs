@@ -31,10 +31,11 @@ use crate::{TORCH_VERSION, admin, grpc, http};
 pub struct ServerConfig {
     /// Where the gRPC server listens (the caller binds it; kept for logs).
     pub grpc_addr: SocketAddr,
-    /// Where the admin sidecar listens (the caller binds it).
-    pub metrics_addr: SocketAddr,
-    /// Where the Open Inference Protocol's HTTP/REST front-end listens (the caller binds it).
-    pub http_addr: SocketAddr,
+    /// Where the admin sidecar listens (the caller binds it); None: off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where the Open Inference Protocol's HTTP/REST front-end listens (the
+    /// caller binds it); None: off.
+    pub http_addr: Option<SocketAddr>,
     pub telemetry: TelemetryConfig,
     /// The thread plan as requested; `engine.plan` is what it came to.
     pub threads: PlanRequest,

@@ -21,6 +21,8 @@ use splitserve::grpc::pb::compute_service_client::ComputeServiceClient;
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<Span>>>,
+    /// service.name of every resource that exported spans.
+    services: Arc<Mutex<Vec<String>>>,
 }
 
 #[tonic::async_trait]
@@ -31,6 +33,18 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
+            if let Some(r) = &rs.resource {
+                for kv in &r.attributes {
+                    if kv.key == "service.name" {
+                        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+                        if let Some(Value::StringValue(s)) =
+                            kv.value.as_ref().and_then(|v| v.value.as_ref())
+                        {
+                            self.services.lock().unwrap().push(s.clone());
+                        }
+                    }
+                }
+            }
             for ss in rs.scope_spans {
                 spans.extend(ss.spans);
             }
@@ -87,6 +101,7 @@ async fn spans_continue_the_callers_trace() {
         ])
         .args(["--model", "k=builtin:scale:2"])
         .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
+        .env("OTEL_SERVICE_NAME", "top-half")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -114,6 +129,15 @@ async fn spans_continue_the_callers_trace() {
         format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
     );
     client.compute(req).await.unwrap();
+    // A client that cannot set gRPC headers puts traceparent in the request's
+    // own metadata map: the same trace continues.
+    let other_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut in_map = common::request("", &[3.0], &[1, 1]);
+    in_map.metadata.insert(
+        "traceparent".into(),
+        format!("00-{other_trace}-b7ad6b7169203331-01"),
+    );
+    client.compute(in_map).await.unwrap();
 
     // SIGTERM: the server drains and flushes its spans before exiting.
     let status = Command::new("kill")
@@ -137,6 +161,17 @@ async fn spans_continue_the_callers_trace() {
             })
             .clone()
     };
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "Compute" && hex(&s.trace_id) == other_trace),
+        "traceparent from the request's metadata map was not followed"
+    );
+    let services = receiver.services.lock().unwrap().clone();
+    assert!(
+        !services.is_empty() && services.iter().all(|s| s == "top-half"),
+        "service.name does not follow OTEL_SERVICE_NAME: {services:?}"
+    );
     let rpc = find("Compute");
     assert_eq!(
         hex(&rpc.parent_span_id),

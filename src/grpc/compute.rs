@@ -95,7 +95,14 @@ impl ComputeApi {
             self.check_forward_id(id)?;
         }
         let hint = req.metadata.get(DTYPE_KEY).cloned();
+        let request_bytes = req.data.len();
         let (input, enc) = self.decode(req.data, &req.shape, hint).await?;
+        let encoding = encoding_label(enc);
+        let m = self.engine.metrics();
+        m.request_bytes
+            .with_label_values(&[protocol::SPLITLEARN, &encoding])
+            .observe(request_bytes as f64);
+        super::layers::note_payload(Some(request_bytes as u64), None);
         // The KV tensors use splitlearn_comm's float encodings, like the input.
         let kv_enc = Encoding {
             explicit: false,
@@ -130,6 +137,10 @@ impl ComputeApi {
             .await?;
         let shape = wire_shape(&out.tensor)?;
         let data = self.encode(&out.tensor, enc).await?;
+        m.response_bytes
+            .with_label_values(&[protocol::SPLITLEARN, &encoding])
+            .observe(data.len() as f64);
+        super::layers::note_payload(None, Some(data.len() as u64));
         let present_key_values = out
             .present_key_values
             .chunks_exact(2)
@@ -378,7 +389,19 @@ impl ComputeApi {
     ) -> Result<T, Status> {
         let metrics = self.engine.metrics();
         let result = result.map_err(|e| {
-            tracing::debug!(error = %e, method, "request failed");
+            let internal = matches!(
+                &e,
+                ServeError::Engine(EngineError::Internal(_))
+                    | ServeError::Engine(EngineError::Model(
+                        crate::model::ModelError::Internal { .. }
+                    ))
+            );
+            if internal {
+                // The model misbehaved on valid input: the operator's to fix.
+                tracing::warn!(error = %e, method, "request failed with INTERNAL");
+            } else {
+                tracing::debug!(error = %e, method, "request failed");
+            }
             if e.is_invalid_input() {
                 metrics
                     .rejected
@@ -406,6 +429,16 @@ impl ComputeApi {
             arrival,
             code,
         );
+    }
+}
+
+/// The `encoding` label of a ComputeService payload: its dtype, `+zlib` when
+/// compressed (a handful of values, never client text).
+fn encoding_label(enc: Encoding) -> String {
+    if enc.compressed {
+        format!("{}+zlib", enc.dtype.name())
+    } else {
+        enc.dtype.name().to_string()
     }
 }
 
@@ -440,7 +473,11 @@ impl ComputeService for ComputeApi {
             request_id = ?request.get_ref().request_id,
             shape = ?short(&request.get_ref().shape),
         );
-        otel::continue_trace(&span, request.metadata());
+        if request.metadata().get("traceparent").is_some() {
+            otel::continue_trace(&span, request.metadata());
+        } else {
+            otel::continue_trace_from_map(&span, &request.get_ref().metadata);
+        }
         let scope = if request.get_ref().training_mode == Some(true) {
             Scope::Train
         } else {

@@ -319,7 +319,19 @@ impl InferenceApi {
     ) -> Result<T, Status> {
         let metrics = self.engine.metrics();
         let result = result.map_err(|e| {
-            tracing::debug!(error = %e, method, "request failed");
+            let internal = matches!(
+                &e,
+                ServeError::Engine(EngineError::Internal(_))
+                    | ServeError::Engine(EngineError::Model(
+                        crate::model::ModelError::Internal { .. }
+                    ))
+            );
+            if internal {
+                // The model misbehaved on valid input: the operator's to fix.
+                tracing::warn!(error = %e, method, "request failed with INTERNAL");
+            } else {
+                tracing::debug!(error = %e, method, "request failed");
+            }
             if e.is_invalid_input() {
                 metrics
                     .rejected
@@ -576,7 +588,18 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
                 grpc_deadline,
                 timeout_parameter(&req.parameters).and_then(|d| arrival.checked_add(d)),
             );
+            let typed = req.raw_input_contents.is_empty();
             let inputs = grpc_inputs(&mut req)?;
+            let metrics = self.0.engine.metrics();
+            let encoding = if typed { "typed" } else { "raw" };
+            metrics
+                .request_bytes
+                .with_label_values(&[protocol::V2_GRPC, encoding])
+                .observe(inputs.iter().map(|i| i.data.len()).sum::<usize>() as f64);
+            super::layers::note_payload(
+                Some(inputs.iter().map(|i| i.data.len() as u64).sum()),
+                None,
+            );
             let reply = self
                 .0
                 .infer(InferRequest {
@@ -594,6 +617,20 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
                 id: reply.id,
                 ..Default::default()
             };
+            metrics
+                .response_bytes
+                .with_label_values(&[protocol::V2_GRPC, "raw"])
+                .observe(
+                    reply
+                        .outputs
+                        .iter()
+                        .map(|(_, t)| t.data.len())
+                        .sum::<usize>() as f64,
+                );
+            super::layers::note_payload(
+                None,
+                Some(reply.outputs.iter().map(|(_, t)| t.data.len() as u64).sum()),
+            );
             for (name, t) in reply.outputs {
                 response
                     .outputs

@@ -26,6 +26,30 @@ use crate::listen::ConnInfo;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::limit;
 
+tokio::task_local! {
+    /// Payload bytes in and out of the request being served, for the access
+    /// log: set by whoever decodes or encodes tensors, read when it is counted.
+    static PAYLOAD: std::cell::Cell<(u64, u64)>;
+}
+
+/// Records a request's payload bytes (tensor bytes in, out) for its access log line.
+pub fn note_payload(bytes_in: Option<u64>, bytes_out: Option<u64>) {
+    let _ = PAYLOAD.try_with(|p| {
+        let (i, o) = p.get();
+        p.set((bytes_in.unwrap_or(i), bytes_out.unwrap_or(o)));
+    });
+}
+
+/// The payload bytes noted for the request being served, (0, 0) if none.
+pub fn payload() -> (u64, u64) {
+    PAYLOAD.try_with(std::cell::Cell::get).unwrap_or((0, 0))
+}
+
+/// Runs a request's future with a place for its payload bytes.
+pub fn with_payload<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    PAYLOAD.scope(std::cell::Cell::new((0, 0)), f)
+}
+
 /// Health checks are never refused for lack of a token or of memory budget:
 /// the kubelet must always be able to ask.
 fn is_health(path: &str) -> bool {
@@ -152,7 +176,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let res = inner.call(req).await?;
+            let res = with_payload(inner.call(req)).await?;
             let res = rewrite_status(res);
             // The reservation and the connection's activity last until the
             // reply has been written.

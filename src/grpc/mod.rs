@@ -149,10 +149,27 @@ pub fn observe(
         .requests
         .with_label_values(&[model, protocol, method, code_name(code)])
         .inc();
+    let elapsed = arrival.elapsed();
     metrics
         .request_duration
         .with_label_values(&[model, protocol, method])
-        .observe(arrival.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
+    // Off unless --access-log (or RUST_LOG) turns this target on.
+    if tracing::enabled!(target: "splitserve::access", tracing::Level::INFO) {
+        let (bytes_in, bytes_out) = layers::payload();
+        tracing::info!(
+            target: "splitserve::access",
+            model,
+            protocol,
+            method,
+            code = code_name(code),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            bytes_in,
+            bytes_out,
+            trace_id = crate::telemetry::otel::trace_id(&tracing::Span::current()).unwrap_or_default(),
+            "request"
+        );
+    }
 }
 
 /// gRPC's canonical code names, as the `code` label spells them.

@@ -20,6 +20,21 @@ pub const LATENCY_BUCKETS: [f64; 19] = [
     2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Payload-size buckets, 256 B to 256 MiB by powers of 4.
+pub const SIZE_BUCKETS: [f64; 11] = [
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+];
+
 /// Batch-size buckets (requests per forward).
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -72,6 +87,13 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     /// Bytes of request messages reserved now (--max-inflight-bytes).
     pub inflight_bytes: IntGauge,
+    /// Every served model, value 1: name, version, device and content digest
+    /// (sha256 of a TorchScript file, or the built-in spec), for dashboards.
+    pub model_info: IntGaugeVec,
+    /// Size of request payloads (tensor bytes as sent), by protocol and encoding.
+    pub request_bytes: HistogramVec,
+    /// Size of reply payloads, by protocol and encoding.
+    pub response_bytes: HistogramVec,
     /// Read at scrape time (`Metrics::render`): context switches of every thread.
     context_switches: IntCounterVec,
     /// cgroup CPU throttling; no label, so no series until the cgroup reports it.
@@ -238,9 +260,9 @@ impl Metrics {
             training_events: IntCounterVec::new(
                 Opts::new(
                     "splitserve_training_events_total",
-                    "Split-training events: forward, backward, optimizer_step, step_rejected, eviction, expiry, checkpoint.",
+                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, eviction, expiry, checkpoint.",
                 ),
-                &["event"],
+                &["model", "event"],
             )?,
             limit_rejections: IntCounterVec::new(
                 Opts::new(
@@ -276,6 +298,25 @@ impl Metrics {
                     "Connections open now, by port.",
                 ),
                 &["port"],
+            )?,
+            model_info: IntGaugeVec::new(
+                Opts::new(
+                    "splitserve_model_info",
+                    "Served models: name, version, device and content digest; always 1.",
+                ),
+                &["model", "version", "device", "digest"],
+            )?,
+            request_bytes: histogram(
+                "splitserve_request_bytes",
+                "Size of request tensor payloads, by protocol and encoding.",
+                &["protocol", "encoding"],
+                &SIZE_BUCKETS,
+            )?,
+            response_bytes: histogram(
+                "splitserve_response_bytes",
+                "Size of reply tensor payloads, by protocol and encoding.",
+                &["protocol", "encoding"],
+                &SIZE_BUCKETS,
             )?,
             connections: IntCounterVec::new(
                 Opts::new(
@@ -362,6 +403,9 @@ impl Metrics {
         r.register(Box::new(m.credential_reloads.clone()))?;
         r.register(Box::new(m.open_connections.clone()))?;
         r.register(Box::new(m.connections.clone()))?;
+        r.register(Box::new(m.model_info.clone()))?;
+        r.register(Box::new(m.request_bytes.clone()))?;
+        r.register(Box::new(m.response_bytes.clone()))?;
         r.register(Box::new(m.inflight_bytes.clone()))?;
         r.register(Box::new(build_info))?;
         r.register(Box::new(m.context_switches.clone()))?;

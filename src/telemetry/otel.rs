@@ -23,6 +23,8 @@ use tracing_subscriber::{Layer, fmt as tfmt};
 #[serde(default)]
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
+    /// One structured line per request (target `splitserve::access`).
+    pub access_log: bool,
     /// OTLP/gRPC collector; None falls back to OTEL_EXPORTER_OTLP_ENDPOINT.
     pub otlp_endpoint: Option<String>,
 }
@@ -131,15 +133,26 @@ pub fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
 pub fn init(
     format: LogFormat,
     otlp_endpoint: Option<&str>,
+    access_log: bool,
 ) -> Result<TelemetryGuard, TelemetryError> {
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The access log is its own target, off unless asked for (RUST_LOG wins).
+    let default = if access_log {
+        "info,splitserve::access=info"
+    } else {
+        "info,splitserve::access=off"
+    };
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let fmt_layer = match format {
         LogFormat::Json => tfmt::layer()
             .json()
             .flatten_event(true)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text => tfmt::layer().with_writer(std::io::stderr).boxed(),
+        // Colour only for a person at a terminal, never into a file or a pipe.
+        LogFormat::Text => tfmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
     }
     .with_filter(log_filter);
 
@@ -148,15 +161,7 @@ pub fn init(
         Some(endpoint) => {
             let p = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter(endpoint)?)
-                .with_resource(
-                    Resource::builder()
-                        .with_service_name("splitserve")
-                        .with_attribute(opentelemetry::KeyValue::new(
-                            "service.version",
-                            env!("CARGO_PKG_VERSION"),
-                        ))
-                        .build(),
-                )
+                .with_resource(resource())
                 .build();
             let tracer = p.tracer("splitserve");
             provider = Some(p);
@@ -173,6 +178,56 @@ pub fn init(
         .with(otel_layer)
         .try_init();
     Ok(TelemetryGuard { provider })
+}
+
+/// The service's resource: `service.name` from `OTEL_SERVICE_NAME` (and other
+/// attributes from `OTEL_RESOURCE_ATTRIBUTES`, which the SDK reads), else
+/// "splitserve".
+fn resource() -> Resource {
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty());
+    let builder = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name("splitserve").build()
+    }
+}
+
+/// The trace id of the current span, for logs; None without tracing.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Reads W3C trace context from the ComputeRequest's `metadata` map.
+struct MapExtractor<'a>(&'a std::collections::HashMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Like [`continue_trace`], from a request's own `metadata` map (clients
+/// that cannot set gRPC headers put `traceparent` there).
+pub fn continue_trace_from_map(
+    span: &tracing::Span,
+    map: &std::collections::HashMap<String, String>,
+) {
+    if !map.contains_key("traceparent") {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&MapExtractor(map));
+    let _ = span.set_parent(cx);
 }
 
 /// Reads W3C trace context from gRPC metadata.

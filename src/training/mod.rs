@@ -277,6 +277,36 @@ pub struct TrainingStats {
     /// Optimizer steps rolled back because a parameter would have become NaN or Inf.
     pub steps_rejected: AtomicU64,
     pub checkpoints_saved: AtomicU64,
+    /// The same events per model, in model order, for the `model` label.
+    pub per_model: Vec<ModelEvents>,
+}
+
+/// One model's training events (see [`TrainingStats`]).
+#[derive(Debug, Default)]
+pub struct ModelEvents {
+    pub forwards: AtomicU64,
+    pub backwards: AtomicU64,
+    pub optimizer_steps: AtomicU64,
+    pub steps_rejected: AtomicU64,
+    pub evicted: AtomicU64,
+    pub expired: AtomicU64,
+    pub checkpoints_saved: AtomicU64,
+}
+
+impl ModelEvents {
+    /// (event label, count) pairs, as `splitserve_training_events_total` names them.
+    pub fn events(&self) -> [(&'static str, u64); 7] {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("forward", load(&self.forwards)),
+            ("backward", load(&self.backwards)),
+            ("optimizer_step", load(&self.optimizer_steps)),
+            ("step_rejected", load(&self.steps_rejected)),
+            ("eviction", load(&self.evicted)),
+            ("expiry", load(&self.expired)),
+            ("checkpoint", load(&self.checkpoints_saved)),
+        ]
+    }
 }
 
 /// What one training forward left for its backward.
@@ -400,7 +430,10 @@ impl Training {
             store: Mutex::new(Store::default()),
             models: (0..models).map(|_| Mutex::default()).collect(),
             model_steps: (0..models).map(|_| AtomicU64::new(0)).collect(),
-            stats: TrainingStats::default(),
+            stats: TrainingStats {
+                per_model: (0..models).map(|_| ModelEvents::default()).collect(),
+                ..Default::default()
+            },
             next_sweep_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -432,6 +465,13 @@ impl Training {
 
     pub fn stats(&self) -> &TrainingStats {
         &self.stats
+    }
+
+    /// Counts one event of model `index` for the `model` label.
+    fn count_event(&self, index: usize, event: fn(&ModelEvents) -> &AtomicU64) {
+        if let Some(e) = self.stats.per_model.get(index) {
+            event(e).fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The model that must run the backward of `forward_id`. Runs on io
@@ -524,6 +564,7 @@ impl Training {
         };
         self.insert(forward_id, entry)?;
         self.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        self.count_event(index, |e| &e.forwards);
         Ok(reply)
     }
 
@@ -567,6 +608,9 @@ impl Training {
         self.stats
             .evicted
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        for e in &evicted {
+            self.count_event(e.model, |e| &e.evicted);
+        }
         // The evicted graphs are freed here, outside the lock, on this worker.
         drop(evicted);
         Ok(())
@@ -594,6 +638,9 @@ impl Training {
         self.stats
             .expired
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        for e in &expired {
+            self.count_event(e.model, |e| &e.expired);
+        }
     }
 
     fn publish(&self, store: &Store) {
@@ -696,6 +743,7 @@ impl Training {
         }
         drop(state);
         self.stats.backwards.fetch_add(1, Ordering::Relaxed);
+        self.count_event(index, |e| &e.backwards);
         match grad_input {
             Some(gi) if gi.defined() => Ok(model::from_tensor(model, &gi, enc)?),
             // No gradient with respect to the input (integer input): empty.
@@ -772,6 +820,7 @@ impl Training {
                     return Err(internal(model, e));
                 }
                 self.stats.steps_rejected.fetch_add(1, Ordering::Relaxed);
+                self.count_event(index, |e| &e.steps_rejected);
                 tracing::warn!(
                     model = %model.name,
                     lr,
@@ -786,6 +835,7 @@ impl Training {
         drop(version);
         state.steps += 1;
         self.stats.optimizer_steps.fetch_add(1, Ordering::Relaxed);
+        self.count_event(index, |e| &e.optimizer_steps);
         self.model_steps[index].fetch_add(1, Ordering::Relaxed);
         let every = self.config.checkpoint_every;
         if every > 0 && state.steps % every == 0 {
@@ -804,6 +854,9 @@ impl Training {
             Ok(Some(file)) => {
                 state.saved_at = state.steps;
                 self.stats.checkpoints_saved.fetch_add(1, Ordering::Relaxed);
+                if let Some(i) = self.config.names.iter().position(|n| *n == model.name) {
+                    self.count_event(i, |e| &e.checkpoints_saved);
+                }
                 tracing::info!(
                     model = %model.name,
                     steps = state.steps,

@@ -494,6 +494,7 @@ def test_helm_test_pod_probes_the_service(key: str) -> None:
         ]
         assert c["image"] == "registry.example.com/mirror/busybox:1.37"
     else:
+        assert c["command"] == ["splitserve-client"]
         assert c["args"] == [
             "probe",
             "--addr",
@@ -531,11 +532,36 @@ def test_service_monitor_scrapes_the_metrics_port() -> None:
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
-def test_prometheus_rule_carries_the_alerts_file() -> None:
-    rule = one(objects("all"), "PrometheusRule")
+def _alerts(rule: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def test_prometheus_rule_carries_the_alerts_file(chart) -> None:
+    """With the default thresholds the PrometheusRule is dashboards/alerts.yaml."""
+    objs = [o for _, o in render_deploy.manifests(
+        chart.render({"prometheusRule": {"enabled": True}}, name="splitserve", namespace="ml"))]
+    rule = one(objs, "PrometheusRule")
     want = yaml.safe_load((DASHBOARDS / "alerts.yaml").read_text(encoding="utf-8"))
     assert rule["spec"] == want
     assert [g["name"] for g in rule["spec"]["groups"]]
+
+
+def test_prometheus_rule_follows_the_values() -> None:
+    """values-all.yaml: its own runbook URL, p99 objective and scrape job."""
+    rule = one(objects("all"), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = _alerts(rule)
+    base = VALUE_SETS["all"]["prometheusRule"]["runbookUrl"]
+    for name, r in alerts.items():
+        assert r["annotations"]["runbook_url"] == f"{base}#{name.lower()}", name
+        assert "runbook" not in r["annotations"], name
+    p99 = alerts["SplitserveLatencyP99AboveObjective"]
+    assert re.search(r"\) > 1\.5\s*$", p99["expr"]), p99["expr"]
+    assert "{{ 1.5 | humanizeDuration }}" in p99["annotations"]["summary"]
+    assert 'up{job="splitserve-metrics"} == 0' in alerts["SplitserveTargetDown"]["expr"]
+    # The Deployment the readiness alert watches is the chart's own.
+    deployment = one(objects("all"), "Deployment")["metadata"]["name"]
+    assert f'deployment="{deployment}"' in alerts["SplitservePodsNotReady"]["expr"]
 
 
 def test_hpa_scales_on_cpu_and_queue_depth() -> None:
@@ -939,6 +965,13 @@ def chart():
         ({"kserve": {"servingRuntime": {"name": "Splitserve_Runtime"}}}, "/kserve/servingRuntime/name"),
         ({"kserve": {"servingRuntime": {"warmupShape": "1x4,1x4"}}}, "/kserve/servingRuntime/warmupShape"),
         ({"kserve": {"runtime": {"enabled": True}}}, "runtime"),
+        ({"prometheusRule": {"thresholds": {"p99LatencySecond": 1}}}, "p99LatencySecond"),
+        ({"prometheusRule": {"thresholds": {"p99LatencySeconds": "250ms"}}}, "/prometheusRule/thresholds/p99LatencySeconds"),
+        ({"prometheusRule": {"thresholds": {"p99LatencySeconds": 0}}}, "/prometheusRule/thresholds/p99LatencySeconds"),
+        ({"prometheusRule": {"thresholds": {"queueSaturationRatio": 80}}}, "/prometheusRule/thresholds/queueSaturationRatio"),
+        ({"prometheusRule": {"thresholds": {"rejectionRatio": -0.1}}}, "/prometheusRule/thresholds/rejectionRatio"),
+        ({"prometheusRule": {"runbookUrl": "docs/run books.md"}}, "/prometheusRule/runbookUrl"),
+        ({"prometheusRule": {"runbook": "docs/runbooks.md"}}, "runbook"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str) -> None:
@@ -1076,7 +1109,9 @@ def test_readme_documents_every_value() -> None:
 
 
 def test_chart_copies_of_dashboard_files_are_identical() -> None:
-    for name in ("alerts.yaml", "splitserve-contention.json"):
+    # dashboards/alerts.yaml is rendered from the chart instead (render_deploy --check).
+    assert not (CHART / "files" / "alerts.yaml").exists(), "the rules live in templates/_alerts.tpl"
+    for name in ("splitserve-contention.json",):
         chart_copy = CHART / "files" / name
         assert chart_copy.read_bytes() == (DASHBOARDS / name).read_bytes(), (
             f"helm/splitserve/files/{name} differs from dashboards/{name}: "

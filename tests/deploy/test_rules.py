@@ -1,6 +1,7 @@
-"""dashboards/: the Prometheus alerts (checked and unit-tested with promtool) and
+"""dashboards/: the Prometheus alerts (rendered from the chart, checked and
+unit-tested with promtool, thresholds from the values, a runbook for each) and
 the Grafana dashboard (parses, has its variables, every query is valid PromQL
-filtered by the dashboard's variables)."""
+filtered by the dashboard's variables, no made-up percentiles)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,39 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy_support import DASHBOARDS, promtool
+from deploy_support import CHART, DASHBOARDS, ROOT, promtool, render_deploy
 
 ALERTS = DASHBOARDS / "alerts.yaml"
 ALERT_TESTS = DASHBOARDS / "alerts.test.yaml"
 DASHBOARD = DASHBOARDS / "splitserve-contention.json"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+OBSERVABILITY = ROOT / "docs" / "observability.md"
 
 EXPECTED_ALERTS = {
     "SplitserveQueueSaturated",
     "SplitserveHighRejectionRate",
+    "SplitserveInternalErrors",
     "SplitserveLatencyP99AboveObjective",
+    "SplitserveTargetDown",
+    "SplitservePodsNotReady",
     "SplitserveWorkerStalled",
     "SplitserveThreadsAboveCpuBudget",
     "SplitserveCpuThrottled",
 }
+
+#: Alert -> the prometheusRule.thresholds value its expression compares with.
+THRESHOLDS = {
+    "SplitserveQueueSaturated": "queueSaturationRatio",
+    "SplitserveHighRejectionRate": "rejectionRatio",
+    "SplitserveInternalErrors": "internalErrorsPerSecond",
+    "SplitserveLatencyP99AboveObjective": "p99LatencySeconds",
+    "SplitserveCpuThrottled": "cpuThrottledSecondsPerSecond",
+}
+
+
+def default_thresholds() -> dict[str, float]:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    return values["prometheusRule"]["thresholds"]
 
 
 def run_promtool(*args: str, cwd: Path = DASHBOARDS) -> subprocess.CompletedProcess:
@@ -83,10 +103,23 @@ def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
 def test_every_alert_is_documented() -> None:
     rules = alert_rules()
     assert {r["alert"] for r in rules} == EXPECTED_ALERTS
+    runbooks = RUNBOOKS.read_text(encoding="utf-8")
+    table = OBSERVABILITY.read_text(encoding="utf-8")
     for r in rules:
-        assert r["labels"]["severity"] in {"warning", "critical"}, r["alert"]
-        for key in ("summary", "description", "runbook"):
-            assert r["annotations"].get(key, "").strip(), f"{r['alert']}: no {key}"
+        name = r["alert"]
+        assert r["labels"]["severity"] in {"warning", "critical"}, name
+        for key in ("summary", "description", "runbook_url"):
+            assert r["annotations"].get(key, "").strip(), f"{name}: no {key}"
+        # The conventional annotation, linking to the alert's section of docs/runbooks.md.
+        assert set(r["annotations"]) == {"summary", "description", "runbook_url"}, name
+        assert r["annotations"]["runbook_url"] == f"docs/runbooks.md#{name.lower()}", name
+        assert re.search(rf"^## {name}$", runbooks, re.M), f"docs/runbooks.md has no section {name}"
+        # docs/observability.md lists it, with its runbook.
+        row = re.search(rf"^\| `{name}` \|.*$", table, re.M)
+        assert row, f"docs/observability.md: no row for {name}"
+        assert f"(runbooks.md#{name.lower()})" in row.group(0), name
+    sections = re.findall(r"^## (\w+)$", runbooks, re.M)
+    assert sorted(sections) == sorted(EXPECTED_ALERTS), "a runbook section without its alert"
 
 
 def test_every_alert_has_firing_and_quiet_cases() -> None:
@@ -104,11 +137,71 @@ def test_every_alert_has_firing_and_quiet_cases() -> None:
 def test_thresholds_are_the_documented_ones() -> None:
     exprs = {r["alert"]: r["expr"] for r in alert_rules()}
     fors = {r["alert"]: r["for"] for r in alert_rules()}
-    assert "> 0.8" in exprs["SplitserveQueueSaturated"] and fors["SplitserveQueueSaturated"] == "5m"
-    assert "> 2.5" in exprs["SplitserveLatencyP99AboveObjective"]
+    thresholds = default_thresholds()
+    assert set(thresholds) == set(THRESHOLDS.values())
+    assert thresholds["p99LatencySeconds"] == 0.25, "a millisecond-scale objective, not seconds"
+    table = OBSERVABILITY.read_text(encoding="utf-8")
+    for alert, key in THRESHOLDS.items():
+        value = thresholds[key]
+        # The comparison ends the expression: `... > <threshold>`.
+        assert re.search(rf">\s*{re.escape(str(value))}\s*$", exprs[alert]), (alert, exprs[alert])
+        row = re.search(rf"^\| `{alert}` \|.*$", table, re.M).group(0)
+        assert f"`{key}`" in row, f"docs/observability.md does not name {key} for {alert}"
+    assert fors["SplitserveQueueSaturated"] == "5m"
     assert 'state="stalled"' in exprs["SplitserveWorkerStalled"] and fors["SplitserveWorkerStalled"] == "1m"
-    assert "> 0.05" in exprs["SplitserveHighRejectionRate"]
-    assert "> 0.25" in exprs["SplitserveCpuThrottled"]
+    assert 'code="INTERNAL"' in exprs["SplitserveInternalErrors"]
+    assert 'up{job="splitserve"} == 0' in exprs["SplitserveTargetDown"]
+    assert "kube_deployment_status_replicas_unavailable" in exprs["SplitservePodsNotReady"]
+
+
+def test_window_and_for_match_the_text() -> None:
+    """What an alert says about time is what its query and `for` do."""
+    for r in alert_rules():
+        text = " ".join(r["annotations"][k] for k in ("summary", "description"))
+        windows = set(re.findall(r"\[(\d+)m\]", r["expr"]))
+        # "over (the last) N minutes" is the query's range; "for (the last) N minutes" its `for`.
+        over = set(re.findall(r"over\s+(?:the\s+last\s+)?(\d+)\s+minutes", text))
+        held = set(re.findall(r"for\s+(?:the\s+last\s+)?(\d+)\s+minutes", text))
+        assert over <= windows, f"{r['alert']}: text says over {over} minutes, the query uses {windows}"
+        assert held <= {r["for"].removesuffix("m")}, f"{r['alert']}: text says for {held} minutes, for: {r['for']}"
+        assert over | held or r["alert"] in {"SplitserveWorkerStalled", "SplitserveThreadsAboveCpuBudget"}, r["alert"]
+
+
+def test_alert_file_is_the_chart_rendered_with_defaults() -> None:
+    assert ALERTS.read_text(encoding="utf-8") == render_deploy.alert_rules_file(), (
+        "dashboards/alerts.yaml is stale: run .venv/bin/python scripts/render_deploy.py"
+    )
+
+
+def test_thresholds_and_job_come_from_the_values(tmp_path: Path) -> None:
+    """Every threshold reaches its expression: raised above what the unit tests'
+    firing cases reach, those alerts stay quiet; another job name silences
+    SplitserveTargetDown; the runbook URL is the value's."""
+    raised = {
+        "queueSaturationRatio": 0.9,          # the test queue is 87.89% full
+        "rejectionRatio": 0.2,                # 10% rejected
+        "internalErrorsPerSecond": 0.5,       # 1 INTERNAL a minute
+        "p99LatencySeconds": 1,               # p99 497.5 ms
+        "cpuThrottledSecondsPerSecond": 0.6,  # 0.5 s/s
+    }
+    url = "https://git.example.com/ml/splitserve/blob/main/docs/runbooks.md"
+    values = {"prometheusRule": {"enabled": True, "thresholds": raised, "job": "other-job", "runbookUrl": url}}
+    (tmp_path / "alerts.yaml").write_text(render_deploy.alert_rules_file(values), encoding="utf-8")
+    proc = run_promtool("check", "rules", "alerts.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    silenced = set(THRESHOLDS) | {"SplitserveTargetDown"}
+    tests = yaml.safe_load(ALERT_TESTS.read_text(encoding="utf-8"))
+    for group in tests["tests"]:
+        for case in group.get("alert_rule_test", []):
+            if case["alertname"] in silenced:
+                case["exp_alerts"] = []
+            for alert in case.get("exp_alerts", []):
+                ann = alert["exp_annotations"]
+                ann["runbook_url"] = ann["runbook_url"].replace("docs/runbooks.md", url)
+    (tmp_path / "alerts.test.yaml").write_text(yaml.safe_dump(tests), encoding="utf-8")
+    proc = run_promtool("test", "rules", "alerts.test.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------ dashboard
@@ -172,6 +265,7 @@ MODEL_LABELLED = (
     "splitserve_queue_depth",
     "splitserve_queue_capacity",
     "splitserve_batch_size",
+    "splitserve_model_info",
 )
 
 
@@ -211,12 +305,61 @@ def test_dashboard_covers_the_contention_signals(dashboard) -> None:
         "splitserve_gpu_memory_total_bytes",
         "splitserve_workers",
         "splitserve_inflight_requests",
+        # Limits and connections.
+        "splitserve_open_connections",
+        "splitserve_connections_total",
+        "splitserve_limit_rejections_total",
+        "splitserve_auth_failures_total",
+        # Models and payloads.
+        "splitserve_model_info",
+        "splitserve_request_bytes_sum",
+        "splitserve_response_bytes_sum",
     ):
         assert metric in exprs, metric
     for pool in ("process", "io", "inference", "intra_op", "inter_op"):
         assert re.search(rf'pool=~"[^"]*\b{pool}\b', exprs), pool
     for quantile in ("0.5", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le) (rate(splitserve_queue_duration" in exprs
+
+
+def test_no_percentiles_of_coarse_histograms(dashboard) -> None:
+    """Batch sizes (buckets 1, 2, 4, ...) and payload sizes (powers of 4) are
+    shown as exact means: a quantile interpolated inside such a bucket is not a
+    value that ever happened (p50 0.5 requests per forward with batching off)."""
+    for p in panels(dashboard):
+        for t in p["targets"]:
+            for metric in ("splitserve_batch_size", "splitserve_request_bytes", "splitserve_response_bytes"):
+                assert not re.search(rf"histogram_quantile\([^)]*{metric}", t["expr"]), (p["title"], t["expr"])
+
+
+def test_batch_size_panel_is_an_exact_mean(dashboard) -> None:
+    (panel,) = [p for p in panels(dashboard) if p["title"] == "Batch size"]
+    exprs = {t["refId"]: t["expr"] for t in panel["targets"]}
+    assert re.fullmatch(
+        r"sum by \(model\) \(rate\(splitserve_batch_size_sum\{[^}]*\}\[\$__rate_interval\]\)\)"
+        r" / sum by \(model\) \(rate\(splitserve_batch_size_count\{[^}]*\}\[\$__rate_interval\]\)\)",
+        exprs["A"],
+    ), exprs["A"]
+    assert 'le="1"' in exprs["B"] and exprs["B"].startswith("1 - "), exprs["B"]
+    assert "stays at 1" not in panel["description"] and "exactly 1" in panel["description"]
+
+
+def test_new_rows_are_laid_out(dashboard) -> None:
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows[-2:] == ["Limits and connections", "Models and payloads"]
+    (models,) = [p for p in panels(dashboard) if p["title"] == "Models"]
+    assert models["type"] == "table"
+    (target,) = models["targets"]
+    assert target["instant"] and target.get("format") == "table"
+    # No two panels overlap.
+    cells = set()
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, p["title"]
+                cells.add((x, y))
+        assert g["x"] + g["w"] <= 24, p["title"]
 
 
 def test_every_dashboard_query_is_valid_promql(dashboard, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def test_accumulated_steps_equal_torch_accumulation(pb, server_factory):
     import urllib.request
     text = urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=5).read().decode()
     for event, count in (("forward", 4), ("backward", 4), ("optimizer_step", 2)):
-        assert f'splitserve_training_events_total{{event="{event}"}} {count}' in text, event
+        assert f'splitserve_training_events_total{{event="{event}",model="top"}} {count}' in text, event
     assert "splitserve_activations_stored 0" in text
 
 

@@ -7,9 +7,32 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::codec::{RawTensor, WireDtype};
-use crate::grpc::pb::ComputeRequest;
-use crate::grpc::pb::compute_service_client::ComputeServiceClient;
+use crate::pb::ComputeRequest;
+use crate::pb::compute_service_client::ComputeServiceClient;
+
+/// The float encodings splitlearn_comm clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WireDtype {
+    F32,
+    F16,
+}
+
+impl WireDtype {
+    fn parse(s: &str) -> Option<WireDtype> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "float32" | "float" | "f32" => Some(WireDtype::F32),
+            "float16" | "half" | "f16" => Some(WireDtype::F16),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            WireDtype::F32 => "float32",
+            WireDtype::F16 => "float16",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -67,6 +90,11 @@ pub struct BenchReport {
     pub ok: u64,
     /// Failed requests by gRPC status code name.
     pub errors: BTreeMap<String, u64>,
+    /// Failed requests by code and message (the message cut short), so the
+    /// cause shows, not just the code.
+    pub error_messages: BTreeMap<String, u64>,
+    /// Failed requests out of all measured ones.
+    pub error_rate: f64,
     pub throughput_rps: f64,
     pub latency_ms: Latency,
 }
@@ -106,7 +134,7 @@ pub fn summarize(mut micros: Vec<u32>) -> Latency {
     }
 }
 
-fn payload(shape: &[i64], dtype: WireDtype) -> RawTensor {
+fn payload(shape: &[i64], dtype: WireDtype) -> Vec<u8> {
     let n: usize = shape.iter().map(|&d| d as usize).product();
     let mut x = 0x9e3779b9u32;
     let values: Vec<f32> = (0..n)
@@ -117,19 +145,13 @@ fn payload(shape: &[i64], dtype: WireDtype) -> RawTensor {
             (x % 2000) as f32 / 1000.0 - 1.0
         })
         .collect();
-    let mut t = RawTensor::from_f32(&values, shape);
-    if dtype == WireDtype::F16 {
-        let data: Vec<u8> = values
+    match dtype {
+        WireDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WireDtype::F16 => values
             .iter()
             .flat_map(|v| f32_to_f16_bits(*v).to_le_bytes())
-            .collect();
-        t = RawTensor {
-            data: data.into(),
-            shape: shape.to_vec(),
-            dtype,
-        };
+            .collect(),
     }
-    t
 }
 
 /// IEEE half from single, round-to-nearest-even (inputs here are small and finite).
@@ -161,15 +183,15 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
         ));
     }
     let dtype = match WireDtype::parse(&args.dtype) {
-        Some(d @ (WireDtype::F32 | WireDtype::F16)) => d,
-        _ => {
+        Some(d) => d,
+        None => {
             return Err(BenchError::Invalid(format!(
                 "--dtype must be float32 or float16, not {:?}",
                 args.dtype
             )));
         }
     };
-    let endpoint = crate::client::endpoint(&args.addr).map_err(BenchError::Address)?;
+    let endpoint = crate::probe::endpoint(&args.addr).map_err(BenchError::Address)?;
     let uri = endpoint.uri().to_string();
     let mut channels: Vec<Channel> = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -182,7 +204,7 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
     }
     let shape32: Vec<i32> = args.shape.iter().map(|&d| d as i32).collect();
     let request = ComputeRequest {
-        data: payload(&args.shape, dtype).data,
+        data: payload(&args.shape, dtype).into(),
         shape: shape32,
         model_id: args.model_id.clone(),
         ..Default::default()
@@ -200,6 +222,7 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut messages: BTreeMap<String, u64> = BTreeMap::new();
             loop {
                 let sent = Instant::now();
                 if sent >= end {
@@ -220,21 +243,29 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
                     ),
                     Err(status) => {
                         *errors.entry(format!("{:?}", status.code())).or_default() += 1;
+                        let message = crate::cut(status.message(), 160);
+                        *messages
+                            .entry(format!("{:?}: {message}", status.code()))
+                            .or_default() += 1;
                         // Don't spin on a server that refuses everything.
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
             }
-            (latencies, errors)
+            (latencies, errors, messages)
         }));
     }
     let mut latencies = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut error_messages: BTreeMap<String, u64> = BTreeMap::new();
     for t in tasks {
-        if let Ok((l, e)) = t.await {
+        if let Ok((l, e, m)) = t.await {
             latencies.extend(l);
             for (k, v) in e {
                 *errors.entry(k).or_default() += v;
+            }
+            for (k, v) in m {
+                *error_messages.entry(k).or_default() += v;
             }
         }
     }
@@ -243,6 +274,12 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
         .saturating_duration_since(measure_from)
         .max(Duration::from_millis(1));
     let ok = latencies.len() as u64;
+    let failed: u64 = errors.values().sum();
+    let error_rate = if ok + failed == 0 {
+        0.0
+    } else {
+        failed as f64 / (ok + failed) as f64
+    };
     Ok(BenchReport {
         addr: args.addr.clone(),
         model_id: args.model_id.clone(),
@@ -253,6 +290,8 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
         duration_s: measured.as_secs_f64(),
         ok,
         errors,
+        error_messages,
+        error_rate,
         throughput_rps: ok as f64 / measured.as_secs_f64(),
         latency_ms: summarize(latencies),
     })
@@ -261,14 +300,19 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
 impl BenchReport {
     /// The human table.
     pub fn render(&self) -> String {
-        let errors = if self.errors.is_empty() {
+        let errors = if self.error_messages.is_empty() {
             "none".to_string()
         } else {
-            self.errors
+            let lines: Vec<String> = self
+                .error_messages
                 .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+                .map(|(k, v)| format!("{v:>8} x {k}"))
+                .collect();
+            format!(
+                "{:.1}% of requests failed\n{}",
+                self.error_rate * 100.0,
+                lines.join("\n")
+            )
         };
         format!(
             "target       {addr} model {model:?} shape {shape:?} {dtype}\n\

@@ -1,5 +1,5 @@
-//! Client-side helpers: connecting to a server and `splitserve probe`, the
-//! grpc.health.v1 check for exec probes and container HEALTHCHECKs.
+//! Connecting to a server and `probe`, the grpc.health.v1 check for exec
+//! probes and container HEALTHCHECKs.
 
 use std::time::Duration;
 
