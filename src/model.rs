@@ -949,11 +949,22 @@ mod tests {
         let spec: ModelSpec = "m=/nonexistent/model.pt".parse().unwrap();
         let err = Model::load(&spec, Device::Cpu).err().unwrap();
         assert!(err.to_string().contains("/nonexistent/model.pt"), "{err}");
-        if !tch::Cuda::is_available() {
-            let err = resolve_device(DeviceRequest::Cuda(3)).unwrap_err();
-            assert!(err.to_string().contains("cuda:3"), "{err}");
-            assert_eq!(resolve_device(DeviceRequest::Auto).unwrap(), Device::Cpu);
-        }
+        // One past the last device this process sees, GPU host or not.
+        let count = tch::Cuda::device_count();
+        let err = resolve_device(DeviceRequest::Cuda(count as usize)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("cuda:{count}")), "{msg}");
+        assert!(
+            msg.contains(&format!("sees {count} CUDA device(s)")),
+            "{msg}"
+        );
+        let auto = if tch::Cuda::is_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        };
+        assert_eq!(resolve_device(DeviceRequest::Auto).unwrap(), auto);
+        assert_eq!(resolve_device(DeviceRequest::Cpu).unwrap(), Device::Cpu);
     }
 
     #[test]

@@ -4,32 +4,16 @@
 
 mod common;
 
-use std::io::Write;
+use std::time::{Duration, Instant};
 
-use common::{TestServer, args, f32_bytes, f32_values, fixture, request, values};
+use common::{
+    TestServer, args, f16_bytes as to_f16, f16_values as from_f16, f32_bytes, f32_values, fixture,
+    request, values, zlib,
+};
 use splitserve::grpc::pb;
 use tch::{CModule, Kind, Tensor};
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-fn zlib(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
-}
-
-fn to_f16(values: &[f32]) -> Vec<u8> {
-    let t = Tensor::from_slice(values).to_kind(Kind::Half);
-    let mut out = vec![0u8; values.len() * 2];
-    t.copy_data_u8(&mut out, values.len());
-    out
-}
-
-fn from_f16(bytes: &[u8]) -> Vec<f32> {
-    let t =
-        Tensor::from_data_size(bytes, &[(bytes.len() / 2) as i64], Kind::Half).to_kind(Kind::Float);
-    Vec::<f32>::try_from(t).unwrap()
-}
 
 /// The reference: the venv's libtorch running the same TorchScript file.
 fn reference(file: &str, input: &[f32], shape: &[i64]) -> Vec<f32> {
@@ -54,7 +38,13 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_answers() {
     let mlp = format!("ts={}", fixture("mlp.pt").display());
-    let server = TestServer::start(args(&[&mlp, "double=builtin:scale:2"], &[])).await;
+    let before_start = Instant::now();
+    // This test reports the device: it means the CPU, GPU host or not.
+    let server = TestServer::start(args(
+        &[&mlp, "double=builtin:scale:2", "nap=builtin:delay:50"],
+        &["--device", "cpu"],
+    ))
+    .await;
     let mut c = server.client().await;
 
     // Compute on the default model (the first one): numbers equal libtorch's.
@@ -64,7 +54,6 @@ async fn every_rpc_answers() {
     let r = c.compute(req).await.unwrap().into_inner();
     assert_eq!(r.shape, vec![3, 8]);
     assert_eq!(r.request_id, Some(42));
-    assert!(r.compute_time_ms.unwrap() >= 0.0);
     assert!(r.monitoring_data.is_some());
     assert_close(
         &f32_values(&r.data),
@@ -80,14 +69,43 @@ async fn every_rpc_answers() {
         .into_inner();
     assert_eq!(f32_values(&r.data), vec![2.0, -5.0, 6.0]);
 
-    let h = c
-        .health_check(pb::HealthRequest {})
+    // compute_time_ms covers the forward: at least the model's 50 ms, and no
+    // more than the client waited.
+    let sent = Instant::now();
+    let r = c
+        .compute(request("nap", &[1.0], &[1]))
         .await
         .unwrap()
         .into_inner();
+    let waited_ms = sent.elapsed().as_secs_f32() * 1000.0;
+    let ms = r.compute_time_ms.unwrap();
+    assert!(
+        (50.0..=waited_ms).contains(&ms),
+        "compute_time_ms {ms} outside [50, {waited_ms}]"
+    );
+
+    let health = c.clone();
+    let uptime = || {
+        let mut c = health.clone();
+        async move {
+            let before = Instant::now();
+            let h = c
+                .health_check(pb::HealthRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            (before, h, Instant::now())
+        }
+    };
+    let (_, h, first_done) = uptime().await;
     assert_eq!(h.status, "ok");
     assert_eq!(h.version, env!("CARGO_PKG_VERSION"));
-    assert!(h.uptime_seconds.unwrap() >= 0.0);
+    let first = f64::from(h.uptime_seconds.unwrap());
+    assert!(
+        first > 0.0 && first <= before_start.elapsed().as_secs_f64(),
+        "uptime {first} s, but the server started {:?} ago",
+        before_start.elapsed()
+    );
 
     let info = c
         .get_service_info(pb::ServiceInfoRequest {})
@@ -96,7 +114,7 @@ async fn every_rpc_answers() {
         .into_inner();
     assert_eq!(info.service_name, "ts");
     assert_eq!(info.device, "cpu");
-    assert_eq!(info.total_requests, 2);
+    assert_eq!(info.total_requests, 3);
     let ci = &info.custom_info;
     assert_eq!(ci["workers"], "2");
     assert_eq!(ci["intra_op_threads"], "1");
@@ -106,7 +124,7 @@ async fn every_rpc_answers() {
         ci["torch_version"]
     );
     assert!(ci["thread_plan"].contains("2 workers x 1 intra-op threads"));
-    assert_eq!(ci["models"], "ts@cpu,double@cpu");
+    assert_eq!(ci["models"], "ts@cpu,double@cpu,nap@cpu");
     assert_eq!(ci["model.double.source"], "builtin:scale:2");
 
     // StreamMonitoring: an interval below the floor is clamped to 0.1 s.
@@ -123,11 +141,25 @@ async fn every_rpc_answers() {
         snaps.push(stream.next().await.unwrap().unwrap().snapshot.unwrap());
     }
     assert!(
-        started.elapsed() >= std::time::Duration::from_millis(190),
+        started.elapsed() >= Duration::from_millis(190),
         "clamped to 0.1 s"
     );
     assert!(snaps.iter().all(|s| s.memory_mb > 1.0 && !s.gpu_available));
-    assert!(snaps[2].timestamp > snaps[0].timestamp);
+    // Sampled 0.1 s apart (the clamped interval), not 1 ms.
+    let spread = snaps[2].timestamp - snaps[0].timestamp;
+    assert!(
+        spread >= 0.19 && spread <= started.elapsed().as_secs_f64() + 0.01,
+        "three snapshots {spread} s apart"
+    );
+
+    // The uptime advanced by the time between the two health checks.
+    let (second_sent, h, _) = uptime().await;
+    let advanced = f64::from(h.uptime_seconds.unwrap()) - first;
+    let least = second_sent.duration_since(first_done).as_secs_f64();
+    assert!(
+        advanced >= least - 0.01,
+        "uptime advanced {advanced} s in at least {least} s"
+    );
 
     server.stop().await.unwrap();
 }
@@ -309,5 +341,74 @@ async fn bad_requests_get_clear_statuses_and_the_server_keeps_serving() {
         .unwrap()
         .into_inner();
     assert_eq!(r.shape, vec![2, 2]);
+    server.stop().await.unwrap();
+}
+
+/// gRPC's usual 4 MiB message limit does not apply: the 100 MiB default takes
+/// an 8 MiB tensor each way, and the numbers are right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_8_mib_tensor_is_served_under_the_default_limit() {
+    let server = TestServer::start(args(&["double=builtin:scale:2"], &[])).await;
+    let mut c = server.client().await;
+    let (rows, cols) = (2048usize, 1024usize);
+    let x = values(rows * cols, 8);
+    let req = request("", &x, &[rows as i32, cols as i32]);
+    assert_eq!(req.data.len(), 8 << 20);
+    let r = c.compute(req).await.unwrap().into_inner();
+    assert_eq!(r.shape, vec![rows as i32, cols as i32]);
+    assert_eq!(r.data.len(), 8 << 20);
+    let doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    assert!(f32_values(&r.data) == doubled, "an 8 MiB answer differs");
+    server.stop().await.unwrap();
+}
+
+/// bfloat16 and float64 by the explicit opt-in come back in their own dtype,
+/// named in the response header; an unknown dtype name is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_bfloat16_and_float64_round_trip_and_unknown_dtypes_are_refused() {
+    let server = TestServer::start(args(&["double=builtin:scale:2"], &[])).await;
+    let mut c = server.client().await;
+    // Exactly representable in bfloat16 (8 bits of mantissa), doubled too.
+    let x = [1.5f32, -0.25, 96.0, 3.0e-3];
+    let explicit = |data: Vec<u8>, dtype: &str| {
+        let mut req = request("", &[], &[2, 2]);
+        req.data = data.into();
+        req.metadata
+            .insert("splitserve-dtype".into(), dtype.to_string());
+        req
+    };
+
+    let bf16 = |v: &[f32]| -> Vec<u8> {
+        let t = Tensor::from_slice(v).to_kind(Kind::BFloat16);
+        let mut out = vec![0u8; v.len() * 2];
+        t.copy_data_u8(&mut out, v.len());
+        out
+    };
+    let r = c.compute(explicit(bf16(&x), "bfloat16")).await.unwrap();
+    assert_eq!(r.metadata().get("splitserve-dtype").unwrap(), "bfloat16");
+    let r = r.into_inner();
+    assert_eq!(r.shape, vec![2, 2]);
+    let doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    assert_eq!(r.data.to_vec(), bf16(&doubled), "bfloat16 bytes of 2x");
+
+    let x64 = [1.0f64 / 3.0, -1e300, 2.5e-310, 7.0];
+    let bytes: Vec<u8> = x64.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let r = c.compute(explicit(bytes, "float64")).await.unwrap();
+    assert_eq!(r.metadata().get("splitserve-dtype").unwrap(), "float64");
+    let got: Vec<f64> = r
+        .into_inner()
+        .data
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let want: Vec<f64> = x64.iter().map(|v| v * 2.0).collect();
+    assert_eq!(got, want, "float64 keeps every bit");
+
+    let e = c
+        .compute(explicit(f32_bytes(&x), "float8"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("float8"), "{}", e.message());
     server.stop().await.unwrap();
 }

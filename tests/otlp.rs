@@ -100,6 +100,8 @@ async fn spans_continue_the_callers_trace() {
             "127.0.0.1:0",
         ])
         .args(["--model", "k=builtin:scale:2"])
+        // The forward span's device is asserted below: the CPU, GPU host or not.
+        .args(["--device", "cpu"])
         .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
         .env("OTEL_SERVICE_NAME", "top-half")
         .stdout(Stdio::null())

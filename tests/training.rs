@@ -7,31 +7,20 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use common::{TestServer, args, f32_bytes, f32_values, fixture, request, values};
+use common::{
+    TestServer, args, counter, f16_bytes, f16_values, f32_bytes, f32_values, fixture, info,
+    request, through_f16, values, wait_for, zlib,
+};
 use splitserve::grpc::pb::compute_service_client::ComputeServiceClient;
 use splitserve::grpc::pb::{self, BackwardRequest, ComputeRequest, KvCacheEntry};
-use splitserve::model::Model;
-use splitserve::model::ModelSpec;
-use tch::{CModule, Device, IValue, Kind, Tensor};
+use tch::{CModule, IValue, Tensor};
 use tonic::Code;
 use tonic::transport::Channel;
 
 type Client = ComputeServiceClient<Channel>;
-
-async fn info(c: &mut Client) -> HashMap<String, String> {
-    c.get_service_info(pb::ServiceInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .custom_info
-}
-
-async fn counter(c: &mut Client, key: &str) -> u64 {
-    info(c).await[key].parse().unwrap()
-}
 
 fn training_request(model: &str, x: &[f32], shape: &[i32], id: Option<&str>) -> ComputeRequest {
     ComputeRequest {
@@ -89,41 +78,6 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.detach().flatten(0, -1)).unwrap()
 }
 
-/// The same built-in model the server builds, in this process.
-fn local_model(spec: &str) -> Model {
-    let spec: ModelSpec = format!("ref={spec}").parse().unwrap();
-    Model::load(&spec, Device::Cpu).unwrap()
-}
-
-/// Local autograd of sum(model(x) * g): the input's gradient, and the
-/// parameters' gradients are accumulated into the model's tensors.
-fn local_backward(model: &Model, x: &[f32], xs: &[i64], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let x = Tensor::from_slice(x).view(xs).set_requires_grad(true);
-    let (y, loss) = tch::with_grad(|| {
-        let y = model.forward(&x).unwrap();
-        let loss = (&y * Tensor::from_slice(g).view_as(&y)).sum(None::<Kind>);
-        (y, loss)
-    });
-    loss.backward();
-    (to_vec(&y), to_vec(&x.grad()))
-}
-
-/// p -= lr * p.grad, then zero the gradients: torch.optim.SGD's step.
-fn local_sgd(model: &Model, lr: f64) {
-    tch::no_grad(|| {
-        for mut p in model.trainable_parameters().unwrap() {
-            let step = p.grad() * lr;
-            let _ = p.f_sub_(&step).unwrap();
-            p.zero_grad();
-        }
-    });
-}
-
-fn local_forward(model: &Model, x: &[f32], xs: &[i64]) -> Vec<f32> {
-    let _g = tch::no_grad_guard();
-    to_vec(&model.forward(&Tensor::from_slice(x).view(xs)).unwrap())
-}
-
 /// A fresh directory under the system's temporary directory.
 fn temp_dir(tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
@@ -135,48 +89,286 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The oracle: the built-in MLP (`builtin:mlp:A x B x ... `, linear layers
+/// with ReLU between them) as plain f64 arithmetic on parameters read from a
+/// checkpoint the server wrote. It shares no code with the server: no
+/// `splitserve::model`, no libtorch op, only its numbers.
+#[derive(Clone, Debug)]
+struct Oracle {
+    /// Per layer: weight [out][in] and bias [out].
+    layers: Vec<(Vec<Vec<f64>>, Vec<f64>)>,
+}
+
+/// Gradients of one layer's weight and bias.
+type LayerGrads = (Vec<Vec<f64>>, Vec<f64>);
+
+/// Per layer, one row of values per input row.
+type Rows = Vec<Vec<Vec<f64>>>;
+
+impl Oracle {
+    /// Reads `l0.weight`, `l0.bias`, `l1.weight`, ... from a safetensors file.
+    fn read(file: &Path) -> Oracle {
+        let named: HashMap<String, Tensor> = Tensor::read_safetensors(file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .into_iter()
+            .collect();
+        let mut layers = Vec::new();
+        while let (Some(w), Some(b)) = (
+            named.get(&format!("l{}.weight", layers.len())),
+            named.get(&format!("l{}.bias", layers.len())),
+        ) {
+            let (out, inp) = (w.size()[0] as usize, w.size()[1] as usize);
+            let w: Vec<f64> = to_vec(w).into_iter().map(f64::from).collect();
+            let b: Vec<f64> = to_vec(b).into_iter().map(f64::from).collect();
+            assert_eq!(b.len(), out);
+            layers.push((w.chunks_exact(inp).map(<[f64]>::to_vec).collect(), b));
+        }
+        assert_eq!(
+            layers.len() * 2,
+            named.len(),
+            "unexpected tensors in {}: {:?}",
+            file.display(),
+            named.keys().collect::<Vec<_>>()
+        );
+        assert!(!layers.is_empty());
+        Oracle { layers }
+    }
+
+    fn inputs(&self) -> usize {
+        self.layers[0].0[0].len()
+    }
+
+    /// Every layer's input (ReLU applied) and pre-activation, row by row;
+    /// the last pre-activation is the output.
+    fn activations(&self, x: &[f32]) -> (Rows, Rows) {
+        let rows: Vec<Vec<f64>> = x
+            .chunks_exact(self.inputs())
+            .map(|r| r.iter().map(|&v| f64::from(v)).collect())
+            .collect();
+        let mut a = vec![rows];
+        let mut z = Vec::new();
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            let pre: Vec<Vec<f64>> = a[i]
+                .iter()
+                .map(|row| {
+                    w.iter()
+                        .zip(b)
+                        .map(|(wo, bo)| bo + wo.iter().zip(row).map(|(p, q)| p * q).sum::<f64>())
+                        .collect()
+                })
+                .collect();
+            a.push(
+                pre.iter()
+                    .map(|r| r.iter().map(|v| v.max(0.0)).collect())
+                    .collect(),
+            );
+            z.push(pre);
+        }
+        (a, z)
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let (_, z) = self.activations(x);
+        z.last()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(|&v| v as f32)
+            .collect()
+    }
+
+    /// Gradients of sum(forward(x) * g): with respect to x, and to each layer.
+    fn backward(&self, x: &[f32], g: &[f32]) -> (Vec<f32>, Vec<LayerGrads>) {
+        let (a, z) = self.activations(x);
+        let outs = self.layers.last().unwrap().1.len();
+        let mut d: Vec<Vec<f64>> = g
+            .chunks_exact(outs)
+            .map(|r| r.iter().map(|&v| f64::from(v)).collect())
+            .collect();
+        let mut grads = vec![(Vec::new(), Vec::new()); self.layers.len()];
+        for i in (0..self.layers.len()).rev() {
+            let (w, b) = &self.layers[i];
+            let mut dw = vec![vec![0.0; w[0].len()]; w.len()];
+            let mut db = vec![0.0; b.len()];
+            for (dr, ar) in d.iter().zip(&a[i]) {
+                for (o, &dro) in dr.iter().enumerate() {
+                    db[o] += dro;
+                    for (k, &ark) in ar.iter().enumerate() {
+                        dw[o][k] += dro * ark;
+                    }
+                }
+            }
+            grads[i] = (dw, db);
+            // Through the weights, then (below the first layer) the ReLU.
+            d = d
+                .iter()
+                .enumerate()
+                .map(|(r, dr)| {
+                    (0..w[0].len())
+                        .map(|k| {
+                            let v: f64 = dr.iter().zip(w).map(|(dro, wo)| dro * wo[k]).sum();
+                            if i > 0 && z[i - 1][r][k] <= 0.0 {
+                                0.0
+                            } else {
+                                v
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+        }
+        (d.into_iter().flatten().map(|v| v as f32).collect(), grads)
+    }
+
+    /// torch.optim.SGD's step: p -= lr * grad.
+    fn sgd(&mut self, grads: &[LayerGrads], lr: f64) {
+        for ((w, b), (dw, db)) in self.layers.iter_mut().zip(grads) {
+            for (wo, dwo) in w.iter_mut().zip(dw) {
+                for (p, g) in wo.iter_mut().zip(dwo) {
+                    *p -= lr * g;
+                }
+            }
+            for (p, g) in b.iter_mut().zip(db) {
+                *p -= lr * g;
+            }
+        }
+    }
+
+    /// The sum of several backwards' parameter gradients.
+    fn sum(grads: &[Vec<LayerGrads>]) -> Vec<LayerGrads> {
+        let mut total = grads[0].clone();
+        for g in &grads[1..] {
+            for ((tw, tb), (w, b)) in total.iter_mut().zip(g) {
+                for (tr, r) in tw.iter_mut().zip(w) {
+                    for (t, v) in tr.iter_mut().zip(r) {
+                        *t += v;
+                    }
+                }
+                for (t, v) in tb.iter_mut().zip(b) {
+                    *t += v;
+                }
+            }
+        }
+        total
+    }
+
+    /// Every parameter equals `other`'s within `tol` (relative).
+    fn assert_close_to(&self, other: &Oracle, tol: f64, what: &str) {
+        for (l, ((w, b), (ow, ob))) in self.layers.iter().zip(&other.layers).enumerate() {
+            let pairs = w
+                .iter()
+                .flatten()
+                .zip(ow.iter().flatten())
+                .chain(b.iter().zip(ob));
+            for (x, y) in pairs {
+                assert!(
+                    (x - y).abs() <= tol * (1.0 + y.abs()),
+                    "{what}: layer {l}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+/// Flags of a trainable built-in MLP that writes a checkpoint at every step.
+fn checkpointing(model: &str, dir: &Path) -> Vec<String> {
+    [
+        "--trainable",
+        model,
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--checkpoint-every",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The served MLP's parameters as they are now: one training step with a
+/// zero gradient and learning rate 0 (which changes nothing) writes them to
+/// `DIR/MODEL.safetensors`, read into an [`Oracle`].
+async fn oracle_of(
+    c: &mut Client,
+    model: &str,
+    dir: &Path,
+    inputs: usize,
+    outputs: usize,
+) -> Oracle {
+    let (id, _) = train_forward(c, model, &vec![0.5; inputs], &[1, inputs as i32]).await;
+    c.compute_backward(backward(
+        &id,
+        &vec![0.0; outputs],
+        &[1, outputs as i32],
+        Some(0.0),
+    ))
+    .await
+    .unwrap();
+    Oracle::read(&dir.join(format!("{model}.safetensors")))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gradients_and_sgd_steps_match_local_autograd() {
-    const SPEC: &str = "builtin:mlp:4x8x3";
-    let server = TestServer::start(args(&[&format!("mlp={SPEC}")], &["--trainable", "mlp"])).await;
+async fn gradients_and_sgd_steps_match_an_independent_oracle() {
+    let dir = temp_dir("oracle");
+    let flags = checkpointing("mlp", &dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(args(&["mlp=builtin:mlp:4x8x3"], &flags)).await;
     let mut c = server.client().await;
-    let reference = local_model(SPEC);
+    let mut oracle = oracle_of(&mut c, "mlp", &dir, 4, 3).await;
     let probe = values(2 * 4, 99);
+    // The built-in MLP's forward is the oracle's, inference and training alike.
+    assert_close(
+        &infer(&mut c, "", &probe, &[2, 4]).await,
+        &oracle.forward(&probe),
+        1e-5,
+        "inference forward",
+    );
 
     for round in 0..3u32 {
         let x = values(5 * 4, round);
         let g = values(5 * 3, 100 + round);
         let (id, y) = train_forward(&mut c, "", &x, &[5, 4]).await;
+        assert_close(&y, &oracle.forward(&x), 1e-5, "training forward");
+        let sent = Instant::now();
         let b = c
             .compute_backward(backward(&id, &g, &[5, 3], Some(0.05)))
             .await
             .unwrap()
             .into_inner();
+        let waited_ms = sent.elapsed().as_secs_f32() * 1000.0;
         assert_eq!(b.forward_id, id);
         assert_eq!(b.grad_input_shape, vec![5, 4]);
-        assert!(b.backward_time_ms.unwrap() >= 0.0);
+        let ms = b.backward_time_ms.unwrap();
+        assert!(
+            ms > 0.0 && ms <= waited_ms,
+            "backward_time_ms {ms} of {waited_ms}"
+        );
 
-        let (want_y, want_grad) = local_backward(&reference, &x, &[5, 4], &g);
-        assert_close(&y, &want_y, 1e-5, "forward output");
+        let (want_grad, grads) = oracle.backward(&x, &g);
         assert_close(
             &f32_values(&b.grad_input_data),
             &want_grad,
             1e-5,
             "grad_input",
         );
-        local_sgd(&reference, f64::from(0.05f32));
-        // The server's parameters took the same step: its answers follow.
+        oracle.sgd(&grads, f64::from(0.05f32));
+        // The server's parameters took the same step: its checkpoint and its
+        // answers follow.
+        Oracle::read(&dir.join("mlp.safetensors")).assert_close_to(
+            &oracle,
+            1e-5,
+            "checkpointed parameters after the step",
+        );
         assert_close(
             &infer(&mut c, "", &probe, &[2, 4]).await,
-            &local_forward(&reference, &probe, &[2, 4]),
+            &oracle.forward(&probe),
             1e-5,
             "after the step",
         );
     }
     let stats = info(&mut c).await;
-    assert_eq!(stats["optimizer_steps"], "3");
-    assert_eq!(stats["model.mlp.optimizer_steps"], "3");
-    assert_eq!(stats["backwards"], "3");
+    assert_eq!(stats["optimizer_steps"], "4", "the zero step and three");
+    assert_eq!(stats["model.mlp.optimizer_steps"], "4");
+    assert_eq!(stats["backwards"], "4");
     assert_eq!(
         stats["activations_stored"], "0",
         "each backward released its entry"
@@ -190,19 +382,23 @@ async fn gradients_and_sgd_steps_match_local_autograd() {
         .await
         .unwrap();
     assert_eq!(infer(&mut c, "", &probe, &[2, 4]).await, before);
-    assert_eq!(counter(&mut c, "optimizer_steps").await, 3);
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 4);
     server.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accumulation_steps_once_every_n_backward_calls_with_the_summed_gradient() {
-    const SPEC: &str = "builtin:mlp:4x6x2";
-    let server = TestServer::start(args(&[&format!("m={SPEC}")], &["--trainable", "m"])).await;
+    let dir = temp_dir("accumulate");
+    let flags = checkpointing("m", &dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(args(&["m=builtin:mlp:4x6x2"], &flags)).await;
     let mut c = server.client().await;
-    let reference = local_model(SPEC);
+    let mut oracle = oracle_of(&mut c, "m", &dir, 4, 2).await;
     let probe = values(4, 7);
     let initial = infer(&mut c, "", &probe, &[1, 4]).await;
 
+    let mut grads = Vec::new();
     for call in 0..3u32 {
         let x = values(3 * 4, 10 + call);
         let g = values(3 * 2, 20 + call);
@@ -210,7 +406,7 @@ async fn accumulation_steps_once_every_n_backward_calls_with_the_summed_gradient
         let mut req = backward(&id, &g, &[3, 2], Some(0.1));
         req.accumulation_step = Some(3);
         c.compute_backward(req).await.unwrap();
-        local_backward(&reference, &x, &[3, 4], &g);
+        grads.push(oracle.backward(&x, &g).1);
         if call < 2 {
             assert_eq!(
                 infer(&mut c, "", &probe, &[1, 4]).await,
@@ -221,28 +417,39 @@ async fn accumulation_steps_once_every_n_backward_calls_with_the_summed_gradient
     }
     // One step with the sum of the three gradients, as three .backward() calls
     // followed by one optimizer.step() would do.
-    local_sgd(&reference, f64::from(0.1f32));
+    oracle.sgd(&Oracle::sum(&grads), f64::from(0.1f32));
+    Oracle::read(&dir.join("m.safetensors")).assert_close_to(
+        &oracle,
+        1e-5,
+        "parameters after the accumulated step",
+    );
     assert_close(
         &infer(&mut c, "", &probe, &[1, 4]).await,
-        &local_forward(&reference, &probe, &[1, 4]),
+        &oracle.forward(&probe),
         1e-5,
         "after the accumulated step",
     );
-    assert_eq!(counter(&mut c, "optimizer_steps").await, 1);
+    assert_eq!(
+        counter(&mut c, "optimizer_steps").await,
+        2,
+        "the zero step and one"
+    );
     server.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Concurrent clients, each with its own input and gradient, on two workers:
 /// every client gets exactly the gradient of its own forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_forward_ids_never_mix() {
-    const SPEC: &str = "builtin:mlp:4x16x3";
-    let server = TestServer::start(args(
-        &[&format!("m={SPEC}"), "k=builtin:scale:2"],
-        &["--workers", "2", "--trainable", "m"],
-    ))
-    .await;
-    let c = server.client().await;
+    let dir = temp_dir("concurrent");
+    let mut flags = checkpointing("m", &dir);
+    flags.extend(["--workers".to_string(), "2".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server =
+        TestServer::start(args(&["m=builtin:mlp:4x16x3", "k=builtin:scale:2"], &flags)).await;
+    let mut c = server.client().await;
+    let oracle = oracle_of(&mut c, "m", &dir, 4, 3).await;
     let mut tasks = Vec::new();
     for i in 0..24u32 {
         let mut c = c.clone();
@@ -269,19 +476,18 @@ async fn concurrent_clients_forward_ids_never_mix() {
                 .await
                 .unwrap()
                 .into_inner();
-            (x, rows, g, f32_values(&b.grad_input_data))
+            (x, g, f32_values(&b.grad_input_data))
         }));
     }
-    let reference = local_model(SPEC);
     for t in tasks {
-        let (x, rows, g, got) = t.await.unwrap();
-        let (_, want) = local_backward(&reference, &x, &[rows as i64, 4], &g);
+        let (x, g, got) = t.await.unwrap();
+        let (want, _) = oracle.backward(&x, &g);
         assert_close(&got, &want, 1e-5, "a client's own input gradient");
     }
-    let mut c = c.clone();
-    assert_eq!(counter(&mut c, "backwards").await, 24);
+    assert_eq!(counter(&mut c, "backwards").await, 25);
     assert_eq!(counter(&mut c, "activations_stored").await, 0);
     server.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,12 +554,19 @@ async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
         "forward_id is empty",
     );
     let (id, _) = train_forward(&mut c, "", &x, &[2, 4]).await;
-    expect(
-        c.compute_backward(backward(&id, &[1.0; 4], &[2, 2], Some(-1.0)))
-            .await,
-        Code::InvalidArgument,
-        "learning_rate",
-    );
+    // Negative, NaN and infinite learning rates are refused before any
+    // backward runs: the entry stays, and no step is taken.
+    for lr in [-1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0001] {
+        expect(
+            c.compute_backward(backward(&id, &[1.0; 4], &[2, 2], Some(lr)))
+                .await,
+            Code::InvalidArgument,
+            "learning_rate must be a finite number >= 0",
+        );
+    }
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 0);
+    assert_eq!(counter(&mut c, "backwards").await, 1);
+    assert_eq!(counter(&mut c, "activations_stored").await, 1);
     let mut req = backward(&id, &[1.0; 4], &[2, 2], None);
     req.accumulation_step = Some(4);
     expect(
@@ -421,13 +634,20 @@ async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
 async fn activations_expire_after_the_ttl() {
     let server = TestServer::start(args(
         &["m=builtin:mlp:4x8x2"],
-        &["--activation-ttl", "200ms", "--trainable", "m"],
+        &["--activation-ttl", "1s", "--trainable", "m"],
     ))
     .await;
     let mut c = server.client().await;
     let x = values(4, 5);
+    let stored = Instant::now();
     let (id, _) = train_forward(&mut c, "", &x, &[1, 4]).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Idle workers sweep: the entry goes without any further request.
+    wait_for(&mut c, "activations_expired", 1).await;
+    assert!(
+        stored.elapsed() >= Duration::from_secs(1),
+        "released before its TTL"
+    );
+    assert_eq!(counter(&mut c, "activations_stored").await, 0);
     let e = c
         .compute_backward(backward(&id, &[1.0, 1.0], &[1, 2], None))
         .await
@@ -435,7 +655,7 @@ async fn activations_expire_after_the_ttl() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("expired"), "{}", e.message());
     assert_eq!(counter(&mut c, "activations_expired").await, 1);
-    // A fresh forward within the TTL still trains.
+    // A fresh forward within the TTL (1 s is long for one round trip) still trains.
     let (id, _) = train_forward(&mut c, "", &x, &[1, 4]).await;
     c.compute_backward(backward(&id, &[1.0, 1.0], &[1, 2], Some(0.1)))
         .await
@@ -654,5 +874,273 @@ async fn kv_cache_token_by_token_equals_the_full_sequence() {
         "{}",
         e.message()
     );
+    server.stop().await.unwrap();
+}
+
+/// The activation store evicts the least recently used entry, not the oldest:
+/// a backward that fails on its gradient's shape uses its entry (kept for a
+/// corrected retry), so the next forward evicts the entry stored after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_activation_store_evicts_the_least_recently_used_entry() {
+    // One forward of [2, 4] -> [2, 2] stores 32 + 16 bytes of tensors and its
+    // 36-byte server-made id: 84 bytes, so 200 hold two.
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x2"],
+        &["--activation-cache-bytes", "200", "--trainable", "m"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let x = values(8, 4);
+    let (oldest, _) = train_forward(&mut c, "", &x, &[2, 4]).await;
+    let (second, _) = train_forward(&mut c, "", &x, &[2, 4]).await;
+    assert_eq!(oldest.len(), 36);
+    assert_eq!(counter(&mut c, "activations_bytes").await, 168);
+    // Used (and kept): now the most recently used.
+    let e = c
+        .compute_backward(backward(&oldest, &[0.0; 6], &[3, 2], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let (third, _) = train_forward(&mut c, "", &x, &[2, 4]).await;
+    assert_eq!(counter(&mut c, "activations_evicted").await, 1);
+    assert_eq!(counter(&mut c, "activations_stored").await, 2);
+
+    let e = c
+        .compute_backward(backward(&second, &[1.0; 4], &[2, 2], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("evicted"), "{}", e.message());
+    for id in [&oldest, &third] {
+        let b = c
+            .compute_backward(backward(id, &[1.0; 4], &[2, 2], None))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(b.grad_input_shape, vec![2, 4]);
+    }
+    server.stop().await.unwrap();
+}
+
+/// Forwards computed before another client's optimizer step: of several
+/// training backwards racing, exactly one steps and every other one is
+/// ABORTED (its graph refers to parameters that no longer exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_training_steps_abort_every_backward_made_stale() {
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x2"],
+        &["--trainable", "m", "--workers", "2"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            train_forward(&mut c, "", &values(8, 40 + i), &[2, 4])
+                .await
+                .0,
+        );
+    }
+    let calls: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                c.compute_backward(backward(&id, &[1.0; 4], &[2, 2], Some(0.1)))
+                    .await
+            })
+        })
+        .collect();
+    let (mut stepped, mut aborted) = (0, 0);
+    for h in calls {
+        match h.await.unwrap() {
+            Ok(_) => stepped += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Aborted, "{e:?}");
+                assert!(
+                    e.message().contains("took an optimizer step after"),
+                    "{}",
+                    e.message()
+                );
+                aborted += 1;
+            }
+        }
+    }
+    assert_eq!((stepped, aborted), (1, 5));
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 1);
+    assert_eq!(counter(&mut c, "activations_stored").await, 0);
+    server.stop().await.unwrap();
+}
+
+/// ComputeBackward answers in the encoding of its grad_output, as Compute
+/// does: float16 in, float16 out; zlib in, zlib out; the numbers are the
+/// oracle's (rounded to float16 where the client sent float16).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backward_answers_float16_and_zlib_in_kind() {
+    let dir = temp_dir("encodings");
+    let flags = checkpointing("m", &dir);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(args(&["m=builtin:mlp:4x8x3"], &flags)).await;
+    let mut c = server.client().await;
+    let oracle = oracle_of(&mut c, "m", &dir, 4, 3).await;
+    let x = values(2 * 4, 61);
+    let g = values(2 * 3, 62);
+
+    // float16 forward and backward: the server computes in float32 from the
+    // float16 values the client sent.
+    let (xh, gh) = (through_f16(&x), through_f16(&g));
+    let mut req = training_request("", &[], &[2, 4], None);
+    req.data = f16_bytes(&x).into();
+    let r = c.compute(req).await.unwrap().into_inner();
+    assert_eq!(r.data.len(), 2 * 3 * 2, "float16 in, float16 out");
+    assert_close(
+        &f16_values(&r.data),
+        &oracle.forward(&xh),
+        2e-3,
+        "float16 forward",
+    );
+    let mut b = backward(r.forward_id.as_deref().unwrap(), &[], &[2, 3], None);
+    b.grad_output_data = f16_bytes(&g).into();
+    let back = c.compute_backward(b).await.unwrap().into_inner();
+    assert_eq!(
+        back.grad_input_data.len(),
+        2 * 4 * 2,
+        "float16 in, float16 out"
+    );
+    assert_close(
+        &f16_values(&back.grad_input_data),
+        &oracle.backward(&xh, &gh).0,
+        2e-3,
+        "float16 grad_input",
+    );
+
+    // zlib (float32 inside): lossless, so as close as plain float32.
+    let mut req = training_request("", &[], &[2, 4], None);
+    req.data = zlib(&f32_bytes(&x)).into();
+    let r = c.compute(req).await.unwrap().into_inner();
+    let y = splitserve::codec::inflate(&r.data, 2 * 3 * 4).expect("the forward's reply is zlib");
+    assert_close(&f32_values(&y), &oracle.forward(&x), 1e-5, "zlib forward");
+    let mut b = backward(r.forward_id.as_deref().unwrap(), &[], &[2, 3], None);
+    b.grad_output_data = zlib(&f32_bytes(&g)).into();
+    let back = c.compute_backward(b).await.unwrap().into_inner();
+    let gi = splitserve::codec::inflate(&back.grad_input_data, 2 * 4 * 4)
+        .expect("the backward's reply is zlib");
+    assert_close(
+        &f32_values(&gi),
+        &oracle.backward(&x, &g).0,
+        1e-5,
+        "zlib grad_input",
+    );
+
+    // zlib around float16.
+    let mut req = training_request("", &[], &[2, 4], None);
+    req.data = zlib(&f16_bytes(&x)).into();
+    let r = c.compute(req).await.unwrap().into_inner();
+    let mut b = backward(r.forward_id.as_deref().unwrap(), &[], &[2, 3], None);
+    b.grad_output_data = zlib(&f16_bytes(&g)).into();
+    let back = c.compute_backward(b).await.unwrap().into_inner();
+    let gi = splitserve::codec::inflate(&back.grad_input_data, 2 * 4 * 2)
+        .expect("the backward's reply is zlib");
+    assert_close(
+        &f16_values(&gi),
+        &oracle.backward(&xh, &gh).0,
+        2e-3,
+        "zlib float16 grad_input",
+    );
+    server.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// One KV step per token, with every tensor (hidden state and cache) in the
+/// given encoding: returns the outputs and the final cache as float32 values.
+async fn decode_in(
+    c: &mut Client,
+    hidden: &[f32],
+    d: usize,
+    encode: fn(&[f32]) -> Vec<u8>,
+    decode: fn(&[u8], usize) -> Vec<f32>,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut outs = Vec::new();
+    let mut past: Vec<KvCacheEntry> = Vec::new();
+    let mut last = Vec::new();
+    for t in 0..hidden.len() / d {
+        let mut req = ComputeRequest {
+            use_cache: Some(true),
+            past_key_values: past.clone(),
+            ..request("", &[], &[1, 1, d as i32])
+        };
+        req.data = encode(&hidden[t * d..(t + 1) * d]).into();
+        let r = c.compute(req).await.unwrap().into_inner();
+        outs.extend(decode(&r.data, d));
+        last.clear();
+        for e in &r.present_key_values {
+            let n = |s: &[i32]| s.iter().product::<i32>() as usize;
+            assert_eq!(e.key_shape[2], t as i32 + 1, "the cache grows by one");
+            last.push(decode(&e.key_data, n(&e.key_shape)));
+            last.push(decode(&e.value_data, n(&e.value_shape)));
+        }
+        past = r.present_key_values;
+    }
+    (outs, last)
+}
+
+/// The KV cache travels in the request's encoding too: float16 and zlib
+/// caches come back in kind and decode the same sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_caches_travel_as_float16_and_zlib() {
+    const D: usize = 16;
+    let attn = format!("attn={}", fixture("attn_kv.pt").display());
+    let server = TestServer::start(args(&[&attn], &[])).await;
+    let mut c = server.client().await;
+    let hidden = values(5 * D, 8);
+
+    fn plain(v: &[f32]) -> Vec<u8> {
+        f32_bytes(v)
+    }
+    fn from_plain(b: &[u8], n: usize) -> Vec<f32> {
+        assert_eq!(b.len(), n * 4, "float32 in, float32 out");
+        f32_values(b)
+    }
+    fn half(v: &[f32]) -> Vec<u8> {
+        f16_bytes(v)
+    }
+    fn from_half(b: &[u8], n: usize) -> Vec<f32> {
+        assert_eq!(b.len(), n * 2, "float16 in, float16 out");
+        f16_values(b)
+    }
+    fn zipped(v: &[f32]) -> Vec<u8> {
+        zlib(&f32_bytes(v))
+    }
+    fn from_zipped(b: &[u8], n: usize) -> Vec<f32> {
+        f32_values(&splitserve::codec::inflate(b, n * 4).expect("zlib in, zlib out"))
+    }
+    fn zipped_half(v: &[f32]) -> Vec<u8> {
+        zlib(&f16_bytes(v))
+    }
+    fn from_zipped_half(b: &[u8], n: usize) -> Vec<f32> {
+        f16_values(&splitserve::codec::inflate(b, n * 2).expect("zlib in, zlib out"))
+    }
+
+    let (want, want_cache) = decode_in(&mut c, &hidden, D, plain, from_plain).await;
+    let (out, cache) = decode_in(&mut c, &hidden, D, zipped, from_zipped).await;
+    assert_eq!(out, want, "zlib is lossless");
+    assert_eq!(cache, want_cache);
+    let hh = through_f16(&hidden);
+    let (want_h, want_h_cache) = decode_in(&mut c, &hh, D, plain, from_plain).await;
+    for (from, to) in [
+        (
+            half as fn(&[f32]) -> Vec<u8>,
+            from_half as fn(&[u8], usize) -> Vec<f32>,
+        ),
+        (zipped_half, from_zipped_half),
+    ] {
+        let (out, cache) = decode_in(&mut c, &hidden, D, from, to).await;
+        // float16 rounding of every tensor, each step: within float16 precision
+        // of a float32 run on the same float16 inputs.
+        assert_close(&out, &want_h, 1e-2, "float16 KV outputs");
+        for (a, b) in cache.iter().zip(&want_h_cache) {
+            assert_close(a, b, 1e-2, "float16 KV cache");
+        }
+    }
     server.stop().await.unwrap();
 }

@@ -896,6 +896,17 @@ def parse_args(argv=None):
     return args
 
 
+# Sections that other scripts write into the same report (scripts/bench/v2.py's),
+# each between its own markers: kept, in order, after this script's part.
+KEPT_SECTION = re.compile(r"<!-- begin: (\S+) .*?-->.*?<!-- end: \1 -->\n?", re.S)
+
+
+def kept_sections(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return "".join(m.group(0) for m in KEPT_SECTION.finditer(path.read_text()))
+    return ""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
@@ -908,7 +919,8 @@ def main(argv=None) -> int:
         results = run_all(args)
     markdown = Path(args.markdown)
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render_markdown(results))
+    kept = kept_sections(markdown)
+    markdown.write_text(render_markdown(results) + ("\n" + kept if kept else ""))
     written = [markdown] if args.from_json else [Path(args.out), markdown]
     progress("wrote " + " and ".join(display_path(p) for p in written))
     return 0

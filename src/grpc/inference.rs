@@ -263,9 +263,18 @@ impl InferenceApi {
                             ns: 0,
                         }),
                         queue: Some(duration(&m.queue_duration, model)),
-                        compute_input: Some(pb::StatisticDuration::default()),
+                        // Input and output conversion happen inside the timed
+                        // forward: same count, no separate time. perf_analyzer
+                        // requires the three counts to be equal.
+                        compute_input: Some(pb::StatisticDuration {
+                            count: duration(&m.inference_duration, model).count,
+                            ns: 0,
+                        }),
                         compute_infer: Some(duration(&m.inference_duration, model)),
-                        compute_output: Some(pb::StatisticDuration::default()),
+                        compute_output: Some(pb::StatisticDuration {
+                            count: duration(&m.inference_duration, model).count,
+                            ns: 0,
+                        }),
                     }),
                     batch_stats: Vec::new(),
                 }

@@ -574,13 +574,33 @@ mod tests {
 
     #[test]
     fn grpc_timeouts_parse() {
+        // Counted from the arrival stamp, not from when it is parsed, and
+        // DEADLINE_MARGIN early (before tonic's own CANCELLED).
+        let arrival = Instant::now();
         let mut md = tonic::metadata::MetadataMap::new();
-        md.insert("grpc-timeout", "250m".parse().unwrap());
-        let d = deadline_from_metadata(&md, Instant::now()).unwrap();
-        let left = d.saturating_duration_since(Instant::now());
-        assert!(left <= Duration::from_millis(250) && left > Duration::from_millis(200));
-        md.insert("grpc-timeout", "junk".parse().unwrap());
-        assert!(deadline_from_metadata(&md, Instant::now()).is_none());
+        for (header, d) in [
+            ("250m", Duration::from_millis(250)),
+            ("3S", Duration::from_secs(3)),
+            ("2M", Duration::from_secs(120)),
+            ("1H", Duration::from_secs(3600)),
+            ("1500u", Duration::from_micros(1500)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+            ("1n", Duration::ZERO),
+        ] {
+            md.insert("grpc-timeout", header.parse().unwrap());
+            let deadline = deadline_from_metadata(&md, arrival).unwrap();
+            assert_eq!(
+                deadline.duration_since(arrival),
+                d.saturating_sub(DEADLINE_MARGIN),
+                "{header}"
+            );
+        }
+        for junk in ["junk", "", "m", "12x", "-5m"] {
+            md.insert("grpc-timeout", junk.parse().unwrap());
+            assert!(deadline_from_metadata(&md, arrival).is_none(), "{junk:?}");
+        }
+        md.remove("grpc-timeout");
+        assert!(deadline_from_metadata(&md, arrival).is_none());
     }
 
     #[test]

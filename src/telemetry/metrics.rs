@@ -534,4 +534,129 @@ mod tests {
             2
         );
     }
+
+    /// (family name without the prefix, type, label names) of every row of
+    /// docs/observability.md's "Metric families" table.
+    fn documented_families() -> Vec<(String, String, Vec<String>)> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/observability.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let table = doc
+            .split("## Metric families")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .unwrap();
+        let mut out = Vec::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let labels: Vec<String> = cells[3]
+                .split(',')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            for name in cells[1].split('`').skip(1).step_by(2) {
+                out.push((name.to_string(), cells[2].to_string(), labels.clone()));
+            }
+        }
+        out
+    }
+
+    /// Every documented family is registered, with its type and labels, and
+    /// nothing undocumented is: the exposition (with one series in each) is
+    /// read back against the table.
+    #[test]
+    fn every_documented_family_is_registered_with_its_type_and_labels() {
+        let m = Metrics::new("2.13.0+cu130").unwrap();
+        m.requests
+            .with_label_values(&["m", "p", "Compute", "OK"])
+            .inc();
+        m.request_duration
+            .with_label_values(&["m", "p", "Compute"])
+            .observe(0.1);
+        m.queue_duration.with_label_values(&["m"]).observe(0.1);
+        m.inference_duration.with_label_values(&["m"]).observe(0.1);
+        m.batch_size.with_label_values(&["m"]).observe(1.0);
+        m.inflight.set(1);
+        m.rejected.with_label_values(&["m", "r"]).inc();
+        m.computed.with_label_values(&["m"]).inc();
+        m.forwards.with_label_values(&["m"]).inc();
+        m.queue_depth.with_label_values(&["m"]).set(1);
+        m.queue_capacity.with_label_values(&["m"]).set(1);
+        m.threads.with_label_values(&["io"]).set(1);
+        m.cpu_budget.set(1);
+        m.workers.with_label_values(&["idle"]).set(1);
+        m.activations_stored.set(1);
+        m.activations_bytes.set(1);
+        m.training_events.with_label_values(&["m", "forward"]).inc();
+        m.limit_rejections.with_label_values(&["l"]).inc();
+        m.auth_failures.with_label_values(&["r"]).inc();
+        m.tls_handshake_failures.with_label_values(&["grpc"]).inc();
+        m.credential_reloads.with_label_values(&["tls"]).inc();
+        m.open_connections.with_label_values(&["grpc"]).set(1);
+        m.connections.with_label_values(&["grpc"]).inc();
+        m.inflight_bytes.set(1);
+        m.model_info
+            .with_label_values(&["m", "1", "cpu", "d"])
+            .set(1);
+        m.request_bytes.with_label_values(&["p", "e"]).observe(1.0);
+        m.response_bytes.with_label_values(&["p", "e"]).observe(1.0);
+        m.context_switches.with_label_values(&["voluntary"]).inc();
+        m.cgroup_throttled_seconds
+            .with_label_values(&[] as &[&str])
+            .inc();
+        m.cgroup_throttled_periods
+            .with_label_values(&[] as &[&str])
+            .inc();
+        for g in [
+            &m.gpu_memory_used,
+            &m.gpu_memory_total,
+            &m.gpu_utilization,
+            &m.gpu_process_memory,
+        ] {
+            g.with_label_values(&["cuda:0"]).set(1.0);
+        }
+        let text = m.render();
+
+        let documented = documented_families();
+        assert!(documented.len() >= 30, "{documented:?}");
+        for (name, kind, labels) in &documented {
+            let family = format!("splitserve_{name}");
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{family} is not registered as a {kind}"
+            );
+            // The labels of its first series ("le" is the histogram's own).
+            let sample = if kind == "histogram" {
+                format!("{family}_bucket")
+            } else {
+                family.clone()
+            };
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&sample) && l[sample.len()..].starts_with(['{', ' ']))
+                .unwrap_or_else(|| panic!("no series of {family}"));
+            let mut got: Vec<&str> = line
+                .split_once('{')
+                .map(|(_, rest)| rest.split_once('}').unwrap().0)
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                .filter(|k| *k != "le")
+                .collect();
+            got.sort_unstable();
+            let mut want: Vec<&str> = labels.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "labels of {family}");
+        }
+        for line in text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE splitserve_"))
+        {
+            let name = line.split(' ').next().unwrap();
+            assert!(
+                documented.iter().any(|(n, _, _)| n == name),
+                "splitserve_{name} is not in docs/observability.md"
+            );
+        }
+    }
 }

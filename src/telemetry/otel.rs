@@ -122,7 +122,9 @@ fn exporter(endpoint: &str) -> Result<ExporterOnOwnRuntime, TelemetryError> {
 
 /// The OTLP endpoint: the flag, else the standard OpenTelemetry variable.
 pub fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
-    flag.map(str::to_string)
+    // An empty flag (an unset chart value) is no flag: the standard variable applies.
+    flag.filter(|f| !f.trim().is_empty())
+        .map(str::to_string)
         .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
         .filter(|e| !e.trim().is_empty())
 }

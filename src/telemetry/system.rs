@@ -270,19 +270,31 @@ mod tests {
     #[test]
     fn readings_come_from_proc() {
         let mut s = Sampler::new(None);
+        let started = Instant::now();
         let a = s.sample();
-        // Burn a little CPU so the second reading has something to measure.
+        let cpu_before = process_cpu_seconds().unwrap();
+        // Burn 100 ms of CPU time, measured, however long that takes on a
+        // busy machine, so the second reading has something to measure.
         let mut x = 0u64;
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(50) {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        while process_cpu_seconds().unwrap() - cpu_before < 0.1 {
+            for _ in 0..10_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no CPU time in 120 s"
+            );
         }
         std::hint::black_box(x);
         let b = s.sample();
+        let wall = started.elapsed().as_secs_f64();
         assert!(a.memory_mb > 1.0, "RSS of a running test is more than 1 MB");
+        // At least the 0.1 s burnt (less one 10 ms tick of /proc's resolution)
+        // over at most the wall time that passed between the readings.
+        let least = (0.09 / wall * 100.0) as f32;
         assert!(
-            b.cpu_percent > 10.0,
-            "a busy loop shows up as CPU: {}",
+            b.cpu_percent >= least,
+            "100 ms of CPU in {wall:.3} s shows as {}%, below {least}%",
             b.cpu_percent
         );
         assert!(b.timestamp >= a.timestamp);

@@ -1167,33 +1167,96 @@ mod tests {
         assert_eq!(state.unwrap().2, 1);
     }
 
+    fn training(cache_bytes: u64) -> Training {
+        Training::new(
+            &TrainingConfig {
+                names: vec!["m".into()],
+                cache_bytes,
+                ttl: Duration::from_secs(3600),
+                optimizers: vec![OptimizerSettings::default()],
+                checkpoint_dir: None,
+                checkpoint_every: 0,
+                max_learning_rate: 10.0,
+                learning_rates: vec![None],
+                checkpoint_keep: 3,
+                max_accumulation_steps: 1024,
+            },
+            1,
+        )
+    }
+
+    /// A stored forward of `bytes` bytes whose output is [1].
+    fn entry(bytes: u64) -> Entry {
+        Entry {
+            model: 0,
+            input: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+            output: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+            out_shape: vec![1],
+            version: 0,
+            bytes,
+            created: Instant::now(),
+            tick: 0,
+        }
+    }
+
+    fn stored(t: &Training) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&t.store).entries.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     #[test]
     fn the_store_evicts_least_recently_used_and_remembers_why() {
-        let mut store = Store::default();
-        for (i, id) in ["a", "b", "c"].iter().enumerate() {
-            let e = Entry {
-                model: 0,
-                input: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
-                output: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
-                out_shape: vec![1],
-                version: 0,
-                bytes: 10,
-                created: Instant::now(),
-                tick: i as u64,
-            };
-            store.lru.insert(i as u64, id.to_string());
-            store.entries.insert(id.to_string(), e);
-            store.bytes += 10;
+        let t = training(30);
+        let model = Model::load(&"m=builtin:identity".parse().unwrap(), tch::Device::Cpu).unwrap();
+        for id in ["a", "b", "c"] {
+            t.insert(id, entry(10)).unwrap();
         }
-        store.next_tick = 3;
-        store.touch("a");
-        let oldest = store.lru.values().next().cloned().unwrap();
-        assert_eq!(oldest, "b", "a was used more recently");
-        assert!(store.remove(&oldest, Gone::Evicted).is_some());
-        assert_eq!(store.bytes, 20);
+        assert_eq!(t.stats.bytes.load(Ordering::Relaxed), 30);
+        // "a", the oldest, is used: a backward whose gradient has the wrong
+        // shape keeps its entry for a corrected retry.
+        let enc = Encoding {
+            dtype: crate::codec::WireDtype::F32,
+            compressed: false,
+            explicit: false,
+        };
+        let step = Step::Backward {
+            forward_id: "a".into(),
+            update: None,
+        };
+        let wrong = RawTensor::from_f32(&[1.0, 2.0], &[2]);
+        let e = t.run(0, &model, &step, &wrong, enc).unwrap_err();
+        assert!(matches!(e, TrainingError::GradShape { .. }), "{e:?}");
+
+        // A new entry makes room by evicting the least recently used: "b",
+        // where first-in-first-out would have taken "a".
+        t.insert("d", entry(10)).unwrap();
+        assert_eq!(stored(&t), ["a", "c", "d"]);
+        assert_eq!(t.stats.evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(t.stats.bytes.load(Ordering::Relaxed), 30);
+        let store = lock(&t.store);
         assert_eq!(store.why_gone("b"), Gone::Evicted);
         assert_eq!(store.why_gone("zzz"), Gone::Unknown);
         let msg = store.not_found("b").to_string();
         assert!(msg.contains("--activation-cache-bytes"), "{msg}");
+        drop(store);
+
+        // Two slots' worth evicts the two least recently used, "c" then "a".
+        t.insert("e", entry(20)).unwrap();
+        assert_eq!(stored(&t), ["d", "e"]);
+        assert_eq!(t.stats.evicted.load(Ordering::Relaxed), 3);
+        // Refusals evict nothing.
+        assert!(matches!(
+            t.insert("d", entry(1)),
+            Err(TrainingError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            t.insert("f", entry(31)),
+            Err(TrainingError::TooLarge {
+                bytes: 31,
+                limit: 30
+            })
+        ));
+        assert_eq!(stored(&t), ["d", "e"]);
     }
 }

@@ -1,6 +1,8 @@
 //! Starts the real server in-process on 127.0.0.1:0 and hands out real clients.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,6 +37,10 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// The server configuration the command line gives for the given models and
 /// extra flags (the thread plan is refitted by [`TestServer::start`]).
+///
+/// The tests compare with libtorch on this process's CPU and assert `cpu`
+/// where they report a device, so the server runs on the CPU unless `extra`
+/// names a `--device` (the default, `auto`, picks a GPU where there is one).
 pub fn args(models: &[&str], extra: &[&str]) -> ServerConfig {
     let mut argv = vec!["splitserve".to_string(), "serve".to_string()];
     for m in models {
@@ -42,6 +48,13 @@ pub fn args(models: &[&str], extra: &[&str]) -> ServerConfig {
         argv.push((*m).into());
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
+    if !extra
+        .iter()
+        .any(|a| *a == "--device" || a.starts_with("--device="))
+    {
+        argv.push("--device".into());
+        argv.push("cpu".into());
+    }
     // The plan is refitted in TestServer::start; a test may ask for more
     // workers than this machine has cores.
     argv.push("--allow-oversubscription".into());
@@ -117,11 +130,71 @@ impl TestServer {
             .max_encoding_message_size(usize::MAX)
     }
 
+    /// SIGTERM equivalent without waiting: the server starts draining.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// SIGTERM equivalent: drain and stop.
     pub async fn stop(self) -> Result<(), RunError> {
         self.shutdown.cancel();
         self.handle.await.unwrap()
     }
+}
+
+/// GetServiceInfo's custom_info.
+pub async fn info(c: &mut ComputeServiceClient<Channel>) -> HashMap<String, String> {
+    c.get_service_info(pb::ServiceInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .custom_info
+}
+
+/// One numeric entry of GetServiceInfo's custom_info.
+pub async fn counter(c: &mut ComputeServiceClient<Channel>, key: &str) -> u64 {
+    let info = info(c).await;
+    info.get(key)
+        .unwrap_or_else(|| panic!("custom_info has no {key}: {info:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// Generous: the machine may be busy; a wait only ends early when it succeeds.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls GetServiceInfo until `ready(custom_info)` holds; panics with `what`
+/// and the last custom_info after [`WAIT`].
+pub async fn wait_until(
+    c: &mut ComputeServiceClient<Channel>,
+    what: &str,
+    ready: impl Fn(&HashMap<String, String>) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = info(c).await;
+        if ready(&now) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {now:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until custom_info's numeric `key` equals `want`.
+pub async fn wait_for(c: &mut ComputeServiceClient<Channel>, key: &str, want: u64) {
+    wait_until(c, &format!("{key} == {want}"), |i| {
+        i.get(key).and_then(|v| v.parse::<u64>().ok()) == Some(want)
+    })
+    .await;
+}
+
+/// Reads custom_info's numeric `key` from an already fetched map.
+pub fn num(info: &HashMap<String, String>, key: &str) -> u64 {
+    info.get(key)
+        .unwrap_or_else(|| panic!("custom_info has no {key}: {info:?}"))
+        .parse()
+        .unwrap()
 }
 
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -155,4 +228,30 @@ pub fn values(n: usize, seed: u32) -> Vec<f32> {
             (x % 2000) as f32 / 1000.0 - 1.0
         })
         .collect()
+}
+
+/// float16 bytes of `values` (what `TensorCodec(dtype=np.float16)` sends).
+pub fn f16_bytes(values: &[f32]) -> Vec<u8> {
+    let t = tch::Tensor::from_slice(values).to_kind(tch::Kind::Half);
+    let mut out = vec![0u8; values.len() * 2];
+    t.copy_data_u8(&mut out, values.len());
+    out
+}
+
+pub fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    let t = tch::Tensor::from_data_size(bytes, &[(bytes.len() / 2) as i64], tch::Kind::Half)
+        .to_kind(tch::Kind::Float);
+    Vec::<f32>::try_from(t).unwrap()
+}
+
+/// A zlib stream of `bytes` (what `CompressedTensorCodec` sends).
+pub fn zlib(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// The values of f32 `bytes` rounded through float16, as a float16 client sees them.
+pub fn through_f16(values: &[f32]) -> Vec<f32> {
+    f16_values(&f16_bytes(values))
 }

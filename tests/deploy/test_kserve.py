@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 from typing import Any
 
@@ -26,7 +25,9 @@ import kubernetes_validate.utils as kv
 import pytest
 import yaml
 
-from deploy_support import CHART, HERE, ROOT, VALUE_SETS, env_of, objects, one, render_deploy, server_container
+from deploy_support import (
+    CHART, HERE, ROOT, VALUE_SETS, env_of, kubectl, objects, one, render_deploy, server_container,
+)
 
 KSERVE_DIR = ROOT / "deploy" / "kserve"
 KSERVE_PY = ROOT / ".venv-kserve" / "bin" / "python"
@@ -236,12 +237,10 @@ def test_runtime_pod_validates_against_kubernetes(source: str) -> None:
 def test_kustomization_applies_only_the_runtime() -> None:
     kustomization = _load("kustomization.yaml")
     assert kustomization["resources"] == ["servingruntime.yaml"]
-    kubectl = shutil.which("kubectl")
-    if kubectl:
-        proc = subprocess.run([kubectl, "kustomize", str(KSERVE_DIR)], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        (got,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
-        assert got == _load("servingruntime.yaml")
+    proc = subprocess.run([kubectl(), "kustomize", str(KSERVE_DIR)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (got,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert got == _load("servingruntime.yaml")
     assert sorted(p.name for p in KSERVE_DIR.iterdir()) == [
         "inferenceservice.yaml",
         "kustomization.yaml",

@@ -5,7 +5,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -13,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "splitserve"
+#: Built beside splitserve: probe and bench without libtorch (the HEALTHCHECK, the Helm test).
+CLIENT = BIN.parent / "splitserve-client"
 FIXTURES = ROOT / "tests" / "fixtures" / "generated"
 
 
@@ -51,6 +56,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cuda_available() -> bool:
+    """Whether this machine has a CUDA device (torch, imported only when asked)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 0.05):
+    """Polls condition() until it returns something truthy, which it returns; fails
+    naming `what` (and the last value) after `timeout` seconds. Tests wait on what
+    they can observe (a metric, a health state, a log line), never on a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = condition()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+        time.sleep(every)
+
+
+def http_status(url: str, timeout: float = 5) -> tuple[int, str]:
+    """(HTTP status, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric_value(text: str, family: str, **labels) -> float | None:
+    """The value of the first sample of `family` whose labels include `labels`, in a
+    Prometheus exposition; None when there is none."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(family + "{") or line.startswith(family + " "):
+            if all(w in line.rsplit(" ", 1)[0] for w in want):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def probe(binary: Path, addr: str, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`splitserve probe` or `splitserve-client probe` against addr."""
+    return subprocess.run([str(binary), "probe", "--addr", addr, *extra],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 class Server:
     """The real binary on a loopback port."""
 
@@ -69,9 +122,9 @@ class Server:
         self.http_port = free_port()
         self.http_addr = f"127.0.0.1:{self.http_port}"
         self.http_url = f"http://{self.http_addr}"
-        self.log = []
         full_env = dict(os.environ)
         full_env.update(env or {})
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--grpc-addr", self.addr,
              "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
@@ -81,6 +134,39 @@ class Server:
             env=full_env,
             text=True,
         )
+        # Read the log as it is written: tests can wait for a line, and a chatty
+        # server never blocks on a full pipe.
+        self._lines: list[str] = []
+        self._lines_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stdout:
+            with self._lines_lock:
+                self._lines.append(line)
+
+    def log_so_far(self) -> str:
+        with self._lines_lock:
+            return "".join(self._lines)
+
+    def wait_log(self, needle: str, timeout: float = 30.0) -> str:
+        """Waits until the log has a line containing `needle`; returns that line."""
+        def found():
+            with self._lines_lock:
+                return next((line for line in self._lines if needle in line), None)
+        try:
+            return wait_until(found, timeout, f"a log line with {needle!r}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- log so far ---\n{self.log_so_far()[-4000:]}") from None
+
+    def metrics(self) -> str:
+        """The Prometheus exposition of the admin port."""
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, family: str, **labels) -> float | None:
+        return metric_value(self.metrics(), family, **labels)
 
     def channel(self, max_message_length: int = 100 * 1024 * 1024,
                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
@@ -161,9 +247,11 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
     def output(self) -> str:
+        """Everything the process wrote, once it has exited (its log so far before)."""
         if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stdout.read() if self.proc.stdout else ""
+            return "(still running)\n" + self.log_so_far()
+        self._reader.join(timeout=10)
+        return self.log_so_far()
 
 
 @pytest.fixture

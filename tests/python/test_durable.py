@@ -189,3 +189,62 @@ def test_a_resumed_model_keeps_its_pending_accumulation(pb, server_factory, tmp_
     expected, resumed = parameters(whole / "top.pt"), parameters(split / "top.pt")
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=0)
+
+
+def mlp_forward(weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """builtin:mlp in torch: linear layers l0, l1, ... with ReLU between them."""
+    n = len(weights) // 2
+    for i in range(n):
+        x = torch.nn.functional.linear(x, weights[f"l{i}.weight"], weights[f"l{i}.bias"])
+        if i < n - 1:
+            x = torch.relu(x)
+    return x
+
+
+def test_builtin_mlp_safetensors_checkpoints_are_read_by_torch_and_served_again(pb, server_factory, tmp_path):
+    """The built-in MLP's checkpoint is a plain safetensors file: torch (the
+    safetensors package) reads the trained weights and computes what the server
+    answered; the server serves that file, and one torch wrote, with
+    builtin:mlp:WIDTHS@FILE."""
+    from safetensors.torch import load_file, save_file
+
+    pb2, pb2_grpc = pb
+    spec = "builtin:mlp:8x16x4"
+    ckpt = tmp_path / "ckpt"
+    s = server_factory("--model", f"m={spec}", "--trainable", "m", "--checkpoint-dir", str(ckpt),
+                       "--device", "cpu", "--workers", "1", "--intra-op-threads", "1")
+    s.wait_ok(pb)
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    for k in range(3):
+        train_step(stub, pb2, k)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(9))
+    data, shape = to_wire(x)
+    reply = stub.Compute(pb2.ComputeRequest(data=data, shape=shape), timeout=30)
+    trained = from_wire(reply.data, reply.shape)
+    assert s.terminate() == 0
+
+    weights = load_file(str(ckpt / "m.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "l0.weight": (16, 8), "l0.bias": (16,), "l1.weight": (4, 16), "l1.bias": (4,)}
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    torch.testing.assert_close(mlp_forward(weights, x), trained, atol=1e-6, rtol=1e-6)
+
+    # Weights torch writes, for the server to read.
+    g = torch.Generator().manual_seed(4)
+    mine = {k: torch.randn(v.shape, generator=g) for k, v in weights.items()}
+    save_file(mine, str(tmp_path / "mine.safetensors"))
+    s = server_factory("--model", f"trained={spec}@{ckpt / 'm.safetensors'}",
+                       "--model", f"mine={spec}@{tmp_path / 'mine.safetensors'}",
+                       "--model", f"seed={spec}", "--device", "cpu", "--workers", "1", "--intra-op-threads", "1")
+    s.wait_ok(pb)
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+
+    def answer(model):
+        r = stub.Compute(pb2.ComputeRequest(data=data, shape=shape, model_id=model), timeout=30)
+        return from_wire(r.data, r.shape)
+
+    torch.testing.assert_close(answer("trained"), trained, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(answer("mine"), mlp_forward(mine, x), atol=1e-5, rtol=1e-5)
+    # The control: the seed's weights answer otherwise, so the file was really read.
+    assert not torch.allclose(answer("seed"), trained, atol=1e-3)
+    assert s.terminate() == 0

@@ -2,6 +2,8 @@
 package's own tensor encodings) against the real splitserve binary, checked
 against the venv's torch running the same TorchScript file."""
 
+import time
+import tomllib
 import zlib
 
 import grpc
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_path
+from conftest import ROOT, fixture_path
 
 
 class TensorCodec:
@@ -48,10 +50,14 @@ CODECS = {
 def mlp_server(pb, request):
     from conftest import Server
 
+    # The reference is torch on the CPU: pin the server there too (the default,
+    # --device auto, takes a GPU where there is one; test_gpu.py covers that).
     s = Server(
         "--model", f"mlp={fixture_path('mlp.pt')}",
         "--model", "triple=builtin:scale:3",
         "--max-message-bytes", str(1024 * 1024),
+        "--device", "cpu",
+        "--workers", "1", "--intra-op-threads", "1",
     )
     s.wait_ok(pb)
     yield s
@@ -87,25 +93,49 @@ def test_named_model_and_service_calls(pb, mlp_server):
     codec = TensorCodec()
     x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     data, shape = codec.encode(x)
-    reply = stub.Compute(pb2.ComputeRequest(data=data, shape=list(shape), model_id="triple"))
-    assert torch.equal(codec.decode(reply.data, tuple(reply.shape)), x * 3)
+    # GetServiceInfo counts every tensor RPC: exactly the three made here.
+    before = stub.GetServiceInfo(pb2.ServiceInfoRequest()).total_requests
+    for k in range(3):
+        reply = stub.Compute(pb2.ComputeRequest(data=data, shape=list(shape), model_id="triple"))
+        assert torch.equal(codec.decode(reply.data, tuple(reply.shape)), x * 3)
 
+    since_start = time.monotonic() - mlp_server.started
     health = stub.HealthCheck(pb2.HealthRequest())
-    assert health.status == "ok" and health.version and health.uptime_seconds >= 0
+    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["package"]["version"]
+    assert health.status == "ok" and health.version == version, health
+    # Uptime counts from the process's start: positive, never more than the test has seen.
+    assert 0 < health.uptime_seconds <= since_start + 0.5, (health.uptime_seconds, since_start)
+    later = stub.HealthCheck(pb2.HealthRequest()).uptime_seconds
+    assert later >= health.uptime_seconds
 
     info = stub.GetServiceInfo(pb2.ServiceInfoRequest())
     assert info.service_name == "mlp"
     assert info.device == "cpu"
-    assert info.total_requests >= 1
+    assert info.total_requests - before == 3, (before, info.total_requests)
     assert info.custom_info["models"] == "mlp@cpu,triple@cpu"
-    assert "workers" in info.custom_info["thread_plan"]
+    # The plan the fixture asked for, in the words of the startup log.
+    plan = info.custom_info["thread_plan"]
+    assert (info.custom_info["workers"], info.custom_info["intra_op_threads"]) == ("1", "1"), info.custom_info
+    assert plan.startswith("1 workers x 1 intra-op threads (CPU budget "), plan
 
     snaps = []
     for item in stub.StreamMonitoring(pb2.MonitoringStreamRequest(sampling_interval=0.1), timeout=10):
         snaps.append(item.snapshot)
         if len(snaps) == 2:
             break
-    assert all(s.memory_mb > 0 and not s.gpu_available for s in snaps)
+    # --device cpu: no GPU in the snapshot even on a machine that has one.
+    assert len(snaps) == 2
+    assert not any(s.gpu_available for s in snaps), snaps
+    # memory_mb is the process's resident set, as the kernel counts it.
+    rss_mb = resident_mb(mlp_server.proc.pid)
+    assert all(0.5 * rss_mb < s.memory_mb < 2 * rss_mb for s in snaps), (rss_mb, snaps)
+
+
+def resident_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
 
 
 def test_errors_have_clear_statuses(pb, mlp_server):

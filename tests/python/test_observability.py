@@ -5,6 +5,7 @@ that never happened (a batch size of 0.5) fails here."""
 
 import json
 import math
+import os
 import re
 import secrets
 import shutil
@@ -20,13 +21,13 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, Server, fixture_path, free_port
+from conftest import BIN, ROOT, Server, cuda_available, fixture_path, free_port, metric_value, wait_until
 
 DASHBOARD = ROOT / "dashboards" / "splitserve-contention.json"
 ALERTS = ROOT / "dashboards" / "alerts.yaml"
 
 # Every family the issue names; GPU families only exist where NVML sees a GPU,
-# cgroup throttling only where the cgroup reports it.
+# cgroup throttling only where the cgroup reports it: required then (OPTIONAL).
 FAMILIES = [
     "splitserve_requests_total",
     "splitserve_request_duration_seconds_bucket",
@@ -61,6 +62,39 @@ OPTIONAL = {
     "cgroup": ["splitserve_cgroup_cpu_throttled_seconds_total", "splitserve_cgroup_cpu_throttled_periods_total"],
     "gpu": ["splitserve_gpu_memory_used_bytes", "splitserve_gpu_memory_total_bytes", "splitserve_gpu_utilization_ratio"],
 }
+
+
+def cgroup_cpu_stat_files(pid: int) -> list[Path]:
+    """The cpu.stat files that report a process's CPU throttling, found the way
+    the kernel documents it (independently of the server's own search): the
+    cgroup v2 hierarchy and cgroup v1's cpu controller, wherever /proc/PID/mountinfo
+    says they are mounted, at the process's cgroup and at the mount's root; and
+    /sys/fs/cgroup/cpu.stat."""
+    mounts = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        fields, (fstype, _source, options) = before.split(), after.split()[:3]
+        mounts.append((fields[3], fields[4], fstype, set(options.split(","))))
+    files = [Path("/sys/fs/cgroup/cpu.stat")]
+    for entry in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = entry.split(":", 2)
+        v2 = hierarchy == "0" and controllers == ""
+        for root, point, fstype, options in mounts:
+            if (v2 and fstype == "cgroup2") or (
+                    not v2 and fstype == "cgroup" and "cpu" in controllers.split(",") and "cpu" in options):
+                rel = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
+                files += [Path(point) / rel / "cpu.stat", Path(point) / "cpu.stat"]
+    return [f for f in dict.fromkeys(files) if f.is_file()]
+
+
+def throttled_periods(pid: int) -> dict[Path, int]:
+    """nr_throttled of every cpu.stat that reports it (empty: the cgroup reports no throttling)."""
+    found = {}
+    for f in cgroup_cpu_stat_files(pid):
+        m = re.search(r"^nr_throttled (\d+)$", f.read_text(), re.M)
+        if m:
+            found[f] = int(m.group(1))
+    return found
 
 
 def tool(name):
@@ -224,11 +258,20 @@ def test_promtool_accepts_the_live_exposition(stack):
 
 def test_prometheus_has_data_for_every_family(stack):
     s, prom, _ = stack
+    before = throttled_periods(s.proc.pid)
     exposed = http_get(f"{s.metrics_url}/metrics")
+    after = throttled_periods(s.proc.pid)
     wanted = list(FAMILIES)
-    for group, names in OPTIONAL.items():
-        # Present in the exposition where the machine reports them; then they must arrive.
-        wanted += [n for n in names if f"\n{n}" in exposed]
+    # Required wherever the machine reports them: the cgroup's throttling where a
+    # cpu.stat has nr_throttled, the NVML series where there is a GPU.
+    if before:
+        wanted += OPTIONAL["cgroup"]
+        periods = metric_value(exposed, "splitserve_cgroup_cpu_throttled_periods_total")
+        assert periods is not None, f"{sorted(map(str, before))} report throttling, /metrics does not"
+        # The exposition reads the cgroup's own counter at scrape time.
+        assert any(before[f] <= periods <= after.get(f, before[f]) for f in before), (before, periods, after)
+    if cuda_available():
+        wanted += OPTIONAL["gpu"]
     missing = [f for f in wanted if not prom.query(f'{f}{{namespace="test"}}')]
     assert missing == [], f"no data in Prometheus for {missing}"
     codes = {r["metric"]["code"] for r in prom.query("splitserve_requests_total")}
@@ -260,7 +303,7 @@ def substitute(expr, model=".*"):
 
 def test_every_dashboard_panel_returns_data(stack):
     s, prom, loaded_at = stack
-    gpu = bool(prom.query("splitserve_gpu_memory_total_bytes"))
+    gpu = cuda_available()  # then the GPU panels and alerts must have data
     exposed = http_get(f"{s.metrics_url}/metrics")
     not_yet = [f for f in PLANNED if f"\n{f}" not in exposed]
     empty = []
@@ -324,7 +367,7 @@ def compared_sides(expr):
 
 def test_every_alert_expression_reads_live_series(stack):
     _, prom, loaded_at = stack
-    gpu = bool(prom.query("splitserve_gpu_memory_total_bytes"))
+    gpu = cuda_available()  # then the GPU panels and alerts must have data
     problems = []
     for name, expr in alert_rules():
         # The comparison makes an alert empty while healthy: evaluate what it compares.
@@ -360,15 +403,20 @@ def test_a_slow_model_builds_a_queue_and_threads_stay_flat(pb, server_factory):
     assert scrape('splitserve_queue_depth{model="slow"}') == 0
     load = bench(s.addr, 4, "--shape", "1", "--concurrency", "16", "--connections", "4")
     depth, threads, inflight = [], [], []
-    for _ in range(20):
-        time.sleep(0.1)
+
+    def queue_built():
+        # 16 clients, 1 worker: 15 wait. Threads are sampled all along.
         depth.append(scrape('splitserve_queue_depth{model="slow"}'))
         threads.append(scrape('splitserve_threads{pool="process"}'))
         inflight.append(scrape("splitserve_inflight_requests"))
-    load.wait(timeout=60)
-    assert max(depth) >= 10, depth          # 16 clients, 1 worker: 15 wait
-    assert max(inflight) >= 15, inflight
+        return max(depth) >= 10 and max(inflight) >= 15
+
+    wait_until(queue_built, 30, "a queue of 10 and 15 requests in flight", every=0.05)
+    while load.poll() is None:
+        threads.append(scrape('splitserve_threads{pool="process"}'))
+        time.sleep(0.05)
+    assert load.returncode == 0, load.stderr.read()
     assert max(threads) == threads_idle, (threads_idle, threads)   # no thread per request
-    assert scrape('splitserve_workers{state="busy"}') == 0
-    time.sleep(0.2)
-    assert scrape('splitserve_queue_depth{model="slow"}') == 0
+    wait_until(lambda: scrape('splitserve_workers{state="busy"}') == 0, 10, "the worker to go idle")
+    wait_until(lambda: scrape('splitserve_queue_depth{model="slow"}') == 0, 10, "the queue to empty")
+    wait_until(lambda: scrape("splitserve_inflight_requests") == 0, 10, "no request in flight")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import BIN, CLIENT, http_status, probe, wait_until
+
 # Threads the plan does not count but the process always has: libtorch's and
 # the allocator's helpers, the signal driver. Measured idle, not guessed.
 SLACK = 4
@@ -45,7 +47,8 @@ def load(stub, pb2, clients: int, seconds: float, errors: list):
 def test_thread_count_stays_within_the_plan_from_1_to_64_clients(pb, server_factory, batching):
     pb2, pb2_grpc = pb
     # Batched forwards are GEMMs, where MKL would size its own pool from the machine.
-    s = server_factory("--workers", "2", "--intra-op-threads", "1", "--io-threads", "2", *batching)
+    # The CPU thread plan: a CUDA context would add the driver's own threads.
+    s = server_factory("--workers", "2", "--intra-op-threads", "1", "--io-threads", "2", "--device", "cpu", *batching)
     s.wait_ok(pb)
     channels = [s.channel() for _ in range(8)]
     info = pb2_grpc.ComputeServiceStub(channels[0]).GetServiceInfo(pb2.ServiceInfoRequest())
@@ -75,7 +78,8 @@ def test_thread_count_stays_within_the_plan_from_1_to_64_clients(pb, server_fact
 
 def test_a_stalled_worker_fails_liveness_until_it_finishes(pb, server_factory):
     pb2, pb2_grpc = pb
-    s = server_factory("--model", "stuck=builtin:delay:2500", "--workers", "1", "--stall-timeout", "500ms")
+    # One forward of 5 s against a 500 ms stall timeout: stalled for about 4.5 s.
+    s = server_factory("--model", "stuck=builtin:delay:5000", "--workers", "1", "--stall-timeout", "500ms")
     s.wait_ok(pb)
     ch = s.channel()
     stub = pb2_grpc.ComputeServiceStub(ch)
@@ -85,14 +89,23 @@ def test_a_stalled_worker_fails_liveness_until_it_finishes(pb, server_factory):
         return health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status
 
     assert live() == health_pb2.HealthCheckResponse.SERVING
+    assert http_status(f"{s.metrics_url}/livez") == (200, "ok\n")
     t = threading.Thread(target=lambda: stub.Compute(pb2.ComputeRequest(data=b"\0" * 4, shape=[1]), timeout=30))
     t.start()
-    time.sleep(1.5)
-    assert live() == health_pb2.HealthCheckResponse.NOT_SERVING
+    wait_until(lambda: live() == health_pb2.HealthCheckResponse.NOT_SERVING, 4,
+               "liveness NOT_SERVING while the worker is stuck")
+    s.wait_log("worker stalled: busy on one job past --stall-timeout; liveness NOT_SERVING")
     assert stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info["workers_stalled"] == "1"
+    assert http_status(f"{s.metrics_url}/livez") == (503, "1 worker(s) stalled past --stall-timeout\n")
+    # The liveness probe fails with both probe commands.
+    for binary in (BIN, CLIENT):
+        r = probe(binary, s.addr, "--service", "liveness")
+        assert r.returncode == 1 and r.stdout.strip().endswith(": NOT_SERVING"), (binary.name, r)
+    assert t.is_alive(), "the stall ended during the checks"
     t.join()
-    deadline = time.time() + 5
-    while live() != health_pb2.HealthCheckResponse.SERVING:
-        assert time.time() < deadline, "liveness never recovered"
-        time.sleep(0.1)
+    wait_until(lambda: live() == health_pb2.HealthCheckResponse.SERVING, 10, "liveness to recover")
+    assert http_status(f"{s.metrics_url}/livez") == (200, "ok\n")
+    s.wait_log("stalled worker finished its job; liveness SERVING again")
+    for binary in (BIN, CLIENT):
+        assert probe(binary, s.addr, "--service", "liveness").returncode == 0
     assert s.terminate() == 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, fixture_path
+from conftest import ROOT, fixture_path, wait_until
 
 sys.path.insert(0, str(ROOT / "examples"))
 import split_training  # noqa: E402  (examples/split_training.py, the README's example)
@@ -36,7 +36,9 @@ OPTIMIZERS = {
 
 
 def start(pb, server_factory, *flags):
-    s = server_factory("--model", f"top={fixture_path('top.pt')}", "--workers", "2", "--trainable", "top", *flags)
+    # The reference is torch autograd on the CPU: the server computes there too.
+    s = server_factory("--model", f"top={fixture_path('top.pt')}", "--workers", "2", "--trainable", "top",
+                       "--device", "cpu", *flags)
     s.wait_ok(pb)
     return s, pb[1].ComputeServiceStub(s.channel())
 
@@ -110,7 +112,7 @@ def test_gradients_and_updates_equal_local_autograd_and_torch_optim(pb, server_f
         assert n == m
         torch.testing.assert_close(p.detach(), q.detach(), **TOL)
     # ... and that splitserve serves again.
-    again = server_factory("--model", f"top={tmp_path / 'top.pt'}")
+    again = server_factory("--model", f"top={tmp_path / 'top.pt'}", "--device", "cpu")
     again.wait_ok(pb)
     _, got = compute(pb[1].ComputeServiceStub(again.channel()), pb2, probe)
     with torch.no_grad():
@@ -178,7 +180,12 @@ def test_eviction_ttl_reuse_and_shape_give_their_status_and_the_server_keeps_ser
     assert code == grpc.StatusCode.NOT_FOUND and "already used" in msg, msg
 
     old, _ = compute(ttl_stub, pb2, x, training_mode=True)
-    time.sleep(0.6)
+    stored_at = time.monotonic()
+    # An idle worker releases them once the TTL has passed, without waiting for a request.
+    wait_until(lambda: ttl_stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info["activations_expired"] == "1",
+               10, "the idle sweep to expire the activations")
+    assert time.monotonic() - stored_at >= 0.3, "expired before --activation-ttl"
+    assert ttl_stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info["activations_stored"] == "0"
     code, msg = status(lambda: backward(ttl_stub, pb2, g, old.forward_id))
     assert code == grpc.StatusCode.NOT_FOUND and "expired" in msg, msg
 
@@ -194,7 +201,7 @@ def test_eviction_ttl_reuse_and_shape_give_their_status_and_the_server_keeps_ser
 
 def test_kv_cache_decodes_token_by_token_like_the_full_sequence(pb, server_factory):
     pb2, pb2_grpc = pb
-    s = server_factory("--model", f"attn={fixture_path('attn_kv.pt')}")
+    s = server_factory("--model", f"attn={fixture_path('attn_kv.pt')}", "--device", "cpu")
     s.wait_ok(pb)
     stub = pb2_grpc.ComputeServiceStub(s.channel())
     torch.manual_seed(5)

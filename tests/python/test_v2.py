@@ -225,6 +225,16 @@ def test_default_mlp_metadata_and_config(default_server):
         # Statistics exist for a served model (tritonclient parses them).
         assert g.get_inference_statistics("mlp").model_stats[0].name == "mlp"
         assert h.get_inference_statistics("mlp")["model_stats"][0]["name"] == "mlp"
+        # After an inference they count it, and compute_input, compute_infer
+        # and compute_output agree (perf_analyzer aborts when they differ).
+        x = tgrpc.InferInput("INPUT__0", [1, 512], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 512), dtype=np.float32))
+        g.infer("mlp", [x])
+        st = g.get_inference_statistics("mlp").model_stats[0]
+        assert st.inference_count >= 1 and st.execution_count >= 1
+        i = st.inference_stats
+        assert i.compute_infer.count >= 1
+        assert i.compute_input.count == i.compute_infer.count == i.compute_output.count
     finally:
         h.close()
 
