@@ -66,7 +66,7 @@ bench-setup:
 	bash scripts/bench/setup.sh
 
 ## Reliability under overload, a 1,000,000-request soak, SIGTERM and SIGKILL, connection
-## rotation: the real binary on loopback ports, about 5 minutes; writes docs/reliability.md.
+## rotation: the real binary on loopback ports, about 3 minutes; writes docs/reliability.md.
 reliability: build fixtures
 	$(PY) scripts/reliability.py
 
