@@ -224,16 +224,7 @@ impl Tokens {
         stop: CancellationToken,
     ) {
         let tokens = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => tokens.reload(&metrics),
-                }
-            }
-        });
+        crate::listen::spawn_every(every, stop, move || tokens.reload(&metrics));
     }
 }
 

@@ -609,24 +609,19 @@ async fn infer(
         Ok((reply, requested, binary_default))
     }
     .instrument(span.clone());
-    let (result, result_bytes) = crate::grpc::layers::with_payload(async {
+    // One scope for the payload bytes: noted while decoding, and the outputs
+    // here, then read by the access log when the request is counted.
+    let result = crate::grpc::layers::with_payload(async {
         let r = result.await;
         if let Ok((reply, _, _)) = &r {
             let out: usize = reply.outputs.iter().map(|(_, t)| t.data.len()).sum();
             crate::grpc::layers::note_payload(None, Some(out as u64));
         }
-        let bytes = crate::grpc::layers::payload();
-        (r, bytes)
-    })
-    .await;
-    metrics.inflight.dec();
-    let result = crate::grpc::layers::with_payload(async {
-        crate::grpc::layers::note_payload(Some(result_bytes.0), Some(result_bytes.1));
+        metrics.inflight.dec();
         state
             .api
-            .finish(protocol::V2_HTTP, &label, "ModelInfer", arrival, result)
+            .finish(protocol::V2_HTTP, &label, "ModelInfer", arrival, r)
     })
-    .instrument(span)
     .await;
     match result {
         Err(s) => from_status(s),

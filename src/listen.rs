@@ -75,7 +75,7 @@ pub struct Tls {
 impl Tls {
     /// Reads the files; a failure here is a configuration error.
     pub fn load(files: TlsFiles, port: &'static str) -> Result<Arc<Tls>, ListenError> {
-        let (config, digest) = build_config(&files)?;
+        let (config, digest) = build_config(&files, &Pem::read(&files)?)?;
         Ok(Arc::new(Tls {
             files,
             current: RwLock::new((Arc::new(config), digest)),
@@ -91,14 +91,15 @@ impl Tls {
     /// Re-reads the files when their contents changed. A broken new set (a
     /// half-written Secret) keeps the old one in service and is logged.
     fn reload(&self, metrics: &Metrics) {
-        let Ok(digest) = files_digest(&self.files) else {
+        let Ok(pem) = Pem::read(&self.files) else {
             return; // unreadable for a moment: try again next time
         };
+        let digest = pem.digest();
         let unchanged = self.current.read().map(|c| c.1 == digest).unwrap_or(false);
         if unchanged {
             return;
         }
-        match build_config(&self.files) {
+        match build_config(&self.files, &pem) {
             Ok((config, digest)) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) =
                     (Arc::new(config), digest);
@@ -119,17 +120,22 @@ impl Tls {
         stop: CancellationToken,
     ) {
         let tls = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => tls.reload(&metrics),
-                }
-            }
-        });
+        spawn_every(every, stop, move || tls.reload(&metrics));
     }
+}
+
+/// Runs `f` every `every` until `stop`: how credential files are re-read.
+pub fn spawn_every(every: Duration, stop: CancellationToken, f: impl Fn() + Send + 'static) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => f(),
+            }
+        }
+    });
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, ListenError> {
@@ -139,20 +145,37 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ListenError> {
     })
 }
 
-fn files_digest(files: &TlsFiles) -> Result<[u8; 32], ListenError> {
-    let mut h = Sha256::new();
-    h.update(read(&files.cert)?);
-    h.update(read(&files.key)?);
-    if let Some(ca) = &files.client_ca {
-        h.update(read(ca)?);
-    }
-    Ok(h.finalize().into())
+/// The files' bytes, read once per (re)load: certificate chain, key, client CA.
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
 }
 
-fn build_config(files: &TlsFiles) -> Result<(ServerConfig, [u8; 32]), ListenError> {
-    let digest = files_digest(files)?;
-    let cert_pem = read(&files.cert)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+impl Pem {
+    fn read(files: &TlsFiles) -> Result<Pem, ListenError> {
+        Ok(Pem {
+            cert: read(&files.cert)?,
+            key: read(&files.key)?,
+            client_ca: files.client_ca.as_ref().map(read).transpose()?,
+        })
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(&self.cert);
+        h.update(&self.key);
+        if let Some(ca) = &self.client_ca {
+            h.update(ca);
+        }
+        h.finalize().into()
+    }
+}
+
+fn build_config(files: &TlsFiles, pem: &Pem) -> Result<(ServerConfig, [u8; 32]), ListenError> {
+    let digest = pem.digest();
+    let cert_pem = &pem.cert;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| ListenError::Config(format!("{}: {e}", files.cert.display())))?;
     if certs.is_empty() {
@@ -161,7 +184,7 @@ fn build_config(files: &TlsFiles) -> Result<(ServerConfig, [u8; 32]), ListenErro
             files.cert.display()
         )));
     }
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+    let key = PrivateKeyDer::from_pem_slice(&pem.key)
         .map_err(|e| ListenError::Config(format!("{}: {e}", files.key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -170,8 +193,8 @@ fn build_config(files: &TlsFiles) -> Result<(ServerConfig, [u8; 32]), ListenErro
     let builder = match &files.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            let ca_pem = read(ca)?;
-            for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+            let ca_pem = pem.client_ca.as_deref().unwrap_or_default();
+            for cert in CertificateDer::pem_slice_iter(ca_pem) {
                 let cert =
                     cert.map_err(|e| ListenError::Config(format!("{}: {e}", ca.display())))?;
                 roots

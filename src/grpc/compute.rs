@@ -378,8 +378,8 @@ impl ComputeApi {
         (arrival, deadline_from_metadata(request.metadata(), arrival))
     }
 
-    /// Ends a tensor RPC begun with [`ComputeApi::begin`]: counts invalid input as
-    /// a rejection, the answer by code and its server time.
+    /// Ends a tensor RPC begun with [`ComputeApi::begin`]: no longer in flight,
+    /// then counted like any request ([`super::finish`]).
     fn finish<T>(
         &self,
         model: &str,
@@ -388,47 +388,15 @@ impl ComputeApi {
         result: Result<T, ServeError>,
     ) -> Result<T, Status> {
         let metrics = self.engine.metrics();
-        let result = result.map_err(|e| {
-            let internal = matches!(
-                &e,
-                ServeError::Engine(EngineError::Internal(_))
-                    | ServeError::Engine(EngineError::Model(
-                        crate::model::ModelError::Internal { .. }
-                    ))
-            );
-            if internal {
-                // The model misbehaved on valid input: the operator's to fix.
-                tracing::warn!(error = %e, method, "request failed with INTERNAL");
-            } else {
-                tracing::debug!(error = %e, method, "request failed");
-            }
-            if e.is_invalid_input() {
-                metrics
-                    .rejected
-                    .with_label_values(&[model, reason::INVALID])
-                    .inc();
-            }
-            Status::from(e)
-        });
         metrics.inflight.dec();
-        self.observe(model, method, arrival, &result);
-        result
-    }
-
-    /// Counts an answered RPC and its server time.
-    fn observe<T>(&self, model: &str, method: &str, arrival: Instant, result: &Result<T, Status>) {
-        let code = match result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
-        };
-        super::observe(
-            self.engine.metrics(),
+        super::finish(
+            metrics,
             protocol::SPLITLEARN,
             model,
             method,
             arrival,
-            code,
-        );
+            result,
+        )
     }
 }
 

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::inference_pb as pb;
 use super::layers::Arrival;
-use super::{ServeError, deadline_from_metadata, observe};
+use super::{ServeError, deadline_from_metadata};
 use crate::auth::{Granted, Scope};
 use crate::codec::{self, Limits, RawTensor};
 use crate::engine::{Engine, EngineError, EngineStatus};
@@ -242,6 +242,15 @@ impl InferenceApi {
             .iter()
             .map(|model| {
                 let computed = m.total(&m.computed, &[("model", model)]);
+                let infer = duration(&m.inference_duration, model);
+                let queue = duration(&m.queue_duration, model);
+                // Input and output conversion happen inside the timed forward:
+                // same count, no time of their own. perf_analyzer requires the
+                // three counts to be equal.
+                let inside = pb::StatisticDuration {
+                    count: infer.count,
+                    ns: 0,
+                };
                 let failed = m.total(
                     &m.rejected,
                     &[("model", model), ("reason", reason::INVALID)],
@@ -255,26 +264,16 @@ impl InferenceApi {
                     inference_stats: Some(pb::InferStatistics {
                         success: Some(pb::StatisticDuration {
                             count: computed,
-                            ns: duration(&m.inference_duration, model).ns
-                                + duration(&m.queue_duration, model).ns,
+                            ns: infer.ns + queue.ns,
                         }),
                         fail: Some(pb::StatisticDuration {
                             count: failed,
                             ns: 0,
                         }),
-                        queue: Some(duration(&m.queue_duration, model)),
-                        // Input and output conversion happen inside the timed
-                        // forward: same count, no separate time. perf_analyzer
-                        // requires the three counts to be equal.
-                        compute_input: Some(pb::StatisticDuration {
-                            count: duration(&m.inference_duration, model).count,
-                            ns: 0,
-                        }),
-                        compute_infer: Some(duration(&m.inference_duration, model)),
-                        compute_output: Some(pb::StatisticDuration {
-                            count: duration(&m.inference_duration, model).count,
-                            ns: 0,
-                        }),
+                        queue: Some(queue),
+                        compute_input: Some(inside),
+                        compute_infer: Some(infer),
+                        compute_output: Some(inside),
                     }),
                     batch_stats: Vec::new(),
                 }
@@ -317,7 +316,7 @@ impl InferenceApi {
         })
     }
 
-    /// Counts a finished v2 request (and invalid input as a rejection).
+    /// Counts a finished v2 request ([`super::finish`]).
     pub fn finish<T>(
         &self,
         protocol: &str,
@@ -326,35 +325,14 @@ impl InferenceApi {
         arrival: Instant,
         result: Result<T, ServeError>,
     ) -> Result<T, Status> {
-        let metrics = self.engine.metrics();
-        let result = result.map_err(|e| {
-            let internal = matches!(
-                &e,
-                ServeError::Engine(EngineError::Internal(_))
-                    | ServeError::Engine(EngineError::Model(
-                        crate::model::ModelError::Internal { .. }
-                    ))
-            );
-            if internal {
-                // The model misbehaved on valid input: the operator's to fix.
-                tracing::warn!(error = %e, method, "request failed with INTERNAL");
-            } else {
-                tracing::debug!(error = %e, method, "request failed");
-            }
-            if e.is_invalid_input() {
-                metrics
-                    .rejected
-                    .with_label_values(&[model, reason::INVALID])
-                    .inc();
-            }
-            Status::from(e)
-        });
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
-        };
-        observe(metrics, protocol, model, method, arrival, code);
-        result
+        super::finish(
+            self.engine.metrics(),
+            protocol,
+            model,
+            method,
+            arrival,
+            result,
+        )
     }
 
     /// The label a request's model gets: its name when served, else "unknown".

@@ -219,7 +219,7 @@ impl GuardedBody {
     }
 
     /// Checks a message's prefix: its claimed length fits the limit and the budget.
-    fn admit(&mut self, prefix: &[u8]) -> Result<usize, (&'static str, Status)> {
+    fn admit(&mut self, prefix: [u8; 5]) -> Result<usize, (&'static str, Status)> {
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         let max = self.guard.max_message_bytes;
         if len > max {
@@ -264,8 +264,14 @@ impl HttpBody for GuardedBody {
         let this = self.get_mut();
         loop {
             if this.need.is_none() && this.buf.len() >= 5 {
-                let prefix = this.buf[..5].to_vec();
-                match this.admit(&prefix) {
+                let prefix = [
+                    this.buf[0],
+                    this.buf[1],
+                    this.buf[2],
+                    this.buf[3],
+                    this.buf[4],
+                ];
+                match this.admit(prefix) {
                     Ok(n) => this.need = Some(n),
                     Err((which, status)) => return this.refuse(which, status),
                 }
@@ -285,8 +291,8 @@ impl HttpBody for GuardedBody {
                     Ok(mut data) => {
                         // The common case: one whole message in one frame, no copy.
                         if this.buf.is_empty() && this.need.is_none() && data.len() >= 5 {
-                            let prefix = data[..5].to_vec();
-                            match this.admit(&prefix) {
+                            let prefix = [data[0], data[1], data[2], data[3], data[4]];
+                            match this.admit(prefix) {
                                 Ok(n) if n == data.len() => {
                                     return Poll::Ready(Some(Ok(Frame::data(data))));
                                 }

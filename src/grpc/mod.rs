@@ -136,6 +136,44 @@ fn model_status(m: &ModelError, msg: String) -> Status {
     }
 }
 
+/// Ends a request in any protocol: logs a failure (INTERNAL at warn: the
+/// operator's to fix), counts invalid input as a rejection, and counts the
+/// answer and its server time.
+pub fn finish<T>(
+    metrics: &Metrics,
+    protocol: &str,
+    model: &str,
+    method: &str,
+    arrival: std::time::Instant,
+    result: Result<T, ServeError>,
+) -> Result<T, Status> {
+    let result = result.map_err(|e| {
+        let internal = matches!(
+            &e,
+            ServeError::Engine(EngineError::Internal(_))
+                | ServeError::Engine(EngineError::Model(ModelError::Internal { .. }))
+        );
+        if internal {
+            tracing::warn!(error = %e, method, "request failed with INTERNAL");
+        } else {
+            tracing::debug!(error = %e, method, "request failed");
+        }
+        if e.is_invalid_input() {
+            metrics
+                .rejected
+                .with_label_values(&[model, crate::telemetry::metrics::reason::INVALID])
+                .inc();
+        }
+        Status::from(e)
+    });
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    observe(metrics, protocol, model, method, arrival, code);
+    result
+}
+
 /// Counts an answered request and its server time, by protocol.
 pub fn observe(
     metrics: &Metrics,
