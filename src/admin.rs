@@ -35,12 +35,16 @@ impl AdminState {
     fn refresh_gauges(&self) {
         let m = &self.metrics;
         let cfg = self.engine.config();
-        for (slot, depth) in cfg.models.iter().zip(self.engine.queue_depths()) {
-            let name = slot.spec.name.as_str();
-            m.queue_depth.with_label_values(&[name]).set(depth as i64);
+        for (name, depth) in self.engine.queue_depths() {
+            let capacity = self
+                .engine
+                .slot(&name)
+                .and_then(|s| s.queue_capacity)
+                .unwrap_or(cfg.queue_capacity);
+            m.queue_depth.with_label_values(&[&name]).set(depth as i64);
             m.queue_capacity
-                .with_label_values(&[name])
-                .set(cfg.queue_capacity as i64);
+                .with_label_values(&[&name])
+                .set(capacity as i64);
         }
         let plan = self.plan();
         m.cpu_budget.set(plan.budget.cores as i64);
@@ -63,20 +67,28 @@ impl AdminState {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         m.activations_stored.set(load(&t.stored) as i64);
         m.activations_bytes.set(load(&t.bytes) as i64);
-        let names = self.engine.model_names();
-        for (model, events) in names.iter().zip(&t.per_model) {
+        // Training state exists for the start-up models, in their order.
+        for (model, events) in cfg.training.names.iter().zip(&t.per_model) {
             for (event, value) in events.events() {
                 // The training side counts; the counter catches up at each scrape.
                 catch_up(&m.training_events.with_label_values(&[model, event]), value);
             }
         }
-        for (model, device, description) in self.engine.loaded_models() {
+        // Unloaded versions leave the family: it is rebuilt at each scrape.
+        m.model_info.reset();
+        for loaded in self.engine.loaded() {
+            let description = &loaded.description;
             let digest = description
                 .split("sha256:")
                 .nth(1)
                 .map_or_else(|| description.clone(), |d| format!("sha256:{d}"));
             m.model_info
-                .with_label_values(&[&model, "1", &device, &digest])
+                .with_label_values(&[
+                    &loaded.name,
+                    &loaded.version.to_string(),
+                    &loaded.device,
+                    &digest,
+                ])
                 .set(1);
         }
         let busy = self.engine.busy_workers();

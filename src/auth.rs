@@ -23,6 +23,8 @@ pub enum Scope {
     Infer,
     /// Training forwards and backwards.
     Train,
+    /// Loading and unloading models (the repository extension).
+    Repository,
 }
 
 impl Scope {
@@ -30,6 +32,7 @@ impl Scope {
         match self {
             Scope::Infer => "infer",
             Scope::Train => "train",
+            Scope::Repository => "repository",
         }
     }
 
@@ -37,6 +40,7 @@ impl Scope {
         match s {
             "infer" => Some(Scope::Infer),
             "train" => Some(Scope::Train),
+            "repository" => Some(Scope::Repository),
             _ => None,
         }
     }
@@ -48,6 +52,7 @@ impl Scope {
 pub struct Granted {
     pub infer: bool,
     pub train: bool,
+    pub repository: bool,
 }
 
 impl Granted {
@@ -55,6 +60,7 @@ impl Granted {
         match scope {
             Scope::Infer => self.infer,
             Scope::Train => self.train,
+            Scope::Repository => self.repository,
         }
     }
 }
@@ -120,9 +126,10 @@ fn parse(text: &str) -> Result<Vec<Entry>, String> {
             match Scope::parse(scope) {
                 Some(Scope::Infer) => granted.infer = true,
                 Some(Scope::Train) => granted.train = true,
+                Some(Scope::Repository) => granted.repository = true,
                 None => {
                     return Err(format!(
-                        "line {}: unknown scope {:?} (known: infer, train)",
+                        "line {}: unknown scope {:?} (known: infer, train, repository)",
                         n + 1,
                         crate::codec::clip(scope)
                     ));
@@ -243,7 +250,8 @@ mod tests {
             entries[0].granted,
             Granted {
                 infer: true,
-                train: false
+                train: false,
+                repository: false,
             }
         );
         assert!(entries[1].granted.train && entries[1].granted.infer);

@@ -20,6 +20,7 @@ use crate::engine::{EngineConfig, ModelSlot};
 use crate::listen::{ListenConfig, TlsFiles};
 use crate::model::{DeviceRequest, ModelSpec};
 use crate::plan::{Auto, PlanRequest, ThreadPlan};
+use crate::repository::{ControlMode, RepositoryConfig};
 use crate::server::{Http2Config, ServerConfig};
 use crate::telemetry::otel::{LogFormat, TelemetryConfig};
 use crate::training::{AdamBetas, OptimizerKind, OptimizerSettings, TrainingConfig};
@@ -103,6 +104,48 @@ pub struct ServeArgs {
         value_name = "NAME=SPEC"
     )]
     pub models: Vec<ModelSpec>,
+
+    /// A model repository in Triton's layout: DIR/NAME/config.pbtxt (protobuf
+    /// text format, platform "pytorch_libtorch") and DIR/NAME/VERSION/model.pt.
+    /// Read, never written. May be combined with --model (those names stay
+    /// fixed); without --model, the built-in default model is not served.
+    /// See docs/model-repository.md for the fields and splitserve's parameters.
+    #[arg(long, env = "SPLITSERVE_MODEL_REPOSITORY", value_name = "DIR")]
+    pub model_repository: Option<PathBuf>,
+
+    /// How the repository's models are loaded (Triton's names). none: all at
+    /// start, changes need a restart. poll: all at start, then every
+    /// --repository-poll-secs new, changed and removed models are loaded,
+    /// reloaded (the old version serves until the new one is warm) and
+    /// unloaded. explicit: only --load-model at start, then what the repository
+    /// API asks (gRPC RepositoryModelLoad/Unload, HTTP POST
+    /// /v2/repository/models/NAME/load and /unload).
+    #[arg(
+        long,
+        env = "SPLITSERVE_MODEL_CONTROL_MODE",
+        value_enum,
+        default_value = "none"
+    )]
+    pub model_control_mode: ControlModeArg,
+
+    /// Seconds between rescans of the repository in poll mode.
+    #[arg(
+        long,
+        env = "SPLITSERVE_REPOSITORY_POLL_SECS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    pub repository_poll_secs: u64,
+
+    /// Explicit mode: a repository model to load at start (repeatable, or
+    /// comma-separated); `*` loads every model.
+    #[arg(
+        long = "load-model",
+        env = "SPLITSERVE_LOAD_MODEL",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub load_models: Vec<String>,
 
     /// Input shape for a model's warm-up forward at load, NAME=DIMS (e.g. enc=1x64x256),
     /// several inputs joined with + (pair=1x4+1x4); repeatable. The warm-up also
@@ -412,7 +455,7 @@ impl ServeArgs {
 
     /// The models to load: the flags', or the built-in default MLP.
     pub fn model_specs(&self) -> Vec<ModelSpec> {
-        if self.models.is_empty() {
+        if self.models.is_empty() && self.model_repository.is_none() {
             vec![ModelSpec::default_mlp()]
         } else {
             self.models.clone()
@@ -476,9 +519,9 @@ impl ServeArgs {
                 spec.warmup = self.warmup_shape_for(&spec.name);
                 ModelSlot {
                     trainable: self.trainable.contains(&spec.name),
-                    spec,
                     max_batch,
                     batch_timeout,
+                    ..ModelSlot::new(spec)
                 }
             })
             .collect();
@@ -541,11 +584,36 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             stall_timeout: self.stall_timeout,
             shutdown_grace: self.shutdown_grace,
+            repository: self.model_repository.clone().map(|root| RepositoryConfig {
+                root,
+                mode: self.model_control_mode.into(),
+                poll_every: Duration::from_secs(self.repository_poll_secs),
+                load_models: self.load_models.clone(),
+            }),
         })
     }
 
     /// Checks what clap cannot: unique names, per-model options naming real models.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.model_repository {
+            Some(dir) if !dir.is_dir() => {
+                return Err(ConfigError::Invalid(format!(
+                    "--model-repository {}: not a directory",
+                    dir.display()
+                )));
+            }
+            None if self.model_control_mode != ControlModeArg::None => {
+                return Err(ConfigError::Invalid(
+                    "--model-control-mode poll or explicit needs --model-repository".into(),
+                ));
+            }
+            _ => {}
+        }
+        if !self.load_models.is_empty() && self.model_control_mode != ControlModeArg::Explicit {
+            return Err(ConfigError::Invalid(
+                "--load-model applies to --model-control-mode explicit only (the other modes load every model)".into(),
+            ));
+        }
         let models = self.model_specs();
         for (i, m) in models.iter().enumerate() {
             if models[..i].iter().any(|o| o.name == m.name) {
@@ -768,6 +836,24 @@ pub enum ConfigError {
     /// One readable sentence naming the offending values.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `--model-control-mode`, as clap lists its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ControlModeArg {
+    None,
+    Poll,
+    Explicit,
+}
+
+impl From<ControlModeArg> for ControlMode {
+    fn from(m: ControlModeArg) -> ControlMode {
+        match m {
+            ControlModeArg::None => ControlMode::None,
+            ControlModeArg::Poll => ControlMode::Poll,
+            ControlModeArg::Explicit => ControlMode::Explicit,
+        }
+    }
 }
 
 /// `--log-format`, as clap lists its values.

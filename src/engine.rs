@@ -6,7 +6,7 @@
 //! model allows it), skip the ones whose deadline passed or whose client left, run
 //! the forward under no_grad and reply. Readiness flows out through a `watch`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 use crate::codec::{Encoding, RawTensor};
 use crate::model::{self, DeviceRequest, Model, ModelError, ModelSpec};
 use crate::plan::ThreadPlan;
+use crate::proto::inference::ModelConfig;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::reason;
 use crate::training::{Step, Training, TrainingConfig, TrainingError};
@@ -42,6 +43,16 @@ pub enum EngineStatus {
 pub enum EngineError {
     #[error("unknown model {name:?}; this server serves {known}")]
     UnknownModel { name: String, known: String },
+    #[error("model {name:?} has no version {version} loaded; loaded: {loaded}")]
+    UnknownVersion {
+        name: String,
+        version: String,
+        loaded: String,
+    },
+    /// The request cannot run on this model as it is served (a step on a
+    /// model loaded at run time, a load over the worker budget, ...).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("models are still loading; retry shortly")]
     Loading,
     #[error("the server failed to start: {0}")]
@@ -72,22 +83,69 @@ impl From<TrainingError> for EngineError {
     }
 }
 
-/// Per-model settings the engine needs.
+/// One servable model version and the settings it runs with.
 #[derive(Debug, Clone)]
 pub struct ModelSlot {
     pub spec: ModelSpec,
+    /// Its version (1 for `--model`; the directory's number in a repository).
+    pub version: u64,
     /// ComputeBackward's learning_rate may update this model's parameters.
     pub trainable: bool,
     /// Most rows one batched forward joins; 1 turns batching off.
     pub max_batch: usize,
     /// How long a worker holding a partial batch waits for more requests.
     pub batch_timeout: Duration,
+    /// A partial batch of one of these sizes runs without waiting further.
+    pub preferred_batch: Vec<usize>,
+    /// Forwards of this version that may run at once; None: any worker.
+    /// Reserved from the worker pool: the sum over loaded versions is at most W.
+    pub instances: Option<usize>,
+    /// Where it runs; None: the engine's device.
+    pub device: Option<DeviceRequest>,
+    /// Requests it may hold waiting; None: the engine's queue_capacity.
+    pub queue_capacity: Option<usize>,
+    /// Longest a request waits in its queue before it is rejected.
+    pub queue_timeout: Option<Duration>,
+    /// Its model repository configuration (config.pbtxt), when it has one.
+    pub config: Option<Arc<ModelConfig>>,
+}
+
+impl ModelSlot {
+    /// A `--model` slot: version 1, no batching, the engine's defaults.
+    pub fn new(spec: ModelSpec) -> ModelSlot {
+        ModelSlot {
+            spec,
+            version: 1,
+            trainable: false,
+            max_batch: 1,
+            batch_timeout: Duration::ZERO,
+            preferred_batch: Vec::new(),
+            instances: None,
+            device: None,
+            queue_capacity: None,
+            queue_timeout: None,
+            config: None,
+        }
+    }
+}
+
+/// A loaded model version as front-ends see it.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub device: String,
+    pub description: String,
+    pub signature: Option<model::Signature>,
+    pub slot: ModelSlot,
 }
 
 /// What the engine is started with.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// The models, the first being the default for an empty model_id.
+    /// The models loaded at start, the first being the default for an empty
+    /// model_id. Their failure to load fails the engine; the training state
+    /// (split training, KV-cache steps) exists for these only.
     pub models: Vec<ModelSlot>,
     pub device: DeviceRequest,
     /// The thread plan the workers and libtorch run with.
@@ -161,6 +219,8 @@ struct Job {
     /// A training or KV-cache step instead of a plain forward; never batched.
     step: Option<Step>,
     deadline: Option<Instant>,
+    /// The model's queue timeout (config.pbtxt's default_queue_policy).
+    queue_deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Output, EngineError>>,
     /// The RPC's span: the forward span is its child.
@@ -188,14 +248,137 @@ impl Job {
     }
 }
 
+/// A loaded model version: what workers compute with. Dropped (and its
+/// libtorch memory freed) on a worker or the loader thread, never on an io thread.
+struct Unit {
+    id: u64,
+    slot: ModelSlot,
+    model: Model,
+    metrics: ModelMetrics,
+    /// Its index in the training state: models loaded at start only.
+    training: Option<usize>,
+    /// Forwards that may run at once.
+    cap: usize,
+}
+
+/// A unit and its queue.
+struct Entry {
+    unit: Arc<Unit>,
+    queue: VecDeque<Job>,
+    /// Workers computing a batch of this unit right now.
+    running: usize,
+    /// Replaced or unloaded: takes no new request, finishes its queue, then goes.
+    retired: bool,
+}
+
 struct Queues {
-    per_model: Vec<VecDeque<Job>>,
+    entries: Vec<Entry>,
+    /// Model name -> version -> unit id: what new requests reach. Replaced
+    /// under this lock, so a request sees either the old version or the new.
+    routes: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Served names in the order they were first loaded (start-up models in
+    /// their order); listings follow it.
+    order: Vec<String>,
+    /// The model an empty model_id means.
+    default_model: Option<String>,
     draining: bool,
-    /// Next model a worker looks at first, for fairness between models.
+    /// Next entry a worker looks at first, for fairness between models.
     next: usize,
     /// Workers blocked on the condvar: with none, a new job needs no wake-up
     /// (and its futex syscall), since a busy worker checks the queue when done.
     sleeping: usize,
+}
+
+impl Queues {
+    fn position(&self, id: u64) -> Option<usize> {
+        self.entries.iter().position(|e| e.unit.id == id)
+    }
+
+    fn known(&self) -> String {
+        if self.routes.is_empty() {
+            return "no model yet".into();
+        }
+        self.routes
+            .keys()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The entry a request for (name, version) goes to.
+    fn resolve(&self, name: &str, version: Option<u64>) -> Result<usize, EngineError> {
+        let name = if name.is_empty() {
+            self.default_model.as_deref().unwrap_or_default()
+        } else {
+            name
+        };
+        let Some(versions) = self.routes.get(name) else {
+            return Err(EngineError::UnknownModel {
+                name: crate::codec::clip(name),
+                known: self.known(),
+            });
+        };
+        let id = match version {
+            None => versions.values().next_back(),
+            Some(v) => versions.get(&v),
+        };
+        match id.and_then(|&id| self.position(id)) {
+            Some(i) => Ok(i),
+            None => Err(EngineError::UnknownVersion {
+                name: name.to_string(),
+                version: version.map_or_else(|| "latest".into(), |v| v.to_string()),
+                loaded: versions
+                    .keys()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Instances reserved by loaded versions other than (name, version).
+    fn reserved_except(&self, name: &str, version: u64) -> Vec<(String, u64, usize)> {
+        self.entries
+            .iter()
+            .filter(|e| !e.retired)
+            .filter(|e| !(e.unit.slot.spec.name == name && e.unit.slot.version == version))
+            .filter_map(|e| {
+                e.unit
+                    .slot
+                    .instances
+                    .map(|n| (e.unit.slot.spec.name.clone(), e.unit.slot.version, n))
+            })
+            .collect()
+    }
+
+    /// Retires `id`; returns its unit if it can go now (nothing queued or running).
+    fn retire(&mut self, id: u64) -> Option<Arc<Unit>> {
+        let i = self.position(id)?;
+        self.entries[i].retired = true;
+        self.remove_if_done(i)
+    }
+
+    fn remove_if_done(&mut self, i: usize) -> Option<Arc<Unit>> {
+        let e = &self.entries[i];
+        if e.retired && e.queue.is_empty() && e.running == 0 {
+            Some(self.entries.remove(i).unit)
+        } else {
+            None
+        }
+    }
+}
+
+/// Work for the loader thread: every model is built and freed there or on a worker.
+enum LoaderJob {
+    Load {
+        slot: Box<ModelSlot>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Unload {
+        name: String,
+        versions: Option<Vec<u64>>,
+        reply: oneshot::Sender<Vec<u64>>,
+    },
 }
 
 struct Shared {
@@ -203,13 +386,12 @@ struct Shared {
     queues: Mutex<Queues>,
     work: Condvar,
     status: watch::Sender<EngineStatus>,
-    models: OnceLock<Vec<Model>>,
+    loader: Mutex<Option<std::sync::mpsc::Sender<LoaderJob>>>,
+    next_id: AtomicU64,
     device: OnceLock<Device>,
     /// The plan libtorch actually runs with.
     applied_plan: OnceLock<ThreadPlan>,
     metrics: Arc<Metrics>,
-    /// Per model, in model order.
-    model_metrics: Vec<ModelMetrics>,
     /// Per worker: when its current job started (ns since `epoch`), 0 when idle.
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
@@ -229,17 +411,16 @@ impl Engine {
     /// Starts the loader thread, which loads the models and then the workers.
     /// Returns at once; watch [`Engine::status`] for readiness.
     pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Engine {
-        let model_metrics = config
-            .models
-            .iter()
-            .map(|m| ModelMetrics::new(&metrics, &m.spec.name))
-            .collect();
         let workers = config.plan.workers;
         let training = Training::new(&config.training, config.models.len());
         let (status, _) = watch::channel(EngineStatus::Loading);
+        let (loader_tx, loader_rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues {
-                per_model: config.models.iter().map(|_| VecDeque::new()).collect(),
+                entries: Vec::new(),
+                routes: BTreeMap::new(),
+                order: Vec::new(),
+                default_model: config.models.first().map(|m| m.spec.name.clone()),
                 draining: false,
                 next: 0,
                 sleeping: 0,
@@ -247,10 +428,10 @@ impl Engine {
             config,
             work: Condvar::new(),
             status,
-            models: OnceLock::new(),
+            loader: Mutex::new(Some(loader_tx)),
+            next_id: AtomicU64::new(1),
             device: OnceLock::new(),
             applied_plan: OnceLock::new(),
-            model_metrics,
             metrics,
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
@@ -260,7 +441,7 @@ impl Engine {
         let loader_shared = shared.clone();
         let loader = std::thread::Builder::new()
             .name("splitserve-loader".into())
-            .spawn(move || load_then_start_workers(loader_shared));
+            .spawn(move || loader_thread(loader_shared, loader_rx));
         match loader {
             // Threads are detached: the status watch says when they are done.
             Ok(_) => {}
@@ -282,11 +463,23 @@ impl Engine {
     }
 
     /// The name a request's model_id resolves to (empty = the default model),
-    /// or None for an unknown model.
-    pub fn resolve_model(&self, model_id: &str) -> Option<&str> {
-        self.model_index(model_id)
-            .ok()
-            .map(|i| self.shared.config.models[i].spec.name.as_str())
+    /// or None for a model that has no version loaded.
+    pub fn resolve_model(&self, model_id: &str) -> Option<String> {
+        let q = lock(&self.shared.queues);
+        let i = q.resolve(model_id, None).ok()?;
+        Some(q.entries[i].unit.slot.spec.name.clone())
+    }
+
+    /// The loaded version a request for (name, version) reaches: the newest
+    /// when `version` is None.
+    pub fn resolve_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<LoadedModel, EngineError> {
+        let q = lock(&self.shared.queues);
+        let i = q.resolve(name, version)?;
+        Ok(loaded(&q.entries[i].unit))
     }
 
     /// Whether a model (resolved name) was started trainable.
@@ -303,14 +496,18 @@ impl Engine {
         &self.shared.training
     }
 
-    /// Names of the served models; the first is the default.
+    /// Names of the served models (with a version loaded), the default first,
+    /// then in the order they were loaded.
     pub fn model_names(&self) -> Vec<String> {
-        self.shared
-            .config
-            .models
-            .iter()
-            .map(|m| m.spec.name.clone())
-            .collect()
+        let q = lock(&self.shared.queues);
+        let mut names = q.order.clone();
+        if let Some(d) = &q.default_model
+            && let Some(i) = names.iter().position(|n| n == d)
+        {
+            let d = names.remove(i);
+            names.insert(0, d);
+        }
+        names
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -329,49 +526,62 @@ impl Engine {
 
     /// The inputs and outputs of a loaded model (resolved name), when known.
     pub fn signature(&self, name: &str) -> Option<model::Signature> {
-        self.shared
-            .models
-            .get()?
-            .iter()
-            .find(|m| m.name == name)?
-            .signature
-            .clone()
+        self.resolve_version(name, None).ok()?.signature
     }
 
-    /// The settings a model was started with (resolved name).
-    pub fn slot(&self, name: &str) -> Option<&ModelSlot> {
-        self.shared
-            .config
-            .models
-            .iter()
-            .find(|m| m.spec.name == name)
+    /// The settings the newest loaded version of a model runs with.
+    pub fn slot(&self, name: &str) -> Option<ModelSlot> {
+        self.resolve_version(name, None).ok().map(|m| m.slot)
     }
 
-    /// (name, device, description) of each loaded model.
+    /// Every loaded version, by name then version.
+    pub fn loaded(&self) -> Vec<LoadedModel> {
+        let names = self.model_names();
+        let q = lock(&self.shared.queues);
+        names
+            .iter()
+            .filter_map(|n| q.routes.get(n))
+            .flat_map(|versions| versions.values())
+            .filter_map(|&id| q.position(id))
+            .map(|i| loaded(&q.entries[i].unit))
+            .collect()
+    }
+
+    /// (name, device, description) of each served model (its newest version).
     pub fn loaded_models(&self) -> Vec<(String, String, String)> {
-        self.shared
-            .models
-            .get()
-            .map(|ms| {
-                ms.iter()
-                    .map(|m| {
-                        (
-                            m.name.clone(),
-                            model::device_name(m.device),
-                            m.description.clone(),
-                        )
-                    })
-                    .collect()
+        let names = self.model_names();
+        let q = lock(&self.shared.queues);
+        names
+            .iter()
+            .filter_map(|n| q.routes.get(n))
+            .filter_map(|versions| versions.values().next_back())
+            .filter_map(|&id| q.position(id))
+            .map(|i| {
+                let u = &q.entries[i].unit;
+                (
+                    u.model.name.clone(),
+                    model::device_name(u.model.device),
+                    u.model.description.clone(),
+                )
             })
-            .unwrap_or_default()
+            .collect()
     }
 
-    /// Requests waiting in each model's queue, in model order.
-    pub fn queue_depths(&self) -> Vec<usize> {
-        lock(&self.shared.queues)
-            .per_model
-            .iter()
-            .map(VecDeque::len)
+    /// Requests waiting per model (every version of it), by name.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        let names = self.model_names();
+        let q = lock(&self.shared.queues);
+        names
+            .into_iter()
+            .map(|n| {
+                let depth = q
+                    .entries
+                    .iter()
+                    .filter(|e| e.unit.slot.spec.name == n)
+                    .map(|e| e.queue.len())
+                    .sum();
+                (n, depth)
+            })
             .collect()
     }
 
@@ -393,22 +603,46 @@ impl Engine {
             .count()
     }
 
-    fn model_index(&self, name: &str) -> Result<usize, EngineError> {
-        let models = &self.shared.config.models;
-        if name.is_empty() {
-            return Ok(0);
+    /// Loads (or reloads) a model version while the others serve: built and
+    /// warmed up on the loader thread, then switched in atomically; a version
+    /// it replaces finishes its queue before it is freed. Refused when its
+    /// instances do not fit in the worker pool beside the loaded ones.
+    pub async fn load(&self, slot: ModelSlot) -> Result<(), EngineError> {
+        match &*self.shared.status.borrow() {
+            EngineStatus::Ready | EngineStatus::Loading => {}
+            EngineStatus::Failed(m) => return Err(EngineError::Failed(m.clone())),
+            EngineStatus::Draining | EngineStatus::Stopped => return Err(EngineError::Draining),
         }
-        models
-            .iter()
-            .position(|m| m.spec.name == name)
-            .ok_or_else(|| EngineError::UnknownModel {
-                name: crate::codec::clip(name),
-                known: models
-                    .iter()
-                    .map(|m| format!("{:?}", m.spec.name))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        check_instances(&self.shared, &slot)?;
+        let (tx, rx) = oneshot::channel();
+        self.send_loader(LoaderJob::Load {
+            slot: Box::new(slot),
+            reply: tx,
+        })?;
+        rx.await
+            .unwrap_or_else(|_| Err(EngineError::Internal("the loader thread stopped".into())))
+    }
+
+    /// Stops routing requests to a model's versions (all, or those listed);
+    /// each finishes its queue, then is freed. Returns the versions unloaded.
+    pub async fn unload(&self, name: &str, versions: Option<Vec<u64>>) -> Vec<u64> {
+        let (tx, rx) = oneshot::channel();
+        let job = LoaderJob::Unload {
+            name: name.to_string(),
+            versions,
+            reply: tx,
+        };
+        if self.send_loader(job).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    fn send_loader(&self, job: LoaderJob) -> Result<(), EngineError> {
+        lock(&self.shared.loader)
+            .as_ref()
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| EngineError::Internal("the loader thread stopped".into()))
     }
 
     /// Queues one request and waits for its reply. Runs on an io thread: no
@@ -424,11 +658,13 @@ impl Engine {
         self.submit(model, input, enc, deadline, None).await
     }
 
-    /// Queues a request with one or more inputs (explicit dtypes) and returns
-    /// every output of the model: the Open Inference Protocol's inference.
+    /// Queues a request with one or more inputs (explicit dtypes) for a model
+    /// version (None: the newest) and returns every output of the model: the
+    /// Open Inference Protocol's inference.
     pub async fn infer_all(
         &self,
         model: &str,
+        version: Option<u64>,
         mut inputs: Vec<RawTensor>,
         deadline: Option<Instant>,
     ) -> Result<Output, EngineError> {
@@ -444,7 +680,7 @@ impl Engine {
             compressed: false,
             explicit: true,
         };
-        self.enqueue(model, input, inputs, true, enc, deadline, None)
+        self.enqueue((model, version), input, inputs, true, enc, deadline, None)
             .await
     }
 
@@ -458,14 +694,14 @@ impl Engine {
         deadline: Option<Instant>,
         step: Option<Step>,
     ) -> Result<Output, EngineError> {
-        self.enqueue(model, input, Vec::new(), false, enc, deadline, step)
+        self.enqueue((model, None), input, Vec::new(), false, enc, deadline, step)
             .await
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn enqueue(
         &self,
-        model: &str,
+        (model, version): (&str, Option<u64>),
         input: RawTensor,
         more: Vec<RawTensor>,
         all_outputs: bool,
@@ -473,13 +709,18 @@ impl Engine {
         deadline: Option<Instant>,
         step: Option<Step>,
     ) -> Result<Output, EngineError> {
-        let index = self.model_index(model)?;
         match &*self.shared.status.borrow() {
             EngineStatus::Ready => {}
             EngineStatus::Loading => return Err(EngineError::Loading),
             EngineStatus::Failed(m) => return Err(EngineError::Failed(m.clone())),
             EngineStatus::Draining | EngineStatus::Stopped => {
-                self.shared.model_metrics[index].draining.inc();
+                if let Ok(m) = self.resolve_version(model, version) {
+                    self.shared
+                        .metrics
+                        .rejected
+                        .with_label_values(&[&m.name, reason::DRAINING])
+                        .inc();
+                }
                 return Err(EngineError::Draining);
             }
         }
@@ -487,29 +728,43 @@ impl Engine {
         let now = Instant::now();
         let wake = {
             let mut q = lock(&self.shared.queues);
-            if q.draining {
-                self.shared.model_metrics[index].draining.inc();
+            let index = q.resolve(model, version)?;
+            let draining = q.draining;
+            let entry = &mut q.entries[index];
+            let unit = entry.unit.clone();
+            if draining {
+                unit.metrics.draining.inc();
                 return Err(EngineError::Draining);
             }
-            let cap = self.shared.config.queue_capacity;
-            let queue = &mut q.per_model[index];
-            if queue.len() >= cap {
-                self.shared.model_metrics[index].queue_full.inc();
+            if step.is_some() && unit.training.is_none() {
+                return Err(EngineError::Unsupported(format!(
+                    "model {:?} was loaded from the model repository at run time: training_mode \
+                     forwards, backward and KV-cache steps need a model loaded at start-up \
+                     (--model, or splitserve.trainable in its config.pbtxt)",
+                    unit.slot.spec.name
+                )));
+            }
+            let cap = unit
+                .slot
+                .queue_capacity
+                .unwrap_or(self.shared.config.queue_capacity);
+            if entry.queue.len() >= cap {
+                unit.metrics.queue_full.inc();
                 return Err(EngineError::QueueFull {
-                    model: self.shared.config.models[index].spec.name.clone(),
+                    model: unit.slot.spec.name.clone(),
                     capacity: cap,
                 });
             }
             let rpc_span = tracing::Span::current();
-            let queue_span =
-                tracing::debug_span!("queue", model = %self.shared.config.models[index].spec.name);
-            queue.push_back(Job {
+            let queue_span = tracing::debug_span!("queue", model = %unit.slot.spec.name);
+            entry.queue.push_back(Job {
                 input,
                 more,
                 all_outputs,
                 enc,
                 step,
                 deadline,
+                queue_deadline: unit.slot.queue_timeout.map(|t| now + t),
                 enqueued: now,
                 reply: tx,
                 rpc_span,
@@ -570,8 +825,8 @@ impl Engine {
         if !finished {
             // Whatever is still queued will not be computed: answer it now.
             let mut q = lock(&self.shared.queues);
-            for queue in &mut q.per_model {
-                for job in queue.drain(..) {
+            for entry in &mut q.entries {
+                for job in entry.queue.drain(..) {
                     let _ = job.reply.send(Err(EngineError::Draining));
                 }
             }
@@ -580,50 +835,234 @@ impl Engine {
     }
 }
 
+fn loaded(u: &Unit) -> LoadedModel {
+    LoadedModel {
+        name: u.slot.spec.name.clone(),
+        version: u.slot.version,
+        device: model::device_name(u.model.device),
+        description: u.model.description.clone(),
+        signature: u.model.signature.clone(),
+        slot: u.slot.clone(),
+    }
+}
+
+/// Refuses a version whose instances do not fit beside the loaded ones.
+fn check_instances(shared: &Shared, slot: &ModelSlot) -> Result<(), EngineError> {
+    let Some(wanted) = slot.instances else {
+        return Ok(());
+    };
+    let workers = shared.config.plan.workers;
+    let others = lock(&shared.queues).reserved_except(&slot.spec.name, slot.version);
+    let taken: usize = others.iter().map(|(_, _, n)| n).sum();
+    if wanted == 0 || taken + wanted > workers {
+        let shown = others
+            .iter()
+            .map(|(n, v, k)| format!("{n}/{v}: {k}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(EngineError::Unsupported(format!(
+            "model {:?} version {} asks for {wanted} instance(s), but {taken} of the {workers} \
+             workers the CPU budget allows (--workers x --intra-op-threads within the budget) \
+             are already reserved{}; lower instance_group count or unload a model",
+            slot.spec.name,
+            slot.version,
+            if shown.is_empty() {
+                String::new()
+            } else {
+                format!(" ({shown})")
+            }
+        )));
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned queue lock means a worker panicked outside catch_unwind; the
     // queue itself is still consistent (every mutation is a single push/pop).
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn load_then_start_workers(shared: Arc<Shared>) {
+/// Builds a unit on the calling (loader) thread: resolves its device, loads
+/// and warms the model up.
+fn build_unit(
+    shared: &Shared,
+    slot: ModelSlot,
+    training: Option<usize>,
+) -> Result<Unit, ModelError> {
+    let device = match slot.device {
+        Some(d) => model::resolve_device(d)?,
+        None => match shared.device.get() {
+            Some(d) => *d,
+            None => model::resolve_device(shared.config.device)?,
+        },
+    };
+    let started = Instant::now();
+    let m = Model::load(&slot.spec, device)?;
+    tracing::info!(
+        model = %m.name,
+        version = slot.version,
+        source = %m.description,
+        device = %model::device_name(device),
+        warmed_up = slot.spec.warmup.is_some() || !matches!(slot.spec.source, model::ModelSource::TorchScript(_)),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let workers = shared.config.plan.workers;
+    Ok(Unit {
+        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        cap: slot.instances.unwrap_or(workers).clamp(1, workers.max(1)),
+        metrics: ModelMetrics::new(&shared.metrics, &slot.spec.name),
+        slot,
+        model: m,
+        training,
+    })
+}
+
+/// Routes requests for (name, version) to a new unit; retires the one it replaces.
+/// Returns the units that can be freed now.
+fn install(shared: &Shared, unit: Unit) -> Vec<Arc<Unit>> {
+    let name = unit.slot.spec.name.clone();
+    let version = unit.slot.version;
+    let id = unit.id;
+    let mut q = lock(&shared.queues);
+    q.entries.push(Entry {
+        unit: Arc::new(unit),
+        queue: VecDeque::new(),
+        running: 0,
+        retired: false,
+    });
+    if q.default_model.is_none() {
+        q.default_model = Some(name.clone());
+    }
+    if !q.order.contains(&name) {
+        q.order.push(name.clone());
+    }
+    let old = q.routes.entry(name).or_default().insert(version, id);
+    old.and_then(|old| q.retire(old)).into_iter().collect()
+}
+
+/// Stops routing to a model's versions (all when `versions` is None).
+fn uninstall(shared: &Shared, name: &str, versions: Option<&[u64]>) -> (Vec<u64>, Vec<Arc<Unit>>) {
+    let mut q = lock(&shared.queues);
+    let Some(routes) = q.routes.get_mut(name) else {
+        return (Vec::new(), Vec::new());
+    };
+    let chosen: Vec<u64> = routes
+        .keys()
+        .copied()
+        .filter(|v| versions.is_none_or(|vs| vs.contains(v)))
+        .collect();
+    let ids: Vec<u64> = chosen.iter().filter_map(|v| routes.remove(v)).collect();
+    if routes.is_empty() {
+        q.routes.remove(name);
+        q.order.retain(|n| n != name);
+        if q.default_model.as_deref() == Some(name) {
+            q.default_model = q.routes.keys().next().cloned();
+        }
+    }
+    let freed = ids.into_iter().filter_map(|id| q.retire(id)).collect();
+    (chosen, freed)
+}
+
+fn loader_thread(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<LoaderJob>) {
+    if !load_then_start_workers(&shared) {
+        return;
+    }
+    // Loads and unloads at run time, one at a time, until the engine stops.
+    loop {
+        match jobs.recv_timeout(Duration::from_millis(200)) {
+            Ok(LoaderJob::Load { slot, reply }) => {
+                let _grad = tch::no_grad_guard();
+                let name = slot.spec.name.clone();
+                let version = slot.version;
+                let result = match catch_unwind(AssertUnwindSafe(|| {
+                    build_unit(&shared, *slot, None)
+                })) {
+                    Ok(r) => r.map_err(EngineError::Model),
+                    Err(panic) => Err(EngineError::Internal(model::panic_message(panic.as_ref()))),
+                };
+                let freed = match result {
+                    Ok(unit) => {
+                        let replaced = install(&shared, unit);
+                        let _ = reply.send(Ok(()));
+                        replaced
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %name, version, error = %e, "model load failed; the versions already loaded keep serving");
+                        let _ = reply.send(Err(e));
+                        Vec::new()
+                    }
+                };
+                // Freed here, on a libtorch thread.
+                drop(freed);
+            }
+            Ok(LoaderJob::Unload {
+                name,
+                versions,
+                reply,
+            }) => {
+                let (unloaded, freed) = uninstall(&shared, &name, versions.as_deref());
+                drop(freed);
+                let _ = reply.send(unloaded);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if matches!(
+            *shared.status.borrow(),
+            EngineStatus::Stopped | EngineStatus::Failed(_)
+        ) {
+            // Nobody can send any more: dropping the sender ends the channel.
+            lock(&shared.loader).take();
+            for job in jobs.try_iter() {
+                match job {
+                    LoaderJob::Load { reply, .. } => {
+                        let _ = reply.send(Err(EngineError::Draining));
+                    }
+                    LoaderJob::Unload { reply, .. } => {
+                        let _ = reply.send(Vec::new());
+                    }
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// Loads the start-up models, then starts the workers. False if the engine failed.
+fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
     let plan = shared.config.plan.apply_to_libtorch();
     let _ = shared.applied_plan.set(plan);
-    let loaded = (|| -> Result<Vec<Model>, ModelError> {
+    let loaded = (|| -> Result<Vec<Unit>, ModelError> {
         let device = model::resolve_device(shared.config.device)?;
         let _ = shared.device.set(device);
         shared
             .config
             .models
             .iter()
-            .map(|slot| {
-                let started = Instant::now();
-                let m = Model::load(&slot.spec, device)?;
-                tracing::info!(
-                    model = %m.name,
-                    source = %m.description,
-                    device = %model::device_name(device),
-                    warmed_up = slot.spec.warmup.is_some() || !matches!(slot.spec.source, model::ModelSource::TorchScript(_)),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "model loaded"
-                );
-                Ok(m)
-            })
+            .enumerate()
+            .map(|(i, slot)| build_unit(shared, slot.clone(), Some(i)))
             .collect()
     })();
-    let mut models = match loaded {
-        Ok(models) => models,
+    let mut units = match loaded {
+        Ok(units) => units,
         Err(e) => {
             tracing::error!(error = %e, "model loading failed");
             shared
                 .status
                 .send_replace(EngineStatus::Failed(e.to_string()));
-            return;
+            return false;
         }
     };
     // Trained models continue from their newest checkpoint.
-    shared.training.resume(&mut models);
-    let _ = shared.models.set(models);
+    shared.training.resume(
+        units
+            .iter_mut()
+            .filter_map(|u| u.training.map(|i| (i, &mut u.model))),
+    );
+    for unit in units {
+        drop(install(shared, unit));
+    }
     for i in 0..shared.config.plan.workers {
         let s = shared.clone();
         match std::thread::Builder::new()
@@ -635,7 +1074,7 @@ fn load_then_start_workers(shared: Arc<Shared>) {
                 shared.status.send_replace(EngineStatus::Failed(format!(
                     "cannot start worker {i}: {e}"
                 )));
-                return;
+                return false;
             }
         }
     }
@@ -650,6 +1089,7 @@ fn load_then_start_workers(shared: Arc<Shared>) {
     if lock(&shared.queues).draining {
         shared.work.notify_all();
     }
+    true
 }
 
 fn worker_loop(shared: Arc<Shared>, index: usize) {
@@ -657,47 +1097,79 @@ fn worker_loop(shared: Arc<Shared>, index: usize) {
         ThreadPlan::pin_this_thread(plan);
     }
     let _grad = tch::no_grad_guard();
-    while let Some((model, jobs)) = next_batch(&shared) {
+    while let Some((unit, jobs)) = next_batch(&shared) {
         // Busy workers release expired activations too, at most once per period.
         shared.training.sweep();
         let started = Instant::now();
         let since = shared.epoch.elapsed().as_nanos().max(1) as u64;
         shared.busy_since[index].store(since, Ordering::Relaxed);
-        run_batch(&shared, model, jobs, started, &shared.busy_since[index]);
+        run_batch(&shared, &unit, jobs, started, &shared.busy_since[index]);
+        let freed = {
+            let mut q = lock(&shared.queues);
+            match q.position(unit.id) {
+                Some(i) => {
+                    q.entries[i].running -= 1;
+                    let more = !q.entries[i].queue.is_empty() && q.sleeping > 0;
+                    if more {
+                        // Capped at its instances, it may have left jobs for another worker.
+                        shared.work.notify_one();
+                    }
+                    q.remove_if_done(i)
+                }
+                None => None,
+            }
+        };
+        drop(unit);
+        // The last batch of a replaced or unloaded version frees it here.
+        drop(freed);
     }
     // Draining and nothing left: the last worker out marks the engine stopped.
     if shared.exited_workers.fetch_add(1, Ordering::SeqCst) + 1 == shared.config.plan.workers {
-        if let Some(models) = shared.models.get() {
-            // Every queue is empty: save trained parameters, release activations.
-            shared.training.shutdown(models);
-        }
+        let units: Vec<Arc<Unit>> = {
+            let q = lock(&shared.queues);
+            q.entries.iter().map(|e| e.unit.clone()).collect()
+        };
+        let models: Vec<(usize, &Model)> = units
+            .iter()
+            .filter_map(|u| u.training.map(|i| (i, &u.model)))
+            .collect();
+        // Every queue is empty: save trained parameters, release activations.
+        shared.training.shutdown(&models);
         shared.status.send_replace(EngineStatus::Stopped);
     }
 }
 
 /// Blocks until there is work. Returns None when draining and nothing is left.
-fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
+/// The unit's `running` count includes the returned batch.
+fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
     let mut q = lock(&shared.queues);
     loop {
-        let n = q.per_model.len();
-        let start = q.next;
-        let found = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&m| !q.per_model[m].is_empty());
-        if let Some(m) = found {
-            q.next = (m + 1) % n;
-            let slot = &shared.config.models[m];
+        let n = q.entries.len();
+        let start = q.next.min(n);
+        let found = (0..n).map(|k| (start + k) % n).find(|&i| {
+            !q.entries[i].queue.is_empty() && q.entries[i].running < q.entries[i].unit.cap
+        });
+        if let Some(i) = found {
+            q.next = (i + 1) % n;
+            let unit = q.entries[i].unit.clone();
+            let slot = &unit.slot;
             let mut jobs = Vec::new();
-            take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
+            take_compatible(&unit, &mut q.entries[i].queue, &mut jobs, slot.max_batch);
             if jobs.is_empty() {
+                if let Some(freed) = q.remove_if_done(i) {
+                    drop(q);
+                    drop(freed);
+                    q = lock(&shared.queues);
+                }
                 continue; // everything we looked at had expired or been cancelled
             }
+            q.entries[i].running += 1;
             // Wait a little for the batch to fill, if the model allows it and no
             // other worker is idle: an idle worker would start on new arrivals at
             // once, so waiting would only add latency.
             if slot.max_batch > 1
                 && !slot.batch_timeout.is_zero()
-                && rows(&jobs) < slot.max_batch
+                && !full(slot, rows(&jobs))
                 && busy_count(shared) + 1 >= shared.busy_since.len()
             {
                 let until = Instant::now() + slot.batch_timeout;
@@ -713,15 +1185,18 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                     q.sleeping -= 1;
-                    take_compatible(shared, m, &mut q.per_model[m], &mut jobs, slot.max_batch);
-                    if rows(&jobs) >= slot.max_batch {
+                    // Entries may have come and gone meanwhile; this one stays
+                    // while it has a batch running.
+                    let Some(i) = q.position(unit.id) else { break };
+                    take_compatible(&unit, &mut q.entries[i].queue, &mut jobs, slot.max_batch);
+                    if full(slot, rows(&jobs)) {
                         break;
                     }
                 }
             }
-            return Some((m, jobs));
+            return Some((unit, jobs));
         }
-        if q.draining {
+        if q.draining && q.entries.iter().all(|e| e.queue.is_empty()) {
             return None;
         }
         q.sleeping += 1;
@@ -738,6 +1213,11 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
             q = lock(&shared.queues);
         }
     }
+}
+
+/// Whether a batch of `rows` should run without waiting for more.
+fn full(slot: &ModelSlot, rows: usize) -> bool {
+    rows >= slot.max_batch || slot.preferred_batch.contains(&rows)
 }
 
 /// Workers in the middle of a forward.
@@ -758,13 +1238,7 @@ fn rows(jobs: &[Job]) -> usize {
 /// Moves jobs from the queue into `jobs`: the first live job, then (when batching)
 /// every later job with the same trailing shape and dtype while rows fit.
 /// Expired and cancelled jobs are answered and dropped without compute.
-fn take_compatible(
-    shared: &Shared,
-    model: usize,
-    queue: &mut VecDeque<Job>,
-    jobs: &mut Vec<Job>,
-    max_batch: usize,
-) {
+fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, max_batch: usize) {
     let now = Instant::now();
     let mut i = 0;
     while i < queue.len() {
@@ -774,8 +1248,8 @@ fn take_compatible(
         let job = &queue[i];
         // Deadline first: a request whose deadline passed has also lost its
         // waiting handler, and should be counted as what it is.
-        if job.deadline.is_some_and(|d| d <= now) {
-            shared.model_metrics[model].deadline.inc();
+        if job.deadline.is_some_and(|d| d <= now) || job.queue_deadline.is_some_and(|d| d <= now) {
+            unit.metrics.deadline.inc();
             if let Some(job) = queue.remove(i) {
                 let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
                     waited_ms: job.enqueued.elapsed().as_millis(),
@@ -784,7 +1258,7 @@ fn take_compatible(
             continue;
         }
         if job.reply.is_closed() {
-            shared.model_metrics[model].cancelled.inc();
+            unit.metrics.cancelled.inc();
             queue.remove(i);
             continue;
         }
@@ -812,18 +1286,8 @@ fn take_compatible(
 
 /// Computes a batch, marks the worker idle (`busy`), then replies: a client that
 /// has its answer sees the worker idle, in metrics and probes alike.
-fn run_batch(
-    shared: &Shared,
-    model_index: usize,
-    mut jobs: Vec<Job>,
-    started: Instant,
-    busy: &AtomicU64,
-) {
-    let Some(models) = shared.models.get() else {
-        busy.store(0, Ordering::Relaxed);
-        return;
-    };
-    let model = &models[model_index];
+fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant, busy: &AtomicU64) {
+    let model = &unit.model;
     // The wait is over: closing the queue spans records it.
     for job in &mut jobs {
         drop(std::mem::replace(
@@ -835,6 +1299,7 @@ fn run_batch(
         parent: &jobs[0].rpc_span,
         "forward",
         model = %model.name,
+        version = unit.slot.version,
         batch_size = jobs.len(),
         shape = ?jobs[0].input.shape,
         device = %model::device_name(model.device),
@@ -848,15 +1313,18 @@ fn run_batch(
         [job] => job.step.as_ref().map(|s| (s, job)),
         _ => None,
     };
-    let computed = catch_unwind(AssertUnwindSafe(|| match step {
-        Some((s, job)) => vec![
+    let computed = catch_unwind(AssertUnwindSafe(|| match (step, unit.training) {
+        (Some((s, job)), Some(index)) => vec![
             shared
                 .training
-                .run(model_index, model, s, &job.input, job.enc)
+                .run(index, model, s, &job.input, job.enc)
                 .map(|(t, present)| (vec![t], present))
                 .map_err(EngineError::from),
         ],
-        None => compute(model, &jobs)
+        (Some(_), None) => vec![Err(EngineError::Unsupported(
+            "this model version takes no training or KV-cache steps".into(),
+        ))],
+        (None, _) => compute(model, &jobs)
             .into_iter()
             .map(|r| r.map(|ts| (ts, Vec::new())))
             .collect(),
@@ -878,7 +1346,7 @@ fn run_batch(
         }
     };
     let batch_size = jobs.len();
-    let m = &shared.model_metrics[model_index];
+    let m = &unit.metrics;
     m.forwards.inc();
     m.batch_size.observe(batch_size as f64);
     for (job, result) in jobs.into_iter().zip(results) {

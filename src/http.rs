@@ -17,10 +17,10 @@ use prost::bytes::Bytes;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::auth::{Granted, Tokens};
+use crate::auth::{Granted, Scope, Tokens};
 use crate::codec::{self, MAX_DIMS, RawTensor};
 use crate::grpc::ServeError;
-use crate::grpc::inference::{InferRequest, InferenceApi, VERSION, earliest};
+use crate::grpc::inference::{InferRequest, InferenceApi, check_repository_parameters, earliest};
 use crate::grpc::inference_pb as pb;
 use crate::grpc::layers::Budget;
 use crate::telemetry::metrics::{limit, protocol};
@@ -55,6 +55,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/stats", get(all_stats))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{name}/unload",
+            post(repository_unload),
+        )
         .merge(model_routes("/v2/models/{name}"))
         .merge(model_routes("/v2/models/{name}/versions/{version}"))
         .fallback(not_found)
@@ -652,7 +658,7 @@ async fn infer(
                 .collect();
             let mut head = json!({
                 "model_name": reply.model,
-                "model_version": VERSION,
+                "model_version": reply.version,
                 "outputs": outputs,
             });
             if !reply.id.is_empty() {
@@ -688,5 +694,132 @@ async fn infer(
 impl HttpState {
     fn api_limits(&self) -> codec::Limits {
         self.api.limits()
+    }
+}
+
+/// Largest body of a repository request (a few flags), in bytes.
+const MAX_REPOSITORY_BODY: usize = 64 * 1024;
+
+/// A repository request's JSON body (empty is `{}`), bounded.
+async fn small_json(body: Body) -> Result<Value, ServeError> {
+    let bytes = axum::body::to_bytes(body, MAX_REPOSITORY_BODY)
+        .await
+        .map_err(|_| invalid(format!("the body is over {MAX_REPOSITORY_BODY} bytes")))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(invalid("the body must be a JSON object".into()));
+    }
+    Ok(v)
+}
+
+/// POST /v2/repository/index: `[{name, version, state, reason}]`.
+async fn repository_index(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let arrival = Instant::now();
+    let granted = match authenticate(&state, &headers) {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
+    let result = async {
+        state.api.authorize(granted.as_ref())?;
+        let ready = small_json(body)
+            .await?
+            .get("ready")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(state.api.repository_index(ready).await)
+    }
+    .await;
+    match state
+        .api
+        .finish(protocol::V2_HTTP, "-", "RepositoryIndex", arrival, result)
+    {
+        Ok(models) => axum::Json(
+            models
+                .into_iter()
+                .map(|m| {
+                    let mut o = json!({ "name": m.name });
+                    for (k, v) in [
+                        ("version", m.version),
+                        ("state", m.state),
+                        ("reason", m.reason),
+                    ] {
+                        if !v.is_empty() {
+                            o[k] = json!(v);
+                        }
+                    }
+                    o
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(s) => from_status(s),
+    }
+}
+
+async fn repository_load(
+    State(state): State<HttpState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    repository_call(state, name, headers, body, true).await
+}
+
+async fn repository_unload(
+    State(state): State<HttpState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    repository_call(state, name, headers, body, false).await
+}
+
+/// POST /v2/repository/models/NAME/load|unload: 200 with an empty body, or
+/// `{"error": ...}`.
+async fn repository_call(
+    state: HttpState,
+    name: String,
+    headers: HeaderMap,
+    body: Body,
+    load: bool,
+) -> Response {
+    let arrival = Instant::now();
+    let granted = match authenticate(&state, &headers) {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
+    let method = if load {
+        "RepositoryModelLoad"
+    } else {
+        "RepositoryModelUnload"
+    };
+    let result = async {
+        state
+            .api
+            .authorize_for(granted.as_ref(), Scope::Repository)?;
+        let body = small_json(body).await?;
+        let params: Vec<String> = body
+            .get("parameters")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        check_repository_parameters(&params)?;
+        state.api.repository_load(&name, load).await
+    }
+    .await;
+    match state
+        .api
+        .finish(protocol::V2_HTTP, "-", method, arrival, result)
+    {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(s) => from_status(s),
     }
 }

@@ -11,8 +11,15 @@
 //!   libtorch's thread settings, applied once.
 //! - [`codec`]: wire bytes <-> raw tensors: dtype, shape, size checks, float16 and zlib.
 //! - [`model`]: TorchScript and built-in models: loading, device placement, warm-up, forward.
-//! - [`engine`]: per-model bounded queues, batcher, dedicated inference workers,
-//!   deadlines, cancellation and drain. The only place libtorch runs.
+//! - [`engine`]: per-model-version bounded queues, batcher, dedicated inference
+//!   workers (a model's instances capped from the pool), deadlines, cancellation,
+//!   drain, and loads and unloads at run time on its loader thread (switched in
+//!   atomically). The only place libtorch runs.
+//! - [`repository`]: Triton's model repository: config.pbtxt parsed by reflection
+//!   against `proto/inference/model_config.proto`, version policies, and the
+//!   none / poll / explicit control modes that load and unload through the engine.
+//! - [`proto`]: the generated protobuf code (`splitlearn.comm`, `inference`) and
+//!   its descriptor set, shared by the front-ends and the repository.
 //! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
 //!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), one file per service (ComputeService), the
@@ -38,9 +45,10 @@
 //! reply back. `main.rs` only parses, sets up logging and calls [`run`].
 //!
 //! Dependencies point one way: `cli` builds the configs that `server`, `engine`,
-//! `model`, `training`, `plan` and `telemetry` own; the front-ends (`grpc`,
-//! `admin`) call `engine`, which calls `model` and `training`; `telemetry` is
-//! called from anywhere and calls nothing back.
+//! `repository`, `model`, `training`, `plan` and `telemetry` own; the front-ends
+//! (`grpc`, `http`, `admin`) call `repository` and `engine`; `repository` calls
+//! `engine`, which calls `model` and `training`; `proto` and `telemetry` are
+//! called from anywhere and call nothing back.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -55,6 +63,8 @@ pub mod http;
 pub mod listen;
 pub mod model;
 pub mod plan;
+pub mod proto;
+pub mod repository;
 pub mod server;
 pub mod telemetry;
 pub mod training;

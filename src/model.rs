@@ -49,6 +49,8 @@ pub struct ModelSpec {
     /// zeros); built-in models know their own, a TorchScript model without
     /// them loads without a warm-up forward and without a known signature.
     pub warmup: Option<Vec<Vec<i64>>>,
+    /// The warm-up inputs' dtypes, one per shape; empty: float32 for all.
+    pub warmup_kinds: Vec<Kind>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +80,7 @@ impl ModelSpec {
             name: "mlp".into(),
             source: ModelSource::Builtin(Builtin::Mlp(vec![512, 1024, 512], None)),
             warmup: None,
+            warmup_kinds: Vec::new(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl FromStr for ModelSpec {
             name: name.to_string(),
             source: source.parse()?,
             warmup: None,
+            warmup_kinds: Vec::new(),
         })
     }
 }
@@ -402,7 +406,11 @@ impl Model {
             let _guard = tch::no_grad_guard();
             let inputs: Vec<Tensor> = shapes
                 .iter()
-                .map(|shape| Tensor::zeros(shape, (Kind::Float, device)))
+                .enumerate()
+                .map(|(i, shape)| {
+                    let kind = spec.warmup_kinds.get(i).copied().unwrap_or(Kind::Float);
+                    Tensor::zeros(shape, (kind, device))
+                })
                 .collect();
             let outputs = model.forward_all(&inputs).map_err(|e| {
                 load_err(

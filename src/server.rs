@@ -2,6 +2,7 @@
 //! listeners the caller bound, follows readiness and liveness, and drains on
 //! shutdown.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::grpc::pb::compute_service_server::ComputeServiceServer;
 use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
 use crate::listen::{self, Http2Settings, ListenConfig, Tls, TlsFiles};
 use crate::plan::PlanRequest;
+use crate::repository::{self, Repository, RepositoryConfig};
 use crate::telemetry::otel::TelemetryConfig;
 use crate::telemetry::{self, SnapshotCache};
 use crate::{TORCH_VERSION, admin, grpc, http};
@@ -57,6 +59,8 @@ pub struct ServerConfig {
     pub stall_timeout: Duration,
     /// After shutdown starts, how long queued and in-flight requests get.
     pub shutdown_grace: Duration,
+    /// A model repository in Triton's layout; None: only `engine.models`.
+    pub repository: Option<RepositoryConfig>,
 }
 
 /// HTTP/2 settings of the gRPC port.
@@ -102,6 +106,9 @@ pub enum RunError {
 const READINESS_SERVICES: [&str; 2] = ["", SERVICE_NAME];
 /// Health service name that follows liveness (no stalled worker).
 pub const LIVENESS_SERVICE: &str = "liveness";
+/// Health service names per model: `model/NAME` is SERVING while a version of
+/// NAME is loaded, NOT_SERVING once it is not (unloaded, or failed to load).
+pub const MODEL_SERVICE_PREFIX: &str = "model/";
 
 /// Serves until `shutdown` is cancelled, then drains: health turns NOT_SERVING,
 /// new requests get UNAVAILABLE, queued and in-flight ones finish within
@@ -134,7 +141,24 @@ pub async fn run(
         .map(Tokens::load)
         .transpose()
         .map_err(|e| RunError::Config(e.to_string()))?;
-    let engine = Engine::start(config.engine.clone(), metrics.clone());
+    // The repository's trainable models train in place: loaded at start, never reloaded.
+    let mut engine_config = config.engine.clone();
+    if let Some(repo) = &config.repository {
+        let added = repository::add_trainable_models(repo, &mut engine_config);
+        if !added.is_empty() {
+            tracing::info!(models = ?added, "trainable repository models are loaded at start and pinned");
+        }
+    }
+    let fixed: BTreeSet<String> = engine_config
+        .models
+        .iter()
+        .map(|m| m.spec.name.clone())
+        .collect();
+    let engine = Engine::start(engine_config, metrics.clone());
+    let repository = config
+        .repository
+        .clone()
+        .map(|cfg| Repository::new(cfg, engine.clone(), fixed));
     let snapshots = SnapshotCache::default();
     let stop_background = CancellationToken::new();
     snapshots.spawn_refresher(Duration::from_secs(1), stop_background.clone());
@@ -178,6 +202,7 @@ pub async fn run(
         config.limits,
         env!("CARGO_PKG_VERSION"),
         config.stall_timeout,
+        repository.clone(),
     ));
     let inference = GrpcInferenceServiceServer::new(InferenceGrpc(inference_api.clone()))
         .max_decoding_message_size(config.max_message_bytes)
@@ -328,6 +353,17 @@ pub async fn run(
         let current = status.borrow_and_update().clone();
         match current {
             EngineStatus::Ready => {
+                // Ready once the repository's initial models are loaded (or failed).
+                if let Some(repo) = &repository {
+                    repo.start().await;
+                    repo.spawn_poller(stop_background.clone());
+                }
+                spawn_model_health(
+                    engine.clone(),
+                    repository.clone(),
+                    health.clone(),
+                    stop_background.clone(),
+                );
                 for name in READINESS_SERVICES {
                     health
                         .set_service_status(name, ServingStatus::Serving)
@@ -415,6 +451,39 @@ fn spawn_stall_watchdog(
                         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
                         .await;
                 }
+            }
+        }
+    });
+}
+
+/// Keeps `model/NAME` health statuses in step with what is loaded: set once
+/// at start, then after every repository change, until `stop`.
+fn spawn_model_health(
+    engine: Engine,
+    repository: Option<Repository>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut changes = repository.as_ref().map(Repository::changes);
+    tokio::spawn(async move {
+        let mut known: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let served: BTreeSet<String> = engine.model_names().into_iter().collect();
+            for name in known.union(&served) {
+                let status = if served.contains(name) {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health
+                    .set_service_status(format!("{MODEL_SERVICE_PREFIX}{name}"), status)
+                    .await;
+            }
+            known.extend(served);
+            let Some(rx) = changes.as_mut() else { return };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
             }
         }
     });

@@ -7,6 +7,7 @@ use prost::bytes::Bytes;
 
 use crate::codec::{self, Limits, MAX_DIMS, RawTensor, WireDtype};
 use crate::model::{Signature, TensorSig};
+use crate::proto::inference::ModelConfig;
 
 /// A client mistake in a v2 request: INVALID_ARGUMENT (HTTP 400).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -327,6 +328,118 @@ pub fn bytes_to_values(bytes: &[u8], dtype: WireDtype) -> Values {
                 .collect(),
         ),
     }
+}
+
+/// Checks a request against a repository model's config.pbtxt (names,
+/// datatypes, dims, max_batch_size) and renames its inputs and requested
+/// outputs to the positions `forward` takes and returns (INPUT__N, OUTPUT__N).
+pub fn check_against_config(
+    cfg: &ModelConfig,
+    inputs: &mut [InputTensor],
+    outputs: &mut [String],
+) -> Result<(), V2Error> {
+    let names = |list: &mut dyn Iterator<Item = &String>| {
+        list.map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+    };
+    let mut seen = vec![false; cfg.input.len()];
+    for input in inputs.iter_mut() {
+        let Some(pos) = cfg.input.iter().position(|i| i.name == input.name) else {
+            return Err(bad(format!(
+                "unknown input {:?}: model {:?} takes {}",
+                codec::clip(&input.name),
+                cfg.name,
+                names(&mut cfg.input.iter().map(|i| &i.name))
+            )));
+        };
+        if std::mem::replace(&mut seen[pos], true) {
+            return Err(bad(format!(
+                "input {:?} is given twice",
+                cfg.input[pos].name
+            )));
+        }
+        let spec = &cfg.input[pos];
+        let want = datatype_name_of(spec.data_type);
+        if input.datatype != want {
+            return Err(bad(format!(
+                "input {}: datatype {} but the model's config says {want}",
+                spec.name,
+                codec::clip(&input.datatype)
+            )));
+        }
+        let dims: &[i64] = if cfg.max_batch_size > 0 {
+            match input.shape.split_first() {
+                Some((&rows, rest)) if rows >= 1 && rows <= i64::from(cfg.max_batch_size) => rest,
+                Some((&rows, _)) => {
+                    return Err(bad(format!(
+                        "input {}: batch of {rows} rows; the model takes 1 to {} (max_batch_size)",
+                        spec.name, cfg.max_batch_size
+                    )));
+                }
+                None => {
+                    return Err(bad(format!(
+                        "input {}: shape [] has no batch dimension",
+                        spec.name
+                    )));
+                }
+            }
+        } else {
+            &input.shape
+        };
+        let fits = dims.len() == spec.dims.len()
+            && dims
+                .iter()
+                .zip(&spec.dims)
+                .all(|(&d, &s)| s == -1 || d == s);
+        if !fits {
+            return Err(bad(format!(
+                "input {}: shape {} does not match the config's dims {}{}",
+                spec.name,
+                show_shape(&input.shape),
+                show_shape(&spec.dims),
+                if cfg.max_batch_size > 0 {
+                    " after the batch dimension"
+                } else {
+                    ""
+                }
+            )));
+        }
+        input.name = input_name(pos);
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(bad(format!(
+            "input {} is missing: model {:?} takes {}",
+            cfg.input[missing].name,
+            cfg.name,
+            names(&mut cfg.input.iter().map(|i| &i.name))
+        )));
+    }
+    for out in outputs.iter_mut() {
+        match cfg.output.iter().position(|o| &o.name == out) {
+            Some(pos) => *out = output_name(pos),
+            None => {
+                return Err(bad(format!(
+                    "unknown output {:?}: model {:?} returns {}",
+                    codec::clip(out),
+                    cfg.name,
+                    names(&mut cfg.output.iter().map(|o| &o.name))
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names a repository model's outputs as its config does (OUTPUT__N -> the Nth output).
+pub fn name_outputs(cfg: &ModelConfig, outputs: &mut [(String, RawTensor)]) {
+    for (name, _) in outputs.iter_mut() {
+        if let Some(o) = index_of(name, "OUTPUT__").and_then(|i| cfg.output.get(i)) {
+            name.clone_from(&o.name);
+        }
+    }
+}
+
+fn datatype_name_of(d: i32) -> &'static str {
+    crate::repository::config::datatype_name(d)
 }
 
 #[cfg(test)]

@@ -429,8 +429,7 @@ impl ComputeService for ComputeApi {
         let model = self
             .engine
             .resolve_model(&request.get_ref().model_id)
-            .unwrap_or("unknown")
-            .to_string();
+            .unwrap_or_else(|| "unknown".into());
         let span = tracing::debug_span!(
             "Compute",
             otel.kind = "server",
@@ -485,7 +484,6 @@ impl ComputeService for ComputeApi {
             .or_else(|| {
                 self.engine
                     .resolve_model(req.model_id.as_deref().unwrap_or(""))
-                    .map(String::from)
             })
             .unwrap_or_else(|| "unknown".into());
         let span = tracing::debug_span!(
@@ -589,7 +587,12 @@ impl ComputeService for ComputeApi {
         self.engine.training().add_service_info(&mut custom);
         custom.insert(
             "queue_depth".into(),
-            self.engine.queue_depths().iter().sum::<usize>().to_string(),
+            self.engine
+                .queue_depths()
+                .iter()
+                .map(|(_, d)| d)
+                .sum::<usize>()
+                .to_string(),
         );
         custom.insert(
             "workers_busy".into(),
@@ -621,6 +624,16 @@ impl ComputeService for ComputeApi {
         for (name, device, source) in &loaded {
             custom.insert(format!("model.{name}.device"), device.clone());
             custom.insert(format!("model.{name}.source"), source.clone());
+        }
+        let mut versions: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for m in self.engine.loaded() {
+            versions
+                .entry(m.name)
+                .or_default()
+                .push(m.version.to_string());
+        }
+        for (name, vs) in versions {
+            custom.insert(format!("model.{name}.versions"), vs.join(","));
         }
         for slot in &self.engine.config().models {
             if slot.max_batch > 1 {

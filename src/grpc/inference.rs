@@ -16,19 +16,18 @@ use super::layers::Arrival;
 use super::{ServeError, deadline_from_metadata};
 use crate::auth::{Granted, Scope};
 use crate::codec::{self, Limits, RawTensor};
-use crate::engine::{Engine, EngineError, EngineStatus};
-use crate::model::Signature;
+use crate::engine::{Engine, EngineError, EngineStatus, LoadedModel};
+use crate::repository::config::datatype_name;
+use crate::repository::{IndexEntry, Repository, RepositoryError};
 use crate::telemetry::metrics::{protocol, reason};
 use crate::telemetry::otel;
 use crate::v2::{self, InputTensor, Values};
 
-/// The only version each model has (a model repository brings more).
-pub const VERSION: &str = "1";
-
 /// Extensions of the protocol this server implements, as ServerMetadata lists them.
-pub const EXTENSIONS: [&str; 4] = [
+pub const EXTENSIONS: [&str; 5] = [
     "binary_tensor_data",
     "model_configuration",
+    "model_repository",
     "statistics",
     "parameters",
 ];
@@ -41,6 +40,8 @@ pub struct InferenceApi {
     version: &'static str,
     /// A worker busy on one job longer than this means the server is not live.
     stall_timeout: Duration,
+    /// The model repository, when the server has one.
+    repository: Option<Repository>,
 }
 
 /// A v2 inference request, whichever front-end it came through.
@@ -55,9 +56,10 @@ pub struct InferRequest {
     pub deadline: Option<Instant>,
 }
 
-/// Its answer: the model that computed it and the named outputs.
+/// Its answer: the model (and version) that computed it and the named outputs.
 pub struct InferReply {
     pub model: String,
+    pub version: String,
     pub id: String,
     pub outputs: Vec<(String, RawTensor)>,
 }
@@ -68,12 +70,14 @@ impl InferenceApi {
         limits: Limits,
         version: &'static str,
         stall_timeout: Duration,
+        repository: Option<Repository>,
     ) -> Self {
         InferenceApi {
             engine,
             limits,
             version,
             stall_timeout,
+            repository,
         }
     }
 
@@ -93,30 +97,68 @@ impl InferenceApi {
         *self.engine.status().borrow() == EngineStatus::Ready
     }
 
-    /// The served model a v2 name (and version) means, or NOT_FOUND.
-    pub fn resolve(&self, name: &str, version: &str) -> Result<String, ServeError> {
-        let model = match self.engine.resolve_model(name) {
-            Some(m) if !name.is_empty() => m.to_string(),
-            _ => {
-                return Err(ServeError::Engine(EngineError::UnknownModel {
-                    name: codec::clip(name),
-                    known: self
-                        .engine
-                        .model_names()
-                        .iter()
-                        .map(|n| format!("{n:?}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }));
-            }
-        };
-        if !version.is_empty() && version != VERSION {
+    /// The loaded model version a v2 name and version mean (empty version: the
+    /// newest), or NOT_FOUND naming what is loaded.
+    pub fn resolve(&self, name: &str, version: &str) -> Result<LoadedModel, ServeError> {
+        if name.is_empty() {
             return Err(ServeError::Engine(EngineError::UnknownModel {
-                name: format!("{model}/versions/{}", codec::clip(version)),
-                known: format!("{model:?} version {VERSION}"),
+                name: String::new(),
+                known: self.known(),
             }));
         }
-        Ok(model)
+        let wanted = if version.is_empty() {
+            None
+        } else {
+            match version.parse::<u64>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    return Err(ServeError::Engine(EngineError::UnknownVersion {
+                        name: codec::clip(name),
+                        version: codec::clip(version),
+                        loaded: self.versions_of(name).join(", "),
+                    }));
+                }
+            }
+        };
+        self.engine
+            .resolve_version(name, wanted)
+            .map_err(|e| match e {
+                EngineError::UnknownModel { .. } => {
+                    let why = self
+                        .repository
+                        .as_ref()
+                        .and_then(|r| r.failure(name))
+                        .map(|f| format!(" ({} failed to load: {})", codec::clip(name), f))
+                        .unwrap_or_default();
+                    ServeError::Engine(EngineError::UnknownModel {
+                        name: codec::clip(name),
+                        known: format!("{}{why}", self.known()),
+                    })
+                }
+                other => ServeError::Engine(other),
+            })
+    }
+
+    fn known(&self) -> String {
+        let names = self.engine.model_names();
+        if names.is_empty() {
+            return "no model yet".into();
+        }
+        names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The loaded versions of a model, oldest first.
+    fn versions_of(&self, name: &str) -> Vec<String> {
+        self.engine
+            .loaded()
+            .into_iter()
+            .filter(|m| m.name == name)
+            .map(|m| m.version.to_string())
+            .collect()
     }
 
     pub fn model_ready(&self, name: &str, version: &str) -> bool {
@@ -138,7 +180,43 @@ impl InferenceApi {
     ) -> Result<pb::ModelMetadataResponse, ServeError> {
         use pb::model_metadata_response::TensorMetadata;
         let model = self.resolve(name, version)?;
-        let sig = self.engine.signature(&model).unwrap_or_default();
+        let versions = self.versions_of(&model.name);
+        if let Some(cfg) = &model.slot.config {
+            // A repository model describes itself by its config: its names, and
+            // the batch dimension as -1 when it batches.
+            let shape = |dims: &[i64]| {
+                let mut s = Vec::with_capacity(dims.len() + 1);
+                if cfg.max_batch_size > 0 {
+                    s.push(-1);
+                }
+                s.extend_from_slice(dims);
+                s
+            };
+            return Ok(pb::ModelMetadataResponse {
+                name: model.name,
+                versions,
+                platform: cfg.platform.clone(),
+                inputs: cfg
+                    .input
+                    .iter()
+                    .map(|i| TensorMetadata {
+                        name: i.name.clone(),
+                        datatype: datatype_name(i.data_type).into(),
+                        shape: shape(&i.dims),
+                    })
+                    .collect(),
+                outputs: cfg
+                    .output
+                    .iter()
+                    .map(|o| TensorMetadata {
+                        name: o.name.clone(),
+                        datatype: datatype_name(o.data_type).into(),
+                        shape: shape(&o.dims),
+                    })
+                    .collect(),
+            });
+        }
+        let sig = model.signature.unwrap_or_default();
         let tensors = |list: &[crate::model::TensorSig], name: fn(usize) -> String| {
             list.iter()
                 .enumerate()
@@ -150,28 +228,29 @@ impl InferenceApi {
                 .collect()
         };
         Ok(pb::ModelMetadataResponse {
-            name: model,
-            versions: vec![VERSION.into()],
+            name: model.name,
+            versions,
             platform: "pytorch_libtorch".into(),
             inputs: tensors(&sig.inputs, v2::input_name),
             outputs: tensors(&sig.outputs, v2::output_name),
         })
     }
 
-    /// Triton's model configuration: `max_batch_size` is the model's
-    /// --max-batch-size, and `dims` leave out the batch dimension.
+    /// Triton's model configuration: a repository model's config.pbtxt as
+    /// loaded; for a `--model`, `max_batch_size` is its --max-batch-size and
+    /// `dims` leave out the batch dimension.
     pub fn model_config(&self, name: &str, version: &str) -> Result<pb::ModelConfig, ServeError> {
         let model = self.resolve(name, version)?;
-        let sig = self.engine.signature(&model).unwrap_or_default();
-        let (max_batch, batch_timeout) = self
-            .engine
-            .slot(&model)
-            .map_or((1, Duration::ZERO), |s| (s.max_batch, s.batch_timeout));
+        if let Some(cfg) = &model.slot.config {
+            return Ok((**cfg).clone());
+        }
+        let sig = model.signature.clone().unwrap_or_default();
+        let (max_batch, batch_timeout) = (model.slot.max_batch, model.slot.batch_timeout);
         let dims = |shape: &[i64]| shape.iter().skip(1).copied().collect::<Vec<_>>();
-        let gpu = matches!(self.engine.device(), Some(tch::Device::Cuda(_)));
+        let gpu = model.device.starts_with("cuda");
         let workers = self.engine.config().plan.workers;
         Ok(pb::ModelConfig {
-            name: model,
+            name: model.name,
             platform: "pytorch_libtorch".into(),
             backend: "pytorch".into(),
             max_batch_size: i32::try_from(max_batch).unwrap_or(i32::MAX),
@@ -211,7 +290,7 @@ impl InferenceApi {
                     pb::model_instance_group::Kind::Cpu
                 } as i32,
                 count: i32::try_from(workers).unwrap_or(i32::MAX),
-                gpus: Vec::new(),
+                ..Default::default()
             }],
             default_model_filename: "model.pt".into(),
             ..Default::default()
@@ -224,10 +303,15 @@ impl InferenceApi {
         name: &str,
         version: &str,
     ) -> Result<pb::ModelStatisticsResponse, ServeError> {
-        let models = if name.is_empty() {
-            self.engine.model_names()
+        let models: Vec<(String, String)> = if name.is_empty() {
+            self.engine
+                .loaded()
+                .into_iter()
+                .map(|m| (m.name, m.version.to_string()))
+                .collect()
         } else {
-            vec![self.resolve(name, version)?]
+            let m = self.resolve(name, version)?;
+            vec![(m.name, m.version.to_string())]
         };
         let m = self.engine.metrics();
         let duration = |h: &prometheus::HistogramVec, model: &str| {
@@ -240,7 +324,7 @@ impl InferenceApi {
         };
         let model_stats = models
             .iter()
-            .map(|model| {
+            .map(|(model, version)| {
                 let computed = m.total(&m.computed, &[("model", model)]);
                 let infer = duration(&m.inference_duration, model);
                 let queue = duration(&m.queue_duration, model);
@@ -257,7 +341,7 @@ impl InferenceApi {
                 );
                 pb::ModelStatistics {
                     name: model.clone(),
-                    version: VERSION.into(),
+                    version: version.clone(),
                     last_inference: 0,
                     inference_count: computed,
                     execution_count: m.total(&m.forwards, &[("model", model)]),
@@ -284,36 +368,94 @@ impl InferenceApi {
 
     /// Checks a token's scope (when tokens are on).
     pub fn authorize(&self, granted: Option<&Granted>) -> Result<(), ServeError> {
+        self.authorize_for(granted, Scope::Infer)
+    }
+
+    /// Checks a token's scope for a call that needs `scope`.
+    pub fn authorize_for(&self, granted: Option<&Granted>, scope: Scope) -> Result<(), ServeError> {
         match granted {
-            Some(g) if !g.allows(Scope::Infer) => {
+            Some(g) if !g.allows(scope) => {
                 self.engine
                     .metrics()
                     .auth_failures
                     .with_label_values(&["permission_denied"])
                     .inc();
-                Err(ServeError::PermissionDenied(
-                    "this token lacks the \"infer\" scope this call needs".into(),
-                ))
+                Err(ServeError::PermissionDenied(format!(
+                    "this token lacks the {:?} scope this call needs",
+                    scope.name()
+                )))
             }
             _ => Ok(()),
         }
     }
 
     /// Checks a request against the model and runs it through the engine.
-    pub async fn infer(&self, req: InferRequest) -> Result<InferReply, ServeError> {
+    pub async fn infer(&self, mut req: InferRequest) -> Result<InferReply, ServeError> {
         let model = self.resolve(&req.model, &req.version)?;
-        let signature: Option<Signature> = self.engine.signature(&model);
-        let inputs = v2::order_inputs(&model, req.inputs, signature.as_ref(), self.limits)?;
-        let out = self.engine.infer_all(&model, inputs, req.deadline).await?;
+        if let Some(cfg) = &model.slot.config {
+            v2::check_against_config(cfg, &mut req.inputs, &mut req.outputs)?;
+        }
+        let inputs = v2::order_inputs(
+            &model.name,
+            req.inputs,
+            model.signature.as_ref(),
+            self.limits,
+        )?;
+        let out = self
+            .engine
+            .infer_all(&model.name, Some(model.version), inputs, req.deadline)
+            .await?;
         let mut all = Vec::with_capacity(1 + out.others.len());
         all.push(out.tensor);
         all.extend(out.others);
-        let outputs = v2::select_outputs(all, &req.outputs)?;
+        let mut outputs = v2::select_outputs(all, &req.outputs)?;
+        if let Some(cfg) = &model.slot.config {
+            v2::name_outputs(cfg, &mut outputs);
+        }
         Ok(InferReply {
-            model,
+            model: model.name,
+            version: model.version.to_string(),
             id: req.id,
             outputs,
         })
+    }
+
+    /// RepositoryIndex: the repository's models and their versions' states;
+    /// without a repository, the `--model` models.
+    pub async fn repository_index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let mut out: Vec<IndexEntry> = self
+            .engine
+            .loaded()
+            .into_iter()
+            .filter(|m| self.repository.as_ref().is_none_or(|r| r.is_fixed(&m.name)))
+            .map(|m| IndexEntry {
+                name: m.name,
+                version: m.version.to_string(),
+                state: "READY".into(),
+                reason: String::new(),
+            })
+            .collect();
+        if let Some(r) = &self.repository {
+            out.extend(r.index(ready_only).await);
+        }
+        out
+    }
+
+    /// RepositoryModelLoad / Unload.
+    pub async fn repository_load(&self, name: &str, load: bool) -> Result<(), ServeError> {
+        let Some(r) = &self.repository else {
+            return Err(ServeError::Repository(RepositoryError::NotAllowed(
+                "this server has no model repository: its models are fixed by --model \
+                 (start with --model-repository DIR --model-control-mode explicit)"
+                    .into(),
+            )));
+        };
+        let result = if load {
+            r.load(name).await
+        } else {
+            r.unload(name).await
+        };
+        result.map_err(ServeError::Repository)
     }
 
     /// Counts a finished v2 request ([`super::finish`]).
@@ -477,6 +619,50 @@ impl InferenceGrpc {
     }
 }
 
+impl InferenceGrpc {
+    /// RepositoryModelLoad / Unload: the "repository" scope, then the repository.
+    async fn repository_call<Q>(
+        &self,
+        request: Request<Q>,
+        name: String,
+        params: Vec<String>,
+        load: bool,
+    ) -> Result<(), Status> {
+        let arrival = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let granted = request.extensions().get::<Granted>().copied();
+        let method = if load {
+            "RepositoryModelLoad"
+        } else {
+            "RepositoryModelUnload"
+        };
+        let result = async {
+            self.0.authorize_for(granted.as_ref(), Scope::Repository)?;
+            check_repository_parameters(&params)?;
+            self.0.repository_load(&name, load).await
+        }
+        .await;
+        self.0
+            .finish(protocol::V2_GRPC, "-", method, arrival, result)
+    }
+}
+
+/// Load parameters (a config override, files) are not taken: the repository
+/// on disk is the only source. `unload_dependents` is: no model here has
+/// dependents (there are no ensembles), so it changes nothing.
+pub fn check_repository_parameters(params: &[String]) -> Result<(), ServeError> {
+    match params.iter().find(|p| p.as_str() != "unload_dependents") {
+        None => Ok(()),
+        Some(p) => Err(ServeError::BadRequest(format!(
+            "repository parameter {:?} is not supported: splitserve loads models only from \
+             the repository directory",
+            codec::clip(p)
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
     async fn server_live(
@@ -550,6 +736,53 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
         })
     }
 
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> R<pb::RepositoryIndexResponse> {
+        let (arrival, auth) = self.start(&request);
+        let result = match auth {
+            Ok(()) => Ok(self.0.repository_index(request.get_ref().ready).await),
+            Err(e) => Err(e),
+        };
+        let models = self
+            .0
+            .finish(protocol::V2_GRPC, "-", "RepositoryIndex", arrival, result)?;
+        Ok(Response::new(pb::RepositoryIndexResponse {
+            models: models
+                .into_iter()
+                .map(|m| pb::repository_index_response::ModelIndex {
+                    name: m.name,
+                    version: m.version,
+                    state: m.state,
+                    reason: m.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> R<pb::RepositoryModelLoadResponse> {
+        let r = request.get_ref();
+        let (name, params) = (r.model_name.clone(), r.parameters.keys().cloned().collect());
+        self.repository_call(request, name, params, true)
+            .await
+            .map(|()| Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> R<pb::RepositoryModelUnloadResponse> {
+        let r = request.get_ref();
+        let (name, params) = (r.model_name.clone(), r.parameters.keys().cloned().collect());
+        self.repository_call(request, name, params, false)
+            .await
+            .map(|()| Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
     async fn model_infer(
         &self,
         request: Request<pb::ModelInferRequest>,
@@ -600,7 +833,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
                 .await?;
             let mut response = pb::ModelInferResponse {
                 model_name: reply.model,
-                model_version: VERSION.into(),
+                model_version: reply.version.clone(),
                 id: reply.id,
                 ..Default::default()
             };

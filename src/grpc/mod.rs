@@ -23,21 +23,9 @@ pub mod layers;
 pub use compute::{ComputeApi, StaticInfo};
 pub use layers::{Arrival, deadline_from_metadata};
 
-/// Generated code for the Open Inference Protocol, package `inference`.
-#[allow(clippy::all, clippy::unwrap_used)]
-pub mod inference_pb {
-    tonic::include_proto!("inference");
-}
-
-/// Generated code for `splitlearn.comm` (kept in OUT_DIR).
-#[allow(clippy::all, clippy::unwrap_used)]
-pub mod pb {
-    tonic::include_proto!("splitlearn.comm");
-    /// Descriptor set of every proto the server speaks (splitlearn.comm and
-    /// inference), for reflection and tooling.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("splitserve_descriptor");
-}
+/// Generated code: the Open Inference Protocol (package `inference`) and
+/// `splitlearn.comm`, with the descriptor set for reflection.
+pub use crate::proto::{comm as pb, inference as inference_pb};
 
 /// Full gRPC service name, as health checks and Kubernetes probes name it.
 pub const SERVICE_NAME: &str = "splitlearn.comm.ComputeService";
@@ -62,6 +50,9 @@ pub enum ServeError {
     /// An Open Inference Protocol request that does not fit the model.
     #[error(transparent)]
     V2(#[from] crate::v2::V2Error),
+    /// A model repository request that cannot be done.
+    #[error(transparent)]
+    Repository(#[from] crate::repository::RepositoryError),
 }
 
 impl ServeError {
@@ -98,7 +89,10 @@ impl From<ServeError> for Status {
                 | CodecError::UnknownDtype(_) => Status::invalid_argument(msg),
             },
             ServeError::Engine(en) => match en {
-                EngineError::UnknownModel { .. } => Status::not_found(msg),
+                EngineError::UnknownModel { .. } | EngineError::UnknownVersion { .. } => {
+                    Status::not_found(msg)
+                }
+                EngineError::Unsupported(_) => Status::failed_precondition(msg),
                 EngineError::Loading | EngineError::Draining | EngineError::Failed(_) => {
                     Status::unavailable(msg)
                 }
@@ -119,6 +113,13 @@ impl From<ServeError> for Status {
                 EngineError::Internal(_) => Status::internal(msg),
             },
             ServeError::Unimplemented(_) => Status::unimplemented(msg),
+            ServeError::Repository(r) => match r {
+                crate::repository::RepositoryError::NotFound(_) => Status::not_found(msg),
+                crate::repository::RepositoryError::LoadFailed { .. }
+                | crate::repository::RepositoryError::NotAllowed(_) => {
+                    Status::failed_precondition(msg)
+                }
+            },
             ServeError::BadRequest(_) => Status::invalid_argument(msg),
             ServeError::PermissionDenied(_) => Status::permission_denied(msg),
             ServeError::Busy(_) => Status::resource_exhausted(msg),

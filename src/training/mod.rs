@@ -879,11 +879,11 @@ impl Training {
     /// At start, before the models are shared: removes what a crash left half
     /// written, and resumes each model from its newest complete checkpoint
     /// (parameters, optimizer state, pending gradients, step count).
-    pub fn resume(&self, models: &mut [Model]) {
+    pub fn resume<'a>(&self, models: impl IntoIterator<Item = (usize, &'a mut Model)>) {
         let Some(dir) = &self.config.checkpoint_dir else {
             return;
         };
-        for (i, model) in models.iter_mut().enumerate() {
+        for (i, model) in models {
             checkpoint::clean_stale(dir, &model.name);
             if let Some((state, from)) = checkpoint::restore(dir, model) {
                 tracing::info!(
@@ -901,8 +901,11 @@ impl Training {
 
     /// Called by the last worker when the engine stops: saves every model that
     /// took optimizer steps since its last checkpoint, releases the activations.
-    pub fn shutdown(&self, models: &[Model]) {
-        for (model, state) in models.iter().zip(&self.models) {
+    pub fn shutdown(&self, models: &[(usize, &Model)]) {
+        for &(i, model) in models {
+            let Some(state) = self.models.get(i) else {
+                continue;
+            };
             let mut state = lock(state);
             if state.steps > state.saved_at {
                 if self.config.checkpoint_dir.is_some() {

@@ -1,0 +1,401 @@
+"""The model repository, as a Triton user has it: config.pbtxt files and
+numbered version directories written here by the test, TorchScript models made
+by the venv's torch, served by the real binary and read with tritonclient.
+Loads, reloads and unloads happen while clients keep sending."""
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from conftest import Server, wait_until
+
+TIMEOUT = 30
+
+torch.manual_seed(0)
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class AddMul(torch.nn.Module):
+    def forward(self, a, b):
+        return a + b, a * b
+
+
+class TupleOut(torch.nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, -1), x.sum(-1, keepdim=True)
+
+
+class Scale(torch.nn.Module):
+    """x * k: the version a reply came from shows in its values."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x * self.k
+
+
+def tensor(name, dtype, dims):
+    return f'{{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+
+
+def write_model(repo: Path, name: str, config: str, versions: dict) -> None:
+    """repo/name/config.pbtxt and repo/name/V/model.pt for each V -> module."""
+    d = repo / name
+    d.mkdir(parents=True, exist_ok=True)
+    for v, module in versions.items():
+        (d / str(v)).mkdir(exist_ok=True)
+        tmp = d / str(v) / "model.pt.tmp"
+        torch.jit.script(module).save(str(tmp))
+        tmp.rename(d / str(v) / "model.pt")
+    (d / "config.pbtxt").write_text(config)
+
+
+def scale_config(name: str, policy: str = "") -> str:
+    return f"""
+name: "{name}"
+platform: "pytorch_libtorch"
+max_batch_size: 4
+{policy}
+input [ {tensor("INPUT__0", "TYPE_FP32", [2])} ]
+output [ {tensor("OUTPUT__0", "TYPE_FP32", [2])} ]
+"""
+
+
+def start(repo: Path, *flags: str) -> Server:
+    s = Server("--model-repository", str(repo), *flags)
+    s.wait_serving()
+    s.wait_http_listening()
+    return s
+
+
+def grpc_infer(client, model, arrays, version=""):
+    inputs = []
+    for i, a in enumerate(arrays):
+        x = tgrpc.InferInput(f"INPUT__{i}", list(a.shape), "FP32")
+        x.set_data_from_numpy(a)
+        inputs.append(x)
+    return client.infer(model, inputs, model_version=version, client_timeout=TIMEOUT)
+
+
+def index(client) -> dict:
+    """{(name, version): (state, reason)} from RepositoryIndex."""
+    reply = client.get_model_repository_index(as_json=True)
+    return {(m["name"], m.get("version", "")): (m.get("state", ""), m.get("reason", ""))
+            for m in reply.get("models", [])}
+
+
+@pytest.fixture
+def three_models(tmp_path):
+    repo = tmp_path / "models"
+    mlp, add_mul, tuple_out = Mlp().eval(), AddMul(), TupleOut()
+    write_model(repo, "mlp", f"""
+name: "mlp"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [ {tensor("INPUT__0", "TYPE_FP32", [8])} ]
+output [ {tensor("OUTPUT__0", "TYPE_FP32", [4])} ]
+dynamic_batching {{ max_queue_delay_microseconds: 200 }}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+""", {1: mlp})
+    # Named inputs and outputs, as in many Triton repositories; no batch dimension.
+    write_model(repo, "add_mul", f"""
+backend: "pytorch"
+max_batch_size: 0
+input [ {tensor("a", "TYPE_FP32", [4])}, {tensor("b", "TYPE_FP32", [4])} ]
+output [ {tensor("sum", "TYPE_FP32", [4])}, {tensor("product", "TYPE_FP32", [4])} ]
+""", {1: add_mul})
+    write_model(repo, "tuple_out", f"""
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ {tensor("INPUT__0", "TYPE_FP32", [4])} ]
+output [ {tensor("OUTPUT__0", "TYPE_FP32", [4])}, {tensor("OUTPUT__1", "TYPE_FP32", [1])} ]
+""", {1: tuple_out})
+    return repo, {"mlp": mlp, "add_mul": add_mul, "tuple_out": tuple_out}
+
+
+def test_a_triton_repository_is_served_unchanged(three_models):
+    repo, modules = three_models
+    s = start(repo)
+    g = tgrpc.InferenceServerClient(s.addr)
+    h = thttp.InferenceServerClient(s.http_addr)
+
+    # Metadata and config as the repository describes them.
+    meta = g.get_model_metadata("mlp", as_json=True)
+    assert meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "INPUT__0", "datatype": "FP32", "shape": ["-1", "8"]}]
+    assert meta["outputs"] == [{"name": "OUTPUT__0", "datatype": "FP32", "shape": ["-1", "4"]}]
+    cfg = g.get_model_config("mlp", as_json=True)["config"]
+    assert cfg["max_batch_size"] == 8 and cfg["platform"] == "pytorch_libtorch"
+    assert cfg["dynamic_batching"]["max_queue_delay_microseconds"] == "200"
+    assert cfg["instance_group"][0]["count"] == 1
+    meta = h.get_model_metadata("add_mul")
+    assert [i["name"] for i in meta["inputs"]] == ["a", "b"]
+    assert [o["name"] for o in meta["outputs"]] == ["sum", "product"]
+    assert meta["inputs"][0]["shape"] == [4]
+    assert h.get_model_config("add_mul")["backend"] == "pytorch"
+    assert [o["dims"] for o in h.get_model_config("tuple_out")["output"]] == [["4"], ["1"]] or \
+        [o["dims"] for o in h.get_model_config("tuple_out")["output"]] == [[4], [1]]
+
+    # Answers equal the same TorchScript modules run by torch.
+    x = np.random.rand(3, 8).astype(np.float32)
+    want = modules["mlp"](torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(grpc_infer(g, "mlp", [x]).as_numpy("OUTPUT__0"), want, rtol=1e-5, atol=1e-6)
+    a, b = np.random.rand(4).astype(np.float32), np.random.rand(4).astype(np.float32)
+    ia, ib = thttp.InferInput("a", [4], "FP32"), thttp.InferInput("b", [4], "FP32")
+    ia.set_data_from_numpy(a)
+    ib.set_data_from_numpy(b)
+    r = h.infer("add_mul", [ib, ia])  # by name, in any order
+    np.testing.assert_allclose(r.as_numpy("sum"), a + b, rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("product"), a * b, rtol=1e-6)
+    r = h.infer("add_mul", [ia, ib], outputs=[thttp.InferRequestedOutput("product")])
+    assert r.as_numpy("sum") is None
+    np.testing.assert_allclose(r.as_numpy("product"), a * b, rtol=1e-6)
+    x = np.random.rand(2, 4).astype(np.float32)
+    soft, total = modules["tuple_out"](torch.from_numpy(x))
+    r = grpc_infer(g, "tuple_out", [x])
+    np.testing.assert_allclose(r.as_numpy("OUTPUT__0"), soft.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT__1"), total.numpy(), rtol=1e-5)
+    assert r.get_response().model_version == "1"
+
+    # Requests the config rules out are refused with the reason.
+    with pytest.raises(InferenceServerException, match="max_batch_size"):
+        grpc_infer(g, "tuple_out", [np.ones((5, 4), np.float32)])
+    with pytest.raises(InferenceServerException, match=r"dims \[8\]"):
+        grpc_infer(g, "mlp", [np.ones((1, 7), np.float32)])
+    with pytest.raises(InferenceServerException, match="input b is missing"):
+        h.infer("add_mul", [ia])
+
+    # Every version is READY in the index, in metrics (with its digest) and in service info.
+    assert {k: v[0] for k, v in index(g).items()} == {
+        ("add_mul", "1"): "READY", ("mlp", "1"): "READY", ("tuple_out", "1"): "READY"}
+    text = s.metrics()
+    for name in modules:
+        line = next(l for l in text.splitlines()
+                    if l.startswith("splitserve_model_info{") and f'model="{name}"' in l)
+        assert 'version="1"' in line and 'digest="sha256:' in line and 'device="cpu"' in line
+    assert g.is_model_ready("mlp") and not g.is_model_ready("mlp", "2")
+    assert s.terminate() == 0
+
+
+def test_version_policies_choose_what_is_served(tmp_path):
+    repo = tmp_path / "models"
+    write_model(repo, "scale", scale_config("scale"), {v: Scale(float(v)) for v in (1, 2, 3)})
+    s = start(repo, "--model-control-mode", "explicit", "--load-model", "scale")
+    g = tgrpc.InferenceServerClient(s.addr)
+    x = np.ones((1, 2), np.float32)
+
+    def served():
+        return g.get_model_metadata("scale", as_json=True)["versions"]
+
+    def answer(version=""):
+        r = grpc_infer(g, "scale", [x], version)
+        return r.get_response().model_version, float(r.as_numpy("OUTPUT__0")[0, 0])
+
+    # The default policy: the newest only.
+    assert served() == ["3"]
+    assert answer() == ("3", 3.0)
+    with pytest.raises(InferenceServerException) as e:
+        answer("1")
+    assert "StatusCode.NOT_FOUND" in str(e.value.status()) and "loaded: 3" in e.value.message()
+
+    (repo / "scale" / "config.pbtxt").write_text(
+        scale_config("scale", "version_policy: { latest: { num_versions: 2 } }"))
+    g.load_model("scale")
+    assert served() == ["2", "3"]
+    assert answer("2") == ("2", 2.0) and answer() == ("3", 3.0)
+    with pytest.raises(InferenceServerException, match="loaded: 2, 3"):
+        answer("1")
+
+    (repo / "scale" / "config.pbtxt").write_text(
+        scale_config("scale", "version_policy: { specific: { versions: [ 1, 3 ] } }"))
+    g.load_model("scale")
+    assert served() == ["1", "3"]
+    assert answer("1") == ("1", 1.0) and answer("3") == ("3", 3.0)
+    with pytest.raises(InferenceServerException, match="loaded: 1, 3"):
+        answer("2")
+    states = index(g)
+    assert states[("scale", "2")][0] == "UNAVAILABLE"
+    assert states[("scale", "1")][0] == states[("scale", "3")][0] == "READY"
+
+    (repo / "scale" / "config.pbtxt").write_text(
+        scale_config("scale", "version_policy: { all: { } }"))
+    g.load_model("scale")
+    assert served() == ["1", "2", "3"]
+    assert s.terminate() == 0
+
+
+def test_reloads_and_an_unload_under_load_fail_no_request(tmp_path):
+    repo = tmp_path / "models"
+    write_model(repo, "scale", scale_config("scale"), {1: Scale(1.0)})
+    write_model(repo, "other", scale_config("other"), {1: Scale(-1.0)})
+    s = start(repo, "--model-control-mode", "explicit", "--load-model", "*")
+    control = tgrpc.InferenceServerClient(s.addr)
+    x = np.ones((1, 2), np.float32)
+    stop = threading.Event()
+    failures = []
+    seen = [[] for _ in range(32)]  # each client's versions, in order
+
+    def client(mine):
+        c = tgrpc.InferenceServerClient(s.addr)
+        while not stop.is_set():
+            try:
+                r = grpc_infer(c, "scale", [x])
+                version = int(r.get_response().model_version)
+                value = float(r.as_numpy("OUTPUT__0")[0, 0])
+                # Each reply comes whole from the version it names.
+                if value != float(version):
+                    failures.append(f"version {version} answered {value}")
+                mine.append(version)
+            except InferenceServerException as e:
+                failures.append(str(e))
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in seen]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: all(seen), 30, "every client's first answer")
+        for v in range(2, 12):
+            write_model(repo, "scale", scale_config("scale"), {v: Scale(float(v))})
+            control.load_model("scale")
+            # Switched: a new request gets the new version at once.
+            assert grpc_infer(control, "scale", [x]).get_response().model_version == str(v)
+            if v == 6:
+                control.unload_model("other")
+                with pytest.raises(InferenceServerException, match="unknown model"):
+                    grpc_infer(control, "other", [x])
+        wait_until(lambda: all(mine[-1] == 11 for mine in seen), 30, "every client on version 11")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [], failures[:5]
+    total = sum(map(len, seen))
+    assert total > 200, total
+    # Versions only move forward for each client, and every client saw the last one.
+    for mine in seen:
+        assert mine == sorted(mine)
+    assert control.get_model_metadata("scale", as_json=True)["versions"] == ["11"]
+    assert s.terminate() == 0
+
+
+def test_config_problems_warn_or_fail_only_that_model(tmp_path):
+    repo = tmp_path / "models"
+    write_model(repo, "good", scale_config("good") + """
+optimization { input_pinned_memory { enable: true } }
+parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
+""", {1: Scale(2.0)})
+    write_model(repo, "broken", 'name: "broken"\nmax_batch_size: 4\ninput [ { nme: "x" } ]\n',
+                {1: Scale(1.0)})
+    write_model(repo, "onnx", scale_config("onnx").replace("pytorch_libtorch", "onnxruntime_onnx"),
+                {1: Scale(1.0)})
+    s = start(repo)
+    log = s.log_so_far()
+    assert "optimization.input_pinned_memory.enable" in log and "INFERENCE_MODE" in log
+    g = tgrpc.InferenceServerClient(s.addr)
+    assert float(grpc_infer(g, "good", [np.ones((1, 2), np.float32)]).as_numpy("OUTPUT__0")[0, 0]) == 2.0
+    states = index(g)
+    assert states[("good", "1")][0] == "READY"
+    assert states[("broken", "")][0] == "UNAVAILABLE" and "nme" in states[("broken", "")][1]
+    assert states[("onnx", "")][0] == "UNAVAILABLE" and "onnxruntime_onnx" in states[("onnx", "")][1]
+    # A request for the failed model says why.
+    with pytest.raises(InferenceServerException, match="failed to load"):
+        grpc_infer(g, "onnx", [np.ones((1, 2), np.float32)])
+    # Explicit loads are refused outside explicit mode.
+    with pytest.raises(InferenceServerException, match="model control mode none"):
+        g.load_model("good")
+    assert s.terminate() == 0
+
+
+def test_poll_mode_loads_new_reloads_changed_and_unloads_removed(tmp_path):
+    repo = tmp_path / "models"
+    write_model(repo, "first", scale_config("first"), {1: Scale(1.0)})
+    s = start(repo, "--model-control-mode", "poll", "--repository-poll-secs", "1")
+    g = tgrpc.InferenceServerClient(s.addr)
+    x = np.ones((1, 2), np.float32)
+    write_model(repo, "second", scale_config("second"), {1: Scale(5.0)})
+    wait_until(lambda: g.is_model_ready("second"), 20, "the new model to be polled in")
+    assert model_health(s, "second") == "SERVING"
+    assert float(grpc_infer(g, "second", [x]).as_numpy("OUTPUT__0")[0, 0]) == 5.0
+    write_model(repo, "first", scale_config("first"), {2: Scale(7.0)})
+    wait_until(lambda: g.get_model_metadata("first", as_json=True)["versions"] == ["2"], 20,
+               "version 2 to replace version 1")
+    assert float(grpc_infer(g, "first", [x]).as_numpy("OUTPUT__0")[0, 0]) == 7.0
+    import shutil
+    shutil.rmtree(repo / "second")
+    wait_until(lambda: not g.is_model_ready("second"), 20, "the removed model to be unloaded")
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        grpc_infer(g, "second", [x])
+    wait_until(lambda: model_health(s, "second") == "NOT_SERVING", 10, "model/second NOT_SERVING")
+    assert model_health(s, "first") == "SERVING"
+    assert s.terminate() == 0
+
+
+def model_health(s: Server, name: str) -> str:
+    """grpc.health.v1's status of `model/NAME`, as a Kubernetes probe would ask it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(s.channel())
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=f"model/{name}"), timeout=5)
+    except grpc.RpcError as e:
+        return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_repository_calls_need_the_repository_scope(tmp_path):
+    repo = tmp_path / "models"
+    write_model(repo, "m", scale_config("m"), {1: Scale(1.0)})
+    tokens = tmp_path / "tokens"
+    tokens.write_text("reader-0123456789abcdef infer\nadmin-0123456789abcdefg infer,repository\n")
+    s = Server("--model-repository", str(repo), "--model-control-mode", "explicit",
+               "--auth-token-file", str(tokens))
+    s.wait_serving()
+    g = tgrpc.InferenceServerClient(s.addr)
+    reader = {"authorization": "Bearer reader-0123456789abcdef"}
+    admin = {"authorization": "Bearer admin-0123456789abcdefg"}
+    with pytest.raises(InferenceServerException, match='"repository" scope'):
+        g.load_model("m", headers=reader)
+    g.load_model("m", headers=admin)
+    assert g.is_model_ready("m", headers=reader)
+    with pytest.raises(InferenceServerException, match="not in the model repository"):
+        g.load_model("nope", headers=admin)
+    assert s.terminate() == 0
+
+
+def test_the_example_repository_serves(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    repo = tmp_path / "example"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "model_repository" / "make_models.py"),
+                    str(repo)], check=True, capture_output=True, timeout=300)
+    s = start(repo)
+    g = tgrpc.InferenceServerClient(s.addr)
+    assert {k: v[0] for k, v in index(g).items()} == {
+        ("add_mul", "1"): "READY", ("mlp", "1"): "READY", ("tuple_out", "1"): "READY"}
+    a = np.arange(4, dtype=np.float32)
+    r = grpc_infer(g, "add_mul", [a, a])
+    np.testing.assert_allclose(r.as_numpy("OUTPUT__1"), a * a)
+    assert "WARN" not in s.log_so_far()
+    assert s.terminate() == 0
