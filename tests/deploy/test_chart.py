@@ -423,7 +423,9 @@ def test_default_values_request_no_gpu() -> None:
 
 def test_init_container_model_source() -> None:
     pod = one(objects("all"), "Deployment")["spec"]["template"]["spec"]
-    (init,) = pod["initContainers"]
+    # values-all also copies a model repository out of an image (test_model_repository.py).
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-models", "copy-model-repository"]
+    init = pod["initContainers"][0]
     assert {"name": "models", "mountPath": "/models"} in init["volumeMounts"]
     assert {"name": "MODEL_DIR", "value": "/models"} in init["env"]
     models = next(v for v in pod["volumes"] if v["name"] == "models")
@@ -434,7 +436,7 @@ def test_init_container_model_source() -> None:
 
 def test_pvc_model_source() -> None:
     pod = one(objects("all-pvc"), "Deployment")["spec"]["template"]["spec"]
-    assert "initContainers" not in pod
+    assert [c["name"] for c in pod.get("initContainers", [])] == ["copy-model-repository"]
     models = next(v for v in pod["volumes"] if v["name"] == "models")
     assert models["persistentVolumeClaim"] == {"claimName": "splitserve-models", "readOnly": True}
     mount = next(m for m in server_container_pod(pod)["volumeMounts"] if m["name"] == "models")

@@ -177,6 +177,42 @@ chart creates.
 {{- default (printf "%s-checkpoints" (include "splitserve.fullname" .)) .Values.training.checkpoints.existingClaim }}
 {{- end }}
 
+{{/*
+The Deployment's models as a JSON list ({name, spec, ...} items): config.models,
+or when it is empty the built-in mlp=builtin:mlp:512x1024x512 (what the binary
+serves without --model), unless modelRepository.enabled: then none, and the
+repository's models are the only ones.
+*/}}
+{{- define "splitserve.models" -}}
+{{- if .Values.config.models }}
+{{- toJson .Values.config.models }}
+{{- else if (default (dict) .Values.modelRepository).enabled }}
+{{- "[]" }}
+{{- else }}
+{{- toJson (list (dict "name" "mlp" "spec" "builtin:mlp:512x1024x512")) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the init container of modelRepository.source=image mounts the emptyDir it
+copies the repository into (the server mounts it at modelRepository.mountPath).
+*/}}
+{{- define "splitserve.modelRepositoryCopyDir" -}}
+/mnt/model-repository
+{{- end }}
+
+{{/*
+The image of modelRepository.source=image: the digest wins over the tag.
+*/}}
+{{- define "splitserve.modelRepositoryImage" -}}
+{{- $img := .Values.modelRepository.image }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository $img.tag }}
+{{- end }}
+{{- end }}
+
 {{- define "splitserve.device" -}}
 {{- if .Values.config.device }}
 {{- .Values.config.device }}
@@ -197,8 +233,8 @@ EnvVar; entries of extraEnv with the same name replace them.
 The same settings for the container of the KServe ServingRuntime: the model is
 the file KServe's storage initializer puts under /mnt/models, named after the
 InferenceService ({{.Name}} is KServe's placeholder, filled in per
-InferenceService); ports are KServe's; the Deployment's models, training,
-TLS and tokens do not apply (their files and Secrets are the
+InferenceService); ports are KServe's; the Deployment's models, model
+repository, training, TLS and tokens do not apply (their files and Secrets are the
 Deployment's). kserve.servingRuntime.extraEnv replaces entries of the same name.
 */}}
 {{- define "splitserve.kserveEnv" -}}
@@ -217,8 +253,9 @@ Both of the above: (dict "root" $ "kserve" bool).
 {{- $warmups := list }}
 {{- $batch := list (include "splitserve.int" $c.maxBatchSize) }}
 {{- $timeouts := list (include "splitserve.int" $c.batchTimeoutUs) }}
+{{- $mr := default (dict) $root.Values.modelRepository }}
 {{- if not $kserve }}
-{{- range $c.models }}
+{{- range (include "splitserve.models" $root | fromJsonArray) }}
 {{- $models = append $models (printf "%s=%s" .name .spec) }}
 {{- if .warmupShape }}
 {{- $warmups = append $warmups (printf "%s=%s" .name .warmupShape) }}
@@ -249,8 +286,23 @@ Both of the above: (dict "root" $ "kserve" bool).
   (dict "name" "SPLITSERVE_GRPC_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.grpc)))
   (dict "name" "SPLITSERVE_HTTP_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.http)))
   (dict "name" "SPLITSERVE_METRICS_ADDR" "value" (printf "0.0.0.0:%s" (include "splitserve.int" $root.Values.ports.metrics)))
-  (dict "name" "SPLITSERVE_MODEL" "value" (join "," $models))
 }}
+{{- /* Empty only with a model repository: then no --model, so no built-in default either. */}}
+{{- if $models }}
+{{- $env = append $env (dict "name" "SPLITSERVE_MODEL" "value" (join "," $models)) }}
+{{- end }}
+{{- if $mr.enabled }}
+{{- $env = concat $env (list
+  (dict "name" "SPLITSERVE_MODEL_REPOSITORY" "value" $mr.mountPath)
+  (dict "name" "SPLITSERVE_MODEL_CONTROL_MODE" "value" $mr.controlMode)
+) }}
+{{- if eq $mr.controlMode "poll" }}
+{{- $env = append $env (dict "name" "SPLITSERVE_REPOSITORY_POLL_SECS" "value" (include "splitserve.int" $mr.pollSecs)) }}
+{{- end }}
+{{- if and (eq $mr.controlMode "explicit") $mr.loadModels }}
+{{- $env = append $env (dict "name" "SPLITSERVE_LOAD_MODEL" "value" (join "," $mr.loadModels)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if $warmups }}
 {{- $env = append $env (dict "name" "SPLITSERVE_WARMUP_SHAPE" "value" (join "," $warmups)) }}
@@ -298,7 +350,10 @@ Both of the above: (dict "root" $ "kserve" bool).
 {{- end }}
 {{- end }}
 {{- if and $t.enabled (not $kserve) }}
+{{- /* Empty only with a model repository, whose config.pbtxt files say which models train. */}}
+{{- if $t.models }}
 {{- $env = append $env (dict "name" "SPLITSERVE_TRAINABLE" "value" (join "," $t.models)) }}
+{{- end }}
 {{- range $key, $var := dict
   "optimizer" "SPLITSERVE_OPTIMIZER"
   "learningRate" "SPLITSERVE_LEARNING_RATE"
