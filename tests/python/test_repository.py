@@ -399,3 +399,30 @@ def test_the_example_repository_serves(tmp_path):
     np.testing.assert_allclose(r.as_numpy("OUTPUT__1"), a * a)
     assert "WARN" not in s.log_so_far()
     assert s.terminate() == 0
+
+
+def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path):
+    repo = tmp_path / "models"
+    group = 'instance_group [ { count: 2 kind: KIND_CPU } ]'
+    write_model(repo, "a", scale_config("a") + group, {1: Scale(1.0)})
+    write_model(repo, "b", scale_config("b") + group, {1: Scale(1.0)})
+    write_model(repo, "gpu", scale_config("gpu") + 'instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]',
+                {1: Scale(1.0)})
+    # Two workers: a takes both, so b does not fit; the reason gives the numbers.
+    s = start(repo, "--workers", "2", "--intra-op-threads", "1", "--model-control-mode", "explicit")
+    g = tgrpc.InferenceServerClient(s.addr)
+    g.load_model("a")
+    with pytest.raises(InferenceServerException) as e:
+        g.load_model("b")
+    assert "asks for 2 instance(s), but 2 of the 2 workers" in e.value.message()
+    assert "a/1: 2" in e.value.message()
+    assert index(g)[("b", "1")][0] == "UNAVAILABLE"
+    # Unloading a frees its workers for b.
+    g.unload_model("a")
+    g.load_model("b")
+    assert g.is_model_ready("b")
+    if not torch.cuda.is_available():
+        g.unload_model("b")
+        with pytest.raises(InferenceServerException, match="(?i)cuda"):
+            g.load_model("gpu")
+    assert s.terminate() == 0
