@@ -80,8 +80,8 @@ output [ {tensor("OUTPUT__0", "TYPE_FP32", [2])} ]
 """
 
 
-def start(repo: Path, *flags: str) -> Server:
-    s = Server("--model-repository", str(repo), *flags)
+def start(factory, repo: Path, *flags: str) -> Server:
+    s = factory("--model-repository", str(repo), *flags)
     s.wait_serving()
     s.wait_http_listening()
     return s
@@ -132,9 +132,9 @@ output [ {tensor("OUTPUT__0", "TYPE_FP32", [4])}, {tensor("OUTPUT__1", "TYPE_FP3
     return repo, {"mlp": mlp, "add_mul": add_mul, "tuple_out": tuple_out}
 
 
-def test_a_triton_repository_is_served_unchanged(three_models):
+def test_a_triton_repository_is_served_unchanged(three_models, server_factory):
     repo, modules = three_models
-    s = start(repo)
+    s = start(server_factory, repo)
     g = tgrpc.InferenceServerClient(s.addr)
     h = thttp.InferenceServerClient(s.http_addr)
 
@@ -196,10 +196,10 @@ def test_a_triton_repository_is_served_unchanged(three_models):
     assert s.terminate() == 0
 
 
-def test_version_policies_choose_what_is_served(tmp_path):
+def test_version_policies_choose_what_is_served(tmp_path, server_factory):
     repo = tmp_path / "models"
     write_model(repo, "scale", scale_config("scale"), {v: Scale(float(v)) for v in (1, 2, 3)})
-    s = start(repo, "--model-control-mode", "explicit", "--load-model", "scale")
+    s = start(server_factory, repo, "--model-control-mode", "explicit", "--load-model", "scale")
     g = tgrpc.InferenceServerClient(s.addr)
     x = np.ones((1, 2), np.float32)
 
@@ -243,11 +243,11 @@ def test_version_policies_choose_what_is_served(tmp_path):
     assert s.terminate() == 0
 
 
-def test_reloads_and_an_unload_under_load_fail_no_request(tmp_path):
+def test_reloads_and_an_unload_under_load_fail_no_request(tmp_path, server_factory):
     repo = tmp_path / "models"
     write_model(repo, "scale", scale_config("scale"), {1: Scale(1.0)})
     write_model(repo, "other", scale_config("other"), {1: Scale(-1.0)})
-    s = start(repo, "--model-control-mode", "explicit", "--load-model", "*")
+    s = start(server_factory, repo, "--model-control-mode", "explicit", "--load-model", "*")
     control = tgrpc.InferenceServerClient(s.addr)
     x = np.ones((1, 2), np.float32)
     stop = threading.Event()
@@ -297,7 +297,7 @@ def test_reloads_and_an_unload_under_load_fail_no_request(tmp_path):
     assert s.terminate() == 0
 
 
-def test_config_problems_warn_or_fail_only_that_model(tmp_path):
+def test_config_problems_warn_or_fail_only_that_model(tmp_path, server_factory):
     repo = tmp_path / "models"
     write_model(repo, "good", scale_config("good") + """
 optimization { input_pinned_memory { enable: true } }
@@ -307,7 +307,7 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
                 {1: Scale(1.0)})
     write_model(repo, "onnx", scale_config("onnx").replace("pytorch_libtorch", "onnxruntime_onnx"),
                 {1: Scale(1.0)})
-    s = start(repo)
+    s = start(server_factory, repo)
     log = s.log_so_far()
     assert "optimization.input_pinned_memory.enable" in log and "INFERENCE_MODE" in log
     g = tgrpc.InferenceServerClient(s.addr)
@@ -325,10 +325,10 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
     assert s.terminate() == 0
 
 
-def test_poll_mode_loads_new_reloads_changed_and_unloads_removed(tmp_path):
+def test_poll_mode_loads_new_reloads_changed_and_unloads_removed(tmp_path, server_factory):
     repo = tmp_path / "models"
     write_model(repo, "first", scale_config("first"), {1: Scale(1.0)})
-    s = start(repo, "--model-control-mode", "poll", "--repository-poll-secs", "1")
+    s = start(server_factory, repo, "--model-control-mode", "poll", "--repository-poll-secs", "1")
     g = tgrpc.InferenceServerClient(s.addr)
     x = np.ones((1, 2), np.float32)
     write_model(repo, "second", scale_config("second"), {1: Scale(5.0)})
@@ -361,13 +361,13 @@ def model_health(s: Server, name: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def test_repository_calls_need_the_repository_scope(tmp_path):
+def test_repository_calls_need_the_repository_scope(tmp_path, server_factory):
     repo = tmp_path / "models"
     write_model(repo, "m", scale_config("m"), {1: Scale(1.0)})
     tokens = tmp_path / "tokens"
     tokens.write_text("reader-0123456789abcdef infer\nadmin-0123456789abcdefg infer,repository\n")
-    s = Server("--model-repository", str(repo), "--model-control-mode", "explicit",
-               "--auth-token-file", str(tokens))
+    s = server_factory("--model-repository", str(repo), "--model-control-mode", "explicit",
+                       "--auth-token-file", str(tokens))
     s.wait_serving()
     g = tgrpc.InferenceServerClient(s.addr)
     reader = {"authorization": "Bearer reader-0123456789abcdef"}
@@ -381,7 +381,7 @@ def test_repository_calls_need_the_repository_scope(tmp_path):
     assert s.terminate() == 0
 
 
-def test_the_example_repository_serves(tmp_path):
+def test_the_example_repository_serves(tmp_path, server_factory):
     import subprocess
     import sys
 
@@ -390,7 +390,7 @@ def test_the_example_repository_serves(tmp_path):
     repo = tmp_path / "example"
     subprocess.run([sys.executable, str(ROOT / "examples" / "model_repository" / "make_models.py"),
                     str(repo)], check=True, capture_output=True, timeout=300)
-    s = start(repo)
+    s = start(server_factory, repo)
     g = tgrpc.InferenceServerClient(s.addr)
     assert {k: v[0] for k, v in index(g).items()} == {
         ("add_mul", "1"): "READY", ("mlp", "1"): "READY", ("tuple_out", "1"): "READY"}
@@ -401,7 +401,7 @@ def test_the_example_repository_serves(tmp_path):
     assert s.terminate() == 0
 
 
-def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path):
+def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path, server_factory):
     repo = tmp_path / "models"
     group = 'instance_group [ { count: 2 kind: KIND_CPU } ]'
     write_model(repo, "a", scale_config("a") + group, {1: Scale(1.0)})
@@ -409,7 +409,7 @@ def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path):
     write_model(repo, "gpu", scale_config("gpu") + 'instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]',
                 {1: Scale(1.0)})
     # Two workers: a takes both, so b does not fit; the reason gives the numbers.
-    s = start(repo, "--workers", "2", "--intra-op-threads", "1", "--model-control-mode", "explicit")
+    s = start(server_factory, repo, "--workers", "2", "--intra-op-threads", "1", "--model-control-mode", "explicit")
     g = tgrpc.InferenceServerClient(s.addr)
     g.load_model("a")
     with pytest.raises(InferenceServerException) as e:
