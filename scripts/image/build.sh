@@ -41,8 +41,21 @@ start=$(date +%s)
 podman build $flags "${args[@]}" ${BUILD_FLAGS:-} .
 took=$(( $(date +%s) - start ))
 
-# The image a rebuild replaced is left untagged: drop it (only splitserve's own).
+# What a rebuild leaves behind, untagged: the image it replaced, and the
+# builder's previous last step (several GB: it holds the staged libraries).
+# Only this Dockerfile's own; the newest builder step stays as the layer cache.
 podman image prune -f --filter "label=org.opencontainers.image.title=splitserve" >/dev/null || true
+old_builders=$(
+  for id in $(podman images --quiet --no-trunc --filter dangling=true); do
+    step=$(podman history --no-trunc --format '{{.CreatedBy}}' "$id" | head -n 1)
+    case "$step" in
+      *"VARIANT=$VARIANT "*splitserve-target-*)
+        echo "$(podman image inspect --format '{{.Created.Unix}}' "$id") $id" ;;
+    esac
+  done | sort -rn | tail -n +2 | cut -d' ' -f2
+)
+# shellcheck disable=SC2086
+[ -z "$old_builders" ] || podman rmi $old_builders >/dev/null || true
 
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 log "built $IMAGE in ${took}s: $(numfmt --to=iec --suffix=B "$size") ($size bytes)"
