@@ -37,7 +37,7 @@ ensure_tools() {
 # host: podman's defaults first; then runc instead of crun (crun refuses hosts
 # with hybrid cgroup v1/v2 hierarchies); then also file and process limits
 # within the host's hard limits (podman's defaults may exceed them). The first
-# set under which `true` runs in IMAGE wins; PODMAN_FLAGS overrides the probe.
+# set under which `true` runs in IMAGE (any image with /bin/true) wins; PODMAN_FLAGS overrides the probe.
 # Call it once and keep the answer: each call starts containers.
 podman_flags() {
   local image=$1
@@ -49,10 +49,10 @@ podman_flags() {
   for flags in "" "--runtime runc" \
       "--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024"; do
     # shellcheck disable=SC2086
-    if podman run --rm --pull=never --network=none $flags "$image" true >/dev/null 2>&1; then
+    if podman run --rm --pull=never --network=none --entrypoint true $flags "$image" >/dev/null 2>&1; then
       echo "$flags"
       return 0
     fi
   done
-  die "no container starts here from $image, with any of podman's defaults, --runtime runc, or lower ulimits: see 'podman run --rm $image true'"
+  die "no container starts here from $image, with any of podman's defaults, --runtime runc, or lower ulimits: see 'podman run --rm --entrypoint true $image'"
 }

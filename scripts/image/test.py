@@ -80,29 +80,32 @@ def free_port() -> int:
 
 
 def wait_until(cond, timeout: float, what: str, every: float = 0.2):
+    """Polls cond() until it returns something truthy. An error that cond()
+    raises (a refused connection, ...) counts as not yet, except an
+    AssertionError, which fails at once (the container exited, ...)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
             last = cond()
+        except AssertionError:
+            raise
         except Exception as e:  # noqa: BLE001 - keep polling, report the last error
             last = f"{type(e).__name__}: {e}"
         else:
-            if last and not isinstance(last, str):
-                return last
-            if last is True:
+            if last:
                 return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
-def podman_flags() -> list[str]:
-    """What scripts/image/common.sh settled on for this host (podman defaults,
-    or runc and lower ulimits), so run and build agree."""
+def podman_flags(image: str) -> list[str]:
+    """The flags scripts/image/common.sh settles on for this host (podman's
+    defaults, or runc and lower ulimits), so that build and run agree."""
     if "PODMAN_FLAGS" in os.environ:
         return shlex.split(os.environ["PODMAN_FLAGS"])
-    out = sh("bash", "-c", f'source {shlex.quote(str(ROOT / "scripts/image/common.sh"))}; '
-             'podman_flags "$DEBIAN_IMAGE"').stdout
+    common = shlex.quote(str(ROOT / "scripts" / "image" / "common.sh"))
+    out = sh("bash", "-c", f'source {common}; podman_flags "$1"', "podman_flags", image).stdout
     return shlex.split(out)
 
 
@@ -185,7 +188,7 @@ class Run:
     def __init__(self, image: str, keep: bool):
         self.image = image
         self.keep = keep
-        self.flags = podman_flags()
+        self.flags = podman_flags(image)
         self.name = f"splitserve-image-test-{os.getpid()}"
         self.results: list[tuple[str, bool, str]] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="splitserve-image-test."))
