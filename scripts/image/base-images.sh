@@ -126,7 +126,7 @@ EOF
     --change 'CMD ["bash"]' \
     --change "LABEL org.opencontainers.image.description=\"debian:$DEBIAN_SUITE-slim bootstrapped locally (scripts/image/base-images.sh)\"" \
     - "$DEBIAN_IMAGE" >/dev/null
-  log "made $DEBIAN_IMAGE ($(podman image inspect --format '{{.Size}}' "$DEBIAN_IMAGE" | numfmt --to=iec) )"
+  log "made $DEBIAN_IMAGE ($(podman image inspect --format '{{.Size}}' "$DEBIAN_IMAGE" | numfmt --to=iec --suffix=B))"
 fi
 
 if [ "${BASE_IMAGES_REFRESH:-0}" = 1 ] || ! present "$RUST_IMAGE"; then

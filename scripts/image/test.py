@@ -321,8 +321,8 @@ class Run:
             args += ["--env", f"{k}={v}"]
         args += [self.image, *c.get("args", [])]
         self.run_cmd = args
+        self.started = True  # cleanup removes it even if it was created but did not start
         self.podman(*args)
-        self.started = True
 
         def serving():
             state = self.podman("inspect", "--format", "{{.State.Status}}", self.name).stdout.strip()
