@@ -18,6 +18,16 @@
 #
 # (pip then prefers torch==2.13.0+cpu; nothing links libtorch_cuda and no
 # nvidia/ libraries are copied.)
+#
+# Behind a TLS-intercepting proxy, give pip and cargo its CA as the build secret
+# build_ca (a PEM file; it is added to the system's CAs for the downloads of the
+# build and never lands in a layer):
+#
+#   docker build --secret id=build_ca,src=/path/to/proxy-ca.pem -t splitserve:0.1.0-cpu .
+#
+# `make image` builds with podman and passes the host's CA bundle as build_ca;
+# where no registry is reachable it makes the base images locally first
+# (docs/image.md).
 
 ARG VARIANT=cpu
 ARG RUST_VERSION=1.95
@@ -48,8 +58,14 @@ ENV LIBTORCH_USE_PYTORCH=1 \
 COPY requirements.txt ./
 COPY scripts/setup.sh scripts/setup.sh
 RUN --mount=type=cache,id=splitserve-pip-${VARIANT},target=/root/.cache/pip \
+    --mount=type=secret,id=build_ca \
     if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi \
- && bash scripts/setup.sh
+ && if [ -f /run/secrets/build_ca ]; then \
+      cat /etc/ssl/certs/ca-certificates.crt /run/secrets/build_ca >/tmp/build-ca.pem; \
+      export PIP_CERT=/tmp/build-ca.pem; \
+    fi \
+ && bash scripts/setup.sh \
+ && rm -f /tmp/build-ca.pem
 
 # torch-sys asks the venv's python where torch is (LIBTORCH_USE_PYTORCH=1).
 ENV VIRTUAL_ENV=/opt/splitserve/.venv \
@@ -62,8 +78,14 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,id=splitserve-target-${VARIANT},target=/opt/splitserve/target \
+    --mount=type=secret,id=build_ca \
     set -eux; \
+    if [ -f /run/secrets/build_ca ]; then \
+      cat /etc/ssl/certs/ca-certificates.crt /run/secrets/build_ca >/tmp/build-ca.pem; \
+      export CARGO_HTTP_CAINFO=/tmp/build-ca.pem; \
+    fi; \
     cargo build --release --locked; \
+    rm -f /tmp/build-ca.pem; \
     site=/opt/splitserve/.venv/lib/python3.11/site-packages; \
     torch_lib="${site}/torch/lib"; \
     test -f "${torch_lib}/libtorch_cpu.so"; \

@@ -11,7 +11,7 @@ ARGS       ?=
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench bench-v2 bench-setup reliability fmt lint clean
+.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench bench-v2 bench-setup reliability fmt lint clean image image-test
 
 all: build
 
@@ -69,6 +69,16 @@ bench-setup:
 ## rotation: the real binary on loopback ports, about 3 minutes; writes docs/reliability.md.
 reliability: build fixtures
 	$(PY) scripts/reliability.py
+
+## The container image splitserve:<appVersion>-cpu with podman (VARIANT=cuda: -cuda), from the
+## Dockerfile; makes the base images locally where no registry is reachable (docs/image.md).
+image:
+	bash scripts/image/build.sh
+
+## Runs the image as the Helm chart's pod does and checks health, answers, metrics, HEALTHCHECK
+## and the SIGTERM drain (docs/image.md). Not part of make test.
+image-test: setup
+	$(PY) scripts/image/test.py
 
 fmt:
 	cargo fmt
