@@ -662,11 +662,18 @@ impl Repository {
             match models.get(name) {
                 Some(state) if !state.versions.is_empty() => {
                     for (v, (s, reason)) in &state.versions {
+                        // A change that failed leaves the loaded versions serving: say so.
+                        let reason = match &state.error {
+                            Some(e) if *s == "READY" => {
+                                format!("serving the previous files; the repository's current ones failed: {e}")
+                            }
+                            _ => reason.clone(),
+                        };
                         out.push(IndexEntry {
                             name: name.clone(),
                             version: v.to_string(),
                             state: (*s).to_string(),
-                            reason: reason.clone(),
+                            reason,
                         });
                     }
                 }

@@ -339,6 +339,11 @@ def test_poll_mode_loads_new_reloads_changed_and_unloads_removed(tmp_path, serve
     wait_until(lambda: g.get_model_metadata("first", as_json=True)["versions"] == ["2"], 20,
                "version 2 to replace version 1")
     assert float(grpc_infer(g, "first", [x]).as_numpy("OUTPUT__0")[0, 0]) == 7.0
+    # A change that breaks the config keeps the loaded version serving, and says so.
+    (repo / "first" / "config.pbtxt").write_text('name: "first"\nmax_batch_size: [\n')
+    wait_until(lambda: "failed" in index(g)[("first", "2")][1], 20, "the broken config in the index")
+    assert index(g)[("first", "2")][0] == "READY"
+    assert float(grpc_infer(g, "first", [x]).as_numpy("OUTPUT__0")[0, 0]) == 7.0
     import shutil
     shutil.rmtree(repo / "second")
     wait_until(lambda: not g.is_model_ready("second"), 20, "the removed model to be unloaded")
