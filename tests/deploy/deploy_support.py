@@ -74,6 +74,11 @@ def _render_cached(key: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(rendered.items()))
 
 
+def render_values(chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The objects a loaded chart renders for `values` (release splitserve, namespace ml)."""
+    return [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
+
+
 def rendered(key: str) -> dict[str, str]:
     """Template path -> text for one of VALUE_SETS (rendered once per test run)."""
     return dict(_render_cached(key))

@@ -907,12 +907,6 @@ def test_kserve_runtime_never_trains(chart) -> None:
 # ------------------------------------------------------------------ values schema
 
 
-@pytest.fixture(scope="module")
-def chart():
-    with helm_python.Chart.load(str(CHART)) as loaded:
-        yield loaded
-
-
 @pytest.mark.parametrize(
     "values, complaint",
     [

@@ -19,13 +19,13 @@ import re
 import subprocess
 from typing import Any
 
-import helm_python
 import kubernetes_validate
 import kubernetes_validate.utils as kv
 import pytest
 import yaml
 
 from deploy_support import (
+    render_values,
     CHART, HERE, ROOT, VALUE_SETS, env_of, kubectl, objects, one, render_deploy, server_container,
 )
 
@@ -251,23 +251,13 @@ def test_kustomization_applies_only_the_runtime() -> None:
 # ------------------------------------------------------------------ the chart's switch
 
 
-@pytest.fixture(scope="module")
-def chart():
-    with helm_python.Chart.load(str(CHART)) as loaded:
-        yield loaded
-
-
-def _render(chart, values: dict[str, Any]) -> list[dict[str, Any]]:
-    return [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
-
-
 def test_chart_renders_no_serving_runtime_by_default() -> None:
     for key in ("default", "gpu"):
         assert not [o for o in objects(key) if o["kind"] == "ServingRuntime"], key
 
 
 def test_chart_serving_runtime_is_what_deploy_kserve_holds(chart) -> None:
-    objs = _render(chart, render_deploy.KSERVE_VALUES)
+    objs = render_values(chart, render_deploy.KSERVE_VALUES)
     runtime = one(objs, "ServingRuntime")
     assert runtime["metadata"]["namespace"] == "ml"
     assert runtime["metadata"]["labels"]["app.kubernetes.io/component"] == "kserve-runtime"
@@ -303,7 +293,7 @@ def test_chart_serving_runtime_with_every_option() -> None:
 def test_chart_serving_runtime_for_knative_declares_one_port(chart) -> None:
     """Knative (serverless) mode takes one port per container: grpcPort null."""
     values = {"kserve": {"servingRuntime": {"enabled": True, "grpcPort": None}}}
-    runtime = one(_render(chart, values), "ServingRuntime")
+    runtime = one(render_values(chart, values), "ServingRuntime")
     c = _container(runtime)
     assert c["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
     assert "SPLITSERVE_GRPC_ADDR" not in env_of(c)
@@ -312,7 +302,7 @@ def test_chart_serving_runtime_for_knative_declares_one_port(chart) -> None:
 
 def test_chart_serving_runtime_on_gpus(chart) -> None:
     values = {**VALUE_SETS["gpu"], "kserve": {"servingRuntime": {"enabled": True}}}
-    runtime = one(_render(chart, values), "ServingRuntime")
+    runtime = one(render_values(chart, values), "ServingRuntime")
     c = _container(runtime)
     assert c["image"].endswith(":0.1.0-cuda")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"

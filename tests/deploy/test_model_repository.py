@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from deploy_support import (
+    render_values,
     CHART,
     ROOT,
     VALUE_SETS,
@@ -57,16 +58,6 @@ REPOSITORY_ENV = {
 #: Where the image source's init container mounts the emptyDir it copies into.
 COPY_DIR = "/mnt/model-repository"
 REPOSITORY_SETS = ["repository-pvc", "repository-configmap", "repository-image"]
-
-
-@pytest.fixture(scope="module")
-def chart():
-    with helm_python.Chart.load(str(CHART)) as loaded:
-        yield loaded
-
-
-def _render(chart, values: dict[str, Any]) -> list[dict[str, Any]]:
-    return [o for _, o in render_deploy.manifests(chart.render(values, name="splitserve", namespace="ml"))]
 
 
 def _notes(chart, values: dict[str, Any]) -> str:
@@ -196,7 +187,7 @@ def test_repository_and_config_models_together(chart) -> None:
         "config": {"models": [{"name": "enc", "spec": "builtin:scale:2", "warmupShape": "1x4"}]},
         **_repo_values(),
     }
-    objs = _render(chart, values)
+    objs = render_values(chart, values)
     env = _env(objs)
     assert env["SPLITSERVE_MODEL"] == "enc=builtin:scale:2"
     assert env["SPLITSERVE_WARMUP_SHAPE"] == "enc=1x4"
@@ -209,7 +200,7 @@ def test_repository_and_config_models_together(chart) -> None:
 
 @pytest.mark.parametrize("secs", [1, 7, 86400])
 def test_poll_interval_reaches_the_container(chart, secs: int) -> None:
-    objs = _render(chart, _repo_values(controlMode="poll", pollSecs=secs))
+    objs = render_values(chart, _repo_values(controlMode="poll", pollSecs=secs))
     env = _env(objs)
     assert env["SPLITSERVE_MODEL_CONTROL_MODE"] == "poll"
     # Digits, never 8.64e+04 (values arrive as floats in templates).
@@ -219,7 +210,7 @@ def test_poll_interval_reaches_the_container(chart, secs: int) -> None:
 
 
 def test_poll_is_the_default_control_mode(chart) -> None:
-    env = _env(_render(chart, _repo_values()))
+    env = _env(render_values(chart, _repo_values()))
     assert env["SPLITSERVE_MODEL_CONTROL_MODE"] == "poll"
     assert env["SPLITSERVE_REPOSITORY_POLL_SECS"] == "15"
 
@@ -237,14 +228,14 @@ def test_poll_is_the_default_control_mode(chart) -> None:
     ],
 )
 def test_other_control_modes(chart, settings: dict[str, Any], want: dict[str, str]) -> None:
-    env = _env(_render(chart, _repo_values(**settings)))
+    env = _env(render_values(chart, _repo_values(**settings)))
     got = {k: env[k] for k in REPOSITORY_ENV - {"SPLITSERVE_MODEL_REPOSITORY"} if k in env}
     assert got == want
 
 
 def test_extra_env_replaces_a_repository_variable(chart) -> None:
     values = {**_repo_values(), "extraEnv": [{"name": "SPLITSERVE_REPOSITORY_POLL_SECS", "value": "2"}]}
-    env_list = server_container(one(_render(chart, values), "Deployment"))["env"]
+    env_list = server_container(one(render_values(chart, values), "Deployment"))["env"]
     assert [e["value"] for e in env_list if e["name"] == "SPLITSERVE_REPOSITORY_POLL_SECS"] == ["2"]
 
 
@@ -296,7 +287,7 @@ def test_pvc_source() -> None:
 
 
 def test_pvc_source_without_sub_path(chart) -> None:
-    pod = _pod(_render(chart, _repo_values()))
+    pod = _pod(render_values(chart, _repo_values()))
     assert "subPath" not in _repo_mount(server_container_of(pod))
 
 
@@ -326,7 +317,7 @@ def test_configmap_source_without_fs_group_is_world_readable(chart) -> None:
         },
         "podSecurityContext": {"fsGroup": None},
     }
-    objs = _render(chart, values)
+    objs = render_values(chart, values)
     assert _repo_volume(_pod(objs))["configMap"]["defaultMode"] == 0o444
     _validate(objs)
 
@@ -353,7 +344,7 @@ def test_image_source_copies_into_an_empty_dir() -> None:
 
 def test_image_source_with_a_tag(chart) -> None:
     values = _repo_values(source="image", image={"repository": "models", "tag": "v3"})
-    pod = _pod(_render(chart, values))
+    pod = _pod(render_values(chart, values))
     assert _copy_container(pod)["image"] == "models:v3"
     assert _copy_container(pod)["env"][0] == {"name": "SOURCE_DIR", "value": "/models"}
     notes = _notes(chart, values)
@@ -381,7 +372,7 @@ def test_image_source_follows_a_changed_security_context(chart) -> None:
         **_repo_values(source="image", image={"repository": "models", "tag": "v3"}),
         "securityContext": {"runAsUser": 2000, "runAsNonRoot": True, "readOnlyRootFilesystem": True},
     }
-    pod = _pod(_render(chart, values))
+    pod = _pod(render_values(chart, values))
     sc = _copy_container(pod)["securityContext"]
     assert sc == server_container_of(pod)["securityContext"]
     assert sc["runAsUser"] == 2000 and sc["capabilities"] == {"drop": ["ALL"]}
@@ -466,7 +457,7 @@ def test_notes_for_explicit_mode_over_tls_with_tokens() -> None:
 def test_training_with_only_repository_models(chart) -> None:
     """Trainable repository models (splitserve.trainable in config.pbtxt) get the training pod."""
     values = {**_repo_values(), "training": {"enabled": True}}
-    objs = _render(chart, values)
+    objs = render_values(chart, values)
     env = _env(objs)
     assert "SPLITSERVE_TRAINABLE" not in env  # the config.pbtxt files say which models train
     assert env["SPLITSERVE_CHECKPOINT_DIR"] == "/var/lib/splitserve/checkpoints"
@@ -574,7 +565,7 @@ def test_schema_refuses_nonsense(chart, values: dict[str, Any], complaint: str) 
 )
 def test_schema_accepts_sensible_values(chart, values: dict[str, Any]) -> None:
     chart.validate_schema(values)
-    _validate(_render(chart, values))
+    _validate(render_values(chart, values))
 
 
 @pytest.mark.parametrize(
@@ -613,7 +604,7 @@ def test_templates_refuse_overlapping_mounts(chart, values: dict[str, Any], comp
 
 def test_repository_beside_a_model_source_on_another_path(chart) -> None:
     values = {**_repo_values(mountPath="/model-repository"), "modelSource": {"type": "pvc", "pvc": {"claimName": "models"}}}
-    objs = _render(chart, values)
+    objs = render_values(chart, values)
     mounts = {m["name"]: m["mountPath"] for m in server_container(one(objs, "Deployment"))["volumeMounts"]}
     assert mounts["models"] == "/models" and mounts["model-repository"] == "/model-repository"
     _validate(objs)
@@ -676,9 +667,9 @@ def test_the_docs_show_each_source() -> None:
 
 
 @pytest.mark.parametrize("where, values", _documented_values(), ids=[w for w, _ in _documented_values()])
-def test_documented_values_render(chart, where: str, values: dict[str, Any]) -> None:
+def test_documented_valuesrender_values(chart, where: str, values: dict[str, Any]) -> None:
     chart.validate_schema(values)
-    objs = _render(chart, values)
+    objs = render_values(chart, values)
     _validate(objs)
     assert _env(objs)["SPLITSERVE_MODEL_REPOSITORY"] == values["modelRepository"].get("mountPath", "/models")
 
