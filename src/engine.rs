@@ -254,6 +254,8 @@ struct Unit {
     id: u64,
     slot: ModelSlot,
     model: Model,
+    /// What front-ends see of it, built once (requests clone the Arc).
+    info: Arc<LoadedModel>,
     metrics: ModelMetrics,
     /// Its index in the training state: models loaded at start only.
     training: Option<usize>,
@@ -476,7 +478,7 @@ impl Engine {
         &self,
         name: &str,
         version: Option<u64>,
-    ) -> Result<LoadedModel, EngineError> {
+    ) -> Result<Arc<LoadedModel>, EngineError> {
         let q = lock(&self.shared.queues);
         let i = q.resolve(name, version)?;
         Ok(loaded(&q.entries[i].unit))
@@ -526,16 +528,18 @@ impl Engine {
 
     /// The inputs and outputs of a loaded model (resolved name), when known.
     pub fn signature(&self, name: &str) -> Option<model::Signature> {
-        self.resolve_version(name, None).ok()?.signature
+        self.resolve_version(name, None).ok()?.signature.clone()
     }
 
     /// The settings the newest loaded version of a model runs with.
     pub fn slot(&self, name: &str) -> Option<ModelSlot> {
-        self.resolve_version(name, None).ok().map(|m| m.slot)
+        self.resolve_version(name, None)
+            .ok()
+            .map(|m| m.slot.clone())
     }
 
     /// Every loaded version, by name then version.
-    pub fn loaded(&self) -> Vec<LoadedModel> {
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
         let names = self.model_names();
         let q = lock(&self.shared.queues);
         names
@@ -835,15 +839,8 @@ impl Engine {
     }
 }
 
-fn loaded(u: &Unit) -> LoadedModel {
-    LoadedModel {
-        name: u.slot.spec.name.clone(),
-        version: u.slot.version,
-        device: model::device_name(u.model.device),
-        description: u.model.description.clone(),
-        signature: u.model.signature.clone(),
-        slot: u.slot.clone(),
-    }
+fn loaded(u: &Unit) -> Arc<LoadedModel> {
+    u.info.clone()
 }
 
 /// Refuses a version whose instances do not fit beside the loaded ones.
@@ -908,8 +905,17 @@ fn build_unit(
         "model loaded"
     );
     let workers = shared.config.plan.workers;
+    let info = Arc::new(LoadedModel {
+        name: slot.spec.name.clone(),
+        version: slot.version,
+        device: model::device_name(m.device),
+        description: m.description.clone(),
+        signature: m.signature.clone(),
+        slot: slot.clone(),
+    });
     Ok(Unit {
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        info,
         cap: slot.instances.unwrap_or(workers).clamp(1, workers.max(1)),
         metrics: ModelMetrics::new(&shared.metrics, &slot.spec.name),
         slot,

@@ -628,7 +628,7 @@ impl ComputeService for ComputeApi {
         let mut versions: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for m in self.engine.loaded() {
             versions
-                .entry(m.name)
+                .entry(m.name.clone())
                 .or_default()
                 .push(m.version.to_string());
         }

@@ -99,7 +99,7 @@ impl InferenceApi {
 
     /// The loaded model version a v2 name and version mean (empty version: the
     /// newest), or NOT_FOUND naming what is loaded.
-    pub fn resolve(&self, name: &str, version: &str) -> Result<LoadedModel, ServeError> {
+    pub fn resolve(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, ServeError> {
         if name.is_empty() {
             return Err(ServeError::Engine(EngineError::UnknownModel {
                 name: String::new(),
@@ -193,7 +193,7 @@ impl InferenceApi {
                 s
             };
             return Ok(pb::ModelMetadataResponse {
-                name: model.name,
+                name: model.name.clone(),
                 versions,
                 platform: cfg.platform.clone(),
                 inputs: cfg
@@ -216,7 +216,7 @@ impl InferenceApi {
                     .collect(),
             });
         }
-        let sig = model.signature.unwrap_or_default();
+        let sig = model.signature.clone().unwrap_or_default();
         let tensors = |list: &[crate::model::TensorSig], name: fn(usize) -> String| {
             list.iter()
                 .enumerate()
@@ -228,7 +228,7 @@ impl InferenceApi {
                 .collect()
         };
         Ok(pb::ModelMetadataResponse {
-            name: model.name,
+            name: model.name.clone(),
             versions,
             platform: "pytorch_libtorch".into(),
             inputs: tensors(&sig.inputs, v2::input_name),
@@ -250,7 +250,7 @@ impl InferenceApi {
         let gpu = model.device.starts_with("cuda");
         let workers = self.engine.config().plan.workers;
         Ok(pb::ModelConfig {
-            name: model.name,
+            name: model.name.clone(),
             platform: "pytorch_libtorch".into(),
             backend: "pytorch".into(),
             max_batch_size: i32::try_from(max_batch).unwrap_or(i32::MAX),
@@ -307,11 +307,11 @@ impl InferenceApi {
             self.engine
                 .loaded()
                 .into_iter()
-                .map(|m| (m.name, m.version.to_string()))
+                .map(|m| (m.name.clone(), m.version.to_string()))
                 .collect()
         } else {
             let m = self.resolve(name, version)?;
-            vec![(m.name, m.version.to_string())]
+            vec![(m.name.clone(), m.version.to_string())]
         };
         let m = self.engine.metrics();
         let duration = |h: &prometheus::HistogramVec, model: &str| {
@@ -413,7 +413,7 @@ impl InferenceApi {
             v2::name_outputs(cfg, &mut outputs);
         }
         Ok(InferReply {
-            model: model.name,
+            model: model.name.clone(),
             version: model.version.to_string(),
             id: req.id,
             outputs,
@@ -429,7 +429,7 @@ impl InferenceApi {
             .into_iter()
             .filter(|m| self.repository.as_ref().is_none_or(|r| r.is_fixed(&m.name)))
             .map(|m| IndexEntry {
-                name: m.name,
+                name: m.name.clone(),
                 version: m.version.to_string(),
                 state: "READY".into(),
                 reason: String::new(),

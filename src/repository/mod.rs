@@ -665,7 +665,9 @@ impl Repository {
                         // A change that failed leaves the loaded versions serving: say so.
                         let reason = match &state.error {
                             Some(e) if *s == "READY" => {
-                                format!("serving the previous files; the repository's current ones failed: {e}")
+                                format!(
+                                    "serving the previous files; the repository's current ones failed: {e}"
+                                )
                             }
                             _ => reason.clone(),
                         };
