@@ -140,3 +140,26 @@ def test_cuda_errors_stay_clear_statuses(pb, cuda_server):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot be multiplied" in e.value.details()
     ok = stub.Compute(pb2.ComputeRequest(data=b"\0" * 64, shape=[1, 16]), timeout=60)
     assert list(ok.shape) == [1, 8]
+
+
+@needs_cuda
+def test_a_repository_model_runs_where_its_instance_group_says(tmp_path, server_factory):
+    """KIND_GPU with gpus [0] runs on cuda:0 while --device is cpu; KIND_CPU stays on the CPU."""
+    import tritonclient.grpc as tgrpc
+
+    from test_repository import Scale, grpc_infer, scale_config, start, write_model
+
+    repo = tmp_path / "models"
+    write_model(repo, "on_gpu", scale_config("on_gpu") + "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]",
+                {1: Scale(3.0)})
+    write_model(repo, "on_cpu", scale_config("on_cpu") + "instance_group [ { kind: KIND_CPU } ]",
+                {1: Scale(3.0)})
+    s = start(server_factory, repo, "--device", "cpu")
+    g = tgrpc.InferenceServerClient(s.addr)
+    x = np.ones((2, 2), np.float32)
+    for name in ("on_gpu", "on_cpu"):
+        np.testing.assert_allclose(grpc_infer(g, name, [x]).as_numpy("OUTPUT__0"), x * 3.0)
+    text = s.metrics()
+    assert metric_value(text, "splitserve_model_info", model="on_gpu", device="cuda:0") == 1
+    assert metric_value(text, "splitserve_model_info", model="on_cpu", device="cpu") == 1
+    assert s.terminate() == 0
