@@ -12,6 +12,8 @@
 #                          BUILD_CA= (empty) passes none
 #   TORCH_INDEX_URL=URL    an index with the CPU-only torch wheel (Dockerfile)
 #   BUILD_FLAGS="..."      more `podman build` flags (e.g. --no-cache)
+#   MIN_FREE_GB=N          free space the build needs where podman stores
+#                          images and writes layers (default 20)
 set -euo pipefail
 # shellcheck source=scripts/image/common.sh
 source "$(dirname "$0")/common.sh"
@@ -22,6 +24,19 @@ APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' helm/sp
 IMAGE=${IMAGE:-splitserve:${APP_VERSION}-${VARIANT}}
 
 bash scripts/image/base-images.sh
+
+# The builder step holds the torch venv, cargo's target and the staged
+# libraries (about 15 GB as an image) and the runtime layer is written twice
+# while it is committed: a full disk fails the build late, so check first.
+MIN_FREE_GB=${MIN_FREE_GB:-20}
+for dir in "$(podman info --format '{{.Store.GraphRoot}}')" "${TMPDIR:-/var/tmp}"; do
+  free_gb=$(( $(df --output=avail -k "$dir" | tail -n 1) / 1024 / 1024 ))
+  if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
+    echo "make image: $dir has $free_gb GB free; the build needs about $MIN_FREE_GB GB" \
+         "(podman images; podman rmi IMAGE, or podman image prune, frees space)" >&2
+    exit 1
+  fi
+done
 
 args=(--pull=never --format docker --layers
       --build-arg VARIANT="$VARIANT"
