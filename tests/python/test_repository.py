@@ -383,6 +383,21 @@ def test_repository_calls_need_the_repository_scope(tmp_path, server_factory):
     assert g.is_model_ready("m", headers=reader)
     with pytest.raises(InferenceServerException, match="not in the model repository"):
         g.load_model("nope", headers=admin)
+
+    # The same extension over HTTP, as tritonclient.http calls it.
+    s.wait_http_listening()
+    h = thttp.InferenceServerClient(s.http_addr)
+    with pytest.raises(InferenceServerException, match='"repository" scope'):
+        h.unload_model("m", headers=reader)
+    h.unload_model("m", headers=admin)
+    assert h.get_model_repository_index(headers=reader) == [
+        {"name": "m", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    assert not h.is_model_ready("m", headers=reader)
+    h.load_model("m", headers=admin)
+    assert h.get_model_repository_index(headers=reader) == [
+        {"name": "m", "version": "1", "state": "READY"}]
+    with pytest.raises(InferenceServerException, match="not supported"):
+        h.load_model("m", headers=admin, config='{"max_batch_size": 2}')
     assert s.terminate() == 0
 
 
