@@ -446,3 +446,42 @@ def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path, s
         with pytest.raises(InferenceServerException, match="(?i)cuda"):
             g.load_model("gpu")
     assert s.terminate() == 0
+
+
+def test_a_trainable_repository_model_trains_with_its_config_settings(tmp_path, pb, server_factory):
+    """splitserve.trainable / optimizer / learning_rate in config.pbtxt: an
+    unchanged splitlearn_comm client (no learning_rate on its backward) trains
+    the server's layers; the model is pinned, so unloading it is refused."""
+    import shutil
+    import sys
+
+    from conftest import ROOT, fixture_path
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import split_training
+
+    repo = tmp_path / "models"
+    (repo / "top" / "1").mkdir(parents=True)
+    shutil.copy(fixture_path("top.pt"), repo / "top" / "1" / "model.pt")
+    (repo / "top" / "config.pbtxt").write_text(f"""
+platform: "pytorch_libtorch"
+max_batch_size: 128
+input [ {tensor("INPUT__0", "TYPE_FP32", [8])} ]
+output [ {tensor("OUTPUT__0", "TYPE_FP32", [4])} ]
+parameters: {{ key: "splitserve.trainable" value: {{ string_value: "true" }} }}
+parameters: {{ key: "splitserve.optimizer" value: {{ string_value: "adam" }} }}
+parameters: {{ key: "splitserve.learning_rate" value: {{ string_value: "0.01" }} }}
+""")
+    s = start(server_factory, repo, "--model-control-mode", "explicit", "--load-model", "top")
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    losses = split_training.train(stub, pb2, steps=30, lr=0.01, model_id="top",
+                                  log=lambda _: None, server_lr=True)
+    assert losses[-1] < losses[0] / 2, losses
+    info = stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info
+    assert info["model.top.optimizer_steps"] == "30"
+    g = tgrpc.InferenceServerClient(s.addr)
+    with pytest.raises(InferenceServerException, match="loaded at start"):
+        g.unload_model("top")
+    assert index(g)[("top", "1")][0] == "READY"
+    assert s.terminate() == 0
