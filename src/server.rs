@@ -391,11 +391,14 @@ pub async fn run(
         }
     };
 
-    tracing::info!(
-        grace_s = config.shutdown_grace.as_secs_f64(),
-        "shutdown requested (Kubernetes sends SIGTERM before removing the pod): \
-         health NOT_SERVING, finishing queued and in-flight requests"
-    );
+    // A failed start is logged by the caller; only a requested shutdown is news here.
+    if outcome.is_ok() {
+        tracing::info!(
+            grace_s = config.shutdown_grace.as_secs_f64(),
+            "shutdown requested (Kubernetes sends SIGTERM before removing the pod): \
+             health NOT_SERVING, finishing queued and in-flight requests"
+        );
+    }
     for name in READINESS_SERVICES {
         health
             .set_service_status(name, ServingStatus::NotServing)
