@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -261,16 +261,18 @@ struct Unit {
     training: Option<usize>,
     /// Forwards that may run at once.
     cap: usize,
+    /// Workers computing a batch of it right now: raised under the queue lock,
+    /// lowered without it when a batch ends (no lock per batch).
+    running: AtomicUsize,
+    /// Replaced or unloaded: takes no new request, finishes its queue, then goes.
+    /// Set under the queue lock.
+    retired: AtomicBool,
 }
 
 /// A unit and its queue.
 struct Entry {
     unit: Arc<Unit>,
     queue: VecDeque<Job>,
-    /// Workers computing a batch of this unit right now.
-    running: usize,
-    /// Replaced or unloaded: takes no new request, finishes its queue, then goes.
-    retired: bool,
 }
 
 struct Queues {
@@ -342,7 +344,7 @@ impl Queues {
     fn reserved_except(&self, name: &str, version: u64) -> Vec<(String, u64, usize)> {
         self.entries
             .iter()
-            .filter(|e| !e.retired)
+            .filter(|e| !e.unit.retired.load(Ordering::SeqCst))
             .filter(|e| !(e.unit.slot.spec.name == name && e.unit.slot.version == version))
             .filter_map(|e| {
                 e.unit
@@ -356,13 +358,16 @@ impl Queues {
     /// Retires `id`; returns its unit if it can go now (nothing queued or running).
     fn retire(&mut self, id: u64) -> Option<Arc<Unit>> {
         let i = self.position(id)?;
-        self.entries[i].retired = true;
+        self.entries[i].unit.retired.store(true, Ordering::SeqCst);
         self.remove_if_done(i)
     }
 
     fn remove_if_done(&mut self, i: usize) -> Option<Arc<Unit>> {
         let e = &self.entries[i];
-        if e.retired && e.queue.is_empty() && e.running == 0 {
+        if e.unit.retired.load(Ordering::SeqCst)
+            && e.queue.is_empty()
+            && e.unit.running.load(Ordering::SeqCst) == 0
+        {
             Some(self.entries.remove(i).unit)
         } else {
             None
@@ -917,6 +922,8 @@ fn build_unit(
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),
         info,
         cap: slot.instances.unwrap_or(workers).clamp(1, workers.max(1)),
+        running: AtomicUsize::new(0),
+        retired: AtomicBool::new(false),
         metrics: ModelMetrics::new(&shared.metrics, &slot.spec.name),
         slot,
         model: m,
@@ -934,8 +941,6 @@ fn install(shared: &Shared, unit: Unit) -> Vec<Arc<Unit>> {
     q.entries.push(Entry {
         unit: Arc::new(unit),
         queue: VecDeque::new(),
-        running: 0,
-        retired: false,
     });
     if q.default_model.is_none() {
         q.default_model = Some(name.clone());
@@ -1110,20 +1115,24 @@ fn worker_loop(shared: Arc<Shared>, index: usize) {
         let since = shared.epoch.elapsed().as_nanos().max(1) as u64;
         shared.busy_since[index].store(since, Ordering::Relaxed);
         run_batch(&shared, &unit, jobs, started, &shared.busy_since[index]);
-        let freed = {
+        let was = unit.running.fetch_sub(1, Ordering::SeqCst);
+        // The lock only when this batch's end changes something for others: a
+        // version at its instance cap may have left jobs that another worker
+        // skipped, and a retired one may be done.
+        let capped = was == unit.cap && unit.cap < shared.busy_since.len();
+        let freed = if capped || unit.retired.load(Ordering::SeqCst) {
             let mut q = lock(&shared.queues);
             match q.position(unit.id) {
                 Some(i) => {
-                    q.entries[i].running -= 1;
-                    let more = !q.entries[i].queue.is_empty() && q.sleeping > 0;
-                    if more {
-                        // Capped at its instances, it may have left jobs for another worker.
+                    if capped && !q.entries[i].queue.is_empty() && q.sleeping > 0 {
                         shared.work.notify_one();
                     }
                     q.remove_if_done(i)
                 }
                 None => None,
             }
+        } else {
+            None
         };
         drop(unit);
         // The last batch of a replaced or unloaded version frees it here.
@@ -1153,7 +1162,8 @@ fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
         let n = q.entries.len();
         let start = q.next.min(n);
         let found = (0..n).map(|k| (start + k) % n).find(|&i| {
-            !q.entries[i].queue.is_empty() && q.entries[i].running < q.entries[i].unit.cap
+            !q.entries[i].queue.is_empty()
+                && q.entries[i].unit.running.load(Ordering::SeqCst) < q.entries[i].unit.cap
         });
         if let Some(i) = found {
             q.next = (i + 1) % n;
@@ -1169,7 +1179,7 @@ fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
                 }
                 continue; // everything we looked at had expired or been cancelled
             }
-            q.entries[i].running += 1;
+            unit.running.fetch_add(1, Ordering::SeqCst);
             // Wait a little for the batch to fill, if the model allows it and no
             // other worker is idle: an idle worker would start on new arrivals at
             // once, so waiting would only add latency.
