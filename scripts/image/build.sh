@@ -13,7 +13,7 @@
 #   TORCH_INDEX_URL=URL    an index with the CPU-only torch wheel (Dockerfile)
 #   BUILD_FLAGS="..."      more `podman build` flags (e.g. --no-cache)
 #   MIN_FREE_GB=N          free space the build needs where podman stores
-#                          images and writes layers (default 20)
+#                          images and writes layers (default 30)
 set -euo pipefail
 # shellcheck source=scripts/image/common.sh
 source "$(dirname "$0")/common.sh"
@@ -28,7 +28,7 @@ bash scripts/image/base-images.sh
 # The builder step holds the torch venv, cargo's target and the staged
 # libraries (about 15 GB as an image) and the runtime layer is written twice
 # while it is committed: a full disk fails the build late, so check first.
-MIN_FREE_GB=${MIN_FREE_GB:-20}
+MIN_FREE_GB=${MIN_FREE_GB:-30}
 for dir in "$(podman info --format '{{.Store.GraphRoot}}')" "${TMPDIR:-/var/tmp}"; do
   free_gb=$(( $(df --output=avail -k "$dir" | tail -n 1) / 1024 / 1024 ))
   if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then

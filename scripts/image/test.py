@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = ROOT / "deploy" / "base" / "deployment.yaml"
 CHART = ROOT / "helm" / "splitserve" / "Chart.yaml"
 MODEL_DIR_IN_CONTAINER = "/models"  # the chart's modelSource.mountPath
+# A model repository beside it (modelRepository.*, mounted elsewhere than /models here).
+REPOSITORY_IN_CONTAINER = "/model-repository"
 SLOW_MS = 3000
 IN_FEATURES, OUT_FEATURES = 16, 8
 
@@ -197,6 +200,13 @@ class Run:
         self.model_dir.chmod(0o755)
         self.tmp.chmod(0o755)
         self.model_path = make_model(self.model_dir)
+        # The example repository without its `mlp`, a name config.models already serves.
+        self.repository = self.tmp / "repository"
+        sh(sys.executable, str(ROOT / "examples" / "model_repository" / "make_models.py"),
+           str(self.repository), timeout=300)
+        shutil.rmtree(self.repository / "mlp")
+        for d in [self.repository, *self.repository.rglob("*")]:
+            d.chmod(0o755 if d.is_dir() else 0o644)
         self.model = torch.jit.load(str(self.model_path))
         spec = chart_pod()
         self.pod, self.container = spec["pod"], spec["container"]
@@ -296,6 +306,10 @@ class Run:
         env["SPLITSERVE_MODEL"] = (f"mlp={MODEL_DIR_IN_CONTAINER}/{self.model_path.name},"
                                    f"slow=builtin:delay:{SLOW_MS}")
         env["SPLITSERVE_WARMUP_SHAPE"] = f"mlp=1x{IN_FEATURES}"
+        # modelRepository.enabled with its defaults: poll mode every 15 s.
+        env["SPLITSERVE_MODEL_REPOSITORY"] = REPOSITORY_IN_CONTAINER
+        env["SPLITSERVE_MODEL_CONTROL_MODE"] = "poll"
+        env["SPLITSERVE_REPOSITORY_POLL_SECS"] = "15"
 
         args = ["run", "--detach", "--name", self.name, *self.flags]
         args += ["--user", f"{sc.get('runAsUser', 10001)}:{sc.get('runAsGroup', 10001)}"]
@@ -315,6 +329,7 @@ class Run:
         # The emptyDir at /tmp (group fsGroup 10001 in the pod; world-writable here).
         args += ["--tmpfs", "/tmp:rw,mode=1777" + (f",size={k8s_quantity_bytes(size)}" if size else "")]
         args += ["--volume", f"{self.model_dir}:{MODEL_DIR_IN_CONTAINER}:ro"]
+        args += ["--volume", f"{self.repository}:{REPOSITORY_IN_CONTAINER}:ro"]
         for name, port in self.ports.items():
             args += ["--publish", f"127.0.0.1:{self.host[name]}:{port}"]
         for k, v in env.items():
@@ -415,6 +430,29 @@ class Run:
 
         return self._v2(thttp, self.http_addr)
 
+    def repository_check(self) -> str:
+        """The example repository's models, read-only as the chart mounts it, through tritonclient."""
+        import tritonclient.grpc as tgrpc  # noqa: PLC0415
+
+        client = tgrpc.InferenceServerClient(self.grpc_addr)
+        index = {(m["name"], m.get("version", "")): m.get("state", "")
+                 for m in client.get_model_repository_index(as_json=True).get("models", [])}
+        for model in ("add_mul", "tuple_out"):
+            assert index.get((model, "1")) == "READY", f"RepositoryIndex: {index}"
+            assert self.health(f"model/{model}") == "SERVING", f"model/{model} health"
+        a = np.arange(4, dtype=np.float32)
+        inputs = []
+        for i in range(2):
+            x = tgrpc.InferInput(f"INPUT__{i}", [4], "FP32")
+            x.set_data_from_numpy(a)
+            inputs.append(x)
+        r = client.infer("add_mul", inputs)
+        assert np.array_equal(r.as_numpy("OUTPUT__0"), a + a), r.as_numpy("OUTPUT__0")
+        assert np.array_equal(r.as_numpy("OUTPUT__1"), a * a), r.as_numpy("OUTPUT__1")
+        warnings = [line for line in self.logs(400).splitlines() if '"WARN' in line or "ERROR" in line]
+        assert not warnings, warnings[:3]
+        return f"add_mul/1 and tuple_out/1 READY from {REPOSITORY_IN_CONTAINER} (read-only, poll), add_mul exact"
+
     def metrics_check(self) -> str:
         text = self.metrics()
         families = sorted({m.group(1) for m in re.finditer(r"^# TYPE (splitserve_\w+) ", text, re.M)})
@@ -508,6 +546,7 @@ def main() -> int:
             run.check("compute", run.compute)
             run.check("v2-grpc", run.v2_grpc)
             run.check("v2-http", run.v2_http)
+            run.check("repository", run.repository_check)
             run.check("metrics", run.metrics_check)
             run.check("healthcheck", run.healthcheck)
             run.check("sigterm", run.sigterm)
