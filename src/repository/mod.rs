@@ -117,7 +117,7 @@ pub fn model_names(root: &Path) -> std::io::Result<Vec<String>> {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        if name.starts_with('.') || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        if !is_model_name(&name) {
             continue;
         }
         if entry.path().is_dir() {
@@ -131,6 +131,10 @@ pub fn model_names(root: &Path) -> std::io::Result<Vec<String>> {
 /// Reads and checks one model directory. The error is one sentence naming
 /// what is wrong, for the operator and for RepositoryIndex.
 pub fn read_model(root: &Path, name: &str) -> Result<ModelDir, String> {
+    // Names come from clients too (RepositoryModelLoad): never a path out of the root.
+    if !is_model_name(name) {
+        return Err("not a model directory name".into());
+    }
     let dir = root.join(name);
     if !dir.is_dir() {
         return Err("no such model directory in the repository".into());
@@ -395,7 +399,7 @@ impl Repository {
         if self.inner.cfg.mode == ControlMode::Explicit {
             for name in &self.inner.cfg.load_models {
                 if name != "*"
-                    && !self.inner.models.lock().is_ok_and(|m| m.contains_key(name))
+                    && !lock(&self.inner.models).contains_key(name)
                     && !self.inner.fixed.contains(name)
                 {
                     tracing::error!(model = %name, "--load-model names a model that is not in the repository");
@@ -708,5 +712,15 @@ impl Repository {
 }
 
 fn root_has(root: &Path, name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && !name.starts_with('.') && root.join(name).is_dir()
+    is_model_name(name) && root.join(name).is_dir()
+}
+
+/// A name the repository serves: one visible path component, at most
+/// `MAX_NAME` bytes, no control characters (so `..`, `/x` and `a/b` are not).
+fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
 }

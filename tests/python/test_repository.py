@@ -383,6 +383,9 @@ def test_repository_calls_need_the_repository_scope(tmp_path, server_factory):
     assert g.is_model_ready("m", headers=reader)
     with pytest.raises(InferenceServerException, match="not in the model repository"):
         g.load_model("nope", headers=admin)
+    # A name is one directory of the repository, never a path: this one leads back to m.
+    with pytest.raises(InferenceServerException, match="not in the model repository"):
+        g.load_model(f"../{repo.name}/m", headers=admin)
 
     # The same extension over HTTP, as tritonclient.http calls it.
     s.wait_http_listening()
