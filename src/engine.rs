@@ -252,9 +252,9 @@ impl Job {
 /// libtorch memory freed) on a worker or the loader thread, never on an io thread.
 struct Unit {
     id: u64,
-    slot: ModelSlot,
     model: Model,
-    /// What front-ends see of it, built once (requests clone the Arc).
+    /// What front-ends see of it, its settings included, built once
+    /// (requests clone the Arc).
     info: Arc<LoadedModel>,
     metrics: ModelMetrics,
     /// Its index in the training state: models loaded at start only.
@@ -291,6 +291,12 @@ struct Queues {
     /// Workers blocked on the condvar: with none, a new job needs no wake-up
     /// (and its futex syscall), since a busy worker checks the queue when done.
     sleeping: usize,
+}
+
+impl Unit {
+    fn slot(&self) -> &ModelSlot {
+        &self.info.slot
+    }
 }
 
 impl Queues {
@@ -345,12 +351,12 @@ impl Queues {
         self.entries
             .iter()
             .filter(|e| !e.unit.retired.load(Ordering::SeqCst))
-            .filter(|e| !(e.unit.slot.spec.name == name && e.unit.slot.version == version))
+            .filter(|e| !(e.unit.slot().spec.name == name && e.unit.slot().version == version))
             .filter_map(|e| {
                 e.unit
-                    .slot
+                    .slot()
                     .instances
-                    .map(|n| (e.unit.slot.spec.name.clone(), e.unit.slot.version, n))
+                    .map(|n| (e.unit.slot().spec.name.clone(), e.unit.slot().version, n))
             })
             .collect()
     }
@@ -474,7 +480,7 @@ impl Engine {
     pub fn resolve_model(&self, model_id: &str) -> Option<String> {
         let q = lock(&self.shared.queues);
         let i = q.resolve(model_id, None).ok()?;
-        Some(q.entries[i].unit.slot.spec.name.clone())
+        Some(q.entries[i].unit.slot().spec.name.clone())
     }
 
     /// The loaded version a request for (name, version) reaches: the newest
@@ -586,7 +592,7 @@ impl Engine {
                 let depth = q
                     .entries
                     .iter()
-                    .filter(|e| e.unit.slot.spec.name == n)
+                    .filter(|e| e.unit.slot().spec.name == n)
                     .map(|e| e.queue.len())
                     .sum();
                 (n, depth)
@@ -750,22 +756,22 @@ impl Engine {
                     "model {:?} was loaded from the model repository at run time: training_mode \
                      forwards, backward and KV-cache steps need a model loaded at start-up \
                      (--model, or splitserve.trainable in its config.pbtxt)",
-                    unit.slot.spec.name
+                    unit.slot().spec.name
                 )));
             }
             let cap = unit
-                .slot
+                .slot()
                 .queue_capacity
                 .unwrap_or(self.shared.config.queue_capacity);
             if entry.queue.len() >= cap {
                 unit.metrics.queue_full.inc();
                 return Err(EngineError::QueueFull {
-                    model: unit.slot.spec.name.clone(),
+                    model: unit.slot().spec.name.clone(),
                     capacity: cap,
                 });
             }
             let rpc_span = tracing::Span::current();
-            let queue_span = tracing::debug_span!("queue", model = %unit.slot.spec.name);
+            let queue_span = tracing::debug_span!("queue", model = %unit.slot().spec.name);
             entry.queue.push_back(Job {
                 input,
                 more,
@@ -773,7 +779,7 @@ impl Engine {
                 enc,
                 step,
                 deadline,
-                queue_deadline: unit.slot.queue_timeout.map(|t| now + t),
+                queue_deadline: unit.slot().queue_timeout.map(|t| now + t),
                 enqueued: now,
                 reply: tx,
                 rpc_span,
@@ -916,16 +922,19 @@ fn build_unit(
         device: model::device_name(m.device),
         description: m.description.clone(),
         signature: m.signature.clone(),
-        slot: slot.clone(),
+        slot,
     });
     Ok(Unit {
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),
-        info,
-        cap: slot.instances.unwrap_or(workers).clamp(1, workers.max(1)),
+        cap: info
+            .slot
+            .instances
+            .unwrap_or(workers)
+            .clamp(1, workers.max(1)),
         running: AtomicUsize::new(0),
         retired: AtomicBool::new(false),
-        metrics: ModelMetrics::new(&shared.metrics, &slot.spec.name),
-        slot,
+        metrics: ModelMetrics::new(&shared.metrics, &info.name),
+        info,
         model: m,
         training,
     })
@@ -934,8 +943,8 @@ fn build_unit(
 /// Routes requests for (name, version) to a new unit; retires the one it replaces.
 /// Returns the units that can be freed now.
 fn install(shared: &Shared, unit: Unit) -> Vec<Arc<Unit>> {
-    let name = unit.slot.spec.name.clone();
-    let version = unit.slot.version;
+    let name = unit.slot().spec.name.clone();
+    let version = unit.slot().version;
     let id = unit.id;
     let mut q = lock(&shared.queues);
     q.entries.push(Entry {
@@ -1168,7 +1177,7 @@ fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
         if let Some(i) = found {
             q.next = (i + 1) % n;
             let unit = q.entries[i].unit.clone();
-            let slot = &unit.slot;
+            let slot = &unit.slot();
             let mut jobs = Vec::new();
             take_compatible(&unit, &mut q.entries[i].queue, &mut jobs, slot.max_batch);
             if jobs.is_empty() {
@@ -1315,7 +1324,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         parent: &jobs[0].rpc_span,
         "forward",
         model = %model.name,
-        version = unit.slot.version,
+        version = unit.slot().version,
         batch_size = jobs.len(),
         shape = ?jobs[0].input.shape,
         device = %model::device_name(model.device),

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::auth::{Granted, Scope, Tokens};
 use crate::codec::{self, MAX_DIMS, RawTensor};
 use crate::grpc::ServeError;
-use crate::grpc::inference::{InferRequest, InferenceApi, check_repository_parameters, earliest};
+use crate::grpc::inference::{InferRequest, InferenceApi, earliest};
 use crate::grpc::inference_pb as pb;
 use crate::grpc::layers::Budget;
 use crate::telemetry::metrics::{limit, protocol};
@@ -802,6 +802,7 @@ async fn repository_call(
         "RepositoryModelUnload"
     };
     let result = async {
+        // The scope before the body is read: a stranger's bytes cost nothing.
         state
             .api
             .authorize_for(granted.as_ref(), Scope::Repository)?;
@@ -811,8 +812,10 @@ async fn repository_call(
             .and_then(Value::as_object)
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
-        check_repository_parameters(&params)?;
-        state.api.repository_load(&name, load).await
+        state
+            .api
+            .repository_load(granted.as_ref(), &name, &params, load)
+            .await
     }
     .await;
     match state

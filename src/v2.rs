@@ -338,9 +338,8 @@ pub fn check_against_config(
     inputs: &mut [InputTensor],
     outputs: &mut [String],
 ) -> Result<(), V2Error> {
-    let names = |list: &mut dyn Iterator<Item = &String>| {
-        list.map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
-    };
+    // Only for error messages: listed when a request does not fit.
+    let input_names = || listed(cfg.input.iter().map(|i| i.name.as_str()));
     let mut seen = vec![false; cfg.input.len()];
     for input in inputs.iter_mut() {
         let Some(pos) = cfg.input.iter().position(|i| i.name == input.name) else {
@@ -348,7 +347,7 @@ pub fn check_against_config(
                 "unknown input {:?}: model {:?} takes {}",
                 codec::clip(&input.name),
                 cfg.name,
-                names(&mut cfg.input.iter().map(|i| &i.name))
+                input_names()
             )));
         };
         if std::mem::replace(&mut seen[pos], true) {
@@ -358,7 +357,7 @@ pub fn check_against_config(
             )));
         }
         let spec = &cfg.input[pos];
-        let want = datatype_name_of(spec.data_type);
+        let want = crate::repository::config::datatype_name(spec.data_type);
         if input.datatype != want {
             return Err(bad(format!(
                 "input {}: datatype {} but the model's config says {want}",
@@ -410,7 +409,7 @@ pub fn check_against_config(
             "input {} is missing: model {:?} takes {}",
             cfg.input[missing].name,
             cfg.name,
-            names(&mut cfg.input.iter().map(|i| &i.name))
+            input_names()
         )));
     }
     for out in outputs.iter_mut() {
@@ -421,12 +420,20 @@ pub fn check_against_config(
                     "unknown output {:?}: model {:?} returns {}",
                     codec::clip(out),
                     cfg.name,
-                    names(&mut cfg.output.iter().map(|o| &o.name))
+                    cfg.output
+                        .iter()
+                        .map(|o| o.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
     }
     Ok(())
+}
+
+fn listed<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
 }
 
 /// Names a repository model's outputs as its config does (OUTPUT__N -> the Nth output).
@@ -436,10 +443,6 @@ pub fn name_outputs(cfg: &ModelConfig, outputs: &mut [(String, RawTensor)]) {
             name.clone_from(&o.name);
         }
     }
-}
-
-fn datatype_name_of(d: i32) -> &'static str {
-    crate::repository::config::datatype_name(d)
 }
 
 #[cfg(test)]

@@ -441,8 +441,17 @@ impl InferenceApi {
         out
     }
 
-    /// RepositoryModelLoad / Unload.
-    pub async fn repository_load(&self, name: &str, load: bool) -> Result<(), ServeError> {
+    /// RepositoryModelLoad / Unload, whichever front-end: the "repository"
+    /// scope, the request's parameter names, then the repository.
+    pub async fn repository_load(
+        &self,
+        granted: Option<&Granted>,
+        name: &str,
+        params: &[String],
+        load: bool,
+    ) -> Result<(), ServeError> {
+        self.authorize_for(granted, Scope::Repository)?;
+        check_repository_parameters(params)?;
         let Some(r) = &self.repository else {
             return Err(ServeError::Repository(RepositoryError::NotAllowed(
                 "this server has no model repository: its models are fixed by --model \
@@ -638,12 +647,10 @@ impl InferenceGrpc {
         } else {
             "RepositoryModelUnload"
         };
-        let result = async {
-            self.0.authorize_for(granted.as_ref(), Scope::Repository)?;
-            check_repository_parameters(&params)?;
-            self.0.repository_load(&name, load).await
-        }
-        .await;
+        let result = self
+            .0
+            .repository_load(granted.as_ref(), &name, &params, load)
+            .await;
         self.0
             .finish(protocol::V2_GRPC, "-", method, arrival, result)
     }
@@ -652,7 +659,7 @@ impl InferenceGrpc {
 /// Load parameters (a config override, files) are not taken: the repository
 /// on disk is the only source. `unload_dependents` is: no model here has
 /// dependents (there are no ensembles), so it changes nothing.
-pub fn check_repository_parameters(params: &[String]) -> Result<(), ServeError> {
+fn check_repository_parameters(params: &[String]) -> Result<(), ServeError> {
     match params.iter().find(|p| p.as_str() != "unload_dependents") {
         None => Ok(()),
         Some(p) => Err(ServeError::BadRequest(format!(
