@@ -38,8 +38,9 @@ impl AdminState {
         for (name, depth) in self.engine.queue_depths() {
             let capacity = self
                 .engine
-                .slot(&name)
-                .and_then(|s| s.queue_capacity)
+                .resolve_version(&name, None)
+                .ok()
+                .and_then(|m| m.slot.queue_capacity)
                 .unwrap_or(cfg.queue_capacity);
             m.queue_depth.with_label_values(&[&name]).set(depth as i64);
             m.queue_capacity

@@ -537,18 +537,6 @@ impl Engine {
         self.shared.device.get().copied()
     }
 
-    /// The inputs and outputs of a loaded model (resolved name), when known.
-    pub fn signature(&self, name: &str) -> Option<model::Signature> {
-        self.resolve_version(name, None).ok()?.signature.clone()
-    }
-
-    /// The settings the newest loaded version of a model runs with.
-    pub fn slot(&self, name: &str) -> Option<ModelSlot> {
-        self.resolve_version(name, None)
-            .ok()
-            .map(|m| m.slot.clone())
-    }
-
     /// Every loaded version, by name then version.
     pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
         let names = self.model_names();

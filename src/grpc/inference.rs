@@ -128,7 +128,13 @@ impl InferenceApi {
                         .repository
                         .as_ref()
                         .and_then(|r| r.failure(name))
-                        .map(|f| format!(" ({} failed to load: {})", codec::clip(name), f))
+                        .map(|f| {
+                            format!(
+                                " ({} failed to load: {})",
+                                codec::clip(name),
+                                codec::clip(&f)
+                            )
+                        })
                         .unwrap_or_default();
                     ServeError::Engine(EngineError::UnknownModel {
                         name: codec::clip(name),
