@@ -304,12 +304,26 @@ impl Queues {
         self.entries.iter().position(|e| e.unit.id == id)
     }
 
+    /// Served names, the default first, then in the order they were loaded.
+    fn names(&self) -> Vec<String> {
+        let mut names = self.order.clone();
+        if let Some(d) = &self.default_model
+            && let Some(i) = names.iter().position(|n| n == d)
+        {
+            let d = names.remove(i);
+            names.insert(0, d);
+        }
+        names
+    }
+
+    /// The served names as an error message lists them.
     fn known(&self) -> String {
-        if self.routes.is_empty() {
+        let names = self.names();
+        if names.is_empty() {
             return "no model yet".into();
         }
-        self.routes
-            .keys()
+        names
+            .iter()
             .map(|n| format!("{n:?}"))
             .collect::<Vec<_>>()
             .join(", ")
@@ -512,15 +526,12 @@ impl Engine {
     /// Names of the served models (with a version loaded), the default first,
     /// then in the order they were loaded.
     pub fn model_names(&self) -> Vec<String> {
-        let q = lock(&self.shared.queues);
-        let mut names = q.order.clone();
-        if let Some(d) = &q.default_model
-            && let Some(i) = names.iter().position(|n| n == d)
-        {
-            let d = names.remove(i);
-            names.insert(0, d);
-        }
-        names
+        lock(&self.shared.queues).names()
+    }
+
+    /// The served names as error messages list them ("no model yet" when none).
+    pub fn known_models(&self) -> String {
+        lock(&self.shared.queues).known()
     }
 
     pub fn config(&self) -> &EngineConfig {

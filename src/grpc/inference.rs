@@ -103,7 +103,7 @@ impl InferenceApi {
         if name.is_empty() {
             return Err(ServeError::Engine(EngineError::UnknownModel {
                 name: String::new(),
-                known: self.known(),
+                known: self.engine.known_models(),
             }));
         }
         let wanted = if version.is_empty() {
@@ -138,23 +138,11 @@ impl InferenceApi {
                         .unwrap_or_default();
                     ServeError::Engine(EngineError::UnknownModel {
                         name: codec::clip(name),
-                        known: format!("{}{why}", self.known()),
+                        known: format!("{}{why}", self.engine.known_models()),
                     })
                 }
                 other => ServeError::Engine(other),
             })
-    }
-
-    fn known(&self) -> String {
-        let names = self.engine.model_names();
-        if names.is_empty() {
-            return "no model yet".into();
-        }
-        names
-            .iter()
-            .map(|n| format!("{n:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     /// The loaded versions of a model, oldest first.
