@@ -4,7 +4,7 @@
 //! what was only claimed, and keeps answering everyone else.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
