@@ -7,6 +7,7 @@ output taken after layer END-1, with its own masks, rotary positions and
 DynamicCache, exactly as generate() runs it. Tiny configs (width 64) keep it fast."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,7 +199,9 @@ def test_lora_trunk_equals_peft_and_trains_only_its_adapters(exported, served, p
     assert set(params) == set(want)
     assert {k for k, p in params.items() if p.requires_grad} == {k for k in want if ".lora_" in k}
     assert any(".lora_A.default" in k for k in params) and any("mlp.down_proj.base_layer" in k for k in params)
-    peft_model.load_state_dict({"base_model.model." + k: v for k, v in params.items()}, strict=False)
+    loaded = peft_model.load_state_dict({"base_model.model." + k: v for k, v in params.items()},
+                                        strict=False)
+    assert not loaded.unexpected_keys
     decode_and_compare(served, pb[0], "qwen2-lora", peft_model, batch=2)
 
 
@@ -217,6 +220,40 @@ def test_the_model_checks_its_past_and_context(served, pb):
     # The server keeps serving.
     out, _ = kv_step(served, pb2, "gpt2", torch.randn(1, 1, 64), past)
     assert out.shape == (1, 1, 64)
+    # The model_id must be the served name.
+    with pytest.raises(grpc.RpcError) as e:
+        kv_step(served, pb2, "gpt-2", torch.randn(1, 1, 64), [])
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "gpt2" in e.value.details()
+
+
+def test_gpt2_lora_trunk_equals_peft(tmp_path):
+    """GPT-2's LoRA wraps Conv1D layers (peft's fan_in_fan_out); in process."""
+    from peft import LoraConfig, get_peft_model
+
+    (tmp_path / "gpt2.json").write_text(json.dumps(GPT2))
+    assert export_cli("--config", str(tmp_path / "gpt2.json"), "--seed", str(SEED), "--layers",
+                      "1:3", "--lora", "4,8,c_attn,c_fc", "--name", "g", "--out", str(tmp_path)) == 0
+    trunk = torch.jit.load(str(tmp_path / "g" / "1" / "model.pt"))
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    peft_model = get_peft_model(hf_model(GPT2, SEED), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], layers_to_transform=[1, 2],
+        fan_in_fan_out=True)).eval()
+    loaded = peft_model.load_state_dict(
+        {"base_model.model." + k: v for k, v in trunk.named_parameters()}, strict=False)
+    assert not loaded.unexpected_keys
+    oracle, past = Oracle(peft_model, 1, 3), []
+    for new in (5, 1, 1):
+        hidden = torch.randn(2, new, 64, generator=gen)
+        want, want_past = oracle.step(hidden)
+        with torch.no_grad():
+            got, past = trunk(hidden, past)
+        torch.testing.assert_close(got, want, **TOL)
+        for g, w in zip(past, want_past, strict=True):
+            torch.testing.assert_close(g, w, **TOL)
 
 
 def test_entry_records_signature_dtype_and_limits(exported, tmp_path):
@@ -247,9 +284,10 @@ def test_entry_records_signature_dtype_and_limits(exported, tmp_path):
 
 @pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason="issue 21 part 2: the server warms up a KV model with "
                                        "forward(hidden) and cannot serve it from a repository yet")
-def test_entry_is_served_from_a_model_repository(exported, pb):
+def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
     out, _ = exported
-    s = Server("--model-repository", str(out), "--device", "cpu")
+    shutil.copytree(out / "gpt2", tmp_path / "gpt2")
+    s = Server("--model-repository", str(tmp_path), "--device", "cpu")
     try:
         # SERVING once the repository's loads are done, failed ones included.
         s.wait_serving(timeout=30)
