@@ -22,14 +22,16 @@ from test_training import compute, from_wire, to_wire
 TOL = dict(atol=1e-4, rtol=1e-4)
 EXPORTER = ROOT / "scripts" / "export"
 SEED = 3
-#: The GPT-2 trunk comes from a config file with seeded random weights.
+#: The GPT-2 trunk comes from a config file with seeded random weights; weights
+#: ten times larger than the default make attention sharp enough that a wrong
+#: position or mask shows.
 GPT2 = dict(model_type="gpt2", n_layer=4, n_embd=64, n_head=4, n_positions=128,
-            vocab_size=256, bos_token_id=0, eos_token_id=0)
+            vocab_size=256, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
 #: The Qwen2 trunk comes from a saved model directory: grouped-query attention
 #: (4 heads, 2 key/value heads), rotary positions, RMSNorm.
 QWEN2 = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             vocab_size=256)
+             vocab_size=256, initializer_range=0.2)
 LAYERS = {"gpt2": (1, 3), "qwen2": (1, 4), "qwen2-lora": (1, 3)}
 LORA = "4,8,q_proj,v_proj,down_proj"
 
