@@ -314,11 +314,13 @@ def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
      "the warm-up context of 200 positions is past the maximum of 128"),
     (["--config", "gpt2-tiny-random", "--layers", "0:2", "--lora", "8"],
      "--lora takes r,alpha,targets"),
+    (["--model", "{tmp}", "--layers", "0:2"],
+     "is not a model directory (one with config.json and safetensors weights)"),
 ])
 def test_cli_refuses_with_one_sentence(tmp_path, capsys, args, message):
     bert = tmp_path / "bert.json"
     bert.write_text(json.dumps({"model_type": "bert"}))
-    args = [str(bert) if a == "{bert}" else a for a in args]
+    args = [{"{bert}": str(bert), "{tmp}": str(tmp_path)}.get(a, a) for a in args]
     assert export_cli(*args, "--out", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("splitserve-export: error: ") and message in err, err

@@ -76,8 +76,8 @@ class Lora:
 
 @dataclass
 class Request:
-    """What to export. Exactly one of `model` (a directory, or a hub id where the
-    hub is reachable) and `config` (a built-in name or a JSON file) is set."""
+    """What to export. Exactly one of `model` (a model directory) and `config`
+    (a built-in name or a JSON file) is set."""
 
     out: Path
     layers: Tuple[int, int]
@@ -134,11 +134,17 @@ def load_config(req: Request):
             return AutoConfig.for_model(model_type, **spec)
         except Exception as e:  # transformers' own validation
             raise ExportError(f"--config {req.config}: transformers refuses it ({e})") from None
+    # A local directory only: nothing is downloaded (fetch a hub model first, e.g.
+    # with `hf download`), and a typo never turns into a network wait.
+    if not (Path(req.model) / "config.json").is_file():
+        raise ExportError(
+            f"--model {req.model[:200]} is not a model directory (one with config.json and "
+            "safetensors weights)")
     try:
-        return AutoConfig.from_pretrained(req.model)
+        return AutoConfig.from_pretrained(req.model, local_files_only=True)
     except Exception as e:
         raise ExportError(
-            f"--model {req.model}: no model config found there "
+            f"--model {req.model[:200]}: transformers cannot read its config.json "
             f"({str(e).splitlines()[0][:200]})") from None
 
 
@@ -159,7 +165,8 @@ def build_model(req: Request, config) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     else:
         # Loaded as stored (bfloat16 stays bfloat16); converted to --dtype at the end.
-        model = AutoModelForCausalLM.from_pretrained(req.model, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(req.model, dtype="auto",
+                                                     local_files_only=True)
     return model.eval()
 
 
