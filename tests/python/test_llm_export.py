@@ -36,9 +36,20 @@ LAYERS = {"gpt2": (1, 3), "qwen2": (1, 4), "qwen2-lora": (1, 3)}
 LORA = "4,8,q_proj,v_proj,down_proj"
 
 
+# transformers' and torch's deprecation notes (TorchScript itself is deprecated in
+# torch 2.13, and tch runs nothing else) are not this file's subject.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
 def export_cli(*args: str):
-    """The exporter's main() in this process (no second transformers import)."""
-    sys.path.insert(0, str(EXPORTER))
+    """The exporter's main() in this process (no second transformers import); this
+    checkout's copy even where the installed one is another's."""
+    if str(EXPORTER) not in sys.path:
+        sys.path.insert(0, str(EXPORTER))
     from splitserve_export.cli import main
 
     return main(list(args))
