@@ -288,6 +288,7 @@ def test_entry_records_signature_dtype_and_limits(exported, tmp_path):
     assert "data_type: TYPE_BF16" in (tmp_path / "q16" / "config.pbtxt").read_text()
     trunk = torch.jit.load(str(tmp_path / "q16" / "1" / "model.pt"))
     assert {p.dtype for p in trunk.parameters()} == {torch.bfloat16}
+    assert trunk.inv_freq.dtype == torch.float32  # rotary positions in float32, as transformers
     with torch.no_grad():
         h, present = trunk(torch.randn(1, 3, 64), [])
         h, present = trunk(torch.randn(1, 1, 64), present)

@@ -348,8 +348,7 @@ def export(req: Request) -> Path:
         raise ExportError(
             f"the {config.model_type} layers do not match the exporter's "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    trunk = trunk.to(DTYPES[req.dtype]) if lora is None else to_dtype_keep_adapters(
-        trunk, DTYPES[req.dtype])
+    weights_to_dtype(trunk, DTYPES[req.dtype])
     for pname, p in trunk.named_parameters():
         # LoRA trunks train their adapters only; a plain trunk keeps torch's default.
         p.requires_grad_(lora is None or ".lora_" in pname)
@@ -371,13 +370,13 @@ def export(req: Request) -> Path:
     return model_file
 
 
-def to_dtype_keep_adapters(trunk: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Base weights to `dtype`; the adapters keep the dtype peft gave them
-    (float32 for half-precision bases, peft's autocast_adapter_dtype)."""
+def weights_to_dtype(trunk: nn.Module, dtype: torch.dtype) -> None:
+    """The base weights to `dtype`. LoRA adapters keep the dtype peft gave them
+    (float32 under a half-precision base: peft's autocast_adapter_dtype), and the
+    rotary frequencies stay float32 as in transformers (not `trunk.to(dtype)`)."""
     for pname, p in trunk.named_parameters():
         if ".lora_" not in pname:
             p.data = p.data.to(dtype)
-    return trunk
 
 
 def make_manifest(req: Request, config, name: str, context: int, peft_config,
