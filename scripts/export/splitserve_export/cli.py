@@ -84,8 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ExportError as e:
         print(f"splitserve-export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path.parent.parent} (serve it: splitserve serve --model-repository "
-          f"{path.parent.parent.parent}, or --model {path.parent.parent.name}={path})")
+    print(f"wrote {path.parent.parent}; serve it with: splitserve serve "
+          f"--model {path.parent.parent.name}={path}")
     return 0
 
 
