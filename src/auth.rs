@@ -53,6 +53,9 @@ pub struct Granted {
     pub infer: bool,
     pub train: bool,
     pub repository: bool,
+    /// Who the token is, for state bound to a caller (KV sessions): the first
+    /// 8 bytes of the token's SHA-256, never the token itself.
+    pub identity: u64,
 }
 
 impl Granted {
@@ -136,10 +139,11 @@ fn parse(text: &str) -> Result<Vec<Entry>, String> {
                 }
             }
         }
-        entries.push(Entry {
-            digest: digest(token.as_bytes()),
-            granted,
-        });
+        let digest = digest(token.as_bytes());
+        granted.identity = u64::from_le_bytes([
+            digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+        ]);
+        entries.push(Entry { digest, granted });
     }
     Ok(entries)
 }
@@ -252,10 +256,12 @@ mod tests {
                 infer: true,
                 train: false,
                 repository: false,
+                identity: entries[0].granted.identity,
             }
         );
+        assert_ne!(entries[0].granted.identity, entries[1].granted.identity);
         assert!(entries[1].granted.train && entries[1].granted.infer);
-        assert_eq!(entries[2].granted, Granted::default());
+        assert!(!entries[2].granted.infer && !entries[2].granted.train);
         let err = parse("short infer").unwrap_err();
         assert!(err.contains("line 1") && err.contains("16"), "{err}");
         let err = parse("long-enough-token-123 admin").unwrap_err();

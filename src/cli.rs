@@ -23,6 +23,7 @@ use crate::plan::{Auto, PlanRequest, ThreadPlan};
 use crate::repository::{ControlMode, RepositoryConfig};
 use crate::server::{Http2Config, ServerConfig};
 use crate::telemetry::otel::{LogFormat, TelemetryConfig};
+use crate::training::sessions::SessionConfig;
 use crate::training::{AdamBetas, OptimizerKind, OptimizerSettings, TrainingConfig};
 
 /// `--version`: what this binary was built from and against.
@@ -228,6 +229,28 @@ pub struct ServeArgs {
     /// ComputeBackward before they are released (e.g. 60s, 500ms).
     #[arg(long, env = "SPLITSERVE_ACTIVATION_TTL", default_value = "60s", value_parser = parse_duration)]
     pub activation_ttl: Duration,
+
+    /// A model whose KV caches stay on the server between decode steps;
+    /// repeatable. A Compute with use_cache=true and no past opens a session and
+    /// is answered with a small handle in present_key_values; sending the handle
+    /// back as past_key_values continues it (docs/llm.md). Needs the KV signature.
+    #[arg(
+        long = "kv-sessions",
+        env = "SPLITSERVE_KV_SESSIONS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub kv_sessions: Vec<String>,
+
+    /// Bytes of KV caches held for all sessions together (e.g. 2GiB); beyond it
+    /// the least recently used idle sessions are ended, and their next step is
+    /// FAILED_PRECONDITION (restart from the prompt).
+    #[arg(long, env = "SPLITSERVE_KV_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_cache_bytes: u64,
+
+    /// A KV session with no step for this long is ended (e.g. 10m, 90s).
+    #[arg(long, env = "SPLITSERVE_KV_SESSION_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub kv_session_ttl: Duration,
 
     /// Optimizer applied when ComputeBackward carries a learning_rate: sgd (the
     /// default) or adam, for every model or NAME=adam for one. The learning rate
@@ -511,6 +534,14 @@ impl ServeArgs {
                 })
                 .collect(),
             checkpoint_keep: self.checkpoint_keep,
+            kv_sessions: specs
+                .iter()
+                .map(|m| self.kv_sessions.contains(&m.name))
+                .collect(),
+            sessions: SessionConfig {
+                max_bytes: self.kv_cache_bytes,
+                ttl: self.kv_session_ttl,
+            },
         };
         let models = specs
             .into_iter()
@@ -787,6 +818,20 @@ impl ServeArgs {
                 "--adam-eps must be a positive number, not {}",
                 e.value
             )));
+        }
+        if let Some(name) = self
+            .kv_sessions
+            .iter()
+            .find(|n| !self.model_specs().iter().any(|m| &&m.name == n))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--kv-sessions names model {name:?}, which no --model defines"
+            )));
+        }
+        if self.kv_cache_bytes == 0 || self.kv_session_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--kv-cache-bytes and --kv-session-ttl must be above 0".into(),
+            ));
         }
         if self.activation_cache_bytes == 0 {
             return Err(ConfigError::Invalid(

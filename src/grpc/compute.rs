@@ -21,7 +21,8 @@ use crate::engine::{Engine, EngineError, EngineStatus};
 use crate::plan::ThreadPlan;
 use crate::telemetry::metrics::{limit, protocol, reason};
 use crate::telemetry::{Sampler, SnapshotCache, otel};
-use crate::training::{MAX_FORWARD_ID_BYTES, Step, Update};
+use crate::training::sessions::{self, Handle};
+use crate::training::{MAX_FORWARD_ID_BYTES, SessionRequest, Step, Update};
 
 use pb::compute_service_server::ComputeService;
 
@@ -82,6 +83,7 @@ impl ComputeApi {
     async fn run_compute(
         &self,
         deadline: Option<Instant>,
+        owner: u64,
         req: pb::ComputeRequest,
     ) -> Result<(pb::ComputeResponse, Option<&'static str>), ServeError> {
         let training = req.training_mode == Some(true);
@@ -123,10 +125,19 @@ impl ComputeApi {
                 .clone()
                 .map(|forward_id| Step::Forward { forward_id })
         } else if kv {
+            // A handle continues a server-side session; use_cache may open one.
+            // Whether the model keeps sessions is the worker's decision.
+            let handle = session_handle(&req.past_key_values);
+            let session = (handle.is_some() || req.use_cache == Some(true))
+                .then_some(SessionRequest { handle, owner });
             Some(Step::Kv {
-                past: decode_past(&req.past_key_values, self.limits)?,
+                past: match handle {
+                    Some(_) => Vec::new(),
+                    None => decode_past(&req.past_key_values, self.limits)?,
+                },
                 kv_enc,
                 want_present: req.use_cache != Some(false),
+                session,
             })
         } else {
             None
@@ -269,6 +280,24 @@ impl ComputeApi {
             monitoring_data: Some(snapshot_to_pb(self.snapshots.get())),
         })
     }
+}
+
+/// The session handle `past_key_values` carries, if it is one.
+fn session_handle(entries: &[pb::KvCacheEntry]) -> Option<(Handle, i64)> {
+    if entries.len() != sessions::HANDLE_ENTRIES {
+        return None;
+    }
+    let parts: Vec<(&[i32], &[i32], usize)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.key_shape.as_slice(),
+                e.value_shape.as_slice(),
+                e.key_data.len() + e.value_data.len(),
+            )
+        })
+        .collect();
+    Handle::parse(&parts)
 }
 
 /// `past_key_values` as the flat `[key_0, value_0, key_1, ...]` the model takes.
@@ -453,8 +482,13 @@ impl ComputeService for ComputeApi {
         if let Err(e) = self.authorize(&request, scope) {
             return self.finish(&model, "Compute", arrival, Err(e));
         }
+        // KV sessions are bound to the token that opened them.
+        let owner = request
+            .extensions()
+            .get::<Granted>()
+            .map_or(0, |g| g.identity);
         let result = self
-            .run_compute(deadline, request.into_inner())
+            .run_compute(deadline, owner, request.into_inner())
             .instrument(span)
             .await;
         let result = result.map(|(reply, dtype)| {
@@ -608,6 +642,19 @@ impl ComputeService for ComputeApi {
             custom.insert("process_threads".into(), threads.to_string());
         }
         custom.insert("planned_threads".into(), plan.planned_threads().to_string());
+        let kv = self.engine.training().sessions().stats();
+        custom.insert(
+            "kv_sessions".into(),
+            kv.open.load(Ordering::Relaxed).to_string(),
+        );
+        custom.insert(
+            "kv_cache_bytes".into(),
+            kv.bytes.load(Ordering::Relaxed).to_string(),
+        );
+        custom.insert(
+            "kv_sessions_evicted".into(),
+            kv.evicted.load(Ordering::Relaxed).to_string(),
+        );
         let loaded = self.engine.loaded_models();
         custom.insert(
             "models".into(),

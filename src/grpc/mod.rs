@@ -15,6 +15,7 @@ use crate::engine::EngineError;
 use crate::model::ModelError;
 use crate::telemetry::{Metrics, ResourceSnapshot};
 use crate::training::TrainingError;
+use crate::training::sessions::SessionError;
 
 pub mod compute;
 pub mod inference;
@@ -108,6 +109,14 @@ impl From<ServeError> for Status {
                     | TrainingError::StepRejected { .. } => Status::invalid_argument(msg),
                     TrainingError::Stale { .. } => Status::aborted(msg),
                     TrainingError::TooLarge { .. } => Status::resource_exhausted(msg),
+                    TrainingError::Session(s) => match s {
+                        SessionError::Unknown
+                        | SessionError::Moved { .. }
+                        | SessionError::WrongModel { .. }
+                        | SessionError::NotEnabled { .. } => Status::failed_precondition(msg),
+                        SessionError::Busy => Status::aborted(msg),
+                        SessionError::TooLarge { .. } => Status::resource_exhausted(msg),
+                    },
                     TrainingError::Model(m) => model_status(&m, msg),
                 },
                 EngineError::Internal(_) => Status::internal(msg),

@@ -272,6 +272,7 @@ pub fn add_trainable_models(cfg: &RepositoryConfig, engine: &mut EngineConfig) -
         t.names.push(name.clone());
         t.optimizers.push(dir.settings.optimizer);
         t.learning_rates.push(dir.settings.learning_rate);
+        t.kv_sessions.push(false);
         engine.models.push(dir.slot(newest));
         added.push(name);
     }

@@ -21,6 +21,9 @@ use crate::codec::{Encoding, RawTensor};
 use crate::model::{self, Model, ModelError};
 
 mod checkpoint;
+pub mod sessions;
+
+use sessions::{Handle, SessionConfig, SessionError, Sessions};
 
 /// Forward_ids whose fate is remembered for NOT_FOUND messages.
 const GONE_REMEMBERED: usize = 4096;
@@ -48,6 +51,10 @@ pub struct TrainingConfig {
     pub checkpoint_keep: usize,
     /// Largest accumulation_step a backward may ask for.
     pub max_accumulation_steps: u32,
+    /// Per model, in model order: KV caches stay on the server (`--kv-sessions`).
+    pub kv_sessions: Vec<bool>,
+    /// The KV session store's bounds (`--kv-cache-bytes`, `--kv-session-ttl`).
+    pub sessions: SessionConfig,
 }
 
 /// Longest forward_id a client may choose, in bytes.
@@ -166,7 +173,19 @@ pub enum Step {
         kv_enc: Encoding,
         /// Answer with the present keys and values.
         want_present: bool,
+        /// Set when the request may use a server-side session (it asked for a
+        /// cache, or sent a handle); used on models with sessions on.
+        session: Option<SessionRequest>,
     },
+}
+
+/// A KV step's claim on a server-side session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRequest {
+    /// The handle and past length the request sent; None opens a session.
+    pub handle: Option<(Handle, i64)>,
+    /// The caller's token identity (0 without authentication).
+    pub owner: u64,
 }
 
 /// A backward that trains: what ComputeBackward's learning_rate asks for.
@@ -255,6 +274,9 @@ pub enum TrainingError {
     StepRejected { model: String },
     #[error("{0}")]
     BadRequest(String),
+    /// A KV session step that cannot run.
+    #[error(transparent)]
+    Session(#[from] SessionError),
     /// The model itself refused or failed (bad input, a libtorch error).
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -399,6 +421,8 @@ struct ModelState {
 /// The split-training state of an engine.
 pub struct Training {
     config: TrainingConfig,
+    /// KV caches kept between decode steps, for models with sessions on.
+    sessions: Sessions,
     store: Mutex<Store>,
     models: Vec<Mutex<ModelState>>,
     /// Optimizer steps per model, readable without waiting for a training job.
@@ -427,6 +451,7 @@ impl Training {
     pub fn new(config: &TrainingConfig, models: usize) -> Training {
         Training {
             config: config.clone(),
+            sessions: Sessions::new(config.sessions),
             store: Mutex::new(Store::default()),
             models: (0..models).map(|_| Mutex::default()).collect(),
             model_steps: (0..models).map(|_| AtomicU64::new(0)).collect(),
@@ -465,6 +490,11 @@ impl Training {
 
     pub fn stats(&self) -> &TrainingStats {
         &self.stats
+    }
+
+    /// The KV session store (its counters and gauges).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// Counts one event of model `index` for the `model` label.
@@ -520,7 +550,20 @@ impl Training {
                 past,
                 kv_enc,
                 want_present,
-            } => kv(model, input, enc, past, *kv_enc, *want_present),
+                session,
+            } => match session {
+                Some(s) if self.config.kv_sessions.get(index).copied().unwrap_or(false) => {
+                    self.session_step(index, model, input, enc, past, *kv_enc, *s, *want_present)
+                }
+                // A handle where no session can be: never run it as an empty past.
+                Some(SessionRequest {
+                    handle: Some(_), ..
+                }) => Err(SessionError::NotEnabled {
+                    model: self.config.names.get(index).cloned().unwrap_or_default(),
+                }
+                .into()),
+                _ => kv(model, input, enc, past, *kv_enc, *want_present),
+            },
         }
     }
 
@@ -618,6 +661,7 @@ impl Training {
 
     /// Releases the activations older than `--activation-ttl`.
     fn expire(&self) {
+        drop(self.sessions.expire());
         let now = Instant::now();
         let ttl = self.config.ttl;
         let expired: Vec<Entry> = {
@@ -1081,6 +1125,89 @@ fn adam_step(
     Ok(())
 }
 
+impl Training {
+    /// A KV step on a model with sessions: the cache comes from and goes back to
+    /// the store, and the reply's present key/values are the session's handle.
+    #[allow(clippy::too_many_arguments)]
+    fn session_step(
+        &self,
+        index: usize,
+        model: &Model,
+        hidden: &RawTensor,
+        enc: Encoding,
+        past: &[RawTensor],
+        kv_enc: Encoding,
+        request: SessionRequest,
+        want_present: bool,
+    ) -> Result<(RawTensor, Vec<RawTensor>), TrainingError> {
+        // Everything that can fail on the request runs before the cache is taken.
+        let x = model::raw_to_tensor(model, hidden, enc)?;
+        let positions = x.size().get(1).copied().unwrap_or(0);
+        let (handle, cache) = match request.handle {
+            Some((handle, sent_len)) => {
+                let cache = self.sessions.take(
+                    handle,
+                    sent_len,
+                    index,
+                    request.owner,
+                    &self.config.names,
+                )?;
+                (handle, cache)
+            }
+            // A real cache from the client: the step runs as without sessions.
+            None if !past.is_empty() => {
+                return kv(model, hidden, enc, past, kv_enc, want_present);
+            }
+            None => (Handle::random(), Vec::new()),
+        };
+        let started = Instant::now();
+        let kept: Vec<Tensor> = cache.iter().map(Tensor::shallow_clone).collect();
+        let (y, present) = match model.forward_kv(&x, cache) {
+            Ok(r) => r,
+            Err(e) => {
+                // The session's cache is unchanged: the client may retry the step.
+                if request.handle.is_some() {
+                    self.sessions.restore(handle, kept);
+                }
+                return Err(e.into());
+            }
+        };
+        drop(kept);
+        let out = match model::from_tensor(model, &y, enc) {
+            Ok(out) => out,
+            Err(e) => {
+                drop(self.sessions.end(handle));
+                return Err(e.into());
+            }
+        };
+        self.sessions.count_step(positions, started.elapsed());
+        if !want_present {
+            drop(self.sessions.end(handle));
+            return Ok((out, Vec::new()));
+        }
+        let past_len = present
+            .first()
+            .and_then(|k| k.size().get(2).copied())
+            .unwrap_or(0);
+        drop(
+            self.sessions
+                .put(handle, index, request.owner, present, past_len)?,
+        );
+        let reply = (0..sessions::HANDLE_ENTRIES)
+            .flat_map(|i| {
+                let shape = handle.entry_shape(i, past_len);
+                let empty = |shape: Vec<i64>| RawTensor {
+                    data: Bytes::new(),
+                    shape,
+                    dtype: out.dtype,
+                };
+                [empty(shape.clone()), empty(shape)]
+            })
+            .collect();
+        Ok((out, reply))
+    }
+}
+
 /// One incremental-decoding step (no_grad, like any inference).
 fn kv(
     model: &Model,
@@ -1183,6 +1310,11 @@ mod tests {
                 learning_rates: vec![None],
                 checkpoint_keep: 3,
                 max_accumulation_steps: 1024,
+                kv_sessions: vec![false],
+                sessions: SessionConfig {
+                    max_bytes: 1 << 20,
+                    ttl: Duration::from_secs(60),
+                },
             },
             1,
         )

@@ -34,6 +34,8 @@ QWEN2 = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidd
              vocab_size=256, initializer_range=0.2)
 LAYERS = {"gpt2": (1, 3), "qwen2": (1, 4), "qwen2-lora": (1, 3)}
 LORA = "4,8,q_proj,v_proj,down_proj"
+#: Trunks also served as NAMEs with --kv-sessions.
+SESSIONS = ("gpt2", "qwen2")
 
 
 # transformers' and torch's deprecation notes (TorchScript itself is deprecated in
@@ -157,7 +159,10 @@ def served(exported, pb):
     args = []
     for name in LAYERS:
         args += ["--model", f"{name}={out / name / '1' / 'model.pt'}"]
-    s = Server(*args, "--device", "cpu")
+    # The same trunks again, with their caches kept on the server.
+    for name in SESSIONS:
+        args += ["--model", f"{name}s={out / name / '1' / 'model.pt'}"]
+    s = Server(*args, "--device", "cpu", "--kv-sessions", ",".join(f"{n}s" for n in SESSIONS))
     try:
         s.wait_ok(pb)
         yield pb[1].ComputeServiceStub(s.channel())
@@ -166,8 +171,12 @@ def served(exported, pb):
         s.proc.wait()
 
 
-def decode_and_compare(stub, pb2, model_id: str, oracle_model, batch: int):
+def decode_and_compare(stub, pb2, model_id: str, oracle_model, batch: int, sessions=False):
+    """Prefill then 16 decode steps against the oracle. With sessions, the cache
+    stays on the server: the client passes back a handle whose bytes never grow
+    and whose key shape carries the past length, where transformers reads it."""
     first, end = LAYERS[model_id]
+    served_id = model_id + "s" if sessions else model_id
     gen = torch.Generator().manual_seed(batch)
     for prefill in (1, 7, 32):
         oracle = Oracle(oracle_model, first, end)
@@ -175,10 +184,14 @@ def decode_and_compare(stub, pb2, model_id: str, oracle_model, batch: int):
             past = []
             for step, new in enumerate([prefill] + [1] * 16):
                 hidden = torch.randn(batch, new, 64, generator=gen)
-                got, past = kv_step(stub, pb2, model_id, hidden, past)
+                got, past = kv_step(stub, pb2, served_id, hidden, past)
                 want, want_past = oracle.step(hidden)
-                where = f"{model_id} batch {batch} prefill {prefill} step {step}"
+                where = f"{served_id} batch {batch} prefill {prefill} step {step}"
                 torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{where}: {m}")
+                if sessions:
+                    assert len(past) == 4 and all(t.numel() == 0 for t in past), where
+                    assert {t.shape[2] for t in past} == {want_past[0].shape[2]}, where
+                    continue
                 assert len(past) == len(want_past) == 2 * (end - first), where
                 for i, (g, w) in enumerate(zip(past, want_past)):
                     torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"{where} cache {i}: {m}")
@@ -192,6 +205,52 @@ def decode_and_compare(stub, pb2, model_id: str, oracle_model, batch: int):
 def test_served_trunk_decodes_like_transformers_layers(exported, served, pb, model_id, batch):
     _, models = exported
     decode_and_compare(served, pb[0], model_id, models[model_id], batch)
+
+
+@pytest.mark.parametrize("model_id,batch", [("gpt2", 1), ("qwen2", 2)])
+def test_with_sessions_the_cache_stays_on_the_server_and_answers_are_the_same(
+        exported, served, pb, model_id, batch):
+    _, models = exported
+    decode_and_compare(served, pb[0], model_id, models[model_id], batch, sessions=True)
+
+
+def test_session_handles_are_refused_clearly_and_the_server_keeps_serving(served, pb):
+    pb2 = pb[0]
+    _, handle = kv_step(served, pb2, "gpt2s", torch.randn(1, 5, 64), [])
+    assert [tuple(t.shape)[::2] for t in handle] == [(0, 5)] * 4
+    # A forged handle (the same form, other random numbers) is not a session.
+    forged = [torch.empty(0, 12345, 5, 678) for _ in handle]
+    with pytest.raises(grpc.RpcError) as e:
+        kv_step(served, pb2, "gpt2s", torch.randn(1, 1, 64), forged)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "restart decoding from the prompt" in e.value.details()
+    # Another model's session; a stale handle after the session moved on.
+    with pytest.raises(grpc.RpcError) as e:
+        kv_step(served, pb2, "qwen2s", torch.randn(1, 1, 64), handle)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "gpt2s" in e.value.details()
+    _, moved = kv_step(served, pb2, "gpt2s", torch.randn(1, 1, 64), handle)
+    assert moved[0].shape[2] == 6
+    with pytest.raises(grpc.RpcError) as e:
+        kv_step(served, pb2, "gpt2s", torch.randn(1, 1, 64), handle)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has 6 positions but the request's handle says 5" in e.value.details()
+    # A bad step leaves the session as it was; use_cache=false ends it.
+    with pytest.raises(grpc.RpcError) as e:
+        kv_step(served, pb2, "gpt2s", torch.randn(1, 1, 63), moved)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    data, shape = to_wire(torch.randn(1, 1, 64))
+    entries = [pb2.KVCacheEntry(key_data=b"", key_shape=list(k.shape), value_data=b"",
+                                value_shape=list(v.shape)) for k, v in zip(moved[::2], moved[1::2])]
+    reply = served.Compute(pb2.ComputeRequest(data=data, shape=shape, model_id="gpt2s",
+                                              use_cache=False, past_key_values=entries), timeout=30)
+    assert not reply.present_key_values and tuple(reply.shape) == (1, 1, 64)
+    with pytest.raises(grpc.RpcError) as e:
+        kv_step(served, pb2, "gpt2s", torch.randn(1, 1, 64), moved)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # A client that sends its own cache to a sessions model is served as before.
+    _, real = kv_step(served, pb2, "gpt2", torch.randn(1, 3, 64), [])
+    out, present = kv_step(served, pb2, "gpt2s", torch.randn(1, 1, 64), real)
+    assert out.shape == (1, 1, 64) and present[0].shape == (1, 4, 4, 16)
 
 
 def test_lora_trunk_equals_peft_and_trains_only_its_adapters(exported, served, pb):
