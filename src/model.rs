@@ -816,7 +816,7 @@ pub fn check_warmup_shape(shape: &[i64]) -> Result<(), String> {
     }
     if shape.len() > crate::codec::MAX_DIMS || elements > MAX_WARMUP_ELEMENTS {
         return Err(format!(
-            "warm-up shape {:?} has {} elements in {} dimensions; a warm-up input may have at \
+            "warm-up shape {} has {} elements in {} dimensions; a warm-up input may have at \
              most {MAX_WARMUP_ELEMENTS} elements and {} dimensions",
             crate::codec::clip(&format!("{shape:?}")),
             if elements == u64::MAX {
