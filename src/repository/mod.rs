@@ -4,9 +4,11 @@
 //! rescans (`poll`), or loads and unloads asked through the Open Inference
 //! Protocol's repository extension (`explicit`).
 //!
-//! The repository is read, never written. Reading a model (files, config
-//! parsing) runs on tokio's blocking pool; loading it runs on the engine's
-//! loader thread; io threads only wait.
+//! The repository is read, never written. Listing it runs on tokio's blocking
+//! pool; reading a model (files, config parsing) runs on a short-lived thread
+//! of its own, under that model's lock and a timeout, so a model whose files
+//! hang holds up only itself; loading it runs on the engine's loader thread;
+//! io threads only wait. Only regular files are read, each with a byte cap.
 
 pub mod config;
 
@@ -627,7 +629,7 @@ impl Repository {
         }
         // A poll skips a model whose last operation has not finished; a load waits a while.
         let wait = (!only_if_changed).then_some(OP_WAIT);
-        let Some(op) = self.inner.ops.acquire(name, wait).await? else {
+        let Some(op) = self.acquire(name, wait).await? else {
             return Ok(());
         };
         let root = self.inner.cfg.root.clone();
@@ -765,7 +767,7 @@ impl Repository {
         if !known && !root_has(&self.inner.cfg.root, name) {
             return Err(RepositoryError::NotFound(crate::codec::clip(name)));
         }
-        let Some(_op) = self.inner.ops.acquire(name, Some(OP_WAIT)).await? else {
+        let Some(_op) = self.acquire(name, Some(OP_WAIT)).await? else {
             return Ok(());
         };
         let unloaded = self.inner.engine.unload(name, None).await;
@@ -783,6 +785,24 @@ impl Repository {
         tracing::info!(model = %name, "model unloaded");
         self.bump();
         Ok(())
+    }
+
+    /// The model's operation lock ([`OpLocks::acquire`]); a refusal is counted.
+    async fn acquire(
+        &self,
+        name: &str,
+        wait: Option<Duration>,
+    ) -> Result<Option<OpGuard>, RepositoryError> {
+        let got = self.inner.ops.acquire(name, wait).await;
+        if got.is_err() {
+            self.inner
+                .engine
+                .metrics()
+                .limit_rejections
+                .with_label_values(&[crate::telemetry::metrics::limit::REPOSITORY_BUSY])
+                .inc();
+        }
+        got
     }
 
     fn bump(&self) {

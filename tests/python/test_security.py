@@ -480,13 +480,13 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
 
 
 def test_a_hash_inside_a_token_or_a_huge_warm_up_stops_the_start_with_exit_64(server_factory, tmp_path):
-    # Cut at '#', this line would have made the token "abcdefgh0123" + nothing: refused instead.
+    # Cut at '#', this token would silently be "ops-token-0123456789": refused instead.
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"# ops\nabcdefgh#{secrets.token_hex(16)} infer  # dashboard\n")
+    tokens.write_text(f"# ops\nops-token-0123456789#{secrets.token_hex(16)} infer  # dashboard\n")
     s = server_factory("--model", "m=builtin:scale:2", "--auth-token-file", str(tokens))
     assert s.proc.wait(timeout=30) == 64
     out = s.output()
-    assert "line 2: '#' inside a token" in out and "abcdefgh" not in out, out
+    assert "line 2: '#' inside a token" in out and "ops-token" not in out, out
     # A warm-up input of 10^12 elements: one sentence, before anything is allocated.
     s = server_factory("--model", "m=builtin:scale:2", "--warmup-shape", "m=1000000x1000000")
     assert s.proc.wait(timeout=30) == 64
