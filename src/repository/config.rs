@@ -240,7 +240,7 @@ fn parse_error(
     let what = crate::codec::clip(&what);
     match offset {
         Some(at) => {
-            let at = at - inserted.iter().filter(|&&p| p < at).count();
+            let at = at.saturating_sub(inserted.iter().filter(|&&p| p < at).count());
             let (line, column) = line_column(text.as_bytes(), at);
             format!("config.pbtxt is not a valid ModelConfig: line {line}, column {column}: {what}")
         }
