@@ -662,6 +662,10 @@ impl ServeArgs {
                     w.name
                 )));
             }
+            for dims in &w.dims {
+                crate::model::check_warmup_shape(dims)
+                    .map_err(|e| ConfigError::Invalid(format!("--warmup-shape {}: {e}", w.name)))?;
+            }
         }
         for name in self
             .max_batch_size

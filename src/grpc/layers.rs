@@ -21,7 +21,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::auth::{Refusal, Tokens};
+use crate::auth::{Refusal, Scope, Tokens};
 use crate::listen::ConnInfo;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::limit;
@@ -54,6 +54,12 @@ pub fn with_payload<F: Future>(f: F) -> impl Future<Output = F::Output> {
 /// the kubelet must always be able to ask.
 fn is_health(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
+}
+
+/// gRPC server reflection, v1 and v1alpha.
+fn is_reflection(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
 /// Bytes reserved by request messages queued or in flight, against a limit.
@@ -434,6 +440,19 @@ where
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         match tokens.check(header) {
+            // Reflection describes every service: a read-only call, the `infer` scope's.
+            Ok(granted) if is_reflection(req.uri().path()) && !granted.allows(Scope::Infer) => {
+                self.layer
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["permission_denied"])
+                    .inc();
+                let res = Status::permission_denied(
+                    "this token lacks the \"infer\" scope that reflection needs",
+                )
+                .into_http::<Body>();
+                Box::pin(async move { Ok(res) })
+            }
             Ok(granted) => {
                 req.extensions_mut().insert(granted);
                 Box::pin(inner.call(req))

@@ -128,6 +128,7 @@ impl From<ServeError> for Status {
                 | crate::repository::RepositoryError::NotAllowed(_) => {
                     Status::failed_precondition(msg)
                 }
+                crate::repository::RepositoryError::Busy(_) => Status::unavailable(msg),
             },
             ServeError::BadRequest(_) => Status::invalid_argument(msg),
             ServeError::PermissionDenied(_) => Status::permission_denied(msg),

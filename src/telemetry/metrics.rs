@@ -147,6 +147,8 @@ pub mod limit {
     pub const FORWARD_ID: &str = "forward_id";
     pub const ACCUMULATION_STEPS: &str = "accumulation_steps";
     pub const LEARNING_RATE: &str = "learning_rate";
+    /// A repository load or unload of a model whose previous one has not finished.
+    pub const REPOSITORY_BUSY: &str = "repository_busy";
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -447,6 +447,22 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     code, details = infer(bearer(none_tok))
     assert code == grpc.StatusCode.PERMISSION_DENIED, f"no-scope token: {code} {details}"
 
+    # Reflection (what grpcurl asks first) describes every service: the infer scope's.
+    def reflect(metadata=None, version="v1"):
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        list_services = b"\x3a\x00"  # ServerReflectionRequest{list_services: ""}
+        return outcome(lambda: next(iter(call(iter([list_services]), metadata=metadata, timeout=TIMEOUT))))
+
+    for version in ("v1", "v1alpha"):
+        code, details = reflect(bearer(none_tok), version)
+        assert code == grpc.StatusCode.PERMISSION_DENIED, f"reflection, no-scope token: {code} {details}"
+        assert "infer" in details
+        assert reflect(None, version)[0] == grpc.StatusCode.UNAUTHENTICATED
+        code, reply = reflect(bearer(infer_tok), version)
+        assert code == grpc.StatusCode.OK and b"splitlearn.comm.ComputeService" in reply, (code, reply)
+
     # grpc.health.v1 needs no token.
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
@@ -461,6 +477,22 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"the removed token: {code} {details}"
     assert infer(bearer(train_tok))[0] == grpc.StatusCode.OK
     assert s.proc.poll() is None
+
+
+def test_a_hash_inside_a_token_or_a_huge_warm_up_stops_the_start_with_exit_64(server_factory, tmp_path):
+    # Cut at '#', this token would silently be "ops-token-0123456789": refused instead.
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# ops\nops-token-0123456789#{secrets.token_hex(16)} infer  # dashboard\n")
+    s = server_factory("--model", "m=builtin:scale:2", "--auth-token-file", str(tokens))
+    assert s.proc.wait(timeout=30) == 64
+    out = s.output()
+    assert "line 2: '#' inside a token" in out and "ops-token" not in out, out
+    # A warm-up input of 10^12 elements: one sentence, before anything is allocated.
+    s = server_factory("--model", "m=builtin:scale:2", "--warmup-shape", "m=1000000x1000000")
+    assert s.proc.wait(timeout=30) == 64
+    out = s.output()
+    assert "1000000000000 elements" in out and "at most 268435456" in out, out
+    assert "frame #" not in out, out
 
 
 # --- training opt-in ----------------------------------------------------------
