@@ -1144,3 +1144,132 @@ async fn kv_caches_travel_as_float16_and_zlib() {
     }
     server.stop().await.unwrap();
 }
+
+fn all_finite(v: &[f32]) -> bool {
+    v.iter().all(|x| x.is_finite())
+}
+
+/// One request within the limits cannot break a trainable model: a backward
+/// with a huge but finite grad_output (1e20) at the largest allowed learning
+/// rate, under SGD and Adam. With the default `--max-grad-norm` the step is
+/// clipped; with clipping out of the way (`--max-grad-norm 1e30`) the step is
+/// refused and rolled back, because its outputs (SGD) or Adam's second moment
+/// would overflow. Either way the outputs on the warm-up input (zeros) and on
+/// the batch stay finite, and a later ordinary step still changes them: the
+/// optimizer is neither broken nor frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_huge_gradient_cannot_break_or_freeze_a_trainable_model() {
+    let x = values(5 * 4, 3);
+    let warmup = [0.0f32; 4];
+    for (optimizer, clip, refused) in [
+        ("sgd", "100", None),
+        ("adam", "100", None),
+        ("sgd", "1e30", Some("outputs NaN or infinite")),
+        ("adam", "1e30", Some("optimizer state")),
+    ] {
+        let what = format!("{optimizer}, --max-grad-norm {clip}");
+        let server = TestServer::start(args(
+            &["m=builtin:mlp:4x8x3"],
+            &[
+                "--trainable",
+                "m",
+                "--optimizer",
+                optimizer,
+                "--max-grad-norm",
+                clip,
+            ],
+        ))
+        .await;
+        let mut c = server.client().await;
+        let before = infer(&mut c, "", &warmup, &[1, 4]).await;
+        let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+        let r = c
+            .compute_backward(backward(&id, &[1e20; 15], &[5, 3], Some(10.0)))
+            .await;
+        match refused {
+            None => {
+                r.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                assert_eq!(counter(&mut c, "optimizer_grads_clipped").await, 1, "{what}");
+            }
+            Some(why) => {
+                let e = r.unwrap_err();
+                assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+                assert!(e.message().contains(why), "{what}: {}", e.message());
+                assert!(e.message().contains("unchanged"), "{what}: {}", e.message());
+                assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 1, "{what}");
+                assert_eq!(
+                    infer(&mut c, "", &warmup, &[1, 4]).await,
+                    before,
+                    "{what}: rolled back"
+                );
+            }
+        }
+        let probe = infer(&mut c, "", &warmup, &[1, 4]).await;
+        let batch = infer(&mut c, "", &x, &[5, 4]).await;
+        assert!(all_finite(&probe), "{what}: warm-up outputs {probe:?}");
+        assert!(all_finite(&batch), "{what}: batch outputs {batch:?}");
+
+        // Ordinary steps still move the outputs (Adam: several, so that a
+        // frozen second moment would show).
+        let mut last = probe;
+        for k in 0..3u32 {
+            let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+            c.compute_backward(backward(&id, &values(15, 20 + k), &[5, 3], Some(0.05)))
+                .await
+                .unwrap_or_else(|e| panic!("{what}: ordinary step {k}: {e:?}"));
+            let now = infer(&mut c, "", &warmup, &[1, 4]).await;
+            assert!(all_finite(&now), "{what}: step {k}: {now:?}");
+            assert_ne!(now, last, "{what}: ordinary step {k} changed nothing");
+            last = now;
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+/// A grad_output so large that the parameters' gradients overflow (3e38 per
+/// element, summed over five rows): the step is refused, counted, and the
+/// model trains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradient_that_overflows_is_refused_and_the_model_trains_on() {
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x3"],
+        &["--trainable", "m", "--optimizer", "adam"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let x = values(5 * 4, 9);
+    let before = infer(&mut c, "", &x, &[5, 4]).await;
+    let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+    let e = c
+        .compute_backward(backward(&id, &[3e38; 15], &[5, 3], Some(1.0)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("gradients overflowed"), "{}", e.message());
+    assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 1);
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 0);
+    assert_eq!(infer(&mut c, "", &x, &[5, 4]).await, before);
+    let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+    c.compute_backward(backward(&id, &values(15, 1), &[5, 3], Some(0.05)))
+        .await
+        .unwrap();
+    assert_ne!(infer(&mut c, "", &x, &[5, 4]).await, before);
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 1);
+
+    // Accumulating: the backward that overflows is the one refused, at once,
+    // not the one that completes the count later.
+    let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+    let mut req = backward(&id, &[3e38; 15], &[5, 3], Some(0.05));
+    req.accumulation_step = Some(2);
+    let e = c.compute_backward(req).await.unwrap_err();
+    assert!(e.message().contains("gradients overflowed"), "{}", e.message());
+    assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 2);
+    for k in 0..2 {
+        let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+        let mut req = backward(&id, &values(15, 2 + k), &[5, 3], Some(0.05));
+        req.accumulation_step = Some(2);
+        c.compute_backward(req).await.unwrap();
+    }
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 2);
+    server.stop().await.unwrap();
+}
