@@ -493,10 +493,17 @@ async fn concurrent_clients_forward_ids_never_mix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
     // One forward of [2, 4] -> [2, 2] stores 32 + 16 bytes of tensors and its
-    // 36-byte id: 84 bytes, so 200 hold two.
+    // 36-byte id: 84 bytes, so m's 200 hold two.
     let server = TestServer::start(args(
         &["m=builtin:mlp:4x8x2", "other=builtin:scale:1"],
-        &["--activation-cache-bytes", "200", "--trainable", "m"],
+        &[
+            "--activation-cache-bytes",
+            "400",
+            "--activation-model-bytes",
+            "m=200",
+            "--trainable",
+            "m",
+        ],
     ))
     .await;
     let mut c = server.client().await;
@@ -1271,5 +1278,78 @@ async fn a_gradient_that_overflows_is_refused_and_the_model_trains_on() {
         c.compute_backward(req).await.unwrap();
     }
     assert_eq!(counter(&mut c, "optimizer_steps").await, 2);
+    server.stop().await.unwrap();
+}
+
+/// Each model has its own share of the activation cache: training forwards
+/// on one model (here a frozen one that any client may call, for gradients
+/// only) evict only that model's activations, never a trainer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_forwards_on_one_model_never_evict_another_models_activations() {
+    // One forward of [2, 4] -> [2, 2] stores 84 bytes (see above). 400 bytes
+    // split equally: 200 each, two forwards per model.
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x2", "frozen=builtin:mlp:4x8x2"],
+        &["--activation-cache-bytes", "400", "--trainable", "m"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let x = values(8, 6);
+    let (mine, _) = train_forward(&mut c, "m", &x, &[2, 4]).await;
+    let mut frozen = Vec::new();
+    for _ in 0..10 {
+        frozen.push(train_forward(&mut c, "frozen", &x, &[2, 4]).await.0);
+    }
+    // The flood evicted only its own model's entries.
+    assert_eq!(counter(&mut c, "activations_evicted").await, 8);
+    assert_eq!(counter(&mut c, "activations_bytes").await, 3 * 84);
+    let e = c
+        .compute_backward(backward(&frozen[0], &[1.0; 4], &[2, 2], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("evicted"), "{}", e.message());
+    // The trainer's forward is still there and trains.
+    c.compute_backward(backward(&mine, &[1.0; 4], &[2, 2], Some(0.1)))
+        .await
+        .unwrap();
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 1);
+    // The frozen model's newest forwards still answer their gradient.
+    c.compute_backward(backward(&frozen[9], &[1.0; 4], &[2, 2], None))
+        .await
+        .unwrap();
+    // A forward over one model's share is refused, naming the model.
+    let e = c
+        .compute(training_request("frozen", &values(32, 1), &[8, 4], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("\"frozen\"'s share"), "{}", e.message());
+    server.stop().await.unwrap();
+
+    // An operator can give one model most of the cache (or none: 0 refuses
+    // every training forward there).
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x2", "frozen=builtin:mlp:4x8x2"],
+        &[
+            "--activation-cache-bytes",
+            "400",
+            "--activation-model-bytes",
+            "m=400",
+            "--trainable",
+            "m",
+        ],
+    ))
+    .await;
+    let mut c = server.client().await;
+    for _ in 0..4 {
+        train_forward(&mut c, "m", &x, &[2, 4]).await;
+    }
+    assert_eq!(counter(&mut c, "activations_evicted").await, 0);
+    let e = c
+        .compute(training_request("frozen", &x, &[2, 4], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     server.stop().await.unwrap();
 }
