@@ -1353,3 +1353,130 @@ async fn training_forwards_on_one_model_never_evict_another_models_activations()
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     server.stop().await.unwrap();
 }
+
+/// Rewrites one tensor of a safetensors file with NaN in its first element.
+fn poison(file: &Path) {
+    let mut named = Tensor::read_safetensors(file).unwrap();
+    let t = &mut named[0].1;
+    let _ = t.get(0).fill_(f64::NAN);
+    Tensor::write_safetensors(&named, file).unwrap();
+}
+
+/// Runs the binary until it exits (60 s at most): (exit code, stderr).
+fn run_binary(argv: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+        .args(argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Checkpoints that do not load never silently give way to fresh weights:
+/// non-finite weights make a checkpoint as unloadable as a damaged file (the
+/// next older one is resumed from); when none loads the server refuses to
+/// start (exit 64, naming the directory) unless `--checkpoint-start-fresh`;
+/// and a step counter at 2^64-1 saturates instead of wrapping to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_that_do_not_load_are_refused_never_silently_replaced() {
+    const SPEC: &str = "m=builtin:mlp:4x8x3";
+    let dir = temp_dir("unloadable");
+    let ckpt = dir.join("m.ckpt");
+    let mut flags = checkpointing("m", &dir);
+    flags.extend(["--optimizer", "adam"].map(String::from));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let probe = values(8, 42);
+    let step = |c: &mut Client, k: u32| {
+        let mut c = c.clone();
+        async move {
+            let (id, _) = train_forward(&mut c, "", &values(8, k), &[2, 4]).await;
+            c.compute_backward(backward(&id, &values(6, 60 + k), &[2, 3], Some(0.01)))
+                .await
+                .unwrap();
+        }
+    };
+
+    let server = TestServer::start(args(&[SPEC], &flags)).await;
+    let mut c = server.client().await;
+    let untrained = infer(&mut c, "", &probe, &[2, 4]).await;
+    step(&mut c, 1).await;
+    let after_one = infer(&mut c, "", &probe, &[2, 4]).await;
+    step(&mut c, 2).await;
+    server.stop().await.unwrap();
+
+    // NaN weights in the newest: resumed from the one before, the newest set aside.
+    poison(&ckpt.join("step-0000000002/model.safetensors"));
+    let server = TestServer::start(args(&[SPEC], &flags)).await;
+    let mut c = server.client().await;
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, 1);
+    assert_eq!(infer(&mut c, "", &probe, &[2, 4]).await, after_one);
+    assert!(ckpt.join("unloadable-step-0000000002").is_dir());
+    assert!(!ckpt.join("step-0000000002").exists());
+    server.stop().await.unwrap();
+
+    // None loads: the binary refuses to start, in one sentence naming the directory.
+    std::fs::write(ckpt.join("step-0000000001/model.safetensors"), b"not tensors").unwrap();
+    let mut argv = vec![
+        "serve",
+        "--model",
+        SPEC,
+        "--device",
+        "cpu",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "off",
+        "--http-addr",
+        "off",
+    ];
+    argv.extend(&flags);
+    let (code, stderr) = run_binary(&argv);
+    assert_eq!(code, Some(64), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(ckpt.to_str().unwrap()), "{last}");
+    assert!(last.contains("none of them loads"), "{last}");
+    assert!(last.contains("--checkpoint-start-fresh"), "{last}");
+    assert!(ckpt.join("step-0000000001").is_dir(), "refusing moves nothing");
+
+    // --checkpoint-start-fresh: the model's own weights, the old ones set aside.
+    let mut fresh = flags.clone();
+    fresh.push("--checkpoint-start-fresh");
+    let server = TestServer::start(args(&[SPEC], &fresh)).await;
+    let mut c = server.client().await;
+    assert_eq!(infer(&mut c, "", &probe, &[2, 4]).await, untrained);
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, 0);
+    assert!(ckpt.join("unloadable-step-0000000001").is_dir());
+    step(&mut c, 1).await;
+    server.stop().await.unwrap();
+
+    // A step counter at 2^64-1 (Adam's per-parameter counts too) saturates.
+    let state = ckpt.join("step-0000000001/state.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    json["steps"] = u64::MAX.into();
+    for t in json["adam_steps"].as_array_mut().unwrap() {
+        *t = u64::MAX.into();
+    }
+    std::fs::write(&state, serde_json::to_vec(&json).unwrap()).unwrap();
+    let server = TestServer::start(args(&[SPEC], &flags)).await;
+    let mut c = server.client().await;
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, u64::MAX);
+    let before = infer(&mut c, "", &probe, &[2, 4]).await;
+    step(&mut c, 3).await;
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, u64::MAX);
+    let after = infer(&mut c, "", &probe, &[2, 4]).await;
+    assert!(all_finite(&after) && after != before, "{after:?}");
+    assert!(ckpt.join(format!("step-{}", u64::MAX)).is_dir());
+    server.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
