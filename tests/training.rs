@@ -1196,14 +1196,22 @@ async fn one_huge_gradient_cannot_break_or_freeze_a_trainable_model() {
         match refused {
             None => {
                 r.unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                assert_eq!(counter(&mut c, "optimizer_grads_clipped").await, 1, "{what}");
+                assert_eq!(
+                    counter(&mut c, "optimizer_grads_clipped").await,
+                    1,
+                    "{what}"
+                );
             }
             Some(why) => {
                 let e = r.unwrap_err();
                 assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
                 assert!(e.message().contains(why), "{what}: {}", e.message());
                 assert!(e.message().contains("unchanged"), "{what}: {}", e.message());
-                assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 1, "{what}");
+                assert_eq!(
+                    counter(&mut c, "optimizer_steps_rejected").await,
+                    1,
+                    "{what}"
+                );
                 assert_eq!(
                     infer(&mut c, "", &warmup, &[1, 4]).await,
                     before,
@@ -1252,7 +1260,11 @@ async fn a_gradient_that_overflows_is_refused_and_the_model_trains_on() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("gradients overflowed"), "{}", e.message());
+    assert!(
+        e.message().contains("gradients overflowed"),
+        "{}",
+        e.message()
+    );
     assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 1);
     assert_eq!(counter(&mut c, "optimizer_steps").await, 0);
     assert_eq!(infer(&mut c, "", &x, &[5, 4]).await, before);
@@ -1269,7 +1281,11 @@ async fn a_gradient_that_overflows_is_refused_and_the_model_trains_on() {
     let mut req = backward(&id, &[3e38; 15], &[5, 3], Some(0.05));
     req.accumulation_step = Some(2);
     let e = c.compute_backward(req).await.unwrap_err();
-    assert!(e.message().contains("gradients overflowed"), "{}", e.message());
+    assert!(
+        e.message().contains("gradients overflowed"),
+        "{}",
+        e.message()
+    );
     assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 2);
     for k in 0..2 {
         let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
@@ -1324,7 +1340,11 @@ async fn training_forwards_on_one_model_never_evict_another_models_activations()
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("\"frozen\"'s share"), "{}", e.message());
+    assert!(
+        e.message().contains("\"frozen\"'s share"),
+        "{}",
+        e.message()
+    );
     server.stop().await.unwrap();
 
     // An operator can give one model most of the cache (or none: 0 refuses
@@ -1379,7 +1399,10 @@ fn run_binary(argv: &[&str]) -> (Option<i32>, String) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Checkpoints that do not load never silently give way to fresh weights:
@@ -1425,7 +1448,11 @@ async fn checkpoints_that_do_not_load_are_refused_never_silently_replaced() {
     server.stop().await.unwrap();
 
     // None loads: the binary refuses to start, in one sentence naming the directory.
-    std::fs::write(ckpt.join("step-0000000001/model.safetensors"), b"not tensors").unwrap();
+    std::fs::write(
+        ckpt.join("step-0000000001/model.safetensors"),
+        b"not tensors",
+    )
+    .unwrap();
     let mut argv = vec![
         "serve",
         "--model",
@@ -1446,7 +1473,10 @@ async fn checkpoints_that_do_not_load_are_refused_never_silently_replaced() {
     assert!(last.contains(ckpt.to_str().unwrap()), "{last}");
     assert!(last.contains("none of them loads"), "{last}");
     assert!(last.contains("--checkpoint-start-fresh"), "{last}");
-    assert!(ckpt.join("step-0000000001").is_dir(), "refusing moves nothing");
+    assert!(
+        ckpt.join("step-0000000001").is_dir(),
+        "refusing moves nothing"
+    );
 
     // --checkpoint-start-fresh: the model's own weights, the old ones set aside.
     let mut fresh = flags.clone();

@@ -351,7 +351,10 @@ pub(super) fn restore(
             model.name,
             found.len(),
             root(dir, &model.name).display(),
-            newest.file_name().and_then(|n| n.to_str()).unwrap_or_default(),
+            newest
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default(),
         ));
     };
     let params = model.all_parameters().map_err(|e| e.to_string())?;
@@ -441,10 +444,20 @@ fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
             ));
         }
         if !finite(t)? {
-            return Err(format!("optimizer.safetensors: {key:?} holds NaN or infinite values"));
+            return Err(format!(
+                "optimizer.safetensors: {key:?} holds NaN or infinite values"
+            ));
         }
-        if key.starts_with("adam_v.") && t.f_lt(0.0).and_then(|n| n.f_any()).map_err(|e| e.to_string())?.int64_value(&[]) != 0 {
-            return Err(format!("optimizer.safetensors: {key:?} holds negative values"));
+        if key.starts_with("adam_v.")
+            && t.f_lt(0.0)
+                .and_then(|n| n.f_any())
+                .map_err(|e| e.to_string())?
+                .int64_value(&[])
+                != 0
+        {
+            return Err(format!(
+                "optimizer.safetensors: {key:?} holds negative values"
+            ));
         }
     }
     let device = model.device;

@@ -890,22 +890,11 @@ impl Training {
             state.adam = params.iter().map(|_| None).collect();
             state.params = Some(params);
         }
-        Ok(state
-            .params
-            .as_mut()
-            .map(Vec::as_mut_slice)
-            .unwrap_or_default())
+        Ok(state.params.as_deref_mut().unwrap_or_default())
     }
 
     /// Drops the accumulated gradients and counts a refused step.
-    fn refuse(
-        &self,
-        index: usize,
-        model: &Model,
-        state: &mut ModelState,
-        why: Refusal,
-        lr: f64,
-    ) {
+    fn refuse(&self, index: usize, model: &Model, state: &mut ModelState, why: Refusal, lr: f64) {
         for p in state.params.iter_mut().flatten() {
             p.zero_grad();
         }
@@ -977,11 +966,11 @@ impl Training {
                     return Ok(Some(Refusal::Parameters));
                 }
             }
-            for t in momentum.iter().flatten().chain(
-                adam.iter()
-                    .flatten()
-                    .flat_map(|(m, v, _)| [m, v]),
-            ) {
+            for t in momentum
+                .iter()
+                .flatten()
+                .chain(adam.iter().flatten().flat_map(|(m, v, _)| [m, v]))
+            {
                 if !all_finite(t)? {
                     return Ok(Some(Refusal::OptimizerState));
                 }
@@ -1005,14 +994,14 @@ impl Training {
             Ok(Some(why)) => Some(why),
             Err(e) => {
                 // A failed update may have changed some tensors: undo it too.
-                let params = state.params.as_mut().map(Vec::as_mut_slice).unwrap_or_default();
+                let params = state.params.as_deref_mut().unwrap_or_default();
                 tch::no_grad(|| saved.restore(params, &mut state.momentum, &mut state.adam))
                     .map_err(|e| internal(model, e))?;
                 return Err(e.into_error(model));
             }
         };
         if let Some(why) = refused {
-            let params = state.params.as_mut().map(Vec::as_mut_slice).unwrap_or_default();
+            let params = state.params.as_deref_mut().unwrap_or_default();
             tch::no_grad(|| saved.restore(params, &mut state.momentum, &mut state.adam))
                 .map_err(|e| internal(model, e))?;
             drop(version);
