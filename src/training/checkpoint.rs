@@ -161,6 +161,18 @@ pub(super) fn write(
     Ok(Some(latest))
 }
 
+/// Sorts `step-N` directories by N, newest first: by number, not by name,
+/// so that a step count past the 10 padded digits still sorts right.
+fn newest_first(found: &mut [PathBuf]) {
+    let step = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    found.sort_by(|a, b| (step(b), b).cmp(&(step(a), a)));
+}
+
 /// Complete checkpoints of a model, newest first.
 fn complete(dir: &Path, model: &str) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root(dir, model)) else {
@@ -176,8 +188,7 @@ fn complete(dir: &Path, model: &str) -> Vec<PathBuf> {
                 && p.join("state.json").is_file()
         })
         .collect();
-    found.sort();
-    found.reverse();
+    newest_first(&mut found);
     found
 }
 
@@ -258,8 +269,7 @@ fn candidates(dir: &Path, model: &str) -> Vec<PathBuf> {
                     .is_some_and(|n| n.starts_with("step-"))
         })
         .collect();
-    found.sort();
-    found.reverse();
+    newest_first(&mut found);
     found
 }
 
@@ -497,4 +507,22 @@ fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
         saved_at: record.steps,
         probe_finite: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_sort_by_step_number_past_ten_digits() {
+        let mut found: Vec<PathBuf> = ["step-0000000009", "step-10000000000", "step-9999999999"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        newest_first(&mut found);
+        assert_eq!(
+            found,
+            ["step-10000000000", "step-9999999999", "step-0000000009"].map(PathBuf::from)
+        );
+    }
 }
