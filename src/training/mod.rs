@@ -842,7 +842,7 @@ impl Training {
             state.pending = state.pending.saturating_add(1);
             // The gradients this backward added must be finite: otherwise it,
             // not a later caller, is refused, and nothing of it stays.
-            let finite = (|| -> Result<bool, TrchOrModel> {
+            let finite = (|| -> Result<bool, StepError> {
                 let params = self.params_of(model, state)?;
                 Ok(grads_finite(params)?)
             })()
@@ -942,7 +942,7 @@ impl Training {
         // What the step changes, kept so that a refused step can be undone.
         let saved = tch::no_grad(|| Snapshot::take(params, momentum, adam))
             .map_err(|e| internal(model, e))?;
-        let stepped = tch::no_grad(|| -> Result<Option<Refusal>, TrchOrModel> {
+        let stepped = tch::no_grad(|| -> Result<Option<Refusal>, StepError> {
             let Some(_) = clipped else {
                 return Ok(Some(Refusal::Gradient));
             };
@@ -1176,28 +1176,28 @@ fn all_finite(t: &Tensor) -> Result<bool, tch::TchError> {
 }
 
 /// A libtorch error or the model's own, inside a step.
-enum TrchOrModel {
+enum StepError {
     Torch(tch::TchError),
     Model(ModelError),
 }
 
-impl From<tch::TchError> for TrchOrModel {
+impl From<tch::TchError> for StepError {
     fn from(e: tch::TchError) -> Self {
-        TrchOrModel::Torch(e)
+        StepError::Torch(e)
     }
 }
 
-impl From<ModelError> for TrchOrModel {
+impl From<ModelError> for StepError {
     fn from(e: ModelError) -> Self {
-        TrchOrModel::Model(e)
+        StepError::Model(e)
     }
 }
 
-impl TrchOrModel {
+impl StepError {
     fn into_error(self, model: &Model) -> TrainingError {
         match self {
-            TrchOrModel::Torch(e) => internal(model, e),
-            TrchOrModel::Model(e) => TrainingError::Model(e),
+            StepError::Torch(e) => internal(model, e),
+            StepError::Model(e) => TrainingError::Model(e),
         }
     }
 }
@@ -1250,7 +1250,7 @@ fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Option<bool>, tch:
 /// Whether the model's outputs on its warm-up input (zeros of the shape its
 /// warm-up showed, one row) are all finite; true for a model without a
 /// single-input signature. The caller holds the parameters and no_grad.
-fn probe_finite(model: &Model) -> Result<bool, TrchOrModel> {
+fn probe_finite(model: &Model) -> Result<bool, StepError> {
     let Some([input]) = model.signature.as_ref().map(|s| s.inputs.as_slice()) else {
         return Ok(true);
     };
