@@ -69,7 +69,7 @@ pub struct Metrics {
     /// Training forwards waiting for their backward, and their bytes.
     pub activations_stored: IntGauge,
     pub activations_bytes: IntGauge,
-    /// Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.
+    /// Split-training events: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.
     pub training_events: IntCounterVec,
     /// Limits that triggered, by limit (see [`limit`]): each one a refusal a
     /// client saw, or a connection closed.
@@ -260,7 +260,7 @@ impl Metrics {
             training_events: IntCounterVec::new(
                 Opts::new(
                     "splitserve_training_events_total",
-                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, eviction, expiry, checkpoint.",
+                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.",
                 ),
                 &["model", "event"],
             )?,
