@@ -225,6 +225,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_ACTIVATION_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub activation_cache_bytes: u64,
 
+    /// One model's share of --activation-cache-bytes, NAME=BYTES (e.g.
+    /// top=768MiB); repeatable. Models without one split what is left equally.
+    /// A model's training forwards evict only its own activations.
+    #[arg(
+        long,
+        env = "SPLITSERVE_ACTIVATION_MODEL_BYTES",
+        value_delimiter = ',',
+        value_name = "NAME=BYTES",
+        value_parser = parse_model_bytes
+    )]
+    pub activation_model_bytes: Vec<(String, u64)>,
+
     /// How long a `training_mode` forward's activations wait for their
     /// ComputeBackward before they are released (e.g. 60s, 500ms).
     #[arg(long, env = "SPLITSERVE_ACTIVATION_TTL", default_value = "60s", value_parser = parse_duration)]
@@ -367,6 +379,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_CHECKPOINT_KEEP", default_value_t = 3)]
     pub checkpoint_keep: usize,
 
+    /// When a model has checkpoints in --checkpoint-dir and none of them loads,
+    /// start from the model's own weights (the unloadable ones are renamed
+    /// `unloadable-step-*`) instead of refusing to start.
+    #[arg(long, env = "SPLITSERVE_CHECKPOINT_START_FRESH")]
+    pub checkpoint_start_fresh: bool,
+
     /// Connections older than this get a GOAWAY (in-flight requests finish), so
     /// clients reconnect and new pods get their share of the load; 0 = never.
     #[arg(long, env = "SPLITSERVE_MAX_CONNECTION_AGE", default_value = "0", value_parser = parse_duration)]
@@ -379,6 +397,12 @@ pub struct ServeArgs {
     /// Largest learning_rate a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
     #[arg(long, env = "SPLITSERVE_MAX_LEARNING_RATE", default_value_t = 10.0)]
     pub max_learning_rate: f64,
+
+    /// Before each optimizer step, accumulated gradients whose total L2 norm is
+    /// above this are scaled down to it (torch.nn.utils.clip_grad_norm_), so
+    /// that no single request can push the weights or Adam's moments out of range.
+    #[arg(long, env = "SPLITSERVE_MAX_GRAD_NORM", default_value_t = 100.0)]
+    pub max_grad_norm: f64,
 
     /// Largest accumulation_step a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
     #[arg(
@@ -542,6 +566,9 @@ impl ServeArgs {
                 max_bytes: self.kv_cache_bytes,
                 ttl: self.kv_session_ttl,
             },
+            max_grad_norm: self.max_grad_norm,
+            model_cache_bytes: self.activation_model_bytes.clone(),
+            checkpoint_start_fresh: self.checkpoint_start_fresh,
         };
         let models = specs
             .into_iter()
@@ -842,6 +869,29 @@ impl ServeArgs {
                 "--activation-cache-bytes must be at least 1".into(),
             ));
         }
+        if !(self.max_grad_norm > 0.0 && self.max_grad_norm.is_finite()) {
+            return Err(ConfigError::Invalid(format!(
+                "--max-grad-norm must be a positive number, not {}",
+                self.max_grad_norm
+            )));
+        }
+        let mut shares = 0u64;
+        for (name, bytes) in &self.activation_model_bytes {
+            if !known(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "--activation-model-bytes names model {:?}, which no --model defines",
+                    codec::clip(name)
+                )));
+            }
+            shares = shares.saturating_add(*bytes);
+        }
+        if shares > self.activation_cache_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "--activation-model-bytes shares add up to {shares} bytes, more than \
+                 --activation-cache-bytes {}",
+                self.activation_cache_bytes
+            )));
+        }
         if self.activation_ttl.is_zero() {
             return Err(ConfigError::Invalid(
                 "--activation-ttl must be longer than 0".into(),
@@ -1039,6 +1089,16 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("size {s:?} is out of range"));
     }
     Ok(bytes as u64)
+}
+
+/// `NAME=BYTES`, the bytes as [`parse_bytes`] reads them.
+fn parse_model_bytes(s: &str) -> Result<(String, u64), String> {
+    match s.split_once('=') {
+        Some((name, bytes)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), parse_bytes(bytes)?))
+        }
+        _ => Err(format!("expected NAME=BYTES like top=512MiB, got {s:?}")),
+    }
 }
 
 /// [`parse_bytes`] for sizes held in memory.

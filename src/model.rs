@@ -556,7 +556,13 @@ impl Model {
 
     /// The parameters an optimizer updates: those that require a gradient.
     pub fn trainable_parameters(&self) -> Result<Vec<Tensor>, ModelError> {
-        let all = match &self.inner {
+        let all = self.all_parameters()?;
+        Ok(all.into_iter().filter(Tensor::requires_grad).collect())
+    }
+
+    /// Every parameter, frozen ones included: what a checkpoint replaces.
+    pub fn all_parameters(&self) -> Result<Vec<Tensor>, ModelError> {
+        Ok(match &self.inner {
             Inner::Script(m) => m
                 .named_parameters()
                 .map_err(|e| ModelError::Internal {
@@ -572,8 +578,7 @@ impl Model {
                 .flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()])
                 .collect(),
             Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
-        };
-        Ok(all.into_iter().filter(Tensor::requires_grad).collect())
+        })
     }
 
     /// Incremental decoding: runs a TorchScript `forward(hidden, past)` where

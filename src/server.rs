@@ -375,6 +375,10 @@ pub async fn run(
                 });
                 tracing::info!(addr = ?config.grpc_addr, "serving");
             }
+            // Checkpoints that exist but do not load are the operator's to fix.
+            EngineStatus::Failed(msg) if engine.training().refused_start() => {
+                break Err(RunError::Config(msg));
+            }
             EngineStatus::Failed(msg) => break Err(RunError::Startup(msg)),
             _ => {}
         }

@@ -80,7 +80,7 @@ pub struct Metrics {
     /// of their rates is the time per generated token.
     pub kv_decode_steps: IntCounter,
     pub kv_decode_seconds: prometheus::Counter,
-    /// Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.
+    /// Split-training events: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.
     pub training_events: IntCounterVec,
     /// Limits that triggered, by limit (see [`limit`]): each one a refusal a
     /// client saw, or a connection closed.
@@ -300,7 +300,7 @@ impl Metrics {
             training_events: IntCounterVec::new(
                 Opts::new(
                     "splitserve_training_events_total",
-                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, eviction, expiry, checkpoint.",
+                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.",
                 ),
                 &["model", "event"],
             )?,

@@ -569,11 +569,11 @@ def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     code, details = step(np.ones((2, 4)), learning_rate=11.0)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"learning_rate above --max-learning-rate: {code} {details}"
 
-    # Finite gradient, allowed learning rate, overflowing update: the last layer's
-    # bias gradient alone is 2 rows x 1e38 = 2e38 (finite float32); 9 x 2e38 is
-    # not. (With 1e30 this small MLP's update would stay finite.)
-    code, details = step(np.full((2, 4), 1e38), learning_rate=9.0)
+    # Finite grad_output, allowed learning rate, overflowing gradient: the last
+    # layer's bias gradient alone is 2 rows x 3e38, past float32's range.
+    code, details = step(np.full((2, 4), 3e38), learning_rate=9.0)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"overflowing step: {code} {details}"
+    assert "refused" in details, details
     metrics = http_get(f"{s.metrics_url}/metrics")[1]
     rejected = metric_sum(metrics, "splitserve_training_events_total", event="step_rejected")
     assert rejected >= 1, [ln for ln in metrics.splitlines() if "training_events" in ln]
@@ -581,6 +581,15 @@ def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     after = inference(stub, pb2)
     assert np.isfinite(decode(after, [3, 4])).all()
     assert after == before, "a rejected step changed the weights"
+
+    # A gradient that stays finite (2 x 1e38) but would overflow the update is
+    # clipped to --max-grad-norm: the step is taken, and the model stays finite.
+    code, details = step(np.full((2, 4), 1e38), learning_rate=9.0)
+    assert code == grpc.StatusCode.OK, f"clipped step: {code} {details}"
+    metrics = http_get(f"{s.metrics_url}/metrics")[1]
+    assert metric_sum(metrics, "splitserve_training_events_total", event="grad_clipped") == 1
+    before = inference(stub, pb2)
+    assert np.isfinite(decode(before, [3, 4])).all()
 
     # An ordinary step on the opted-in model still trains it.
     code, reply = step(np.ones((2, 4)), learning_rate=0.01)
