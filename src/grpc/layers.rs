@@ -695,13 +695,10 @@ pub fn rewrite_status<B>(mut res: http::Response<B>) -> http::Response<B> {
 /// [`rewrite_status`] on a header or trailer map; says which limit it
 /// rewrote a refusal for, if any.
 fn rewrite_headers(h: &mut http::HeaderMap) -> Option<&'static str> {
-    let Some(code) = h
+    let code = h
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-    else {
-        return None;
-    };
+        .map(str::to_string)?;
     let message = h
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())
