@@ -6,7 +6,9 @@
 //! 5-byte gRPC prefix claims a length, which is checked against
 //! `--max-message-bytes` and reserved from the `--max-inflight-bytes` budget
 //! before a byte of it is buffered (tonic would reserve the claimed length at
-//! once), and the body must arrive within `--request-body-timeout`.
+//! once), and the body must arrive within `--request-body-timeout`. Its
+//! [`ReplyGuard`] lets the handlers check a reply's size before it is built
+//! and hold its bytes in the same budget until the response body is written.
 
 use std::future::Future;
 use std::pin::Pin;
