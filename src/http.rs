@@ -18,11 +18,11 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::auth::{Granted, Scope, Tokens};
-use crate::codec::{self, MAX_DIMS, RawTensor};
+use crate::codec::{self, MAX_DIMS};
 use crate::grpc::ServeError;
-use crate::grpc::inference::{InferRequest, InferenceApi, earliest};
+use crate::grpc::inference::{InferReply, InferRequest, InferenceApi, earliest};
 use crate::grpc::inference_pb as pb;
-use crate::grpc::layers::Budget;
+use crate::grpc::layers::{Budget, ReplyGuard};
 use crate::telemetry::metrics::{limit, protocol};
 use crate::telemetry::otel;
 use crate::v2::{self, InputTensor, Values};
@@ -390,18 +390,6 @@ fn json_values(name: &str, dtype: codec::WireDtype, flat: &[Value]) -> Result<Va
     })
 }
 
-/// A JSON array of the tensor's values.
-fn values_json(t: &RawTensor) -> Value {
-    match v2::bytes_to_values(&t.data, t.dtype) {
-        Values::Bool(v) => json!(v),
-        Values::Int(v) => json!(v),
-        Values::Int64(v) => json!(v),
-        Values::Uint(v) => json!(v),
-        Values::Fp32(v) => json!(v),
-        Values::Fp64(v) => json!(v),
-    }
-}
-
 /// A request body: the JSON, and the binary data that followed it.
 fn split_body(headers: &HeaderMap, body: Bytes) -> Result<(Value, Bytes), ServeError> {
     let json_len = match headers.get(HEADER_LENGTH) {
@@ -623,6 +611,25 @@ async fn infer(
             let out: usize = reply.outputs.iter().map(|(_, t)| t.data.len()).sum();
             crate::grpc::layers::note_payload(None, Some(out as u64));
         }
+        let guard = ReplyGuard::new(state.max_message_bytes, state.budget.clone(), metrics);
+        let r = match r {
+            Ok((reply, requested, binary_default)) => {
+                let plan = ReplyPlan::new(reply, &requested, binary_default);
+                if plan.json_elements() > BLOCKING_JSON_ELEMENTS {
+                    // Writing megabytes of JSON is CPU work: off the I/O threads.
+                    tokio::task::spawn_blocking(move || plan.encode(guard))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(ServeError::Engine(crate::engine::EngineError::Internal(
+                                format!("writing the reply failed: {e}"),
+                            )))
+                        })
+                } else {
+                    plan.encode(guard)
+                }
+            }
+            Err(e) => Err(e),
+        };
         metrics.inflight.dec();
         state
             .api
@@ -631,63 +638,262 @@ async fn infer(
     .await;
     match result {
         Err(s) => from_status(s),
-        Ok((reply, requested, binary_default)) => {
-            let mut binary = Vec::new();
-            let outputs: Vec<Value> = reply
-                .outputs
-                .iter()
-                .map(|(name, t)| {
-                    let as_binary = requested
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .and_then(|(_, b)| *b)
-                        .unwrap_or(binary_default);
-                    let mut o = json!({
-                        "name": name,
-                        "datatype": v2::datatype_name(t.dtype),
-                        "shape": t.shape,
-                    });
-                    if as_binary {
-                        o["parameters"] = json!({ "binary_data_size": t.data.len() });
-                        binary.extend_from_slice(&t.data);
-                    } else {
-                        o["data"] = values_json(t);
-                    }
-                    o
-                })
-                .collect();
-            let mut head = json!({
-                "model_name": reply.model,
-                "model_version": reply.version,
-                "outputs": outputs,
-            });
-            if !reply.id.is_empty() {
-                head["id"] = json!(reply.id);
-            }
-            let head = head.to_string();
-            let encoding = if binary.is_empty() { "json" } else { "binary" };
+        Ok(reply) => {
+            let encoding = if reply.binary.is_empty() {
+                "json"
+            } else {
+                "binary"
+            };
             metrics
                 .response_bytes
                 .with_label_values(&[protocol::V2_HTTP, encoding])
-                .observe((head.len() + binary.len()) as f64);
-            if binary.is_empty() {
-                return ([(header::CONTENT_TYPE, "application/json")], head).into_response();
+                .observe(reply.len() as f64);
+            let head_len = reply.head.len();
+            if reply.binary.is_empty() {
+                return (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    Body::new(reply.into_body()),
+                )
+                    .into_response();
             }
-            let len = head.len();
-            let mut body = head.into_bytes();
-            body.extend_from_slice(&binary);
             (
                 [
                     (header::CONTENT_TYPE, "application/octet-stream".to_string()),
                     (
                         header::HeaderName::from_static(HEADER_LENGTH),
-                        len.to_string(),
+                        head_len.to_string(),
                     ),
                 ],
-                body,
+                Body::new(reply.into_body()),
             )
                 .into_response()
         }
+    }
+}
+
+/// JSON replies with more values than this are written on a blocking thread.
+const BLOCKING_JSON_ELEMENTS: usize = 64 * 1024;
+
+/// A reply's JSON head, as serialized: the outputs described, and the values
+/// of those sent as JSON.
+#[derive(serde::Serialize)]
+struct ReplyHead<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "is_empty")]
+    id: &'a str,
+    outputs: Vec<OutputHead<'a>>,
+}
+
+fn is_empty(s: &&str) -> bool {
+    s.is_empty()
+}
+
+#[derive(serde::Serialize)]
+struct OutputHead<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    /// Last, so that the head without it differs only by `,"data":[...]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<v2::JsonData<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+/// The bytes `,"data":` add to an output of the head.
+const DATA_KEY_BYTES: u64 = 8;
+
+/// An answer before it is encoded, with each output's form decided.
+struct ReplyPlan {
+    reply: InferReply,
+    /// Per output: sent in the binary section (else as JSON values).
+    binary: Vec<bool>,
+}
+
+impl ReplyPlan {
+    fn new(reply: InferReply, requested: &[(String, Option<bool>)], binary_default: bool) -> Self {
+        let binary = reply
+            .outputs
+            .iter()
+            .map(|(name, _)| {
+                requested
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, b)| *b)
+                    .unwrap_or(binary_default)
+            })
+            .collect();
+        ReplyPlan { reply, binary }
+    }
+
+    fn json_elements(&self) -> usize {
+        self.reply
+            .outputs
+            .iter()
+            .zip(&self.binary)
+            .filter(|(_, b)| !**b)
+            .map(|((_, t), _)| t.data.len() / t.dtype.size())
+            .sum()
+    }
+
+    /// The head, with or without the JSON values.
+    fn head(&self, with_data: bool) -> ReplyHead<'_> {
+        ReplyHead {
+            model_name: &self.reply.model,
+            model_version: &self.reply.version,
+            id: &self.reply.id,
+            outputs: self
+                .reply
+                .outputs
+                .iter()
+                .zip(&self.binary)
+                .map(|((name, t), &binary)| OutputHead {
+                    name,
+                    datatype: v2::datatype_name(t.dtype),
+                    shape: &t.shape,
+                    parameters: binary.then(|| BinarySize {
+                        binary_data_size: t.data.len(),
+                    }),
+                    data: (!binary && with_data).then_some(v2::JsonData(t)),
+                })
+                .collect(),
+        }
+    }
+
+    /// Encodes the reply within `--max-message-bytes`: its size is bounded
+    /// before anything is written (the binary sections exactly, JSON values
+    /// by the fewest and most bytes each can take), those bytes are held in
+    /// the in-flight budget, and the JSON is written into a buffer that stops
+    /// at the limit. The binary sections are the outputs' own bytes, not copied.
+    fn encode(self, guard: ReplyGuard) -> Result<Reply, ServeError> {
+        let max = guard.max_message_bytes() as u64;
+        let binary: u64 = self
+            .reply
+            .outputs
+            .iter()
+            .zip(&self.binary)
+            .filter(|(_, b)| **b)
+            .map(|((_, t), _)| t.data.len() as u64)
+            .sum();
+        // The head without values costs what the request's names and id did.
+        let skeleton = serde_json::to_vec(&self.head(false))
+            .map_err(|e| ServeError::Engine(crate::engine::EngineError::Internal(e.to_string())))?;
+        let (mut fewest, mut most) = (
+            skeleton.len() as u64 + binary,
+            skeleton.len() as u64 + binary,
+        );
+        for ((_, t), _) in self
+            .reply
+            .outputs
+            .iter()
+            .zip(&self.binary)
+            .filter(|(_, b)| !**b)
+        {
+            let (lo, hi) = v2::json_data_bounds(t);
+            fewest = fewest.saturating_add(DATA_KEY_BYTES + lo);
+            most = most.saturating_add(DATA_KEY_BYTES + hi);
+        }
+        guard.check(fewest, fewest == most)?;
+        guard.hold(most.min(max))?;
+        let head = if fewest == most {
+            skeleton
+        } else {
+            let room = max.saturating_sub(binary) as usize;
+            let mut out = codec::Capped::new(room, (most - binary) as usize);
+            if serde_json::to_writer(&mut out, &self.head(true)).is_err() {
+                // Stopped at the limit: the reply is larger.
+                return Err(guard.too_large(max + 1, false));
+            }
+            out.buf
+        };
+        let len = head.len() as u64 + binary;
+        guard.hold(len)?;
+        let sections = self
+            .reply
+            .outputs
+            .into_iter()
+            .zip(self.binary)
+            .filter(|(_, b)| *b)
+            .map(|((_, t), _)| t.data)
+            .collect();
+        Ok(Reply {
+            head: Bytes::from(head),
+            binary: sections,
+            guard,
+        })
+    }
+}
+
+/// An encoded reply: its JSON head, then the binary sections, with its bytes
+/// held in the in-flight budget.
+struct Reply {
+    head: Bytes,
+    binary: Vec<Bytes>,
+    guard: ReplyGuard,
+}
+
+impl Reply {
+    fn len(&self) -> u64 {
+        self.head.len() as u64 + self.binary.iter().map(|b| b.len() as u64).sum::<u64>()
+    }
+
+    fn into_body(self) -> ReplyBody {
+        let left = self.len();
+        let mut parts = std::collections::VecDeque::with_capacity(1 + self.binary.len());
+        parts.push_back(self.head);
+        parts.extend(self.binary);
+        ReplyBody {
+            parts,
+            left,
+            _guard: self.guard,
+        }
+    }
+}
+
+/// A reply's body, handed to the transport a piece at a time: hyper asks for
+/// the next piece only when it can write, so the reply's bytes stay held in
+/// the in-flight budget until the last piece is taken, or the connection
+/// closes and the body is dropped.
+struct ReplyBody {
+    parts: std::collections::VecDeque<Bytes>,
+    left: u64,
+    /// Holds the reply's bytes in the budget until dropped.
+    _guard: ReplyGuard,
+}
+
+impl http_body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        while let Some(front) = this.parts.front_mut() {
+            if front.is_empty() {
+                this.parts.pop_front();
+                continue;
+            }
+            let piece = crate::grpc::layers::next_piece(front);
+            this.left -= piece.len() as u64;
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+        }
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
     }
 }
 

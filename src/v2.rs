@@ -239,6 +239,100 @@ pub fn select_outputs(
     Ok(chosen)
 }
 
+/// Refuses a list of requested outputs that names one more than once, as
+/// Triton does: each mention would be sent again, so a short request could
+/// ask for a reply many times the size of the model's outputs.
+pub fn check_requested_outputs(requested: &[String]) -> Result<(), V2Error> {
+    let mut seen = std::collections::HashSet::with_capacity(requested.len());
+    for name in requested {
+        if !seen.insert(name.as_str()) {
+            return Err(bad(format!(
+                "output {:?} is requested more than once",
+                codec::clip(name)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes one element of `dtype` takes in a reply's JSON `data` array, its
+/// separator included: (fewest, most). serde_json writes integers in decimal
+/// and floats in their shortest round-trip form (ryu: at most 24 characters;
+/// FP16 and BF16 as FP32), a non-finite float as `null`.
+pub fn json_element_bytes(dtype: WireDtype) -> (u64, u64) {
+    use WireDtype as D;
+    match dtype {
+        D::Bool => (5, 6),
+        D::U8 => (2, 4),
+        D::I8 => (2, 5),
+        D::I16 => (2, 7),
+        D::I32 => (2, 12),
+        D::I64 => (2, 21),
+        // "0.0," at the least.
+        D::F16 | D::BF16 | D::F32 | D::F64 => (4, 25),
+    }
+}
+
+/// The fewest and most bytes of a tensor's JSON `data` array, known before
+/// it is written.
+pub fn json_data_bounds(t: &RawTensor) -> (u64, u64) {
+    let n = (t.data.len() / t.dtype.size()) as u64;
+    let (fewest, most) = json_element_bytes(t.dtype);
+    // The brackets, and no separator after the last element.
+    (
+        2 + n.saturating_mul(fewest).saturating_sub(1),
+        2u64.saturating_add(n.saturating_mul(most)),
+    )
+}
+
+/// A tensor's values as a flat JSON array, written straight from its bytes:
+/// no list of values or tree of JSON values in between.
+pub struct JsonData<'a>(pub &'a RawTensor);
+
+impl serde::Serialize for JsonData<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use WireDtype as D;
+        use serde::ser::SerializeSeq;
+        let (b, dtype) = (&self.0.data[..], self.0.dtype);
+        let mut seq = s.serialize_seq(Some(b.len() / dtype.size()))?;
+        match dtype {
+            D::Bool => b
+                .iter()
+                .try_for_each(|&x| seq.serialize_element(&(x != 0)))?,
+            D::U8 => b.iter().try_for_each(|x| seq.serialize_element(x))?,
+            D::I8 => b
+                .iter()
+                .try_for_each(|&x| seq.serialize_element(&(x as i8)))?,
+            D::I16 => b
+                .chunks_exact(2)
+                .try_for_each(|c| seq.serialize_element(&i16::from_le_bytes([c[0], c[1]])))?,
+            D::I32 => b.chunks_exact(4).try_for_each(|c| {
+                seq.serialize_element(&i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            })?,
+            D::I64 => b.chunks_exact(8).try_for_each(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                seq.serialize_element(&i64::from_le_bytes(a))
+            })?,
+            D::F16 => b.chunks_exact(2).try_for_each(|c| {
+                seq.serialize_element(&half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            })?,
+            D::BF16 => b.chunks_exact(2).try_for_each(|c| {
+                seq.serialize_element(&half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            })?,
+            D::F32 => b.chunks_exact(4).try_for_each(|c| {
+                seq.serialize_element(&f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            })?,
+            D::F64 => b.chunks_exact(8).try_for_each(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                seq.serialize_element(&f64::from_le_bytes(a))
+            })?,
+        }
+        seq.end()
+    }
+}
+
 /// Values of one tensor as the typed lists the protocol carries them in.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Values {
@@ -551,6 +645,70 @@ mod tests {
             assert_eq!(bytes_to_values(&bytes, dtype), values, "{dtype:?}");
         }
         assert!(values_to_bytes(&Values::Fp64(vec![1.0]), WireDtype::F32).is_none());
+    }
+
+    #[test]
+    fn json_data_is_written_from_bytes_within_its_bounds() {
+        let cases = [
+            (
+                RawTensor::from_f32(&[0.1, -2.0, f32::NAN, 1e-38], &[4]),
+                "[0.1,-2.0,null,1e-38]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(vec![0x80, 0x7f, 0]),
+                    shape: vec![3],
+                    dtype: WireDtype::I8,
+                },
+                "[-128,127,0]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(i64::MIN.to_le_bytes().to_vec()),
+                    shape: vec![1],
+                    dtype: WireDtype::I64,
+                },
+                "[-9223372036854775808]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(vec![1, 0]),
+                    shape: vec![2],
+                    dtype: WireDtype::Bool,
+                },
+                "[true,false]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(
+                        [f64::MIN_POSITIVE, -1.2345678901234567e-300]
+                            .iter()
+                            .flat_map(|x| x.to_le_bytes())
+                            .collect::<Vec<_>>(),
+                    ),
+                    shape: vec![2],
+                    dtype: WireDtype::F64,
+                },
+                "[2.2250738585072014e-308,-1.2345678901234568e-300]",
+            ),
+        ];
+        for (t, want) in cases {
+            let got = serde_json::to_string(&JsonData(&t)).unwrap();
+            assert_eq!(got, want);
+            let (fewest, most) = json_data_bounds(&t);
+            let n = got.len() as u64;
+            assert!(fewest <= n && n <= most, "{got}: {fewest}..{most}");
+        }
+        let zeros = RawTensor::from_f32(&[0.0; 3], &[3]);
+        assert_eq!(json_data_bounds(&zeros).0, "[0.0,0.0,0.0]".len() as u64);
+    }
+
+    #[test]
+    fn an_output_requested_twice_is_refused() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_requested_outputs(&names(&["A", "B"])).is_ok());
+        let e = check_requested_outputs(&names(&["A", "B", "A"])).unwrap_err();
+        assert!(e.0.contains("\"A\" is requested more than once"), "{e}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum ServeError {
     /// A bounded queue in front of expensive work is full.
     #[error("{0}")]
     Busy(String),
+    /// A reply over `--max-message-bytes`, refused before it is built.
+    #[error("{0}")]
+    ReplyTooLarge(String),
     /// An Open Inference Protocol request that does not fit the model.
     #[error(transparent)]
     V2(#[from] crate::v2::V2Error),
@@ -132,7 +135,7 @@ impl From<ServeError> for Status {
             },
             ServeError::BadRequest(_) => Status::invalid_argument(msg),
             ServeError::PermissionDenied(_) => Status::permission_denied(msg),
-            ServeError::Busy(_) => Status::resource_exhausted(msg),
+            ServeError::Busy(_) | ServeError::ReplyTooLarge(_) => Status::resource_exhausted(msg),
             ServeError::V2(_) => Status::invalid_argument(msg),
         }
     }

@@ -140,6 +140,8 @@ pub mod limit {
     pub const IDLE_CONNECTION: &str = "idle_connection";
     pub const FILE_DESCRIPTORS: &str = "file_descriptors";
     pub const MESSAGE_SIZE: &str = "message_size";
+    /// A reply over `--max-message-bytes`, refused before it is built.
+    pub const REPLY_SIZE: &str = "reply_size";
     pub const INFLIGHT_BYTES: &str = "inflight_bytes";
     pub const BODY_TIMEOUT: &str = "body_timeout";
     pub const DECOMPRESSED_SIZE: &str = "decompressed_size";
