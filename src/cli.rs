@@ -756,6 +756,11 @@ impl ServeArgs {
                 self.max_inflight_bytes, self.max_message_bytes
             )));
         }
+        if self.max_inflight_bytes_per_connection == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--max-inflight-bytes-per-connection 0 would refuse every HTTP request body".into(),
+            ));
+        }
         if self.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(format!(
                 "--max-message-bytes {} is below the 1024-byte minimum",

@@ -1267,3 +1267,89 @@ async fn repository_call(
         Err(s) => from_status(s),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: codec::Limits = codec::Limits {
+        max_elements: 1 << 20,
+        max_decompressed_bytes: 1 << 20,
+    };
+
+    fn parse(json: &str, budget: u64) -> Result<ParsedRequest, ServeError> {
+        let budget = Budget::new(budget, prometheus::IntGauge::new("b", "b").unwrap());
+        let refused = prometheus::IntCounter::new("r", "r").unwrap();
+        let body = Bytes::copy_from_slice(json.as_bytes());
+        parse_request(body.clone(), body.len(), L, &budget, &refused)
+    }
+
+    fn message(r: Result<ParsedRequest, ServeError>) -> String {
+        match r {
+            Ok(_) => panic!("parsed"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn json_data_decodes_into_the_datatypes_bytes_nested_lists_flattened() {
+        let p = parse(
+            r#"{"id":"7","inputs":[{"data":[[1,-2],[3,4]],"shape":[2,2],"datatype":"INT16","name":"a","extra":{"x":[1,2]}}],
+                "outputs":[{"name":"o","parameters":{"binary_data":true}}],"parameters":{"timeout":5,"binary_data_output":"yes"}}"#,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(p.id, "7");
+        assert_eq!(p.inputs[0].data.as_ref(), &[1, 0, 0xfe, 0xff, 3, 0, 4, 0]);
+        assert_eq!(p.requested, vec![("o".to_string(), Some(true))]);
+        assert_eq!(p.timeout, Some(Duration::from_micros(5)));
+        assert!(!p.binary_default);
+        // Charged exactly what it decodes to.
+        assert_eq!(p.tensors.as_ref().map(|_| ()), Some(()));
+    }
+
+    #[test]
+    fn bad_json_data_gets_short_messages_that_do_not_quote_it() {
+        let long = "x".repeat(5000);
+        let e = message(parse(
+            &format!(r#"{{"inputs":[{{"name":"a","datatype":"FP32","shape":[2],"data":[1,"{long}"]}}]}}"#),
+            1 << 20,
+        ));
+        assert!(e.contains("does not fit its datatype FP32") && e.len() < 200, "{e}");
+        let e = message(parse(
+            r#"{"inputs":[{"name":"a","datatype":"INT8","shape":[2],"data":[1,2,3]}]}"#,
+            1 << 20,
+        ));
+        assert!(e.contains("more values than its shape"), "{e}");
+        let e = message(parse(
+            r#"{"inputs":[{"name":"a","datatype":"INT8","shape":[1],"data":[1000]}]}"#,
+            1 << 20,
+        ));
+        assert!(e.contains("1000 is out of the range of datatype INT8"), "{e}");
+        let e = message(parse(
+            &format!(r#"{{"inputs":[{}]}}"#, vec!["{}"; MAX_TENSORS + 1].join(",")),
+            1 << 20,
+        ));
+        assert!(e.contains("more than 1024 entries"), "{e}");
+        let shape = vec!["1"; MAX_DIMS + 1].join(",");
+        let e = message(parse(
+            &format!(r#"{{"inputs":[{{"name":"a","datatype":"INT8","shape":[{shape}],"data":[1]}}]}}"#),
+            1 << 20,
+        ));
+        assert!(e.contains("more than 32 entries"), "{e}");
+    }
+
+    #[test]
+    fn the_decoded_tensor_is_reserved_before_it_is_made() {
+        // 100 FP64 values in 201 bytes of text: room for 101 (808 bytes) is
+        // reserved, bounded by the text and not by the 2^20 values claimed.
+        let zeros = vec!["0"; 100].join(",");
+        let json = format!(
+            r#"{{"inputs":[{{"name":"a","datatype":"FP64","shape":[1048576],"data":[{zeros}]}}]}}"#
+        );
+        let e = message(parse(&json, 807));
+        assert!(e.contains("--max-inflight-bytes"), "{e}");
+        let p = parse(&json, 808).unwrap();
+        assert_eq!(p.inputs[0].data.len(), 800);
+    }
+}
