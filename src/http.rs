@@ -3,6 +3,11 @@
 //! extension (`Inference-Header-Content-Length`) that `tritonclient.http`
 //! uses. Every request goes through [`InferenceApi`], the same core as the
 //! gRPC front-end, and so through the same engine, limits and metrics.
+//!
+//! Request bodies are reserved from the in-flight budget as they arrive
+//! (within the connection's share and a minimum rate); JSON tensors are parsed
+//! on the codec thread without a generic JSON tree, their decoded bytes
+//! reserved before they are made (docs/security.md, "HTTP/REST request bodies").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -1312,10 +1317,15 @@ mod tests {
     fn bad_json_data_gets_short_messages_that_do_not_quote_it() {
         let long = "x".repeat(5000);
         let e = message(parse(
-            &format!(r#"{{"inputs":[{{"name":"a","datatype":"FP32","shape":[2],"data":[1,"{long}"]}}]}}"#),
+            &format!(
+                r#"{{"inputs":[{{"name":"a","datatype":"FP32","shape":[2],"data":[1,"{long}"]}}]}}"#
+            ),
             1 << 20,
         ));
-        assert!(e.contains("does not fit its datatype FP32") && e.len() < 200, "{e}");
+        assert!(
+            e.contains("does not fit its datatype FP32") && e.len() < 200,
+            "{e}"
+        );
         let e = message(parse(
             r#"{"inputs":[{"name":"a","datatype":"INT8","shape":[2],"data":[1,2,3]}]}"#,
             1 << 20,
@@ -1325,15 +1335,23 @@ mod tests {
             r#"{"inputs":[{"name":"a","datatype":"INT8","shape":[1],"data":[1000]}]}"#,
             1 << 20,
         ));
-        assert!(e.contains("1000 is out of the range of datatype INT8"), "{e}");
+        assert!(
+            e.contains("1000 is out of the range of datatype INT8"),
+            "{e}"
+        );
         let e = message(parse(
-            &format!(r#"{{"inputs":[{}]}}"#, vec!["{}"; MAX_TENSORS + 1].join(",")),
+            &format!(
+                r#"{{"inputs":[{}]}}"#,
+                vec!["{}"; MAX_TENSORS + 1].join(",")
+            ),
             1 << 20,
         ));
         assert!(e.contains("more than 1024 entries"), "{e}");
         let shape = vec!["1"; MAX_DIMS + 1].join(",");
         let e = message(parse(
-            &format!(r#"{{"inputs":[{{"name":"a","datatype":"INT8","shape":[{shape}],"data":[1]}}]}}"#),
+            &format!(
+                r#"{{"inputs":[{{"name":"a","datatype":"INT8","shape":[{shape}],"data":[1]}}]}}"#
+            ),
             1 << 20,
         ));
         assert!(e.contains("more than 32 entries"), "{e}");
