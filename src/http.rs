@@ -142,20 +142,21 @@ async fn read_body(
     headers: &HeaderMap,
     body: Body,
     conn: Option<ConnInfo>,
-    metrics: &crate::telemetry::Metrics,
+    max: usize,
 ) -> Result<(Bytes, (Reservation, Share)), ServeError> {
+    let metrics = state.api.engine().metrics();
     use futures::StreamExt;
     let refuse = |which: &'static str, msg: String| {
         metrics.limit_rejections.with_label_values(&[which]).inc();
         ServeError::Busy(msg)
     };
-    let max = state.max_message_bytes as u64;
+    let max = max as u64;
     let limits = state.body_limits;
     let too_large = |n: u64| {
         refuse(
             limit::MESSAGE_SIZE,
             format!(
-                "request body too large for this server (--max-message-bytes): {n} bytes, the limit is {max}"
+                "request body too large for this server: {n} bytes, the limit is {max} (--max-message-bytes for inference)"
             ),
         )
     };
@@ -760,7 +761,8 @@ impl<'de> Visitor<'de> for Elem<'_> {
         self.0.put(v, |w| w.int(i128::from(v)))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.0.put(v, |w| w.float(v))
+        // Debug keeps the point: "1.0" for an integer datatype says why.
+        self.0.put(format_args!("{v:?}"), |w| w.float(v))
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
         self.0.kind("a string")
@@ -1012,7 +1014,8 @@ async fn infer(
         state.api.resolve(&p.name, &p.version)?;
         // Each chunk of the body is reserved from the budget (and from the
         // connection's share of it) before it is kept.
-        let (body, _body_bytes) = read_body(&state, &headers, body, conn, metrics).await?;
+        let (body, _body_bytes) =
+            read_body(&state, &headers, body, conn, state.max_message_bytes).await?;
         let body_len = body.len();
         let binary_request = headers.contains_key(HEADER_LENGTH);
         metrics
@@ -1146,16 +1149,23 @@ impl HttpState {
 /// Largest body of a repository request (a few flags), in bytes.
 const MAX_REPOSITORY_BODY: usize = 64 * 1024;
 
-/// A repository request's JSON body (empty is `{}`), bounded.
-async fn small_json(body: Body) -> Result<Value, ServeError> {
-    let bytes = axum::body::to_bytes(body, MAX_REPOSITORY_BODY)
-        .await
-        .map_err(|_| invalid(format!("the body is over {MAX_REPOSITORY_BODY} bytes")))?;
+/// A repository request's JSON body (empty is `{}`), bounded in size and
+/// read like an inference body (budget, timeout, minimum rate).
+async fn small_json(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ServeError> {
+    let (bytes, _held) = read_body(state, headers, body, None, MAX_REPOSITORY_BODY).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        invalid(format!(
+            "the body is not JSON: {}",
+            codec::clip(&e.to_string())
+        ))
+    })?;
     if !v.is_object() {
         return Err(invalid("the body must be a JSON object".into()));
     }
@@ -1175,7 +1185,7 @@ async fn repository_index(
     };
     let result = async {
         state.api.authorize(granted.as_ref())?;
-        let ready = small_json(body)
+        let ready = small_json(&state, &headers, body)
             .await?
             .get("ready")
             .and_then(Value::as_bool)
@@ -1252,7 +1262,7 @@ async fn repository_call(
         state
             .api
             .authorize_for(granted.as_ref(), Scope::Repository)?;
-        let body = small_json(body).await?;
+        let body = small_json(&state, &headers, body).await?;
         let params: Vec<String> = body
             .get("parameters")
             .and_then(Value::as_object)

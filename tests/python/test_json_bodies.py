@@ -199,10 +199,10 @@ def test_a_json_tensor_is_charged_for_what_it_decodes_to(body_server):
     assert status == 200, reply[:300]
 
 
-def stalled(s: Server, headers: str) -> socket.socket:
-    """An HTTP/1.1 inference request whose headers are sent and body never is."""
+def stalled(s: Server, headers: str, path: str = "/v2/models/id/infer") -> socket.socket:
+    """An HTTP/1.1 request whose headers are sent and body never is."""
     sock = socket.create_connection(("127.0.0.1", s.http_port), timeout=10)
-    sock.sendall(f"POST /v2/models/id/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n".encode())
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n".encode())
     return sock
 
 
@@ -236,7 +236,11 @@ def test_stalled_chunked_bodies_hold_no_budget_and_are_cut_at_the_minimum_rate(b
     for sock in socks:
         status, reply = answer(sock)
         assert status == 400 and b"--http-min-body-rate" in reply, reply
-    assert limit_count(s, "body_rate") >= cut_before + 10
+    # The repository routes read their (small) bodies the same way.
+    sock = stalled(s, "Content-Length: 2\r\n", "/v2/repository/index")
+    status, reply = answer(sock)
+    assert status == 400 and b"--http-min-body-rate" in reply, reply
+    assert limit_count(s, "body_rate") >= cut_before + 11
     wait_until(lambda: s.metric("splitserve_inflight_request_bytes") == 0, 10, "the budget to be free")
 
 
