@@ -479,6 +479,21 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub max_inflight_bytes: u64,
 
+    /// Most bytes of --max-inflight-bytes that one HTTP connection's request
+    /// bodies may hold (bodies are reserved as they arrive); default: a quarter
+    /// of --max-inflight-bytes, at least --max-message-bytes.
+    #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES_PER_CONNECTION", value_parser = parse_bytes)]
+    pub max_inflight_bytes_per_connection: Option<u64>,
+
+    /// Bytes a second an HTTP request body must average once
+    /// --http-body-rate-grace has passed, or it is cut with 400; 0: off.
+    #[arg(long, env = "SPLITSERVE_HTTP_MIN_BODY_RATE", default_value = "16KiB", value_parser = parse_bytes)]
+    pub http_min_body_rate: u64,
+
+    /// Time an HTTP request body gets before --http-min-body-rate applies.
+    #[arg(long, env = "SPLITSERVE_HTTP_BODY_RATE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub http_body_rate_grace: Duration,
+
     /// Most bytes a zlib payload may inflate to; default: --max-message-bytes.
     #[arg(long, env = "SPLITSERVE_MAX_DECOMPRESSED_BYTES", value_parser = parse_size)]
     pub max_decompressed_bytes: Option<usize>,
@@ -640,6 +655,15 @@ impl ServeArgs {
             },
             max_inflight_bytes: self.max_inflight_bytes,
             max_message_bytes: self.max_message_bytes,
+            http_body: crate::http::BodyLimits {
+                min_rate: self.http_min_body_rate,
+                rate_grace: self.http_body_rate_grace,
+                per_connection: self.max_inflight_bytes_per_connection.unwrap_or(
+                    (self.max_inflight_bytes / 4)
+                        .max(self.max_message_bytes as u64)
+                        .min(self.max_inflight_bytes),
+                ),
+            },
             stall_timeout: self.stall_timeout,
             shutdown_grace: self.shutdown_grace,
             repository: self.model_repository.clone().map(|root| RepositoryConfig {
@@ -793,6 +817,11 @@ impl ServeArgs {
                 "--max-inflight-bytes {} cannot hold one message of --max-message-bytes {}",
                 self.max_inflight_bytes, self.max_message_bytes
             )));
+        }
+        if self.max_inflight_bytes_per_connection == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--max-inflight-bytes-per-connection 0 would refuse every HTTP request body".into(),
+            ));
         }
         if self.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(format!(

@@ -565,6 +565,15 @@ impl ConnListener {
     }
 }
 
+/// HTTP requests carry their connection's [`ConnInfo`] (axum's `ConnectInfo`).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, ConnListener>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, ConnListener>) -> ConnInfo {
+        stream.io().info.clone()
+    }
+}
+
 impl axum::serve::Listener for ConnListener {
     type Io = Conn;
     type Addr = SocketAddr;

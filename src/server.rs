@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub max_inflight_bytes: u64,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// How HTTP request bodies may arrive (rate, per-connection share).
+    pub http_body: http::BodyLimits,
     /// A worker busy on one job longer than this marks the process not live.
     pub stall_timeout: Duration,
     /// After shutdown starts, how long queued and in-flight requests get.
@@ -192,7 +194,7 @@ pub async fn run(
         },
         config.limits,
         snapshots.clone(),
-        codec_pool,
+        codec_pool.clone(),
     );
     let compute = ComputeServiceServer::new(api)
         .max_decoding_message_size(config.max_message_bytes)
@@ -278,6 +280,9 @@ pub async fn run(
             budget: budget.clone(),
             max_message_bytes: config.max_message_bytes,
             body_timeout: config.http2.request_body_timeout,
+            body_limits: config.http_body,
+            codec_pool: codec_pool.clone(),
+            shares: Arc::default(),
         };
         let local = listener.local_addr()?;
         let conns = listen::incoming(
@@ -291,8 +296,11 @@ pub async fn run(
         let stop = stop_server.clone();
         let router = http::router(state);
         tokio::spawn(async move {
-            let serve = axum::serve(listen::ConnListener::new(conns, local), router)
-                .with_graceful_shutdown(stop.cancelled_owned());
+            let serve = axum::serve(
+                listen::ConnListener::new(conns, local),
+                router.into_make_service_with_connect_info::<listen::ConnInfo>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP front-end failed");
             }

@@ -92,6 +92,22 @@ fn show_shape(shape: &[i64]) -> String {
     format!("[{}]", shown.join(","))
 }
 
+/// The elements of a shape whose dimensions are >= 0, within `--max-elements`.
+pub fn element_count(tensor: &str, shape: &[i64], limits: Limits) -> Result<u64, V2Error> {
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+        .filter(|&n| n <= limits.max_elements)
+        .ok_or_else(|| {
+            bad(format!(
+                "input {}: shape {} has more elements than this server's limit of {} (--max-elements)",
+                codec::clip(tensor),
+                show_shape(shape),
+                limits.max_elements
+            ))
+        })
+}
+
 /// Puts a request's inputs in `forward`'s order and checks each against the
 /// model's signature (when known): name, datatype, shape and data size.
 pub fn order_inputs(
@@ -128,19 +144,7 @@ pub fn order_inputs(
                 show_shape(&input.shape)
             )));
         }
-        let n = input
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-            .filter(|&n| n <= limits.max_elements)
-            .ok_or_else(|| {
-                bad(format!(
-                    "input {}: shape {} has more elements than this server's limit of {} (--max-elements)",
-                    input_name(i),
-                    show_shape(&input.shape),
-                    limits.max_elements
-                ))
-            })?;
+        let n = element_count(&input_name(i), &input.shape, limits)?;
         if let Some(TensorSig {
             dtype: want,
             shape: want_shape,
@@ -346,29 +350,146 @@ pub enum Values {
     Fp64(Vec<f64>),
 }
 
-/// Little-endian bytes of `values` as `dtype`; None if the list's type does
-/// not carry that dtype.
-pub fn values_to_bytes(values: &Values, dtype: WireDtype) -> Option<Vec<u8>> {
+/// Why a value cannot go into a tensor of a datatype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueError {
+    /// A boolean for a number, a fraction for an integer, a list type that
+    /// does not carry the datatype.
+    Kind,
+    /// A number outside what the datatype holds (INT8 1000; FP16 1e300, which
+    /// would become infinity).
+    Range,
+}
+
+/// Writes one tensor's values as the little-endian bytes of its datatype,
+/// refusing values the datatype cannot hold instead of wrapping or rounding
+/// them to infinity. The room is fixed when it is made.
+#[derive(Debug)]
+pub struct TensorWriter {
+    dtype: WireDtype,
+    out: Vec<u8>,
+}
+
+impl TensorWriter {
+    /// Room for `elements` values (a bound the caller has checked).
+    pub fn with_capacity(dtype: WireDtype, elements: usize) -> TensorWriter {
+        TensorWriter {
+            dtype,
+            out: Vec::with_capacity(elements.saturating_mul(dtype.size())),
+        }
+    }
+
+    pub fn bool(&mut self, b: bool) -> Result<(), ValueError> {
+        match self.dtype {
+            WireDtype::Bool => {
+                self.out.push(u8::from(b));
+                Ok(())
+            }
+            _ => Err(ValueError::Kind),
+        }
+    }
+
+    /// An integer (from JSON or an integer contents list).
+    pub fn int(&mut self, x: i128) -> Result<(), ValueError> {
+        use WireDtype as D;
+        fn fit<T: TryFrom<i128>>(x: i128) -> Result<T, ValueError> {
+            T::try_from(x).map_err(|_| ValueError::Range)
+        }
+        match self.dtype {
+            D::Bool => return Err(ValueError::Kind),
+            D::U8 => self.out.push(fit::<u8>(x)?),
+            D::I8 => self.out.extend_from_slice(&fit::<i8>(x)?.to_le_bytes()),
+            D::I16 => self.out.extend_from_slice(&fit::<i16>(x)?.to_le_bytes()),
+            D::I32 => self.out.extend_from_slice(&fit::<i32>(x)?.to_le_bytes()),
+            D::I64 => self.out.extend_from_slice(&fit::<i64>(x)?.to_le_bytes()),
+            D::F16 | D::BF16 | D::F32 | D::F64 => return self.float(x as f64),
+        }
+        Ok(())
+    }
+
+    /// A floating-point number: only for float datatypes, and a finite one
+    /// must stay finite in the datatype (non-finite ones, which only gRPC's
+    /// typed contents can carry, are kept as they are).
+    pub fn float(&mut self, x: f64) -> Result<(), ValueError> {
+        use WireDtype as D;
+        let overflows = |finite_after: bool| x.is_finite() && !finite_after;
+        match self.dtype {
+            D::F64 => self.out.extend_from_slice(&x.to_le_bytes()),
+            D::F32 => {
+                let y = x as f32;
+                if overflows(y.is_finite()) {
+                    return Err(ValueError::Range);
+                }
+                self.out.extend_from_slice(&y.to_le_bytes());
+            }
+            D::F16 => {
+                let y = half::f16::from_f64(x);
+                if overflows(y.is_finite()) {
+                    return Err(ValueError::Range);
+                }
+                self.out.extend_from_slice(&y.to_le_bytes());
+            }
+            D::BF16 => {
+                let y = half::bf16::from_f64(x);
+                if overflows(y.is_finite()) {
+                    return Err(ValueError::Range);
+                }
+                self.out.extend_from_slice(&y.to_le_bytes());
+            }
+            D::Bool | D::U8 | D::I8 | D::I16 | D::I32 | D::I64 => return Err(ValueError::Kind),
+        }
+        Ok(())
+    }
+
+    /// The values written so far.
+    pub fn len(&self) -> usize {
+        self.out.len() / self.dtype.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+}
+
+/// Little-endian bytes of `values` as `dtype`: the list's type must carry the
+/// dtype (Triton's pairing: `int_contents` for INT8/16/32, `fp32_contents`
+/// for FP32, FP16 and BF16, ...), and every value must fit it.
+pub fn values_to_bytes(values: &Values, dtype: WireDtype) -> Result<Vec<u8>, ValueError> {
     use WireDtype as D;
-    Some(match (values, dtype) {
-        (Values::Bool(v), D::Bool) => v.iter().map(|&b| u8::from(b)).collect(),
-        (Values::Int(v), D::I8) => v.iter().map(|&x| x as i8 as u8).collect(),
-        (Values::Int(v), D::I16) => v.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect(),
-        (Values::Int(v), D::I32) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        (Values::Int64(v), D::I64) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        (Values::Uint(v), D::U8) => v.iter().map(|&x| x as u8).collect(),
-        (Values::Fp32(v), D::F32) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        (Values::Fp32(v), D::F16) => v
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-            .collect(),
-        (Values::Fp32(v), D::BF16) => v
-            .iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-            .collect(),
-        (Values::Fp64(v), D::F64) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        _ => return None,
-    })
+    let carries = matches!(
+        (values, dtype),
+        (Values::Bool(_), D::Bool)
+            | (Values::Int(_), D::I8 | D::I16 | D::I32)
+            | (Values::Int64(_), D::I64)
+            | (Values::Uint(_), D::U8)
+            | (Values::Fp32(_), D::F32 | D::F16 | D::BF16)
+            | (Values::Fp64(_), D::F64)
+    );
+    if !carries {
+        return Err(ValueError::Kind);
+    }
+    let n = match values {
+        Values::Bool(v) => v.len(),
+        Values::Int(v) => v.len(),
+        Values::Int64(v) => v.len(),
+        Values::Uint(v) => v.len(),
+        Values::Fp32(v) => v.len(),
+        Values::Fp64(v) => v.len(),
+    };
+    let mut w = TensorWriter::with_capacity(dtype, n);
+    match values {
+        Values::Bool(v) => v.iter().try_for_each(|&b| w.bool(b))?,
+        Values::Int(v) => v.iter().try_for_each(|&x| w.int(i128::from(x)))?,
+        Values::Int64(v) => v.iter().try_for_each(|&x| w.int(i128::from(x)))?,
+        Values::Uint(v) => v.iter().try_for_each(|&x| w.int(i128::from(x)))?,
+        Values::Fp32(v) => v.iter().try_for_each(|&x| w.float(f64::from(x)))?,
+        Values::Fp64(v) => v.iter().try_for_each(|&x| w.float(x))?,
+    }
+    Ok(w.into_bytes())
 }
 
 /// The values of little-endian `bytes` of `dtype`, in the list type the
@@ -644,7 +765,47 @@ mod tests {
             assert_eq!(bytes.len(), 2 * dtype.size());
             assert_eq!(bytes_to_values(&bytes, dtype), values, "{dtype:?}");
         }
-        assert!(values_to_bytes(&Values::Fp64(vec![1.0]), WireDtype::F32).is_none());
+        assert_eq!(
+            values_to_bytes(&Values::Fp64(vec![1.0]), WireDtype::F32),
+            Err(ValueError::Kind)
+        );
+    }
+
+    #[test]
+    fn values_out_of_their_datatype_are_refused_not_wrapped() {
+        use WireDtype as D;
+        for (values, dtype) in [
+            (Values::Int(vec![1000]), D::I8),
+            (Values::Int(vec![-129]), D::I8),
+            (Values::Int(vec![40_000]), D::I16),
+            (Values::Uint(vec![256]), D::U8),
+            (Values::Fp32(vec![1e30]), D::F16),
+            (Values::Fp32(vec![70_000.0]), D::F16),
+            (Values::Fp32(vec![f32::MAX]), D::BF16),
+        ] {
+            assert_eq!(
+                values_to_bytes(&values, dtype),
+                Err(ValueError::Range),
+                "{values:?} as {dtype:?}"
+            );
+        }
+        let mut w = TensorWriter::with_capacity(D::F32, 1);
+        assert_eq!(w.float(1e300), Err(ValueError::Range));
+        let mut w = TensorWriter::with_capacity(D::I64, 1);
+        assert_eq!(w.int(i128::from(u64::MAX)), Err(ValueError::Range));
+        assert_eq!(w.float(1.5), Err(ValueError::Kind));
+        // The edges fit; non-finite values from typed contents stay as they are.
+        for (values, dtype) in [
+            (Values::Int(vec![-128, 127]), D::I8),
+            (Values::Fp32(vec![65504.0, -65504.0]), D::F16),
+            (Values::Fp32(vec![f32::INFINITY, f32::NAN]), D::F16),
+            (Values::Fp32(vec![f32::MAX, f32::INFINITY]), D::F32),
+        ] {
+            assert!(
+                values_to_bytes(&values, dtype).is_ok(),
+                "{values:?} {dtype:?}"
+            );
+        }
     }
 
     #[test]

@@ -727,3 +727,109 @@ async fn reply_bytes_stay_in_the_budget_until_the_client_reads_them() {
         .unwrap();
     server.stop().await;
 }
+
+/// The server with its HTTP/REST port too (the shared harness starts gRPC only).
+async fn start_with_http(
+    mut config: splitserve::ServerConfig,
+) -> (SocketAddr, SocketAddr, tokio_util::sync::CancellationToken) {
+    use splitserve::plan::{Auto, CpuBudget, ThreadPlan};
+    config.engine.plan = ThreadPlan::new(
+        CpuBudget::of_this_process(None),
+        config.threads.io_threads,
+        Auto::Count(1),
+        Auto::Count(1),
+        1,
+        true,
+    )
+    .unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(splitserve::run(
+        config,
+        splitserve::Listeners {
+            grpc,
+            admin: None,
+            http: Some(http),
+        },
+        shutdown.clone(),
+    ));
+    (grpc_addr, http_addr, shutdown)
+}
+
+/// Starts an HTTP/2 inference request on `client`, sends `bytes` of its body
+/// without ending it, and returns the HTTP status it is answered with.
+async fn unfinished_http_body(
+    client: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    bytes: usize,
+) -> u16 {
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{addr}/v2/models/double/infer"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(Bytes::from(vec![b' '; bytes]), false)
+        .unwrap();
+    let status = response.await.unwrap().status().as_u16();
+    drop(body);
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http_connection_holds_at_most_its_share_of_the_budget() {
+    let (grpc, http_addr, shutdown) = start_with_http(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--max-message-bytes",
+            "1MiB",
+            "--max-inflight-bytes",
+            "8MiB",
+            "--max-inflight-bytes-per-connection",
+            "1000000",
+            "--http-min-body-rate",
+            "0",
+            "--request-body-timeout",
+            "2s",
+        ],
+    ))
+    .await;
+    // Ready: the model answers over gRPC and the HTTP port accepts.
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let ready = async {
+            let mut c =
+                splitserve::grpc::pb::compute_service_client::ComputeServiceClient::connect(
+                    format!("http://{grpc}"),
+                )
+                .await
+                .ok()?;
+            c.compute(request("double", &[1.0], &[1])).await.ok()?;
+            TcpStream::connect(http_addr).await.ok()
+        };
+        if ready.await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three bodies of 400 KB on one connection: two fit its 1 MB share, one
+    // does not; a body on another connection has a share of its own.
+    let a = connect(http_addr).await;
+    let b = connect(http_addr).await;
+    let on_a: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(unfinished_http_body(a.clone(), http_addr, 400_000)))
+        .collect();
+    let on_b = tokio::spawn(unfinished_http_body(b, http_addr, 400_000));
+    let mut statuses = Vec::new();
+    for s in on_a {
+        statuses.push(s.await.unwrap());
+    }
+    statuses.sort();
+    // 400: the admitted bodies, cut when they did not finish in 2 s; 429: refused.
+    assert_eq!(statuses, vec![400, 400, 429]);
+    assert_eq!(on_b.await.unwrap(), 400, "the other connection was refused");
+    shutdown.cancel();
+}

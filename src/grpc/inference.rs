@@ -549,11 +549,17 @@ fn contents_bytes(
     };
     v2::values_to_bytes(&values, dtype)
         .map(Bytes::from)
-        .ok_or_else(|| {
-            ServeError::V2(v2::V2Error(format!(
-                "input {}: its contents do not fit datatype {datatype} (FP16 and BF16 need raw_input_contents)",
-                codec::clip(name)
-            )))
+        .map_err(|e| {
+            ServeError::V2(v2::V2Error(match e {
+                v2::ValueError::Kind => format!(
+                    "input {}: its contents do not fit datatype {datatype} (FP16 and BF16 need raw_input_contents)",
+                    codec::clip(name)
+                ),
+                v2::ValueError::Range => format!(
+                    "input {}: a value is out of the range of datatype {datatype}",
+                    codec::clip(name)
+                ),
+            }))
         })
 }
 

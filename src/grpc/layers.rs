@@ -153,6 +153,20 @@ pub struct Reservation {
     bytes: u64,
 }
 
+impl Reservation {
+    /// Grows the reservation by `n` bytes; false (and unchanged) when they do
+    /// not fit now. For bodies reserved as they arrive.
+    pub fn try_grow(&mut self, n: u64) -> bool {
+        match self.budget.reserve(n) {
+            Some(mut more) => {
+                self.bytes += std::mem::take(&mut more.bytes);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);

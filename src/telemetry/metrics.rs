@@ -144,6 +144,10 @@ pub mod limit {
     pub const REPLY_SIZE: &str = "reply_size";
     pub const INFLIGHT_BYTES: &str = "inflight_bytes";
     pub const BODY_TIMEOUT: &str = "body_timeout";
+    /// An HTTP request body slower than `--http-min-body-rate`.
+    pub const BODY_RATE: &str = "body_rate";
+    /// One connection's HTTP request bodies over `--max-inflight-bytes-per-connection`.
+    pub const INFLIGHT_BYTES_PER_CONNECTION: &str = "inflight_bytes_per_connection";
     pub const DECOMPRESSED_SIZE: &str = "decompressed_size";
     pub const CODEC_QUEUE: &str = "codec_queue";
     pub const FORWARD_ID: &str = "forward_id";
