@@ -355,8 +355,6 @@ def test_entry_records_signature_dtype_and_limits(exported, tmp_path):
     assert present[0].shape == (1, 2, 4, 16)
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason="issue 21 part 2: the server warms up a KV model with "
-                                       "forward(hidden) and cannot serve it from a repository yet")
 def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
     out, _ = exported
     shutil.copytree(out / "gpt2", tmp_path / "gpt2")
@@ -370,6 +368,43 @@ def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
     finally:
         s.proc.kill()
         s.proc.wait()
+
+
+def test_one_file_warms_up_decodes_and_trains(exported, pb):
+    """A KV trunk warms up (prefill and a decode step) and a training forward runs
+    it with an empty cache: its output and the gradient a backward returns equal
+    transformers' layers under autograd."""
+    from test_training import backward
+
+    out, models = exported
+    first, end = LAYERS["gpt2"]
+    s = Server("--model", f"gpt2={out / 'gpt2' / '1' / 'model.pt'}", "--warmup-shape", "gpt2=1x8x64",
+               "--device", "cpu")
+    try:
+        s.wait_ok(pb)
+        stub = pb[1].ComputeServiceStub(s.channel())
+        gen = torch.Generator().manual_seed(11)
+        hidden = torch.randn(2, 5, 64, generator=gen)
+        grad = torch.randn(2, 5, 64, generator=gen)
+        reply, got = compute(stub, pb[0], hidden, model_id="gpt2", training_mode=True)
+        grad_in = backward(stub, pb[0], grad, reply.forward_id, model_id="gpt2")
+        # The same file still decodes.
+        step, past = kv_step(stub, pb[0], "gpt2", hidden, [])
+        torch.testing.assert_close(step, got, **TOL)
+        assert len(past) == 2 * (end - first)
+    finally:
+        s.proc.kill()
+        s.proc.wait()
+    oracle = Oracle(models["gpt2"], first, end)
+    try:
+        x = hidden.clone().requires_grad_(True)
+        oracle.hidden = x
+        models["gpt2"](input_ids=torch.zeros(2, 5, dtype=torch.long), use_cache=False)
+        torch.testing.assert_close(got, oracle.out.detach(), **TOL)
+        (oracle.out * grad).sum().backward()
+        torch.testing.assert_close(grad_in, x.grad, **TOL)
+    finally:
+        oracle.close()
 
 
 @pytest.mark.parametrize("args, message", [
