@@ -358,6 +358,10 @@ def test_entry_records_signature_dtype_and_limits(exported, tmp_path):
 def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
     out, _ = exported
     shutil.copytree(out / "gpt2", tmp_path / "gpt2")
+    (tmp_path / "g.json").write_text(json.dumps(GPT2))
+    assert export_cli("--config", str(tmp_path / "g.json"), "--seed", str(SEED), "--layers", "1:3",
+                      "--name", "gpt2s", "--kv-sessions", "--out", str(tmp_path)) == 0
+    (tmp_path / "g.json").unlink()
     s = Server("--model-repository", str(tmp_path), "--device", "cpu")
     try:
         # SERVING once the repository's loads are done, failed ones included.
@@ -365,6 +369,10 @@ def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
         stub = pb[1].ComputeServiceStub(s.channel())
         hidden, past = kv_step(stub, pb[0], "gpt2", torch.randn(1, 4, 64), [])
         assert hidden.shape == (1, 4, 64) and len(past) == 4
+        # Exported with --kv-sessions: the cache stays on the server.
+        step, handle = kv_step(stub, pb[0], "gpt2s", torch.randn(1, 4, 64), [])
+        step, handle = kv_step(stub, pb[0], "gpt2s", torch.randn(1, 1, 64), handle)
+        assert all(t.numel() == 0 and t.shape[2] == 5 for t in handle), [t.shape for t in handle]
     finally:
         s.proc.kill()
         s.proc.wait()
