@@ -378,6 +378,37 @@ def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
         s.proc.wait()
 
 
+def test_a_session_is_bound_to_the_token_that_opened_it(exported, pb, tmp_path):
+    import secrets
+
+    out, _ = exported
+    alice, bob = (f"{n}-{secrets.token_hex(16)}" for n in ("alice", "bob"))
+    (tmp_path / "tokens").write_text(f"{alice} infer\n{bob} infer\n")
+    s = Server("--model", f"g={out / 'gpt2' / '1' / 'model.pt'}", "--kv-sessions", "g",
+               "--auth-token-file", str(tmp_path / "tokens"), "--device", "cpu")
+    try:
+        s.wait_serving(timeout=30)
+        stub, pb2 = pb[1].ComputeServiceStub(s.channel()), pb[0]
+
+        def step(token, hidden, past):
+            data, shape = to_wire(hidden)
+            entries = [pb2.KVCacheEntry(key_data=b"", key_shape=list(k.shape), value_data=b"",
+                                        value_shape=list(k.shape)) for k in past[::2]]
+            reply = stub.Compute(pb2.ComputeRequest(data=data, shape=shape, model_id="g", use_cache=True,
+                                                    past_key_values=entries),
+                                 metadata=[("authorization", "Bearer " + token)], timeout=30)
+            return [from_wire(e.key_data, e.key_shape) for e in reply.present_key_values for _ in (0, 1)]
+
+        handle = step(alice, torch.randn(1, 3, 64), [])
+        with pytest.raises(grpc.RpcError) as e:
+            step(bob, torch.randn(1, 1, 64), handle)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
+        assert all(t.shape[2] == 4 for t in step(alice, torch.randn(1, 1, 64), handle))
+    finally:
+        s.proc.kill()
+        s.proc.wait()
+
+
 def test_one_file_warms_up_decodes_and_trains(exported, pb):
     """A KV trunk warms up (prefill and a decode step) and a training forward runs
     it with an empty cache: its output and the gradient a backward returns equal
