@@ -21,7 +21,8 @@
 //! - [`proto`]: the generated protobuf code (`splitlearn.comm`, `inference`) and
 //!   its descriptor set, shared by the front-ends and the repository.
 //! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
-//!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
+//!   backward, optimizer steps, checkpoints, and KV sessions (decoding caches kept
+//!   on the server behind a handle, `training::sessions`). Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), one file per service (ComputeService), the
 //!   error -> `Status` mapping, and the tower layers every service shares (limits,
 //!   authentication); ComputeService and the Open Inference Protocol
