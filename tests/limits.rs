@@ -327,3 +327,165 @@ async fn idle_connections_are_closed_and_busy_ones_kept() {
     assert_eq!(f32_values(&y.data), x);
     server.stop().await.unwrap();
 }
+
+/// Sockets that never send a byte are held in their own small pool, closed
+/// after --handshake-timeout (or sooner, the oldest first, when the pool is
+/// full), and never take the slots of established connections: with every
+/// slot of --max-connections and of the pool taken by silent sockets, a real
+/// client is still served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_never_take_the_slots_of_established_connections() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--max-connections",
+            "3",
+            "--max-pending-connections",
+            "4",
+            "--handshake-timeout",
+            "2s",
+        ],
+    ))
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Both pools are full of silent sockets; a client that speaks is served,
+    // well before any of them timed out.
+    let x = values(2, 3);
+    let started = Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut c = server.client().await;
+        c.compute(request("double", &x, &[2])).await
+    })
+    .await;
+    let y = served
+        .expect("a real client was not served while silent sockets were open")
+        .expect("a real client was refused while silent sockets were open")
+        .into_inner();
+    assert_eq!(
+        f32_values(&y.data),
+        x.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Every silent socket is closed by the server: the oldest to make room,
+    // the rest after --handshake-timeout (not the 5-minute idle timeout).
+    for mut s in silent {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "a silent socket stayed open: {closed:?}"
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+/// GET `path` over HTTP/1.1 on a new connection: the status line, or why not.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.map_err(|e| e.to_string())?;
+        let reply = String::from_utf8_lossy(&reply).to_string();
+        Ok(reply.lines().next().unwrap_or_default().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// grpc.health.v1 over a new connection: the status, or why not.
+async fn grpc_health(addr: SocketAddr) -> Result<i32, String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(reply.into_inner().status)
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// Under `ulimit -n 256` with default flags, --max-connections and the
+/// handshake pool are sized from the descriptor limit: hundreds of idle
+/// sockets on every port leave /livez and grpc.health.v1 answering. A
+/// --max-connections that cannot fit is refused at start with exit 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_past_the_descriptor_limit_leave_health_answering() {
+    let port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a: SocketAddr = l.local_addr().unwrap();
+        a
+    };
+    let (grpc, http, admin) = (port(), port(), port());
+    let serve = |extra: &str| {
+        let command = format!(
+            "ulimit -n 256 && exec {} serve --grpc-addr {grpc} --http-addr {http} \
+             --metrics-addr {admin} --device cpu --model double=builtin:scale:2 {extra}",
+            env!("CARGO_BIN_EXE_splitserve")
+        );
+        std::process::Command::new("bash")
+            .args(["-c", &command])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = serve("--max-connections 1000").wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("file descriptors") && stderr.contains("256"),
+        "{stderr}"
+    );
+
+    let mut child = serve("");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while grpc_health(grpc).await != Ok(1) {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        assert!(Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut idle = Vec::new();
+    for (addr, n) in [(grpc, 300), (http, 300), (admin, 100)] {
+        for _ in 0..n {
+            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => idle.push(s),
+                _ => break, // the backlog is full: enough
+            }
+        }
+    }
+    assert!(idle.len() > 256, "only {} sockets opened", idle.len());
+    assert_eq!(
+        http_get(admin, "/livez").await,
+        Ok("HTTP/1.1 200 OK".into())
+    );
+    assert_eq!(
+        http_get(http, "/v2/health/live").await,
+        Ok("HTTP/1.1 200 OK".into())
+    );
+    assert_eq!(grpc_health(grpc).await, Ok(1), "grpc.health.v1 SERVING");
+    assert!(child.try_wait().unwrap().is_none(), "the server died");
+    let _ = child.kill();
+    let _ = child.wait();
+}
