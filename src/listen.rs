@@ -355,6 +355,13 @@ pub struct Activity {
     /// head (HTTP/1.1), so a header-read timeout is a slow client, not an
     /// idle keep-alive connection.
     head_started: AtomicBool,
+    /// A write waits for the client to read: busy (a reply being written).
+    writing: AtomicBool,
+    /// Closed to make room for a new connection (see [`Established`]):
+    /// reads end from now on.
+    evicted: AtomicBool,
+    /// Wakes the connection's reader when it is evicted.
+    waker: futures::task::AtomicWaker,
 }
 
 impl Activity {
@@ -364,6 +371,9 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             head_started: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            waker: futures::task::AtomicWaker::new(),
         }
     }
 
@@ -382,7 +392,7 @@ impl Activity {
 
     /// How long the connection has had nothing in flight; None while busy.
     fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        if self.in_flight.load(Ordering::Relaxed) > 0 || self.writing.load(Ordering::Relaxed) {
             return None;
         }
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -480,9 +490,9 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     write_stall: Option<WriteStall>,
-    /// A write is waiting for the client to read: the connection is busy
-    /// (a reply being written), not idle.
-    write_pending: bool,
+    /// The port's established connections, which this one leaves on close.
+    established: Arc<Established>,
+    id: u64,
     /// `splitserve_open_connections` for this port, decremented on close.
     open: prometheus::IntGauge,
     /// Counts connections closed for idling (`limit="idle_connection"`).
@@ -500,17 +510,18 @@ impl Conn {
         cx: &mut Context<'_>,
         outcome: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
+        let activity = &self.info.activity;
         if outcome.is_ready() {
-            if self.write_pending {
-                self.write_pending = false;
-                self.info.activity.touch();
+            if activity.writing.load(Ordering::Relaxed) {
+                activity.writing.store(false, Ordering::Relaxed);
+                activity.touch();
                 if let Some(s) = &mut self.write_stall {
                     s.running = false;
                 }
             }
             return outcome;
         }
-        self.write_pending = true;
+        activity.writing.store(true, Ordering::Relaxed);
         WriteStall::check(&mut self.write_stall, cx, outcome)
     }
 
@@ -527,11 +538,7 @@ impl Conn {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let idle = match self.write_pending {
-                true => None,
-                false => self.info.activity.idle_for(),
-            };
-            match idle {
+            match self.info.activity.idle_for() {
                 Some(idle) if idle >= *limit => {
                     self.idle_closed.inc();
                     self.expired = true;
@@ -542,6 +549,47 @@ impl Conn {
                     .reset(tokio::time::Instant::now() + (*limit - idle)),
                 None => sleep.as_mut().reset(tokio::time::Instant::now() + *limit),
             }
+        }
+    }
+}
+
+impl Conn {
+    /// True once the connection was closed to make room for a new one.
+    fn evicted(&self, cx: &mut Context<'_>) -> bool {
+        let activity = &self.info.activity;
+        if activity.evicted.load(Ordering::Acquire) {
+            return true;
+        }
+        activity.waker.register(cx.waker());
+        activity.evicted.load(Ordering::Acquire)
+    }
+}
+
+/// A port's established connections, so that a new one can take the slot of
+/// the one idle the longest when all are taken (as nginx reuses idle
+/// keep-alive connections): a port full of idle sockets still admits the
+/// client that has something to ask.
+#[derive(Default)]
+struct Established {
+    conns: Mutex<std::collections::HashMap<u64, Arc<Activity>>>,
+}
+
+impl Established {
+    /// Closes the connection idle the longest; false when every one is busy.
+    fn evict_idlest(&self) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let idlest = conns
+            .values()
+            .filter(|a| !a.evicted.load(Ordering::Relaxed))
+            .filter_map(|a| a.idle_for().map(|d| (d, a)))
+            .max_by_key(|(d, _)| *d);
+        match idlest {
+            Some((_, activity)) => {
+                activity.evicted.store(true, Ordering::Release);
+                activity.waker.wake();
+                true
+            }
+            None => false,
         }
     }
 }
@@ -560,7 +608,7 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.idle_expired(cx) {
+        if this.idle_expired(cx) || this.evicted(cx) {
             return Poll::Ready(Ok(())); // end of stream: the server closes it
         }
         if this.prefix_pos < this.prefix.len() {
@@ -653,6 +701,10 @@ mod libc_errno {
     pub const ENOBUFS: i32 = 105;
 }
 
+/// How long a new connection waits for the slot of the connection closed
+/// to make room for it.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
+
 /// What every HTTP/2 connection sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -731,6 +783,7 @@ pub fn incoming(
 ) -> impl futures::Stream<Item = Result<Conn, io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel::<Result<Conn, io::Error>>(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let established = Arc::new(Established::default());
     let pending = Arc::new(Pending {
         cap: limits.max_pending.max(1),
         queue: Mutex::new(VecDeque::new()),
@@ -781,6 +834,7 @@ pub fn incoming(
             let task = Handshake {
                 tx: tx.clone(),
                 slots: slots.clone(),
+                established: established.clone(),
                 pending: pending.clone(),
                 limits: limits.clone(),
                 port,
@@ -802,6 +856,7 @@ pub fn incoming(
 struct Handshake {
     tx: mpsc::Sender<Result<Conn, io::Error>>,
     slots: Arc<Semaphore>,
+    established: Arc<Established>,
     pending: Arc<Pending>,
     limits: PortLimits,
     port: &'static str,
@@ -871,10 +926,31 @@ impl Handshake {
                 return;
             }
         };
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            self.refused.inc();
-            return; // closed at once: the client retries elsewhere or later
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // All taken: the idlest connection makes room (counted as a
+            // connection the limit closed), and its slot comes back as
+            // soon as its task sees it closed.
+            Err(_) if self.established.evict_idlest() => {
+                self.refused.inc();
+                match tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned()).await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => return,
+                }
+            }
+            Err(_) => {
+                self.refused.inc();
+                return; // every connection busy: closed at once, the client retries
+            }
         };
+        let id = self.pending.next.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new());
+        self.established
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, activity.clone());
         self.open.inc();
         self.accepted_total.inc();
         let conn = Conn {
@@ -883,7 +959,7 @@ impl Handshake {
             prefix_pos: 0,
             info: ConnInfo {
                 remote_addr: Some(addr),
-                activity: Arc::new(Activity::new()),
+                activity,
             },
             _slot: slot,
             idle: self
@@ -896,7 +972,8 @@ impl Handshake {
                 running: false,
                 closed: self.stall_closed.clone(),
             }),
-            write_pending: false,
+            established: self.established,
+            id,
             open: self.open,
             idle_closed: self.idle_closed,
             expired: false,
@@ -907,6 +984,11 @@ impl Handshake {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.established
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
         self.open.dec();
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, args, f32_values, request, values};
 use prost::bytes::Bytes;
+use splitserve::grpc::pb::compute_service_client::ComputeServiceClient;
 use tokio::net::TcpStream;
 
 /// One raw HTTP/2 connection to the server.
@@ -164,50 +165,75 @@ async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
     server.stop().await.unwrap();
 }
 
+/// A client on a new connection of its own (each tonic `connect` opens one).
+async fn own_connection(
+    addr: SocketAddr,
+) -> Result<ComputeServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(ComputeServiceClient::new(channel))
+}
+
+/// With every slot of --max-connections taken, a new connection takes the
+/// slot of the connection idle the longest; when every connection has a
+/// request in flight, the new one is closed at once and the busy ones finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_are_closed_and_the_rest_served() {
+async fn connections_beyond_the_limit_take_idle_slots_or_are_closed() {
     let server = TestServer::start(args(
-        &["double=builtin:scale:2"],
+        &["double=builtin:scale:2", "slow=builtin:delay:3000"],
         &["--max-connections", "2"],
     ))
     .await;
-    // TestServer's readiness check left its connection behind; take the
-    // remaining slots with clients that work.
-    let mut c = server.client().await;
     let x = values(2, 3);
-    c.compute(request("double", &x, &[2])).await.unwrap();
-    // New connections past the limit are accepted by the kernel and closed by
-    // the server before any HTTP/2 is spoken: their calls fail.
+    let doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    // Idle connections make room: five clients in turn, each keeping its
+    // connection open, are all served.
     let mut held = Vec::new();
-    let (mut served, mut refused) = (0, 0);
-    for _ in 0..3 {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .timeout(Duration::from_secs(5));
-        let call = async {
-            let channel = endpoint.connect().await?;
-            let mut client =
-                splitserve::grpc::pb::compute_service_client::ComputeServiceClient::new(channel);
-            client
-                .compute(request("double", &x, &[2]))
-                .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client)
-        };
-        match call.await {
-            Ok(client) => {
-                served += 1;
-                held.push(client); // keep its connection open
-            }
-            Err(_) => refused += 1,
-        }
+    for _ in 0..5 {
+        let mut c = own_connection(server.addr).await.unwrap();
+        let y = c.compute(request("double", &x, &[2])).await.unwrap();
+        assert_eq!(f32_values(&y.get_ref().data), doubled);
+        held.push(c);
     }
-    assert!(
-        served <= 1 && refused >= 2,
-        "served {served}, refused {refused} past --max-connections 2"
+    // Two connections, each with a slow request in flight: no slot is idle.
+    let (mut a, mut b) = (
+        own_connection(server.addr).await.unwrap(),
+        own_connection(server.addr).await.unwrap(),
     );
-    // The connections inside the limit still work.
-    c.compute(request("double", &x, &[2])).await.unwrap();
+    let slow_a = tokio::spawn({
+        let (mut a, x) = (a.clone(), x.clone());
+        async move { a.compute(request("slow", &x, &[2])).await }
+    });
+    let slow_b = tokio::spawn({
+        let (mut b, x) = (b.clone(), x.clone());
+        async move { b.compute(request("slow", &x, &[2])).await }
+    });
+    common::wait_for(&mut a, "workers_busy", 2).await;
+    // A new connection past the limit is closed before any HTTP/2 is spoken.
+    let refused = async {
+        let mut c = own_connection(server.addr).await?;
+        c.compute(request("double", &x, &[2]))
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    assert!(
+        refused.await.is_err(),
+        "a connection past --max-connections 2 was served while both were busy"
+    );
+    // The busy connections were not touched.
+    assert_eq!(
+        f32_values(&slow_a.await.unwrap().unwrap().get_ref().data),
+        x
+    );
+    assert_eq!(
+        f32_values(&slow_b.await.unwrap().unwrap().get_ref().data),
+        x
+    );
+    b.compute(request("double", &x, &[2])).await.unwrap();
     server.stop().await.unwrap();
 }
 
@@ -466,15 +492,31 @@ async fn idle_sockets_past_the_descriptor_limit_leave_health_answering() {
         assert!(Instant::now() < deadline, "never SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Silent sockets, and sockets that start their protocol and then idle
+    // (established connections): the HTTP/2 preface on the gRPC port, half a
+    // request head on the HTTP port.
+    use tokio::io::AsyncWriteExt;
+    let h2_preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let h1_start: &[u8] = b"GET /v2/health/live HTTP/1.1\r\n";
     let mut idle = Vec::new();
-    for (addr, n) in [(grpc, 300), (http, 300), (admin, 100)] {
+    for (addr, first, n) in [
+        (grpc, &b""[..], 150),
+        (grpc, h2_preface, 150),
+        (http, &b""[..], 150),
+        (http, h1_start, 150),
+        (admin, &b""[..], 100),
+    ] {
         for _ in 0..n {
             match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => idle.push(s),
+                Ok(Ok(mut s)) => {
+                    let _ = s.write_all(first).await;
+                    idle.push(s);
+                }
                 _ => break, // the backlog is full: enough
             }
         }
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(idle.len() > 256, "only {} sockets opened", idle.len());
     assert_eq!(
         http_get(admin, "/livez").await,
