@@ -470,16 +470,30 @@ async fn idle_sockets_past_the_descriptor_limit_leave_health_answering() {
              --metrics-addr {admin} --device cpu --model double=builtin:scale:2 {extra}",
             env!("CARGO_BIN_EXE_splitserve")
         );
-        std::process::Command::new("bash")
-            .args(["-c", &command])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            std::process::Command::new("bash")
+                .args(["-c", &command])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
     };
-    let refused = serve("--max-connections 1000").wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(64), "{stderr}");
+    let mut refused = serve("--max-connections 1000");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = refused.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "--max-connections 1000 under ulimit -n 256 was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(refused.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(64), "{stderr}");
     assert!(
         stderr.contains("file descriptors") && stderr.contains("256"),
         "{stderr}"
@@ -488,7 +502,7 @@ async fn idle_sockets_past_the_descriptor_limit_leave_health_answering() {
     let mut child = serve("");
     let deadline = Instant::now() + Duration::from_secs(60);
     while grpc_health(grpc).await != Ok(1) {
-        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        assert!(child.0.try_wait().unwrap().is_none(), "the server exited");
         assert!(Instant::now() < deadline, "never SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -527,7 +541,15 @@ async fn idle_sockets_past_the_descriptor_limit_leave_health_answering() {
         Ok("HTTP/1.1 200 OK".into())
     );
     assert_eq!(grpc_health(grpc).await, Ok(1), "grpc.health.v1 SERVING");
-    assert!(child.try_wait().unwrap().is_none(), "the server died");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(child.0.try_wait().unwrap().is_none(), "the server died");
+}
+
+/// A server process, killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
