@@ -1201,3 +1201,32 @@ pub async fn serve<S, B>(
     connections.close();
     connections.wait().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ConnectionPlan;
+
+    #[test]
+    fn connection_slots_fit_the_descriptor_limit() {
+        // ulimit -n 256, gRPC + HTTP + admin: 256 - 112 reserved = 72 per port.
+        let plan = ConnectionPlan::new(Some(256), 2, true, None, None).unwrap();
+        assert_eq!((plan.max_connections, plan.max_pending), (63, 9));
+        assert!(plan.reserve + 2 * (63 + 9) <= 256);
+        // Plenty of descriptors: the usual 1024, pending capped at 128.
+        let plan = ConnectionPlan::new(Some(1 << 20), 2, true, None, None).unwrap();
+        assert_eq!((plan.max_connections, plan.max_pending), (1024, 128));
+        // A limit the operator set is kept when it fits, refused when not.
+        let plan = ConnectionPlan::new(Some(1 << 20), 1, false, Some(5000), None).unwrap();
+        assert_eq!(plan.max_connections, 5000);
+        let e = ConnectionPlan::new(Some(256), 2, true, Some(1000), None).unwrap_err();
+        assert!(
+            e.contains("1000 connections") && e.contains("is 256"),
+            "{e}"
+        );
+        // Too few descriptors for even one connection per port.
+        assert!(ConnectionPlan::new(Some(100), 2, true, None, None).is_err());
+        // Unknown limit: the fixed defaults.
+        let plan = ConnectionPlan::new(None, 2, true, None, None).unwrap();
+        assert_eq!((plan.max_connections, plan.max_pending), (1024, 128));
+    }
+}
