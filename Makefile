@@ -17,7 +17,7 @@ all: build
 
 setup: $(VENV)/.requirements.sha256
 
-$(VENV)/.requirements.sha256: requirements.txt scripts/setup.sh
+$(VENV)/.requirements.sha256: requirements.txt scripts/setup.sh scripts/export/pyproject.toml
 	bash scripts/setup.sh
 
 build: setup

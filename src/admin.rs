@@ -79,6 +79,19 @@ impl AdminState {
                 catch_up(&m.training_events.with_label_values(&[model, event]), value);
             }
         }
+        let kv = self.engine.training().sessions().stats();
+        m.kv_sessions.set(load(&kv.open) as i64);
+        m.kv_cache_bytes.set(load(&kv.bytes) as i64);
+        for (event, value) in kv.events() {
+            catch_up(&m.kv_session_events.with_label_values(&[event]), value);
+        }
+        catch_up(&m.kv_tokens, load(&kv.tokens));
+        catch_up(&m.kv_decode_steps, load(&kv.decode_steps));
+        let seconds = load(&kv.decode_micros) as f64 / 1e6;
+        if seconds > m.kv_decode_seconds.get() {
+            m.kv_decode_seconds
+                .inc_by(seconds - m.kv_decode_seconds.get());
+        }
         // Unloaded versions leave the family: it is rebuilt at each scrape.
         m.model_info.reset();
         for loaded in self.engine.loaded() {

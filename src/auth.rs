@@ -2,9 +2,11 @@
 //! changes. Checking a token costs the same whatever it is: every known token
 //! is compared, in constant time, against the SHA-256 of the one presented.
 //!
-//! File format, one token per line: `TOKEN SCOPE[,SCOPE...]`; `#` starts a
-//! comment; blank lines are ignored. A token listed without scopes
-//! authenticates but is allowed nothing.
+//! File format, one token per line: `TOKEN SCOPE[,SCOPE...]`; a `#` at the
+//! start of a line or after a space or tab starts a comment; blank lines are
+//! ignored. A `#` anywhere else (inside a token or a scope list) makes the file
+//! invalid: a token is never silently cut short. A token listed without
+//! scopes authenticates but is allowed nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -53,6 +55,9 @@ pub struct Granted {
     pub infer: bool,
     pub train: bool,
     pub repository: bool,
+    /// Who the token is, for state bound to a caller (KV sessions): the first
+    /// 8 bytes of the token's SHA-256, never the token itself.
+    pub identity: u64,
 }
 
 impl Granted {
@@ -109,9 +114,16 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 fn parse(text: &str) -> Result<Vec<Entry>, String> {
     let mut entries = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        let line = strip_comment(line).trim();
         if line.is_empty() {
             continue;
+        }
+        if line.contains('#') {
+            return Err(format!(
+                "line {}: '#' inside a token or a scope list; a comment starts with '#' at the \
+                 start of a line or after a space, and a token may not contain '#'",
+                n + 1
+            ));
         }
         let mut parts = line.split_whitespace();
         let token = parts.next().unwrap_or_default();
@@ -136,12 +148,25 @@ fn parse(text: &str) -> Result<Vec<Entry>, String> {
                 }
             }
         }
-        entries.push(Entry {
-            digest: digest(token.as_bytes()),
-            granted,
-        });
+        let digest = digest(token.as_bytes());
+        granted.identity = u64::from_le_bytes([
+            digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+        ]);
+        entries.push(Entry { digest, granted });
     }
     Ok(entries)
+}
+
+/// The line before its comment: from a `#` at the start or after whitespace.
+fn strip_comment(line: &str) -> &str {
+    let mut prev_blank = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && prev_blank {
+            return &line[..i];
+        }
+        prev_blank = c.is_whitespace();
+    }
+    line
 }
 
 fn load(path: &Path) -> Result<(Vec<Entry>, [u8; 32]), AuthError> {
@@ -252,10 +277,12 @@ mod tests {
                 infer: true,
                 train: false,
                 repository: false,
+                identity: entries[0].granted.identity,
             }
         );
+        assert_ne!(entries[0].granted.identity, entries[1].granted.identity);
         assert!(entries[1].granted.train && entries[1].granted.infer);
-        assert_eq!(entries[2].granted, Granted::default());
+        assert!(!entries[2].granted.infer && !entries[2].granted.train);
         let err = parse("short infer").unwrap_err();
         assert!(err.contains("line 1") && err.contains("16"), "{err}");
         let err = parse("long-enough-token-123 admin").unwrap_err();
@@ -264,6 +291,20 @@ mod tests {
             !err.contains("long-enough-token-123"),
             "never echo a token: {err}"
         );
+    }
+
+    #[test]
+    fn a_hash_inside_a_token_is_refused_not_cut() {
+        // Cut at '#', this token would silently be "abcdefgh-01234567".
+        let err = parse("abcdefgh-01234567#89abcdef infer\n").unwrap_err();
+        assert!(err.contains("line 1") && err.contains("'#'"), "{err}");
+        assert!(!err.contains("abcdefgh"), "never echo a token: {err}");
+        let err = parse("# ok\nreader-0123456789abcdef infer#x\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        // Comments: a whole line, or after a space or a tab.
+        let entries = parse("#c\n  # c\nreader-0123456789abcdef infer\t# c\n").unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0].granted.infer);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::plan::{Auto, PlanRequest, ThreadPlan};
 use crate::repository::{ControlMode, RepositoryConfig};
 use crate::server::{Http2Config, ServerConfig};
 use crate::telemetry::otel::{LogFormat, TelemetryConfig};
+use crate::training::sessions::SessionConfig;
 use crate::training::{AdamBetas, OptimizerKind, OptimizerSettings, TrainingConfig};
 
 /// `--version`: what this binary was built from and against.
@@ -224,10 +225,44 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_ACTIVATION_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub activation_cache_bytes: u64,
 
+    /// One model's share of --activation-cache-bytes, NAME=BYTES (e.g.
+    /// top=768MiB); repeatable. Models without one split what is left equally.
+    /// A model's training forwards evict only its own activations.
+    #[arg(
+        long,
+        env = "SPLITSERVE_ACTIVATION_MODEL_BYTES",
+        value_delimiter = ',',
+        value_name = "NAME=BYTES",
+        value_parser = parse_model_bytes
+    )]
+    pub activation_model_bytes: Vec<(String, u64)>,
+
     /// How long a `training_mode` forward's activations wait for their
     /// ComputeBackward before they are released (e.g. 60s, 500ms).
     #[arg(long, env = "SPLITSERVE_ACTIVATION_TTL", default_value = "60s", value_parser = parse_duration)]
     pub activation_ttl: Duration,
+
+    /// A model whose KV caches stay on the server between decode steps;
+    /// repeatable. A Compute with use_cache=true and no past opens a session and
+    /// is answered with a small handle in present_key_values; sending the handle
+    /// back as past_key_values continues it (docs/llm.md). Needs the KV signature.
+    #[arg(
+        long = "kv-sessions",
+        env = "SPLITSERVE_KV_SESSIONS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub kv_sessions: Vec<String>,
+
+    /// Bytes of KV caches held for all sessions together (e.g. 2GiB); beyond it
+    /// the least recently used idle sessions are ended, and their next step is
+    /// FAILED_PRECONDITION (restart from the prompt).
+    #[arg(long, env = "SPLITSERVE_KV_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_cache_bytes: u64,
+
+    /// A KV session with no step for this long is ended (e.g. 10m, 90s).
+    #[arg(long, env = "SPLITSERVE_KV_SESSION_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub kv_session_ttl: Duration,
 
     /// Optimizer applied when ComputeBackward carries a learning_rate: sgd (the
     /// default) or adam, for every model or NAME=adam for one. The learning rate
@@ -344,6 +379,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_CHECKPOINT_KEEP", default_value_t = 3)]
     pub checkpoint_keep: usize,
 
+    /// When a model has checkpoints in --checkpoint-dir and none of them loads,
+    /// start from the model's own weights (the unloadable ones are renamed
+    /// `unloadable-step-*`) instead of refusing to start.
+    #[arg(long, env = "SPLITSERVE_CHECKPOINT_START_FRESH")]
+    pub checkpoint_start_fresh: bool,
+
     /// Connections older than this get a GOAWAY (in-flight requests finish), so
     /// clients reconnect and new pods get their share of the load; 0 = never.
     #[arg(long, env = "SPLITSERVE_MAX_CONNECTION_AGE", default_value = "0", value_parser = parse_duration)]
@@ -356,6 +397,12 @@ pub struct ServeArgs {
     /// Largest learning_rate a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
     #[arg(long, env = "SPLITSERVE_MAX_LEARNING_RATE", default_value_t = 10.0)]
     pub max_learning_rate: f64,
+
+    /// Before each optimizer step, accumulated gradients whose total L2 norm is
+    /// above this are scaled down to it (torch.nn.utils.clip_grad_norm_), so
+    /// that no single request can push the weights or Adam's moments out of range.
+    #[arg(long, env = "SPLITSERVE_MAX_GRAD_NORM", default_value_t = 100.0)]
+    pub max_grad_norm: f64,
 
     /// Largest accumulation_step a ComputeBackward may ask for; larger is INVALID_ARGUMENT.
     #[arg(
@@ -454,6 +501,21 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
     pub max_inflight_bytes: u64,
 
+    /// Most bytes of --max-inflight-bytes that one HTTP connection's request
+    /// bodies may hold (bodies are reserved as they arrive); default: a quarter
+    /// of --max-inflight-bytes, at least --max-message-bytes.
+    #[arg(long, env = "SPLITSERVE_MAX_INFLIGHT_BYTES_PER_CONNECTION", value_parser = parse_bytes)]
+    pub max_inflight_bytes_per_connection: Option<u64>,
+
+    /// Bytes a second an HTTP request body must average once
+    /// --http-body-rate-grace has passed, or it is cut with 400; 0: off.
+    #[arg(long, env = "SPLITSERVE_HTTP_MIN_BODY_RATE", default_value = "16KiB", value_parser = parse_bytes)]
+    pub http_min_body_rate: u64,
+
+    /// Time an HTTP request body gets before --http-min-body-rate applies.
+    #[arg(long, env = "SPLITSERVE_HTTP_BODY_RATE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub http_body_rate_grace: Duration,
+
     /// Most bytes a zlib payload may inflate to; default: --max-message-bytes.
     #[arg(long, env = "SPLITSERVE_MAX_DECOMPRESSED_BYTES", value_parser = parse_size)]
     pub max_decompressed_bytes: Option<usize>,
@@ -533,6 +595,17 @@ impl ServeArgs {
                 })
                 .collect(),
             checkpoint_keep: self.checkpoint_keep,
+            kv_sessions: specs
+                .iter()
+                .map(|m| self.kv_sessions.contains(&m.name))
+                .collect(),
+            sessions: SessionConfig {
+                max_bytes: self.kv_cache_bytes,
+                ttl: self.kv_session_ttl,
+            },
+            max_grad_norm: self.max_grad_norm,
+            model_cache_bytes: self.activation_model_bytes.clone(),
+            checkpoint_start_fresh: self.checkpoint_start_fresh,
         };
         let models = specs
             .into_iter()
@@ -607,6 +680,15 @@ impl ServeArgs {
             http_header_read_timeout: self.http_header_read_timeout,
             max_inflight_bytes: self.max_inflight_bytes,
             max_message_bytes: self.max_message_bytes,
+            http_body: crate::http::BodyLimits {
+                min_rate: self.http_min_body_rate,
+                rate_grace: self.http_body_rate_grace,
+                per_connection: self.max_inflight_bytes_per_connection.unwrap_or(
+                    (self.max_inflight_bytes / 4)
+                        .max(self.max_message_bytes as u64)
+                        .min(self.max_inflight_bytes),
+                ),
+            },
             stall_timeout: self.stall_timeout,
             shutdown_grace: self.shutdown_grace,
             repository: self.model_repository.clone().map(|root| RepositoryConfig {
@@ -655,6 +737,10 @@ impl ServeArgs {
                     "--warmup-shape names model {:?}, which no --model defines",
                     w.name
                 )));
+            }
+            for dims in &w.dims {
+                crate::model::check_warmup_shape(dims)
+                    .map_err(|e| ConfigError::Invalid(format!("--warmup-shape {}: {e}", w.name)))?;
             }
         }
         for name in self
@@ -766,6 +852,11 @@ impl ServeArgs {
                 self.max_inflight_bytes, self.max_message_bytes
             )));
         }
+        if self.max_inflight_bytes_per_connection == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--max-inflight-bytes-per-connection 0 would refuse every HTTP request body".into(),
+            ));
+        }
         if self.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(format!(
                 "--max-message-bytes {} is below the 1024-byte minimum",
@@ -822,10 +913,47 @@ impl ServeArgs {
                 e.value
             )));
         }
+        if let Some(name) = self
+            .kv_sessions
+            .iter()
+            .find(|n| !self.model_specs().iter().any(|m| &&m.name == n))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--kv-sessions names model {name:?}, which no --model defines"
+            )));
+        }
+        if self.kv_cache_bytes == 0 || self.kv_session_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--kv-cache-bytes and --kv-session-ttl must be above 0".into(),
+            ));
+        }
         if self.activation_cache_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "--activation-cache-bytes must be at least 1".into(),
             ));
+        }
+        if !(self.max_grad_norm > 0.0 && self.max_grad_norm.is_finite()) {
+            return Err(ConfigError::Invalid(format!(
+                "--max-grad-norm must be a positive number, not {}",
+                self.max_grad_norm
+            )));
+        }
+        let mut shares = 0u64;
+        for (name, bytes) in &self.activation_model_bytes {
+            if !known(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "--activation-model-bytes names model {:?}, which no --model defines",
+                    codec::clip(name)
+                )));
+            }
+            shares = shares.saturating_add(*bytes);
+        }
+        if shares > self.activation_cache_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "--activation-model-bytes shares add up to {shares} bytes, more than \
+                 --activation-cache-bytes {}",
+                self.activation_cache_bytes
+            )));
         }
         if self.activation_ttl.is_zero() {
             return Err(ConfigError::Invalid(
@@ -1024,6 +1152,16 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("size {s:?} is out of range"));
     }
     Ok(bytes as u64)
+}
+
+/// `NAME=BYTES`, the bytes as [`parse_bytes`] reads them.
+fn parse_model_bytes(s: &str) -> Result<(String, u64), String> {
+    match s.split_once('=') {
+        Some((name, bytes)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), parse_bytes(bytes)?))
+        }
+        _ => Err(format!("expected NAME=BYTES like top=512MiB, got {s:?}")),
+    }
 }
 
 /// [`parse_bytes`] for sizes held in memory.

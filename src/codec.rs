@@ -428,6 +428,62 @@ pub fn encode(tensor: &RawTensor, enc: Encoding) -> Bytes {
     e.finish().unwrap_or_default().into()
 }
 
+/// Encodes tensors as [`encode`] does, or None once their bytes together
+/// would pass `room`: compressed ones are written into buffers that stop
+/// there, so a reply over the limit is never built whole.
+pub fn encode_within(tensors: &[(RawTensor, Encoding)], mut room: usize) -> Option<Vec<Bytes>> {
+    use std::io::Write;
+    tensors
+        .iter()
+        .map(|(t, enc)| {
+            let bytes = if enc.compressed {
+                let mut e = ZlibEncoder::new(
+                    Capped::new(room, t.data.len().min(room) / 2 + 64),
+                    Compression::fast(),
+                );
+                e.write_all(&t.data).ok()?;
+                Bytes::from(e.finish().ok()?.buf)
+            } else if t.data.len() <= room {
+                t.data.clone()
+            } else {
+                return None;
+            };
+            room -= bytes.len();
+            Some(bytes)
+        })
+        .collect()
+}
+
+/// A buffer that refuses to grow past its room: writing more is an error.
+pub struct Capped {
+    pub buf: Vec<u8>,
+    room: usize,
+}
+
+impl Capped {
+    /// Room for `room` bytes, `capacity` of them allocated up front.
+    pub fn new(room: usize, capacity: usize) -> Capped {
+        Capped {
+            buf: Vec::with_capacity(capacity.min(room)),
+            room,
+        }
+    }
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if b.len() > self.room - self.buf.len() {
+            return Err(std::io::Error::other("over the size limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A thread that inflates and deflates payloads, so that zlib never runs on
 /// the I/O threads that also answer health probes. Its queue is bounded: when
 /// it is full, callers are refused at once instead of waiting.

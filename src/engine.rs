@@ -1073,12 +1073,17 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
             return false;
         }
     };
-    // Trained models continue from their newest checkpoint.
-    shared.training.resume(
+    // Trained models continue from their newest checkpoint; when none of a
+    // model's checkpoints loads, the server does not start.
+    if let Err(e) = shared.training.resume(
         units
             .iter_mut()
             .filter_map(|u| u.training.map(|i| (i, &mut u.model))),
-    );
+    ) {
+        tracing::error!(error = %e, "cannot resume from the checkpoints");
+        shared.status.send_replace(EngineStatus::Failed(e));
+        return false;
+    }
     for unit in units {
         drop(install(shared, unit));
     }

@@ -312,12 +312,12 @@ impl Model {
         let (inner, description, default_warmup) = match &spec.source {
             ModelSource::TorchScript(path) => {
                 let shown = path.display().to_string();
-                if !path.is_file() {
-                    return Err(load_err(shown, "no such file".into()));
-                }
+                let file = open_model_file(path).map_err(|e| load_err(shown.clone(), e))?;
                 let digest =
-                    file_sha256(path).map_err(|e| load_err(shown.clone(), e.to_string()))?;
-                let mut m = CModule::load_on_device(path, device)
+                    file_sha256(&file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                // libtorch opens the file that was checked, not whatever the
+                // path names by now.
+                let mut m = CModule::load_on_device(opened_path(&file, path), device)
                     .map_err(|e| load_err(shown.clone(), not_torchscript_hint(&e.to_string())))?;
                 m.set_eval();
                 // Clients see the content's digest, never the file's path.
@@ -367,14 +367,12 @@ impl Model {
                 let mut vs = vs;
                 if let Some(file) = weights {
                     let shown = format!("{desc}@{}", file.display());
-                    if !file.is_file() {
-                        return Err(load_err(shown, "no such file".into()));
-                    }
+                    let opened = open_model_file(file).map_err(|e| load_err(shown.clone(), e))?;
                     let digest =
-                        file_sha256(file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
-                    vs.load(file).map_err(|e| {
-                        load_err(shown.clone(), clean_torch_message(&e.to_string()))
-                    })?;
+                        file_sha256(&opened).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                    // By its path: tch picks the format from the file name's extension.
+                    vs.load(file)
+                        .map_err(|e| load_err(shown.clone(), torch_text(&e.to_string(), true)))?;
                     desc = format!("{desc}@sha256:{digest}");
                 }
                 let warm = vec![vec![1, widths[0]]];
@@ -404,14 +402,26 @@ impl Model {
         };
         if let Some(shapes) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
+            for shape in &shapes {
+                check_warmup_shape(shape).map_err(|e| load_err(model.description.clone(), e))?;
+            }
             let inputs: Vec<Tensor> = shapes
                 .iter()
                 .enumerate()
                 .map(|(i, shape)| {
                     let kind = spec.warmup_kinds.get(i).copied().unwrap_or(Kind::Float);
-                    Tensor::zeros(shape, (kind, device))
+                    Tensor::f_zeros(shape, (kind, device))
                 })
-                .collect();
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    load_err(
+                        model.description.clone(),
+                        format!(
+                            "cannot allocate the warm-up input {shapes:?}: {}",
+                            torch_text(&e.to_string(), true)
+                        ),
+                    )
+                })?;
             let outputs = model.forward_all(&inputs).map_err(|e| {
                 load_err(
                     model.description.clone(),
@@ -439,7 +449,7 @@ impl Model {
     pub fn forward_params_held(&self, input: &Tensor) -> Result<Tensor, ModelError> {
         let invalid = |e: tch::TchError| ModelError::InvalidInput {
             model: self.name.clone(),
-            message: clean_torch_message(&e.to_string()),
+            message: torch_text(&e.to_string(), false),
         };
         let run = || -> Result<Tensor, ModelError> {
             match &self.inner {
@@ -510,7 +520,7 @@ impl Model {
                 .collect();
             let out = m.forward_is(&args).map_err(|e| ModelError::InvalidInput {
                 model: self.name.clone(),
-                message: clean_torch_message(&e.to_string()),
+                message: torch_text(&e.to_string(), false),
             })?;
             match out {
                 IValue::Tensor(t) => Ok(vec![t]),
@@ -546,12 +556,18 @@ impl Model {
 
     /// The parameters an optimizer updates: those that require a gradient.
     pub fn trainable_parameters(&self) -> Result<Vec<Tensor>, ModelError> {
-        let all = match &self.inner {
+        let all = self.all_parameters()?;
+        Ok(all.into_iter().filter(Tensor::requires_grad).collect())
+    }
+
+    /// Every parameter, frozen ones included: what a checkpoint replaces.
+    pub fn all_parameters(&self) -> Result<Vec<Tensor>, ModelError> {
+        Ok(match &self.inner {
             Inner::Script(m) => m
                 .named_parameters()
                 .map_err(|e| ModelError::Internal {
                     model: self.name.clone(),
-                    message: clean_torch_message(&e.to_string()),
+                    message: torch_text(&e.to_string(), true),
                 })?
                 .into_iter()
                 .map(|(_, t)| t)
@@ -562,8 +578,7 @@ impl Model {
                 .flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()])
                 .collect(),
             Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
-        };
-        Ok(all.into_iter().filter(Tensor::requires_grad).collect())
+        })
     }
 
     /// Incremental decoding: runs a TorchScript `forward(hidden, past)` where
@@ -599,7 +614,7 @@ impl Model {
                 ])
                 .map_err(|e| ModelError::InvalidInput {
                     model: self.name.clone(),
-                    message: clean_torch_message(&e.to_string()),
+                    message: torch_text(&e.to_string(), false),
                 })?;
             let expected = "expected (hidden, present key/values)";
             let IValue::Tuple(mut parts) = out else {
@@ -769,7 +784,7 @@ fn ivalue_kind(v: &IValue) -> &'static str {
 /// A `torch.save` pickle or a `torch.export` (.pt2) archive fails with
 /// "constants.pkl: file not found ... corrupted", which names no fix.
 fn not_torchscript_hint(raw: &str) -> String {
-    let msg = clean_torch_message(raw);
+    let msg = torch_text(raw, true);
     let looks_wrong = [
         "constants.pkl",
         "PytorchStreamReader",
@@ -789,19 +804,129 @@ fn not_torchscript_hint(raw: &str) -> String {
     }
 }
 
-/// The SHA-256 of a file's content, in hex: how clients see a model file.
-fn file_sha256(path: &Path) -> std::io::Result<String> {
+/// Largest model file read (TorchScript, or a built-in MLP's weights), in bytes.
+pub const MAX_MODEL_FILE_BYTES: u64 = 64 << 30;
+
+/// Most elements one warm-up input may have: the warm-up allocates it before
+/// anything else runs (2^28: 1 GiB of float32).
+pub const MAX_WARMUP_ELEMENTS: u64 = 1 << 28;
+
+/// Checks a warm-up input shape before anything is allocated for it.
+pub fn check_warmup_shape(shape: &[i64]) -> Result<(), String> {
+    let mut elements: u64 = 1;
+    for &d in shape {
+        let d = u64::try_from(d)
+            .map_err(|_| format!("warm-up shape {shape:?} has a negative dimension"))?;
+        elements = elements.saturating_mul(d);
+    }
+    if shape.len() > crate::codec::MAX_DIMS || elements > MAX_WARMUP_ELEMENTS {
+        return Err(format!(
+            "warm-up shape {} has {} elements in {} dimensions; a warm-up input may have at \
+             most {MAX_WARMUP_ELEMENTS} elements and {} dimensions",
+            crate::codec::clip(&format!("{shape:?}")),
+            if elements == u64::MAX {
+                "more than 2^64".to_string()
+            } else {
+                elements.to_string()
+            },
+            shape.len(),
+            crate::codec::MAX_DIMS
+        ));
+    }
+    Ok(())
+}
+
+/// What a path is when it is not a regular file, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens a file the server reads (config.pbtxt, model files), following
+/// symlinks, if what it opened is a regular file; refuses anything else. The
+/// open never waits: a FIFO is opened non-blocking (where a plain open would
+/// wait for a writer) and then refused by the opened file's own metadata, so a
+/// path swapped after a check cannot slip through. Errors name the kind of
+/// file, never its content.
+pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: only regular files are read", file_kind(&meta)),
+        ));
+    }
+    Ok((file, meta))
+}
+
+/// [`open_regular`] for a model file, with its size checked: an error for the
+/// operator, naming the file's kind or size.
+fn open_model_file(path: &Path) -> Result<std::fs::File, String> {
+    let (file, meta) = open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        _ => e.to_string(),
+    })?;
+    if meta.len() > MAX_MODEL_FILE_BYTES {
+        return Err(format!(
+            "the file is {} bytes; model files of at most {MAX_MODEL_FILE_BYTES} bytes are read",
+            meta.len()
+        ));
+    }
+    Ok(file)
+}
+
+/// A path that opens `file` itself (`/proc/self/fd/N`), or `fallback` where
+/// /proc is not mounted.
+fn opened_path(file: &std::fs::File, fallback: &Path) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if by_fd.exists() {
+        by_fd
+    } else {
+        fallback.to_path_buf()
+    }
+}
+
+/// The SHA-256 of an opened file's content, in hex: how clients see a model
+/// file. Reads at most [`MAX_MODEL_FILE_BYTES`], whatever the file's size said.
+fn file_sha256(file: &std::fs::File) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let mut reader = file.take(MAX_MODEL_FILE_BYTES + 1);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        total += n as u64;
         hasher.update(&buf[..n]);
+    }
+    if total > MAX_MODEL_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {MAX_MODEL_FILE_BYTES} bytes; model files of at most that are read"),
+        ));
     }
     Ok(hasher
         .finalize()
@@ -814,7 +939,7 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
 pub fn internal(model: &Model, e: tch::TchError) -> ModelError {
     ModelError::Internal {
         model: model.name.clone(),
-        message: clean_torch_message(&e.to_string()),
+        message: torch_text(&e.to_string(), true),
     }
 }
 
@@ -874,43 +999,79 @@ pub fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor
 /// The text of a panic payload.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
-        clean_torch_message(s)
+        torch_text(s, true)
     } else if let Some(s) = panic.downcast_ref::<String>() {
-        clean_torch_message(s)
+        torch_text(s, true)
     } else {
         "panic without a message".into()
     }
 }
 
-/// libtorch's messages carry C++ backtraces and TorchScript tracebacks; keep the
-/// sentence a user can act on.
-pub fn clean_torch_message(msg: &str) -> String {
-    let head = msg.split("Exception raised from").next().unwrap_or(msg);
-    let mut text = if head.contains("Traceback of TorchScript") {
-        // The interpreter's traceback ends with the original error line.
-        head.lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.contains("Error:"))
-            .unwrap_or(head.trim())
-            .to_string()
-    } else {
-        head.lines()
-            .filter(|l| !l.trim_start().starts_with("frame #"))
-            .collect::<Vec<_>>()
-            .join(" ")
-            .trim()
-            .to_string()
-    };
-    if text.len() > 1024 {
-        let mut cut = 1024;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
+/// Longest libtorch message a client sees, in bytes.
+pub const MAX_TORCH_MESSAGE: usize = 300;
+
+/// libtorch's text for a client: [`clean_torch_message`]; when that cut
+/// something, the full text is logged here, once (at warn for the operator's
+/// failures, at debug for a client's bad input, which a client can repeat at will).
+pub fn torch_text(raw: &str, operator: bool) -> String {
+    let text = clean_torch_message(raw);
+    if text != raw.trim() {
+        if operator {
+            tracing::warn!(
+                libtorch = raw,
+                "libtorch's full message (clients see: {text})"
+            );
+        } else {
+            tracing::debug!(
+                libtorch = raw,
+                "libtorch's full message (clients see: {text})"
+            );
         }
-        text.truncate(cut);
-        text.push_str("...");
     }
     text
+}
+
+/// libtorch's messages carry C++ backtraces and TorchScript tracebacks, and a
+/// tch panic wraps them in escaped Debug text: keep the first line, the
+/// sentence a user can act on, at most [`MAX_TORCH_MESSAGE`] bytes.
+pub fn clean_torch_message(msg: &str) -> String {
+    // A tch panic: `called `Result::unwrap()` on an `Err` value: Torch("...")`,
+    // with the message's newlines escaped.
+    let mut msg = msg.trim();
+    if let Some(rest) = msg.strip_prefix("called `Result::unwrap()` on an `Err` value: ") {
+        msg = rest;
+    }
+    for wrapper in [
+        "Torch(\"",
+        "Shape(\"",
+        "Kind(\"",
+        "Convert(\"",
+        "FileFormat(\"",
+    ] {
+        if let Some(rest) = msg.strip_prefix(wrapper) {
+            msg = rest.strip_suffix("\")").unwrap_or(rest);
+        }
+    }
+    let head = msg.split("Exception raised from").next().unwrap_or(msg);
+    let lines = || {
+        head.split('\n')
+            .flat_map(|l| l.split("\\n"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("frame #"))
+    };
+    let text = if head.contains("Traceback of TorchScript") {
+        // The interpreter's traceback ends with the original error line.
+        lines()
+            .filter(|l| l.contains("Error:"))
+            .last()
+            .or_else(|| lines().next())
+    } else {
+        lines().next()
+    }
+    .unwrap_or("libtorch failed without a message");
+    // An error line may still run on into a backtrace without a newline.
+    let text = text.split(" frame #").next().unwrap_or(text).trim();
+    crate::codec::cut(text, MAX_TORCH_MESSAGE)
 }
 
 #[cfg(test)]
@@ -1003,6 +1164,75 @@ mod tests {
             DeviceRequest::Cuda(1)
         );
         assert!("tpu".parse::<DeviceRequest>().is_err());
+    }
+
+    #[test]
+    fn torch_messages_are_cut_to_their_first_line_even_inside_a_panic() {
+        // What a tch panic carried to clients: Debug text, newlines escaped,
+        // a kilobyte of C++ frames on one line.
+        let frames: String = (0..20)
+            .map(|i| {
+                format!("\\nframe #{i}: c10::ThrowEnforceNotMet(char const*, int) + 0x55 (0x7f)")
+            })
+            .collect();
+        let raw = format!(
+            "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at \
+             alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to \
+             allocate 4000000000000 bytes.{frames}\")"
+        );
+        assert!(raw.len() > 1000);
+        let text = panic_message(&raw);
+        assert_eq!(
+            text,
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: \
+             you tried to allocate 4000000000000 bytes."
+        );
+        // A real multi-line message: its first line.
+        assert_eq!(
+            clean_torch_message("Expected all tensors on one device\nsecond line\n  frame #0: x"),
+            "Expected all tensors on one device"
+        );
+        // And never long.
+        let long = "x".repeat(5000);
+        assert!(clean_torch_message(&long).len() <= MAX_TORCH_MESSAGE);
+    }
+
+    #[test]
+    fn a_huge_warm_up_shape_is_refused_before_it_is_allocated() {
+        let mut spec: ModelSpec = "s=builtin:scale:2".parse().unwrap();
+        spec.warmup = Some(vec![vec![1_000_000, 1_000_000]]);
+        let err = Model::load(&spec, Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("at most 268435456 elements"), "{err}");
+        assert!(err.len() < 400, "{err}");
+        assert!(check_warmup_shape(&[i64::MAX, i64::MAX]).is_err());
+        assert!(check_warmup_shape(&[-1, 4]).is_err());
+        assert!(check_warmup_shape(&[16, 1024]).is_ok());
+    }
+
+    #[test]
+    fn model_files_must_be_regular_files_and_never_block() {
+        let dir = std::env::temp_dir().join(format!("splitserve-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.pt");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let zero = dir.join("zero.pt");
+        let _ = std::fs::remove_file(&zero);
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        for (file, kind) in [(&fifo, "a FIFO"), (&zero, "a character device")] {
+            // Would wait for a writer forever, or read zeros forever.
+            let spec: ModelSpec = format!("m={}", file.display()).parse().unwrap();
+            let err = Model::load(&spec, Device::Cpu).err().unwrap().to_string();
+            assert!(
+                err.contains(kind) && err.contains("only regular files"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -371,8 +371,9 @@ impl ThreadPlan {
     }
 
     /// Sets libtorch's global thread counts, once per process. Must run before any
-    /// model loads and never on a tokio thread. Returns the plan actually in force
-    /// (the first one applied, if the process already applied one).
+    /// model loads and never on a tokio thread. Returns the plan actually in force:
+    /// this plan's workers and io threads with the thread counts libtorch runs
+    /// with (the first ones applied, if the process already applied a plan).
     pub fn apply_to_libtorch(&self) -> ThreadPlan {
         static APPLIED: OnceLock<ThreadPlan> = OnceLock::new();
         let applied = *APPLIED.get_or_init(|| {
@@ -389,7 +390,11 @@ impl ThreadPlan {
                 "libtorch thread counts were already set in this process; keeping them"
             );
         }
-        applied
+        ThreadPlan {
+            intra_op_threads: applied.intra_op_threads,
+            inter_op_threads: applied.inter_op_threads,
+            ..*self
+        }
     }
 
     /// Pins this thread's OpenMP and MKL pools to the plan's intra-op count. Each

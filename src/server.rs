@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub max_inflight_bytes: u64,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// How HTTP request bodies may arrive (rate, per-connection share).
+    pub http_body: http::BodyLimits,
     /// A worker busy on one job longer than this marks the process not live.
     pub stall_timeout: Duration,
     /// After shutdown starts, how long queued and in-flight requests get.
@@ -230,7 +232,7 @@ pub async fn run(
         },
         config.limits,
         snapshots.clone(),
-        codec_pool,
+        codec_pool.clone(),
     );
     let compute = ComputeServiceServer::new(api)
         .max_decoding_message_size(config.max_message_bytes)
@@ -326,6 +328,9 @@ pub async fn run(
             budget: budget.clone(),
             max_message_bytes: config.max_message_bytes,
             body_timeout: config.http2.request_body_timeout,
+            body_limits: config.http_body,
+            codec_pool: codec_pool.clone(),
+            shares: Arc::default(),
         };
         let conns = listen::incoming(
             listener,
@@ -407,6 +412,10 @@ pub async fn run(
                     _ => None,
                 });
                 tracing::info!(addr = ?config.grpc_addr, "serving");
+            }
+            // Checkpoints that exist but do not load are the operator's to fix.
+            EngineStatus::Failed(msg) if engine.training().refused_start() => {
+                break Err(RunError::Config(msg));
             }
             EngineStatus::Failed(msg) => break Err(RunError::Startup(msg)),
             _ => {}

@@ -92,6 +92,22 @@ fn show_shape(shape: &[i64]) -> String {
     format!("[{}]", shown.join(","))
 }
 
+/// The elements of a shape whose dimensions are >= 0, within `--max-elements`.
+pub fn element_count(tensor: &str, shape: &[i64], limits: Limits) -> Result<u64, V2Error> {
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+        .filter(|&n| n <= limits.max_elements)
+        .ok_or_else(|| {
+            bad(format!(
+                "input {}: shape {} has more elements than this server's limit of {} (--max-elements)",
+                codec::clip(tensor),
+                show_shape(shape),
+                limits.max_elements
+            ))
+        })
+}
+
 /// Puts a request's inputs in `forward`'s order and checks each against the
 /// model's signature (when known): name, datatype, shape and data size.
 pub fn order_inputs(
@@ -128,19 +144,7 @@ pub fn order_inputs(
                 show_shape(&input.shape)
             )));
         }
-        let n = input
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-            .filter(|&n| n <= limits.max_elements)
-            .ok_or_else(|| {
-                bad(format!(
-                    "input {}: shape {} has more elements than this server's limit of {} (--max-elements)",
-                    input_name(i),
-                    show_shape(&input.shape),
-                    limits.max_elements
-                ))
-            })?;
+        let n = element_count(&input_name(i), &input.shape, limits)?;
         if let Some(TensorSig {
             dtype: want,
             shape: want_shape,
@@ -239,6 +243,100 @@ pub fn select_outputs(
     Ok(chosen)
 }
 
+/// Refuses a list of requested outputs that names one more than once, as
+/// Triton does: each mention would be sent again, so a short request could
+/// ask for a reply many times the size of the model's outputs.
+pub fn check_requested_outputs(requested: &[String]) -> Result<(), V2Error> {
+    let mut seen = std::collections::HashSet::with_capacity(requested.len());
+    for name in requested {
+        if !seen.insert(name.as_str()) {
+            return Err(bad(format!(
+                "output {:?} is requested more than once",
+                codec::clip(name)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes one element of `dtype` takes in a reply's JSON `data` array, its
+/// separator included: (fewest, most). serde_json writes integers in decimal
+/// and floats in their shortest round-trip form (ryu: at most 24 characters;
+/// FP16 and BF16 as FP32), a non-finite float as `null`.
+pub fn json_element_bytes(dtype: WireDtype) -> (u64, u64) {
+    use WireDtype as D;
+    match dtype {
+        D::Bool => (5, 6),
+        D::U8 => (2, 4),
+        D::I8 => (2, 5),
+        D::I16 => (2, 7),
+        D::I32 => (2, 12),
+        D::I64 => (2, 21),
+        // "0.0," at the least.
+        D::F16 | D::BF16 | D::F32 | D::F64 => (4, 25),
+    }
+}
+
+/// The fewest and most bytes of a tensor's JSON `data` array, known before
+/// it is written.
+pub fn json_data_bounds(t: &RawTensor) -> (u64, u64) {
+    let n = (t.data.len() / t.dtype.size()) as u64;
+    let (fewest, most) = json_element_bytes(t.dtype);
+    // The brackets, and no separator after the last element.
+    (
+        2 + n.saturating_mul(fewest).saturating_sub(1),
+        2u64.saturating_add(n.saturating_mul(most)),
+    )
+}
+
+/// A tensor's values as a flat JSON array, written straight from its bytes:
+/// no list of values or tree of JSON values in between.
+pub struct JsonData<'a>(pub &'a RawTensor);
+
+impl serde::Serialize for JsonData<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use WireDtype as D;
+        use serde::ser::SerializeSeq;
+        let (b, dtype) = (&self.0.data[..], self.0.dtype);
+        let mut seq = s.serialize_seq(Some(b.len() / dtype.size()))?;
+        match dtype {
+            D::Bool => b
+                .iter()
+                .try_for_each(|&x| seq.serialize_element(&(x != 0)))?,
+            D::U8 => b.iter().try_for_each(|x| seq.serialize_element(x))?,
+            D::I8 => b
+                .iter()
+                .try_for_each(|&x| seq.serialize_element(&(x as i8)))?,
+            D::I16 => b
+                .chunks_exact(2)
+                .try_for_each(|c| seq.serialize_element(&i16::from_le_bytes([c[0], c[1]])))?,
+            D::I32 => b.chunks_exact(4).try_for_each(|c| {
+                seq.serialize_element(&i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            })?,
+            D::I64 => b.chunks_exact(8).try_for_each(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                seq.serialize_element(&i64::from_le_bytes(a))
+            })?,
+            D::F16 => b.chunks_exact(2).try_for_each(|c| {
+                seq.serialize_element(&half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            })?,
+            D::BF16 => b.chunks_exact(2).try_for_each(|c| {
+                seq.serialize_element(&half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            })?,
+            D::F32 => b.chunks_exact(4).try_for_each(|c| {
+                seq.serialize_element(&f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            })?,
+            D::F64 => b.chunks_exact(8).try_for_each(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                seq.serialize_element(&f64::from_le_bytes(a))
+            })?,
+        }
+        seq.end()
+    }
+}
+
 /// Values of one tensor as the typed lists the protocol carries them in.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Values {
@@ -252,29 +350,146 @@ pub enum Values {
     Fp64(Vec<f64>),
 }
 
-/// Little-endian bytes of `values` as `dtype`; None if the list's type does
-/// not carry that dtype.
-pub fn values_to_bytes(values: &Values, dtype: WireDtype) -> Option<Vec<u8>> {
+/// Why a value cannot go into a tensor of a datatype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueError {
+    /// A boolean for a number, a fraction for an integer, a list type that
+    /// does not carry the datatype.
+    Kind,
+    /// A number outside what the datatype holds (INT8 1000; FP16 1e300, which
+    /// would become infinity).
+    Range,
+}
+
+/// Writes one tensor's values as the little-endian bytes of its datatype,
+/// refusing values the datatype cannot hold instead of wrapping or rounding
+/// them to infinity. The room is fixed when it is made.
+#[derive(Debug)]
+pub struct TensorWriter {
+    dtype: WireDtype,
+    out: Vec<u8>,
+}
+
+impl TensorWriter {
+    /// Room for `elements` values (a bound the caller has checked).
+    pub fn with_capacity(dtype: WireDtype, elements: usize) -> TensorWriter {
+        TensorWriter {
+            dtype,
+            out: Vec::with_capacity(elements.saturating_mul(dtype.size())),
+        }
+    }
+
+    pub fn bool(&mut self, b: bool) -> Result<(), ValueError> {
+        match self.dtype {
+            WireDtype::Bool => {
+                self.out.push(u8::from(b));
+                Ok(())
+            }
+            _ => Err(ValueError::Kind),
+        }
+    }
+
+    /// An integer (from JSON or an integer contents list).
+    pub fn int(&mut self, x: i128) -> Result<(), ValueError> {
+        use WireDtype as D;
+        fn fit<T: TryFrom<i128>>(x: i128) -> Result<T, ValueError> {
+            T::try_from(x).map_err(|_| ValueError::Range)
+        }
+        match self.dtype {
+            D::Bool => return Err(ValueError::Kind),
+            D::U8 => self.out.push(fit::<u8>(x)?),
+            D::I8 => self.out.extend_from_slice(&fit::<i8>(x)?.to_le_bytes()),
+            D::I16 => self.out.extend_from_slice(&fit::<i16>(x)?.to_le_bytes()),
+            D::I32 => self.out.extend_from_slice(&fit::<i32>(x)?.to_le_bytes()),
+            D::I64 => self.out.extend_from_slice(&fit::<i64>(x)?.to_le_bytes()),
+            D::F16 | D::BF16 | D::F32 | D::F64 => return self.float(x as f64),
+        }
+        Ok(())
+    }
+
+    /// A floating-point number: only for float datatypes, and a finite one
+    /// must stay finite in the datatype (non-finite ones, which only gRPC's
+    /// typed contents can carry, are kept as they are).
+    pub fn float(&mut self, x: f64) -> Result<(), ValueError> {
+        use WireDtype as D;
+        let overflows = |finite_after: bool| x.is_finite() && !finite_after;
+        match self.dtype {
+            D::F64 => self.out.extend_from_slice(&x.to_le_bytes()),
+            D::F32 => {
+                let y = x as f32;
+                if overflows(y.is_finite()) {
+                    return Err(ValueError::Range);
+                }
+                self.out.extend_from_slice(&y.to_le_bytes());
+            }
+            D::F16 => {
+                let y = half::f16::from_f64(x);
+                if overflows(y.is_finite()) {
+                    return Err(ValueError::Range);
+                }
+                self.out.extend_from_slice(&y.to_le_bytes());
+            }
+            D::BF16 => {
+                let y = half::bf16::from_f64(x);
+                if overflows(y.is_finite()) {
+                    return Err(ValueError::Range);
+                }
+                self.out.extend_from_slice(&y.to_le_bytes());
+            }
+            D::Bool | D::U8 | D::I8 | D::I16 | D::I32 | D::I64 => return Err(ValueError::Kind),
+        }
+        Ok(())
+    }
+
+    /// The values written so far.
+    pub fn len(&self) -> usize {
+        self.out.len() / self.dtype.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+}
+
+/// Little-endian bytes of `values` as `dtype`: the list's type must carry the
+/// dtype (Triton's pairing: `int_contents` for INT8/16/32, `fp32_contents`
+/// for FP32, FP16 and BF16, ...), and every value must fit it.
+pub fn values_to_bytes(values: &Values, dtype: WireDtype) -> Result<Vec<u8>, ValueError> {
     use WireDtype as D;
-    Some(match (values, dtype) {
-        (Values::Bool(v), D::Bool) => v.iter().map(|&b| u8::from(b)).collect(),
-        (Values::Int(v), D::I8) => v.iter().map(|&x| x as i8 as u8).collect(),
-        (Values::Int(v), D::I16) => v.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect(),
-        (Values::Int(v), D::I32) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        (Values::Int64(v), D::I64) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        (Values::Uint(v), D::U8) => v.iter().map(|&x| x as u8).collect(),
-        (Values::Fp32(v), D::F32) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        (Values::Fp32(v), D::F16) => v
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-            .collect(),
-        (Values::Fp32(v), D::BF16) => v
-            .iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-            .collect(),
-        (Values::Fp64(v), D::F64) => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        _ => return None,
-    })
+    let carries = matches!(
+        (values, dtype),
+        (Values::Bool(_), D::Bool)
+            | (Values::Int(_), D::I8 | D::I16 | D::I32)
+            | (Values::Int64(_), D::I64)
+            | (Values::Uint(_), D::U8)
+            | (Values::Fp32(_), D::F32 | D::F16 | D::BF16)
+            | (Values::Fp64(_), D::F64)
+    );
+    if !carries {
+        return Err(ValueError::Kind);
+    }
+    let n = match values {
+        Values::Bool(v) => v.len(),
+        Values::Int(v) => v.len(),
+        Values::Int64(v) => v.len(),
+        Values::Uint(v) => v.len(),
+        Values::Fp32(v) => v.len(),
+        Values::Fp64(v) => v.len(),
+    };
+    let mut w = TensorWriter::with_capacity(dtype, n);
+    match values {
+        Values::Bool(v) => v.iter().try_for_each(|&b| w.bool(b))?,
+        Values::Int(v) => v.iter().try_for_each(|&x| w.int(i128::from(x)))?,
+        Values::Int64(v) => v.iter().try_for_each(|&x| w.int(i128::from(x)))?,
+        Values::Uint(v) => v.iter().try_for_each(|&x| w.int(i128::from(x)))?,
+        Values::Fp32(v) => v.iter().try_for_each(|&x| w.float(f64::from(x)))?,
+        Values::Fp64(v) => v.iter().try_for_each(|&x| w.float(x))?,
+    }
+    Ok(w.into_bytes())
 }
 
 /// The values of little-endian `bytes` of `dtype`, in the list type the
@@ -550,7 +765,111 @@ mod tests {
             assert_eq!(bytes.len(), 2 * dtype.size());
             assert_eq!(bytes_to_values(&bytes, dtype), values, "{dtype:?}");
         }
-        assert!(values_to_bytes(&Values::Fp64(vec![1.0]), WireDtype::F32).is_none());
+        assert_eq!(
+            values_to_bytes(&Values::Fp64(vec![1.0]), WireDtype::F32),
+            Err(ValueError::Kind)
+        );
+    }
+
+    #[test]
+    fn values_out_of_their_datatype_are_refused_not_wrapped() {
+        use WireDtype as D;
+        for (values, dtype) in [
+            (Values::Int(vec![1000]), D::I8),
+            (Values::Int(vec![-129]), D::I8),
+            (Values::Int(vec![40_000]), D::I16),
+            (Values::Uint(vec![256]), D::U8),
+            (Values::Fp32(vec![1e30]), D::F16),
+            (Values::Fp32(vec![70_000.0]), D::F16),
+            (Values::Fp32(vec![f32::MAX]), D::BF16),
+        ] {
+            assert_eq!(
+                values_to_bytes(&values, dtype),
+                Err(ValueError::Range),
+                "{values:?} as {dtype:?}"
+            );
+        }
+        let mut w = TensorWriter::with_capacity(D::F32, 1);
+        assert_eq!(w.float(1e300), Err(ValueError::Range));
+        let mut w = TensorWriter::with_capacity(D::I64, 1);
+        assert_eq!(w.int(i128::from(u64::MAX)), Err(ValueError::Range));
+        assert_eq!(w.float(1.5), Err(ValueError::Kind));
+        // The edges fit; non-finite values from typed contents stay as they are.
+        for (values, dtype) in [
+            (Values::Int(vec![-128, 127]), D::I8),
+            (Values::Fp32(vec![65504.0, -65504.0]), D::F16),
+            (Values::Fp32(vec![f32::INFINITY, f32::NAN]), D::F16),
+            (Values::Fp32(vec![f32::MAX, f32::INFINITY]), D::F32),
+        ] {
+            assert!(
+                values_to_bytes(&values, dtype).is_ok(),
+                "{values:?} {dtype:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_data_is_written_from_bytes_within_its_bounds() {
+        let cases = [
+            (
+                RawTensor::from_f32(&[0.1, -2.0, f32::NAN, 1e-38], &[4]),
+                "[0.1,-2.0,null,1e-38]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(vec![0x80, 0x7f, 0]),
+                    shape: vec![3],
+                    dtype: WireDtype::I8,
+                },
+                "[-128,127,0]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(i64::MIN.to_le_bytes().to_vec()),
+                    shape: vec![1],
+                    dtype: WireDtype::I64,
+                },
+                "[-9223372036854775808]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(vec![1, 0]),
+                    shape: vec![2],
+                    dtype: WireDtype::Bool,
+                },
+                "[true,false]",
+            ),
+            (
+                RawTensor {
+                    data: Bytes::from(
+                        [f64::MIN_POSITIVE, -1.2345678901234567e-300]
+                            .iter()
+                            .flat_map(|x| x.to_le_bytes())
+                            .collect::<Vec<_>>(),
+                    ),
+                    shape: vec![2],
+                    dtype: WireDtype::F64,
+                },
+                "[2.2250738585072014e-308,-1.2345678901234568e-300]",
+            ),
+        ];
+        for (t, want) in cases {
+            let got = serde_json::to_string(&JsonData(&t)).unwrap();
+            assert_eq!(got, want);
+            let (fewest, most) = json_data_bounds(&t);
+            let n = got.len() as u64;
+            assert!(fewest <= n && n <= most, "{got}: {fewest}..{most}");
+        }
+        let zeros = RawTensor::from_f32(&[0.0; 3], &[3]);
+        assert_eq!(json_data_bounds(&zeros).0, "[0.0,0.0,0.0]".len() as u64);
+    }
+
+    #[test]
+    fn an_output_requested_twice_is_refused() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_requested_outputs(&names(&["A", "B"])).is_ok());
+        let e = check_requested_outputs(&names(&["A", "B", "A"])).unwrap_err();
+        assert!(e.0.contains("\"A\" is requested more than once"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The admin sidecar's routes, without a socket (tower::ServiceExt::oneshot).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

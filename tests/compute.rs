@@ -2,7 +2,7 @@
 //! every documented error: a clear status, and the server keeps serving.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -10,7 +10,7 @@
 //! a slow machine can only make a test fail, never pass without checking.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! at once and says on stderr that it was skipped: run them on a GPU host.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 

@@ -4,7 +4,7 @@
 //! what was only claimed, and keeps answering everyone else.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -352,6 +352,512 @@ async fn idle_connections_are_closed_and_busy_ones_kept() {
         .into_inner();
     assert_eq!(f32_values(&y.data), x);
     server.stop().await.unwrap();
+}
+
+/// A server with its HTTP front-end and admin sidecar, on 127.0.0.1:0.
+struct FullServer {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), splitserve::RunError>>,
+}
+
+impl FullServer {
+    async fn start(mut config: splitserve::ServerConfig) -> FullServer {
+        use splitserve::plan::{Auto, CpuBudget, ThreadPlan};
+        config.engine.plan = ThreadPlan::new(
+            CpuBudget::of_this_process(None),
+            config.threads.io_threads,
+            Auto::Count(2),
+            Auto::Count(1),
+            1,
+            true,
+        )
+        .unwrap();
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let (grpc, http, admin) = (
+            bind().await.unwrap(),
+            bind().await.unwrap(),
+            bind().await.unwrap(),
+        );
+        let addrs = [
+            grpc.local_addr().unwrap(),
+            http.local_addr().unwrap(),
+            admin.local_addr().unwrap(),
+        ];
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(splitserve::run(
+            config,
+            splitserve::Listeners {
+                grpc,
+                admin: Some(admin),
+                http: Some(http),
+            },
+            shutdown.clone(),
+        ));
+        let deadline = Instant::now() + common::WAIT;
+        while http1(addrs[1], "GET", "/v2/health/ready", b"").await.0 != 200 {
+            assert!(Instant::now() < deadline, "the server never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        FullServer {
+            grpc: addrs[0],
+            http: addrs[1],
+            admin: addrs[2],
+            shutdown,
+            handle,
+        }
+    }
+
+    async fn client(
+        &self,
+    ) -> splitserve::grpc::pb::compute_service_client::ComputeServiceClient<tonic::transport::Channel>
+    {
+        splitserve::grpc::pb::compute_service_client::ComputeServiceClient::connect(format!(
+            "http://{}",
+            self.grpc
+        ))
+        .await
+        .unwrap()
+        .max_decoding_message_size(usize::MAX)
+    }
+
+    async fn v2(&self) -> V2Client {
+        V2Client::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    /// A sample of the admin sidecar's /metrics, 0 when absent.
+    async fn metric(&self, sample: &str) -> f64 {
+        let (_, _, body) = http1(self.admin, "GET", "/metrics", b"").await;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Polls `sample` until `ok(value)`; panics with `what` after [`common::WAIT`].
+    async fn wait_metric(&self, sample: &str, what: &str, ok: impl Fn(f64) -> bool) {
+        let deadline = Instant::now() + common::WAIT;
+        loop {
+            let v = self.metric(sample).await;
+            if ok(v) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {sample} is {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+type V2Client =
+    splitserve::grpc::inference_pb::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >;
+
+/// One HTTP/1.1 request on its own connection, read to its end: (status,
+/// headers, body).
+async fn http1(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return (0, String::new(), Vec::new());
+    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let Some(split) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (0, String::new(), Vec::new());
+    };
+    let headers = String::from_utf8_lossy(&out[..split]).to_string();
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, headers, out[split + 4..].to_vec())
+}
+
+/// A v2 JSON request for `model` with a [rows, 4] FP32 input, asking for
+/// `outputs` (name, binary) by name.
+fn v2_json(rows: usize, outputs: &[(&str, bool)]) -> Vec<u8> {
+    let outputs: Vec<_> = outputs
+        .iter()
+        .map(|(n, b)| serde_json::json!({"name": n, "parameters": {"binary_data": b}}))
+        .collect();
+    serde_json::json!({
+        "inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [rows, 4], "data": values(rows * 4, 7)}],
+        "outputs": outputs,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn v2_grpc(
+    model: &str,
+    rows: usize,
+    outputs: &[&str],
+) -> splitserve::grpc::inference_pb::ModelInferRequest {
+    use splitserve::grpc::inference_pb as v2;
+    v2::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![v2::model_infer_request::InferInputTensor {
+            name: "INPUT__0".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 4],
+            ..Default::default()
+        }],
+        outputs: outputs
+            .iter()
+            .map(|n| v2::model_infer_request::InferRequestedOutputTensor {
+                name: (*n).into(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: vec![common::f32_bytes(&values(rows * 4, 7)).into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_over_the_limit_are_refused_before_they_are_built_on_every_protocol() {
+    // 16 bytes in, 80,000 out (wide) or 32,000 out (mid), under a 64 KiB limit.
+    let server = FullServer::start(args(
+        &["wide=builtin:mlp:4x8x20000", "mid=builtin:mlp:4x8x8000"],
+        &["--max-message-bytes", "65536"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let mut v2 = server.v2().await;
+    let too_large = |s: tonic::Status| {
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        assert!(
+            s.message().contains("reply too large") && s.message().contains("65536"),
+            "{s:?}"
+        );
+    };
+
+    // ComputeService, plain and zlib (320 KB of noise does not shrink 5x).
+    too_large(
+        c.compute(request("wide", &values(4, 1), &[1, 4]))
+            .await
+            .unwrap_err(),
+    );
+    let mut zipped = request("wide", &values(16, 2), &[4, 4]);
+    zipped.data = common::zlib(&zipped.data).into();
+    too_large(c.compute(zipped).await.unwrap_err());
+    // The Open Inference Protocol over gRPC.
+    too_large(v2.model_infer(v2_grpc("wide", 1, &[])).await.unwrap_err());
+    // An output asked for twice is refused, whatever its size, before computing.
+    let e = v2
+        .model_infer(v2_grpc("mid", 1, &["OUTPUT__0", "OUTPUT__0"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("more than once"), "{e:?}");
+    let ok = v2
+        .model_infer(v2_grpc("mid", 1, &["OUTPUT__0"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.raw_output_contents[0].len(), 32_000);
+
+    // Over HTTP: binary over the limit, then JSON over it where binary fits.
+    let (status, _, body) = http1(
+        server.http,
+        "POST",
+        "/v2/models/wide/infer",
+        &v2_json(1, &[("OUTPUT__0", true)]),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("reply too large") && body.contains("65536"),
+        "{body}"
+    );
+    let (status, headers, body) = http1(
+        server.http,
+        "POST",
+        "/v2/models/mid/infer",
+        &v2_json(1, &[("OUTPUT__0", true)]),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let head: usize = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("inference-header-content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    assert_eq!(body.len(), head + 32_000);
+    let (status, _, body) = http1(
+        server.http,
+        "POST",
+        "/v2/models/mid/infer",
+        &v2_json(1, &[("OUTPUT__0", false)]),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("reply too large") && body.contains("at least 65537"),
+        "{body}"
+    );
+    let (status, _, body) = http1(
+        server.http,
+        "POST",
+        "/v2/models/mid/infer",
+        &v2_json(1, &[("OUTPUT__0", true), ("OUTPUT__0", true)]),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("more than once"), "{body}");
+
+    // Each refusal is counted, and the server still answers.
+    let counted = server
+        .metric("splitserve_limit_rejections_total{limit=\"reply_size\"}")
+        .await;
+    assert_eq!(counted, 5.0);
+    let y = c
+        .compute(request("mid", &values(4, 3), &[1, 4]))
+        .await
+        .unwrap();
+    assert_eq!(y.into_inner().data.len(), 32_000);
+    server.stop().await;
+}
+
+/// Sends one gRPC request on its own raw HTTP/2 connection and waits for the
+/// reply's headers, never reading its body; aborting the task closes it.
+async fn unread_grpc_reply(
+    addr: SocketAddr,
+    path: &str,
+    msg: Vec<u8>,
+) -> tokio::task::JoinHandle<()> {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let h2c = connect(addr).await;
+    let req = http::Request::post(format!("http://{addr}/{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = h2c.ready().await.unwrap().send_request(req, false).unwrap();
+    send.send_data(Bytes::from(framed), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers().get("grpc-status").is_none(),
+        "{response:?}"
+    );
+    tokio::spawn(async move {
+        let _hold = (response, send);
+        std::future::pending::<()>().await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_bytes_stay_in_the_budget_until_the_client_reads_them() {
+    // 64 bytes in, 16 MiB out; the budget has room for one such reply.
+    let server = FullServer::start(args(
+        &["big=builtin:mlp:4x8x524288"],
+        &[
+            "--max-message-bytes",
+            "17MiB",
+            "--max-inflight-bytes",
+            "24MiB",
+        ],
+    ))
+    .await;
+    const REPLY: f64 = 16.0 * 1024.0 * 1024.0;
+    const GAUGE: &str = "splitserve_inflight_request_bytes";
+    let mut c = server.client().await;
+    let busy = |s: tonic::Status| {
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("--max-inflight-bytes"), "{s:?}");
+    };
+
+    // gRPC, both services: a raw HTTP/2 client that never reads its reply
+    // (never opens its flow-control window past the first 64 KiB).
+    let compute = prost::Message::encode_to_vec(&request("big", &values(32, 4), &[8, 4]));
+    let infer = prost::Message::encode_to_vec(&v2_grpc("big", 8, &[]));
+    for (path, msg) in [
+        ("splitlearn.comm.ComputeService/Compute", compute),
+        ("inference.GRPCInferenceService/ModelInfer", infer),
+    ] {
+        let unread = unread_grpc_reply(server.grpc, path, msg).await;
+        server
+            .wait_metric(GAUGE, "the unread gRPC reply is counted", |v| v >= REPLY)
+            .await;
+        busy(
+            c.compute(request("big", &values(32, 5), &[8, 4]))
+                .await
+                .unwrap_err(),
+        );
+        // The client goes away: its reply's bytes are given back.
+        unread.abort();
+        server
+            .wait_metric(GAUGE, "the gRPC reply is given back", |v| v == 0.0)
+            .await;
+        let y = c
+            .compute(request("big", &values(32, 5), &[8, 4]))
+            .await
+            .unwrap();
+        assert_eq!(y.into_inner().data.len() as f64, REPLY);
+    }
+
+    // HTTP: a client with a small receive buffer that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut stalled = socket.connect(server.http).await.unwrap();
+    let body = v2_json(8, &[("OUTPUT__0", true)]);
+    let head = format!(
+        "POST /v2/models/big/infer HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    use tokio::io::AsyncWriteExt;
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&body).await.unwrap();
+    server
+        .wait_metric(GAUGE, "the unread HTTP reply is counted", |v| v >= REPLY)
+        .await;
+    busy(
+        c.compute(request("big", &values(32, 6), &[8, 4]))
+            .await
+            .unwrap_err(),
+    );
+    drop(stalled);
+    server
+        .wait_metric(GAUGE, "the HTTP reply is given back", |v| v == 0.0)
+        .await;
+    c.compute(request("big", &values(32, 6), &[8, 4]))
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+/// The server with its HTTP/REST port too (the shared harness starts gRPC only).
+async fn start_with_http(
+    mut config: splitserve::ServerConfig,
+) -> (SocketAddr, SocketAddr, tokio_util::sync::CancellationToken) {
+    use splitserve::plan::{Auto, CpuBudget, ThreadPlan};
+    config.engine.plan = ThreadPlan::new(
+        CpuBudget::of_this_process(None),
+        config.threads.io_threads,
+        Auto::Count(1),
+        Auto::Count(1),
+        1,
+        true,
+    )
+    .unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(splitserve::run(
+        config,
+        splitserve::Listeners {
+            grpc,
+            admin: None,
+            http: Some(http),
+        },
+        shutdown.clone(),
+    ));
+    (grpc_addr, http_addr, shutdown)
+}
+
+/// Starts an HTTP/2 inference request on `client`, sends `bytes` of its body
+/// without ending it, and returns the HTTP status it is answered with.
+async fn unfinished_http_body(
+    client: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    bytes: usize,
+) -> u16 {
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{addr}/v2/models/double/infer"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(Bytes::from(vec![b' '; bytes]), false)
+        .unwrap();
+    let status = response.await.unwrap().status().as_u16();
+    drop(body);
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http_connection_holds_at_most_its_share_of_the_budget() {
+    let (grpc, http_addr, shutdown) = start_with_http(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--max-message-bytes",
+            "1MiB",
+            "--max-inflight-bytes",
+            "8MiB",
+            "--max-inflight-bytes-per-connection",
+            "1000000",
+            "--http-min-body-rate",
+            "0",
+            "--request-body-timeout",
+            "2s",
+        ],
+    ))
+    .await;
+    // Ready: the model answers over gRPC and the HTTP port accepts.
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let ready = async {
+            let mut c =
+                splitserve::grpc::pb::compute_service_client::ComputeServiceClient::connect(
+                    format!("http://{grpc}"),
+                )
+                .await
+                .ok()?;
+            c.compute(request("double", &[1.0], &[1])).await.ok()?;
+            TcpStream::connect(http_addr).await.ok()
+        };
+        if ready.await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three bodies of 400 KB on one connection: two fit its 1 MB share, one
+    // does not; a body on another connection has a share of its own.
+    let a = connect(http_addr).await;
+    let b = connect(http_addr).await;
+    let on_a: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(unfinished_http_body(a.clone(), http_addr, 400_000)))
+        .collect();
+    let on_b = tokio::spawn(unfinished_http_body(b, http_addr, 400_000));
+    let mut statuses = Vec::new();
+    for s in on_a {
+        statuses.push(s.await.unwrap());
+    }
+    statuses.sort();
+    // 400: the admitted bodies, cut when they did not finish in 2 s; 429: refused.
+    assert_eq!(statuses, vec![400, 400, 429]);
+    assert_eq!(on_b.await.unwrap(), 400, "the other connection was refused");
+    shutdown.cancel();
 }
 
 /// Sockets that never send a byte are held in their own small pool, closed

@@ -2,7 +2,7 @@
 //! parent: the RPC span, its queue wait and its forward share the caller's trace.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! serving.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -493,10 +493,17 @@ async fn concurrent_clients_forward_ids_never_mix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_training_error_has_its_status_and_the_server_keeps_serving() {
     // One forward of [2, 4] -> [2, 2] stores 32 + 16 bytes of tensors and its
-    // 36-byte id: 84 bytes, so 200 hold two.
+    // 36-byte id: 84 bytes, so m's 200 hold two.
     let server = TestServer::start(args(
         &["m=builtin:mlp:4x8x2", "other=builtin:scale:1"],
-        &["--activation-cache-bytes", "200", "--trainable", "m"],
+        &[
+            "--activation-cache-bytes",
+            "400",
+            "--activation-model-bytes",
+            "m=200",
+            "--trainable",
+            "m",
+        ],
     ))
     .await;
     let mut c = server.client().await;
@@ -1143,4 +1150,363 @@ async fn kv_caches_travel_as_float16_and_zlib() {
         }
     }
     server.stop().await.unwrap();
+}
+
+fn all_finite(v: &[f32]) -> bool {
+    v.iter().all(|x| x.is_finite())
+}
+
+/// One request within the limits cannot break a trainable model: a backward
+/// with a huge but finite grad_output (1e20) at the largest allowed learning
+/// rate, under SGD and Adam. With the default `--max-grad-norm` the step is
+/// clipped; with clipping out of the way (`--max-grad-norm 1e30`) the step is
+/// refused and rolled back, because its outputs (SGD) or Adam's second moment
+/// would overflow. Either way the outputs on the warm-up input (zeros) and on
+/// the batch stay finite, and a later ordinary step still changes them: the
+/// optimizer is neither broken nor frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_huge_gradient_cannot_break_or_freeze_a_trainable_model() {
+    let x = values(5 * 4, 3);
+    let warmup = [0.0f32; 4];
+    for (optimizer, clip, refused) in [
+        ("sgd", "100", None),
+        ("adam", "100", None),
+        ("sgd", "1e30", Some("outputs NaN or infinite")),
+        ("adam", "1e30", Some("optimizer state")),
+    ] {
+        let what = format!("{optimizer}, --max-grad-norm {clip}");
+        let server = TestServer::start(args(
+            &["m=builtin:mlp:4x8x3"],
+            &[
+                "--trainable",
+                "m",
+                "--optimizer",
+                optimizer,
+                "--max-grad-norm",
+                clip,
+            ],
+        ))
+        .await;
+        let mut c = server.client().await;
+        let before = infer(&mut c, "", &warmup, &[1, 4]).await;
+        let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+        let r = c
+            .compute_backward(backward(&id, &[1e20; 15], &[5, 3], Some(10.0)))
+            .await;
+        match refused {
+            None => {
+                r.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                assert_eq!(
+                    counter(&mut c, "optimizer_grads_clipped").await,
+                    1,
+                    "{what}"
+                );
+            }
+            Some(why) => {
+                let e = r.unwrap_err();
+                assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+                assert!(e.message().contains(why), "{what}: {}", e.message());
+                assert!(e.message().contains("unchanged"), "{what}: {}", e.message());
+                assert_eq!(
+                    counter(&mut c, "optimizer_steps_rejected").await,
+                    1,
+                    "{what}"
+                );
+                assert_eq!(
+                    infer(&mut c, "", &warmup, &[1, 4]).await,
+                    before,
+                    "{what}: rolled back"
+                );
+            }
+        }
+        let probe = infer(&mut c, "", &warmup, &[1, 4]).await;
+        let batch = infer(&mut c, "", &x, &[5, 4]).await;
+        assert!(all_finite(&probe), "{what}: warm-up outputs {probe:?}");
+        assert!(all_finite(&batch), "{what}: batch outputs {batch:?}");
+
+        // Ordinary steps still move the outputs (Adam: several, so that a
+        // frozen second moment would show).
+        let mut last = probe;
+        for k in 0..3u32 {
+            let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+            c.compute_backward(backward(&id, &values(15, 20 + k), &[5, 3], Some(0.05)))
+                .await
+                .unwrap_or_else(|e| panic!("{what}: ordinary step {k}: {e:?}"));
+            let now = infer(&mut c, "", &warmup, &[1, 4]).await;
+            assert!(all_finite(&now), "{what}: step {k}: {now:?}");
+            assert_ne!(now, last, "{what}: ordinary step {k} changed nothing");
+            last = now;
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+/// A grad_output so large that the parameters' gradients overflow (3e38 per
+/// element, summed over five rows): the step is refused, counted, and the
+/// model trains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradient_that_overflows_is_refused_and_the_model_trains_on() {
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x3"],
+        &["--trainable", "m", "--optimizer", "adam"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let x = values(5 * 4, 9);
+    let before = infer(&mut c, "", &x, &[5, 4]).await;
+    let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+    let e = c
+        .compute_backward(backward(&id, &[3e38; 15], &[5, 3], Some(1.0)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("gradients overflowed"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 1);
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 0);
+    assert_eq!(infer(&mut c, "", &x, &[5, 4]).await, before);
+    let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+    c.compute_backward(backward(&id, &values(15, 1), &[5, 3], Some(0.05)))
+        .await
+        .unwrap();
+    assert_ne!(infer(&mut c, "", &x, &[5, 4]).await, before);
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 1);
+
+    // Accumulating: the backward that overflows is the one refused, at once,
+    // not the one that completes the count later.
+    let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+    let mut req = backward(&id, &[3e38; 15], &[5, 3], Some(0.05));
+    req.accumulation_step = Some(2);
+    let e = c.compute_backward(req).await.unwrap_err();
+    assert!(
+        e.message().contains("gradients overflowed"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(counter(&mut c, "optimizer_steps_rejected").await, 2);
+    for k in 0..2 {
+        let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+        let mut req = backward(&id, &values(15, 2 + k), &[5, 3], Some(0.05));
+        req.accumulation_step = Some(2);
+        c.compute_backward(req).await.unwrap();
+    }
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 2);
+    server.stop().await.unwrap();
+}
+
+/// Each model has its own share of the activation cache: training forwards
+/// on one model (here a frozen one that any client may call, for gradients
+/// only) evict only that model's activations, never a trainer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_forwards_on_one_model_never_evict_another_models_activations() {
+    // One forward of [2, 4] -> [2, 2] stores 84 bytes (see above). 400 bytes
+    // split equally: 200 each, two forwards per model.
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x2", "frozen=builtin:mlp:4x8x2"],
+        &["--activation-cache-bytes", "400", "--trainable", "m"],
+    ))
+    .await;
+    let mut c = server.client().await;
+    let x = values(8, 6);
+    let (mine, _) = train_forward(&mut c, "m", &x, &[2, 4]).await;
+    let mut frozen = Vec::new();
+    for _ in 0..10 {
+        frozen.push(train_forward(&mut c, "frozen", &x, &[2, 4]).await.0);
+    }
+    // The flood evicted only its own model's entries.
+    assert_eq!(counter(&mut c, "activations_evicted").await, 8);
+    assert_eq!(counter(&mut c, "activations_bytes").await, 3 * 84);
+    let e = c
+        .compute_backward(backward(&frozen[0], &[1.0; 4], &[2, 2], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("evicted"), "{}", e.message());
+    // The trainer's forward is still there and trains.
+    c.compute_backward(backward(&mine, &[1.0; 4], &[2, 2], Some(0.1)))
+        .await
+        .unwrap();
+    assert_eq!(counter(&mut c, "optimizer_steps").await, 1);
+    // The frozen model's newest forwards still answer their gradient.
+    c.compute_backward(backward(&frozen[9], &[1.0; 4], &[2, 2], None))
+        .await
+        .unwrap();
+    // A forward over one model's share is refused, naming the model.
+    let e = c
+        .compute(training_request("frozen", &values(32, 1), &[8, 4], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("\"frozen\"'s share"),
+        "{}",
+        e.message()
+    );
+    server.stop().await.unwrap();
+
+    // An operator can give one model most of the cache (or none: 0 refuses
+    // every training forward there).
+    let server = TestServer::start(args(
+        &["m=builtin:mlp:4x8x2", "frozen=builtin:mlp:4x8x2"],
+        &[
+            "--activation-cache-bytes",
+            "400",
+            "--activation-model-bytes",
+            "m=400",
+            "--trainable",
+            "m",
+        ],
+    ))
+    .await;
+    let mut c = server.client().await;
+    for _ in 0..4 {
+        train_forward(&mut c, "m", &x, &[2, 4]).await;
+    }
+    assert_eq!(counter(&mut c, "activations_evicted").await, 0);
+    let e = c
+        .compute(training_request("frozen", &x, &[2, 4], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    server.stop().await.unwrap();
+}
+
+/// Rewrites one tensor of a safetensors file with NaN in its first element.
+fn poison(file: &Path) {
+    let mut named = Tensor::read_safetensors(file).unwrap();
+    let t = &mut named[0].1;
+    let _ = t.get(0).fill_(f64::NAN);
+    Tensor::write_safetensors(&named, file).unwrap();
+}
+
+/// Runs the binary until it exits (60 s at most): (exit code, stderr).
+fn run_binary(argv: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+        .args(argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Checkpoints that do not load never silently give way to fresh weights:
+/// non-finite weights make a checkpoint as unloadable as a damaged file (the
+/// next older one is resumed from); when none loads the server refuses to
+/// start (exit 64, naming the directory) unless `--checkpoint-start-fresh`;
+/// and a step counter at 2^64-1 saturates instead of wrapping to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_that_do_not_load_are_refused_never_silently_replaced() {
+    const SPEC: &str = "m=builtin:mlp:4x8x3";
+    let dir = temp_dir("unloadable");
+    let ckpt = dir.join("m.ckpt");
+    let mut flags = checkpointing("m", &dir);
+    flags.extend(["--optimizer", "adam"].map(String::from));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let probe = values(8, 42);
+    let step = |c: &mut Client, k: u32| {
+        let mut c = c.clone();
+        async move {
+            let (id, _) = train_forward(&mut c, "", &values(8, k), &[2, 4]).await;
+            c.compute_backward(backward(&id, &values(6, 60 + k), &[2, 3], Some(0.01)))
+                .await
+                .unwrap();
+        }
+    };
+
+    let server = TestServer::start(args(&[SPEC], &flags)).await;
+    let mut c = server.client().await;
+    let untrained = infer(&mut c, "", &probe, &[2, 4]).await;
+    step(&mut c, 1).await;
+    let after_one = infer(&mut c, "", &probe, &[2, 4]).await;
+    step(&mut c, 2).await;
+    server.stop().await.unwrap();
+
+    // NaN weights in the newest: resumed from the one before, the newest set aside.
+    poison(&ckpt.join("step-0000000002/model.safetensors"));
+    let server = TestServer::start(args(&[SPEC], &flags)).await;
+    let mut c = server.client().await;
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, 1);
+    assert_eq!(infer(&mut c, "", &probe, &[2, 4]).await, after_one);
+    assert!(ckpt.join("unloadable-step-0000000002").is_dir());
+    assert!(!ckpt.join("step-0000000002").exists());
+    server.stop().await.unwrap();
+
+    // None loads: the binary refuses to start, in one sentence naming the directory.
+    std::fs::write(
+        ckpt.join("step-0000000001/model.safetensors"),
+        b"not tensors",
+    )
+    .unwrap();
+    let mut argv = vec![
+        "serve",
+        "--model",
+        SPEC,
+        "--device",
+        "cpu",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "off",
+        "--http-addr",
+        "off",
+    ];
+    argv.extend(&flags);
+    let (code, stderr) = run_binary(&argv);
+    assert_eq!(code, Some(64), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(ckpt.to_str().unwrap()), "{last}");
+    assert!(last.contains("none of them loads"), "{last}");
+    assert!(last.contains("--checkpoint-start-fresh"), "{last}");
+    assert!(
+        ckpt.join("step-0000000001").is_dir(),
+        "refusing moves nothing"
+    );
+
+    // --checkpoint-start-fresh: the model's own weights, the old ones set aside.
+    let mut fresh = flags.clone();
+    fresh.push("--checkpoint-start-fresh");
+    let server = TestServer::start(args(&[SPEC], &fresh)).await;
+    let mut c = server.client().await;
+    assert_eq!(infer(&mut c, "", &probe, &[2, 4]).await, untrained);
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, 0);
+    assert!(ckpt.join("unloadable-step-0000000001").is_dir());
+    step(&mut c, 1).await;
+    server.stop().await.unwrap();
+
+    // A step counter at 2^64-1 (Adam's per-parameter counts too) saturates.
+    let state = ckpt.join("step-0000000001/state.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    json["steps"] = u64::MAX.into();
+    for t in json["adam_steps"].as_array_mut().unwrap() {
+        *t = u64::MAX.into();
+    }
+    std::fs::write(&state, serde_json::to_vec(&json).unwrap()).unwrap();
+    let server = TestServer::start(args(&[SPEC], &flags)).await;
+    let mut c = server.client().await;
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, u64::MAX);
+    let before = infer(&mut c, "", &probe, &[2, 4]).await;
+    step(&mut c, 3).await;
+    assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, u64::MAX);
+    let after = infer(&mut c, "", &probe, &[2, 4]).await;
+    assert!(all_finite(&after) && after != before, "{after:?}");
+    assert!(ckpt.join(format!("step-{}", u64::MAX)).is_dir());
+    server.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -13,7 +13,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::layers::Arrival;
+use super::layers::{Arrival, ReplyGuard};
 use super::{SERVICE_NAME, ServeError, deadline_from_metadata, pb, snapshot_to_pb, wire_shape};
 use crate::auth::{Granted, Scope};
 use crate::codec::{self, CodecPool, DTYPE_KEY, Encoding, Limits, RawTensor, WireDtype};
@@ -21,7 +21,8 @@ use crate::engine::{Engine, EngineError, EngineStatus};
 use crate::plan::ThreadPlan;
 use crate::telemetry::metrics::{limit, protocol, reason};
 use crate::telemetry::{Sampler, SnapshotCache, otel};
-use crate::training::{MAX_FORWARD_ID_BYTES, Step, Update};
+use crate::training::sessions::{self, Handle};
+use crate::training::{MAX_FORWARD_ID_BYTES, SessionRequest, Step, Update};
 
 use pb::compute_service_server::ComputeService;
 
@@ -82,6 +83,8 @@ impl ComputeApi {
     async fn run_compute(
         &self,
         deadline: Option<Instant>,
+        owner: u64,
+        guard: Option<&ReplyGuard>,
         req: pb::ComputeRequest,
     ) -> Result<(pb::ComputeResponse, Option<&'static str>), ServeError> {
         let training = req.training_mode == Some(true);
@@ -123,10 +126,19 @@ impl ComputeApi {
                 .clone()
                 .map(|forward_id| Step::Forward { forward_id })
         } else if kv {
+            // A handle continues a server-side session; use_cache may open one.
+            // Whether the model keeps sessions is the worker's decision.
+            let handle = session_handle(&req.past_key_values);
+            let session = (handle.is_some() || req.use_cache == Some(true))
+                .then_some(SessionRequest { handle, owner });
             Some(Step::Kv {
-                past: decode_past(&req.past_key_values, self.limits)?,
+                past: match handle {
+                    Some(_) => Vec::new(),
+                    None => decode_past(&req.past_key_values, self.limits)?,
+                },
                 kv_enc,
                 want_present: req.use_cache != Some(false),
+                session,
             })
         } else {
             None
@@ -135,34 +147,48 @@ impl ComputeApi {
             .engine
             .submit(&req.model_id, input, enc, deadline, step)
             .await?;
-        let shape = wire_shape(&out.tensor)?;
-        let data = self.encode(&out.tensor, enc).await?;
-        m.response_bytes
-            .with_label_values(&[protocol::SPLITLEARN, &encoding])
-            .observe(data.len() as f64);
-        super::layers::note_payload(None, Some(data.len() as u64));
-        let present_key_values = out
-            .present_key_values
-            .chunks_exact(2)
-            .map(|kv| {
-                Ok(pb::KvCacheEntry {
-                    key_data: codec::encode(&kv[0], kv_enc),
-                    key_shape: wire_shape(&kv[0])?,
-                    value_data: codec::encode(&kv[1], kv_enc),
-                    value_shape: wire_shape(&kv[1])?,
-                })
-            })
-            .collect::<Result<Vec<_>, ServeError>>()?;
-        let response = pb::ComputeResponse {
-            data,
-            shape,
+        // The reply without its tensors' bytes first: their size is known
+        // (bounded, when compressed) before they are encoded.
+        let mut present = out.present_key_values;
+        present.truncate(present.len() / 2 * 2);
+        let mut response = pb::ComputeResponse {
+            data: Bytes::new(),
+            shape: wire_shape(&out.tensor)?,
             request_id: req.request_id,
             compute_time_ms: Some(out.compute_time.as_secs_f32() * 1000.0),
             monitoring_data: Some(snapshot_to_pb(self.snapshots.get())),
             forward_id,
-            present_key_values,
+            present_key_values: present
+                .chunks_exact(2)
+                .map(|kv| {
+                    Ok(pb::KvCacheEntry {
+                        key_data: Bytes::new(),
+                        key_shape: wire_shape(&kv[0])?,
+                        value_data: Bytes::new(),
+                        value_shape: wire_shape(&kv[1])?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ServeError>>()?,
         };
-        Ok((response, enc.explicit.then(|| out.tensor.dtype.name())))
+        let dtype = enc.explicit.then(|| out.tensor.dtype.name());
+        let mut tensors = Vec::with_capacity(1 + present.len());
+        tensors.push((out.tensor, enc));
+        tensors.extend(present.into_iter().map(|t| (t, kv_enc)));
+        let base = prost::Message::encoded_len(&response);
+        let mut bytes = self.encode_reply(guard, base, tensors).await?.into_iter();
+        response.data = bytes.next().unwrap_or_default();
+        for e in &mut response.present_key_values {
+            e.key_data = bytes.next().unwrap_or_default();
+            e.value_data = bytes.next().unwrap_or_default();
+        }
+        if let Some(g) = guard {
+            g.hold(prost::Message::encoded_len(&response) as u64)?;
+        }
+        m.response_bytes
+            .with_label_values(&[protocol::SPLITLEARN, &encoding])
+            .observe(response.data.len() as f64);
+        super::layers::note_payload(None, Some(response.data.len() as u64));
+        Ok((response, dtype))
     }
 
     /// ComputeBackward: grad_output through the graph stored for forward_id on
@@ -170,6 +196,7 @@ impl ComputeApi {
     async fn backward(
         &self,
         deadline: Option<Instant>,
+        guard: Option<&ReplyGuard>,
         req: pb::BackwardRequest,
     ) -> Result<pb::BackwardResponse, ServeError> {
         if req.forward_id.is_empty() {
@@ -257,18 +284,43 @@ impl ComputeApi {
             .await?;
         // No gradient with respect to an integer input: empty data and shape.
         let none = out.tensor.data.is_empty() && out.tensor.shape.is_empty();
-        Ok(pb::BackwardResponse {
-            grad_input_data: if none {
-                Default::default()
-            } else {
-                self.encode(&out.tensor, enc).await?
-            },
+        let mut response = pb::BackwardResponse {
+            grad_input_data: Bytes::new(),
             grad_input_shape: wire_shape(&out.tensor)?,
             forward_id: req.forward_id,
             backward_time_ms: Some(out.compute_time.as_secs_f32() * 1000.0),
             monitoring_data: Some(snapshot_to_pb(self.snapshots.get())),
-        })
+        };
+        if !none {
+            let base = prost::Message::encoded_len(&response);
+            let mut bytes = self
+                .encode_reply(guard, base, vec![(out.tensor, enc)])
+                .await?;
+            response.grad_input_data = bytes.pop().unwrap_or_default();
+        }
+        if let Some(g) = guard {
+            g.hold(prost::Message::encoded_len(&response) as u64)?;
+        }
+        Ok(response)
     }
+}
+
+/// The session handle `past_key_values` carries, if it is one.
+fn session_handle(entries: &[pb::KvCacheEntry]) -> Option<(Handle, i64)> {
+    if entries.len() != sessions::HANDLE_ENTRIES {
+        return None;
+    }
+    let parts: Vec<(&[i32], &[i32], usize)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.key_shape.as_slice(),
+                e.value_shape.as_slice(),
+                e.key_data.len() + e.value_data.len(),
+            )
+        })
+        .collect();
+    Handle::parse(&parts)
 }
 
 /// `past_key_values` as the flat `[key_0, value_0, key_1, ...]` the model takes.
@@ -315,19 +367,45 @@ impl ComputeApi {
         Ok(decoded?)
     }
 
-    /// Encodes a reply tensor; compressing runs on the codec thread.
-    async fn encode(&self, t: &RawTensor, enc: Encoding) -> Result<Bytes, ServeError> {
-        if !enc.compressed {
-            return Ok(codec::encode(t, enc));
+    /// Encodes a reply's tensors within `--max-message-bytes`; `base` is the
+    /// reply's encoded size without their bytes. Uncompressed, they are the
+    /// outputs' own bytes (nothing is copied; the caller checks the reply's
+    /// exact size). Compressed, the most they can take is held in the
+    /// in-flight budget first, and zlib runs on the codec thread into buffers
+    /// that stop at the limit.
+    async fn encode_reply(
+        &self,
+        guard: Option<&ReplyGuard>,
+        base: usize,
+        tensors: Vec<(RawTensor, Encoding)>,
+    ) -> Result<Vec<Bytes>, ServeError> {
+        if tensors.iter().all(|(_, e)| !e.compressed) {
+            return Ok(tensors.iter().map(|(t, e)| codec::encode(t, *e)).collect());
         }
-        let t = t.clone();
-        self.codec_pool
-            .run(move || codec::encode(&t, enc))
+        let max = guard.map_or(usize::MAX, ReplyGuard::max_message_bytes);
+        if let Some(g) = guard {
+            // A bytes field adds a tag and a length (11 bytes at most), and a
+            // KV entry's own length as much; zlib adds at most 5 bytes per
+            // 16 KiB stored block and 6 of its own.
+            let most = tensors.iter().fold(base as u64, |acc, (t, _)| {
+                let n = t.data.len() as u64;
+                acc.saturating_add(22 + n + 5 * (n / 16384 + 1) + 6)
+            });
+            g.hold(most.min(max as u64))?;
+        }
+        let room = max.saturating_sub(base);
+        let encoded = self
+            .codec_pool
+            .run(move || codec::encode_within(&tensors, room))
             .await
             .map_err(|busy| {
                 self.count_limit(limit::CODEC_QUEUE);
                 ServeError::Busy(busy.to_string())
-            })
+            })?;
+        encoded.ok_or_else(|| match guard {
+            Some(g) => g.too_large(max as u64 + 1, false),
+            None => ServeError::ReplyTooLarge("reply too large".into()),
+        })
     }
 
     fn check_forward_id(&self, id: &str) -> Result<(), ServeError> {
@@ -453,8 +531,14 @@ impl ComputeService for ComputeApi {
         if let Err(e) = self.authorize(&request, scope) {
             return self.finish(&model, "Compute", arrival, Err(e));
         }
+        // KV sessions are bound to the token that opened them.
+        let owner = request
+            .extensions()
+            .get::<Granted>()
+            .map_or(0, |g| g.identity);
+        let guard = request.extensions().get::<ReplyGuard>().cloned();
         let result = self
-            .run_compute(deadline, request.into_inner())
+            .run_compute(deadline, owner, guard.as_ref(), request.into_inner())
             .instrument(span)
             .await;
         let result = result.map(|(reply, dtype)| {
@@ -500,8 +584,9 @@ impl ComputeService for ComputeApi {
         if let Err(e) = self.authorize(&request, Scope::Train) {
             return self.finish(&model, "ComputeBackward", arrival, Err(e));
         }
+        let guard = request.extensions().get::<ReplyGuard>().cloned();
         let result = self
-            .backward(deadline, request.into_inner())
+            .backward(deadline, guard.as_ref(), request.into_inner())
             .instrument(span)
             .await;
         self.finish(
@@ -608,6 +693,19 @@ impl ComputeService for ComputeApi {
             custom.insert("process_threads".into(), threads.to_string());
         }
         custom.insert("planned_threads".into(), plan.planned_threads().to_string());
+        let kv = self.engine.training().sessions().stats();
+        custom.insert(
+            "kv_sessions".into(),
+            kv.open.load(Ordering::Relaxed).to_string(),
+        );
+        custom.insert(
+            "kv_cache_bytes".into(),
+            kv.bytes.load(Ordering::Relaxed).to_string(),
+        );
+        custom.insert(
+            "kv_sessions_evicted".into(),
+            kv.evicted.load(Ordering::Relaxed).to_string(),
+        );
         let loaded = self.engine.loaded_models();
         custom.insert(
             "models".into(),

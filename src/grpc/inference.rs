@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::inference_pb as pb;
-use super::layers::Arrival;
+use super::layers::{Arrival, ReplyGuard};
 use super::{ServeError, deadline_from_metadata};
 use crate::auth::{Granted, Scope};
 use crate::codec::{self, Limits, RawTensor};
@@ -398,6 +398,7 @@ impl InferenceApi {
     /// Checks a request against the model and runs it through the engine.
     pub async fn infer(&self, mut req: InferRequest) -> Result<InferReply, ServeError> {
         let model = self.resolve(&req.model, &req.version)?;
+        v2::check_requested_outputs(&req.outputs)?;
         if let Some(cfg) = &model.slot.config {
             v2::check_against_config(cfg, &mut req.inputs, &mut req.outputs)?;
         }
@@ -560,11 +561,17 @@ fn contents_bytes(
     };
     v2::values_to_bytes(&values, dtype)
         .map(Bytes::from)
-        .ok_or_else(|| {
-            ServeError::V2(v2::V2Error(format!(
-                "input {}: its contents do not fit datatype {datatype} (FP16 and BF16 need raw_input_contents)",
-                codec::clip(name)
-            )))
+        .map_err(|e| {
+            ServeError::V2(v2::V2Error(match e {
+                v2::ValueError::Kind => format!(
+                    "input {}: its contents do not fit datatype {datatype} (FP16 and BF16 need raw_input_contents)",
+                    codec::clip(name)
+                ),
+                v2::ValueError::Range => format!(
+                    "input {}: a value is out of the range of datatype {datatype}",
+                    codec::clip(name)
+                ),
+            }))
         })
 }
 
@@ -814,6 +821,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
         );
         otel::continue_trace(&span, request.metadata());
         let grpc_deadline = deadline_from_metadata(request.metadata(), arrival);
+        let reply_guard = request.extensions().get::<ReplyGuard>().cloned();
         let mut req = request.into_inner();
         let result = async {
             auth?;
@@ -833,6 +841,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
                 Some(inputs.iter().map(|i| i.data.len() as u64).sum()),
                 None,
             );
+            let reply_guard = reply_guard.as_ref();
             let reply = self
                 .0
                 .infer(InferRequest {
@@ -873,7 +882,12 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceGrpc {
                         shape: t.shape.clone(),
                         ..Default::default()
                     });
+                // Shares the output's bytes: nothing is copied until tonic encodes.
                 response.raw_output_contents.push(t.data);
+            }
+            // Its exact encoded size, checked and held before tonic builds it.
+            if let Some(g) = reply_guard {
+                g.hold(prost::Message::encoded_len(&response) as u64)?;
             }
             Ok(response)
         }

@@ -6,7 +6,9 @@
 //! 5-byte gRPC prefix claims a length, which is checked against
 //! `--max-message-bytes` and reserved from the `--max-inflight-bytes` budget
 //! before a byte of it is buffered (tonic would reserve the claimed length at
-//! once), and the body must arrive within `--request-body-timeout`.
+//! once), and the body must arrive within `--request-body-timeout`. Its
+//! [`ReplyGuard`] lets the handlers check a reply's size before it is built
+//! and hold its bytes in the same budget until the response body is written.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +23,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::auth::{Refusal, Tokens};
+use super::ServeError;
+use crate::auth::{Refusal, Scope, Tokens};
 use crate::listen::ConnInfo;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::limit;
@@ -56,7 +59,14 @@ fn is_health(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
 }
 
-/// Bytes reserved by request messages queued or in flight, against a limit.
+/// gRPC server reflection, v1 and v1alpha.
+fn is_reflection(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+}
+
+/// Bytes reserved by request messages queued or in flight, and by replies
+/// until they are written, against a limit.
 pub struct Budget {
     limit: u64,
     used: AtomicU64,
@@ -92,6 +102,49 @@ impl Budget {
             }
         }
     }
+
+    /// Reserves `n` bytes in place of `old` (of this budget), in one step:
+    /// what `old` held counts as free for this reservation, so swapping a
+    /// request's bytes for its reply's never fails for want of the request's
+    /// own share. On success `old` is emptied; on failure it is left as it was.
+    pub fn reserve_instead(
+        self: &Arc<Self>,
+        n: u64,
+        old: &mut Vec<Reservation>,
+    ) -> Option<Reservation> {
+        old.retain(|r| Arc::ptr_eq(&r.budget, self));
+        let freed: u64 = old.iter().map(|r| r.bytes).sum();
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used
+                .checked_sub(freed)?
+                .checked_add(n)
+                .filter(|&t| t <= self.limit)?;
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.gauge.add(n as i64 - freed as i64);
+                    for r in old.iter_mut() {
+                        // Already given back above; the drop must not again.
+                        r.bytes = 0;
+                    }
+                    old.clear();
+                    return Some(Reservation {
+                        budget: self.clone(),
+                        bytes: n,
+                    });
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// The budget's size in bytes (`--max-inflight-bytes`).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
 }
 
 /// Bytes of the budget held until dropped.
@@ -100,10 +153,111 @@ pub struct Reservation {
     bytes: u64,
 }
 
+impl Reservation {
+    /// Grows the reservation by `n` bytes; false (and unchanged) when they do
+    /// not fit now. For bodies reserved as they arrive.
+    pub fn try_grow(&mut self, n: u64) -> bool {
+        match self.budget.reserve(n) {
+            Some(mut more) => {
+                self.bytes += std::mem::take(&mut more.bytes);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
         self.budget.gauge.sub(self.bytes as i64);
+    }
+}
+
+/// Reservations kept alive by a request and then by its reply.
+type Held = Arc<Mutex<Option<Vec<Reservation>>>>;
+
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, Option<Vec<Reservation>>> {
+    held.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The reply's side of the limits: its size is checked against
+/// `--max-message-bytes` before it is built, and its bytes are held in the
+/// in-flight budget, in place of the request's, until the response body that
+/// carries them has been written (or dropped, when the client goes away).
+/// [`GuardLayer`] puts one in every gRPC request's extensions; the HTTP
+/// front-end makes its own.
+#[derive(Clone)]
+pub struct ReplyGuard {
+    max_message_bytes: usize,
+    budget: Arc<Budget>,
+    /// `splitserve_limit_rejections_total`.
+    rejections: prometheus::IntCounterVec,
+    /// Shared with the response body, which keeps it until written.
+    held: Held,
+}
+
+impl ReplyGuard {
+    pub fn new(max_message_bytes: usize, budget: Arc<Budget>, metrics: &Metrics) -> Self {
+        ReplyGuard {
+            max_message_bytes,
+            budget,
+            rejections: metrics.limit_rejections.clone(),
+            held: Arc::default(),
+        }
+    }
+
+    /// The largest reply allowed, in bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// Refuses a reply of `bytes` bytes (`exact`), or of at least that many,
+    /// over `--max-message-bytes`: RESOURCE_EXHAUSTED, counted as `reply_size`.
+    pub fn check(&self, bytes: u64, exact: bool) -> Result<(), ServeError> {
+        if bytes <= self.max_message_bytes as u64 {
+            return Ok(());
+        }
+        Err(self.too_large(bytes, exact))
+    }
+
+    /// The refusal of a reply of `bytes` bytes (or at least that many), counted.
+    pub fn too_large(&self, bytes: u64, exact: bool) -> ServeError {
+        let max = self.max_message_bytes;
+        self.rejections
+            .with_label_values(&[limit::REPLY_SIZE])
+            .inc();
+        ServeError::ReplyTooLarge(format!(
+            "reply too large for this server (--max-message-bytes): {}{bytes} bytes, the limit is \
+             {max} bytes; ask for fewer outputs or a smaller batch",
+            if exact { "" } else { "at least " }
+        ))
+    }
+
+    /// Checks a reply of `bytes` bytes and holds them in the in-flight budget
+    /// in place of what the request (or an earlier estimate of the reply) held,
+    /// until the response body is done. RESOURCE_EXHAUSTED, counted as
+    /// `inflight_bytes`, when the budget cannot take them now.
+    pub fn hold(&self, bytes: u64) -> Result<(), ServeError> {
+        self.check(bytes, true)?;
+        let mut held = lock(&self.held);
+        let old = held.get_or_insert_with(Vec::new);
+        match self.budget.reserve_instead(bytes, old) {
+            Some(r) => {
+                old.push(r);
+                Ok(())
+            }
+            None => {
+                self.rejections
+                    .with_label_values(&[limit::INFLIGHT_BYTES])
+                    .inc();
+                Err(ServeError::Busy(format!(
+                    "the server's memory for requests in flight (--max-inflight-bytes {}) cannot \
+                     take this {bytes}-byte reply now; retry with backoff",
+                    self.budget.limit
+                )))
+            }
+        }
     }
 }
 
@@ -159,7 +313,15 @@ where
             .extensions()
             .get::<ConnInfo>()
             .map(|c| c.activity.begin());
-        let slot = Arc::new(Mutex::new(None));
+        let slot: Held = Arc::default();
+        if !exempt {
+            req.extensions_mut().insert(ReplyGuard {
+                max_message_bytes: self.guard.max_message_bytes,
+                budget: self.guard.budget.clone(),
+                rejections: self.guard.metrics.limit_rejections.clone(),
+                held: slot.clone(),
+            });
+        }
         let (parts, body) = req.into_parts();
         let body = Body::new(GuardedBody {
             inner: body,
@@ -175,14 +337,17 @@ where
         // The service that was polled ready serves this call; a clone waits.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let metrics = self.guard.metrics.clone();
         Box::pin(async move {
             let res = with_payload(inner.call(req)).await?;
             let res = rewrite_status(res);
-            // The reservation and the connection's activity last until the
-            // reply has been written.
+            // The reservations (the request's, then the reply's) and the
+            // connection's activity last until the reply has been written.
             Ok(res.map(|b| {
                 Body::new(HoldBody {
                     inner: b,
+                    pending: Bytes::new(),
+                    metrics,
                     _hold: (slot, activity),
                 })
             }))
@@ -199,7 +364,7 @@ struct GuardedBody {
     need: Option<usize>,
     guard: Guard,
     exempt: bool,
-    slot: Arc<Mutex<Option<Vec<Reservation>>>>,
+    slot: Held,
     deadline: Pin<Box<tokio::time::Sleep>>,
     ended: bool,
 }
@@ -232,12 +397,7 @@ impl GuardedBody {
         }
         if !self.exempt {
             match self.guard.budget.reserve(len as u64 + 5) {
-                Some(r) => self
-                    .slot
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(Vec::new)
-                    .push(r),
+                Some(r) => lock(&self.slot).get_or_insert_with(Vec::new).push(r),
                 None => {
                     return Err((
                         limit::INFLIGHT_BYTES,
@@ -357,9 +517,27 @@ impl HttpBody for GuardedBody {
     }
 }
 
-/// A response body that keeps something alive until the reply is written.
+/// Largest piece of a reply handed to the transport at a time. hyper asks the
+/// body for its next piece only when the stream has room to send (HTTP/2 flow
+/// control, HTTP/1 write buffer), so a reply cut into pieces stays here, and
+/// its bytes stay counted, while a client that does not read holds it up.
+pub const REPLY_CHUNK: usize = 64 * 1024;
+
+/// The next piece of at most [`REPLY_CHUNK`] bytes of `pending` (empty when done).
+pub fn next_piece(pending: &mut Bytes) -> Bytes {
+    let n = pending.len().min(REPLY_CHUNK);
+    pending.split_to(n)
+}
+
+/// A gRPC response body that keeps the request's and the reply's
+/// reservations alive until the reply is written, hands it to the transport
+/// in [`REPLY_CHUNK`] pieces, and rewrites tonic's trailers where it refuses
+/// to encode a reply over the size limit.
 struct HoldBody<T> {
     inner: Body,
+    /// The rest of a data frame not yet handed on.
+    pending: Bytes,
+    metrics: Arc<Metrics>,
     _hold: T,
 }
 
@@ -371,15 +549,50 @@ impl<T: Send + Unpin + 'static> HttpBody for HoldBody<T> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(next_piece(&mut this.pending)))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) => {
+                    if data.len() > REPLY_CHUNK {
+                        let piece = data.split_to(REPLY_CHUNK);
+                        this.pending = data;
+                        data = piece;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        if rewrite_headers(&mut trailers) == Some(limit::REPLY_SIZE) {
+                            this.metrics
+                                .limit_rejections
+                                .with_label_values(&[limit::REPLY_SIZE])
+                                .inc();
+                        }
+                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pending.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + pending);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint
     }
 }
 
@@ -434,6 +647,19 @@ where
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         match tokens.check(header) {
+            // Reflection describes every service: a read-only call, the `infer` scope's.
+            Ok(granted) if is_reflection(req.uri().path()) && !granted.allows(Scope::Infer) => {
+                self.layer
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["permission_denied"])
+                    .inc();
+                let res = Status::permission_denied(
+                    "this token lacks the \"infer\" scope that reflection needs",
+                )
+                .into_http::<Body>();
+                Box::pin(async move { Ok(res) })
+            }
             Ok(granted) => {
                 req.extensions_mut().insert(granted);
                 Box::pin(inner.call(req))
@@ -497,20 +723,35 @@ pub const MAX_STATUS_MESSAGE: usize = 1000;
 /// client's INVALID_ARGUMENT (tonic says INTERNAL). Every message is cut to
 /// [`MAX_STATUS_MESSAGE`] bytes.
 pub fn rewrite_status<B>(mut res: http::Response<B>) -> http::Response<B> {
-    let h = res.headers_mut();
-    let Some(code) = h
+    rewrite_headers(res.headers_mut());
+    res
+}
+
+/// [`rewrite_status`] on a header or trailer map; says which limit it
+/// rewrote a refusal for, if any.
+fn rewrite_headers(h: &mut http::HeaderMap) -> Option<&'static str> {
+    let code = h
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-    else {
-        return res;
-    };
+        .map(str::to_string)?;
     let message = h
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())
         .map(percent_decode)
         .unwrap_or_default();
+    let mut which = None;
     let (code, text) = match code.as_str() {
+        // tonic refuses to encode a reply over --max-message-bytes with
+        // OUT_OF_RANGE in the trailers; the handlers check first, so this is a
+        // backstop.
+        "11" if message.contains("encoded message length too large") => {
+            which = Some(limit::REPLY_SIZE);
+            let sizes = message.split("found ").nth(1).unwrap_or("").to_string();
+            (
+                "8",
+                format!("reply too large for this server (--max-message-bytes): {sizes}"),
+            )
+        }
         "11" if message.contains("message length too large") => {
             let sizes = message.split("found ").nth(1).unwrap_or("").to_string();
             (
@@ -531,7 +772,7 @@ pub fn rewrite_status<B>(mut res: http::Response<B>) -> http::Response<B> {
             ("3", "the request body ended inside a message".to_string())
         }
         _ if message.len() > MAX_STATUS_MESSAGE => (code.as_str(), message.clone()),
-        _ => return res,
+        _ => return None,
     };
     let text = crate::codec::cut(&text, MAX_STATUS_MESSAGE);
     if let Ok(v) = http::HeaderValue::from_str(code) {
@@ -540,7 +781,7 @@ pub fn rewrite_status<B>(mut res: http::Response<B>) -> http::Response<B> {
     if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&text)) {
         h.insert("grpc-message", v);
     }
-    res
+    which
 }
 
 fn percent_decode(s: &str) -> String {
@@ -628,5 +869,46 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(rewrite_status(other).headers()["grpc-status"], "11");
+    }
+
+    #[test]
+    fn a_reply_tonic_refuses_to_encode_becomes_resource_exhausted() {
+        // tonic's trailers when a reply passes max_encoding_message_size.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "11".parse().unwrap());
+        trailers.insert(
+            "grpc-message",
+            "Error,%20encoded%20message%20length%20too%20large:%20found%2080056%20bytes,%20the%20limit%20is:%2065536%20bytes"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(rewrite_headers(&mut trailers), Some(limit::REPLY_SIZE));
+        assert_eq!(trailers["grpc-status"], "8");
+        let msg = trailers["grpc-message"].to_str().unwrap();
+        assert!(msg.starts_with("reply too large"), "{msg}");
+        assert!(
+            msg.contains("80056 bytes") && msg.contains("65536"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_reply_takes_the_place_of_its_request_in_the_budget() {
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        let budget = Budget::new(100, gauge.clone());
+        let mut request = vec![budget.reserve(60).unwrap()];
+        let other = budget.reserve(30).unwrap();
+        // 60 + 30 + 70 > 100, but the request's 60 are given up for it.
+        let reply = budget.reserve_instead(70, &mut request).unwrap();
+        assert!(request.is_empty());
+        assert_eq!(gauge.get(), 100);
+        let mut none = Vec::new();
+        assert!(budget.reserve_instead(1, &mut none).is_none());
+        let mut reply = vec![reply];
+        assert!(budget.reserve_instead(71, &mut reply).is_none());
+        assert_eq!(reply.len(), 1, "a refused swap keeps what it held");
+        drop((reply, other));
+        assert_eq!(gauge.get(), 0);
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
     }
 }

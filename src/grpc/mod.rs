@@ -15,6 +15,7 @@ use crate::engine::EngineError;
 use crate::model::ModelError;
 use crate::telemetry::{Metrics, ResourceSnapshot};
 use crate::training::TrainingError;
+use crate::training::sessions::SessionError;
 
 pub mod compute;
 pub mod inference;
@@ -47,6 +48,9 @@ pub enum ServeError {
     /// A bounded queue in front of expensive work is full.
     #[error("{0}")]
     Busy(String),
+    /// A reply over `--max-message-bytes`, refused before it is built.
+    #[error("{0}")]
+    ReplyTooLarge(String),
     /// An Open Inference Protocol request that does not fit the model.
     #[error(transparent)]
     V2(#[from] crate::v2::V2Error),
@@ -108,6 +112,14 @@ impl From<ServeError> for Status {
                     | TrainingError::StepRejected { .. } => Status::invalid_argument(msg),
                     TrainingError::Stale { .. } => Status::aborted(msg),
                     TrainingError::TooLarge { .. } => Status::resource_exhausted(msg),
+                    TrainingError::Session(s) => match s {
+                        SessionError::Unknown
+                        | SessionError::Moved { .. }
+                        | SessionError::WrongModel { .. }
+                        | SessionError::NotEnabled { .. } => Status::failed_precondition(msg),
+                        SessionError::Busy => Status::aborted(msg),
+                        SessionError::TooLarge { .. } => Status::resource_exhausted(msg),
+                    },
                     TrainingError::Model(m) => model_status(&m, msg),
                 },
                 EngineError::Internal(_) => Status::internal(msg),
@@ -119,10 +131,11 @@ impl From<ServeError> for Status {
                 | crate::repository::RepositoryError::NotAllowed(_) => {
                     Status::failed_precondition(msg)
                 }
+                crate::repository::RepositoryError::Busy(_) => Status::unavailable(msg),
             },
             ServeError::BadRequest(_) => Status::invalid_argument(msg),
             ServeError::PermissionDenied(_) => Status::permission_denied(msg),
-            ServeError::Busy(_) => Status::resource_exhausted(msg),
+            ServeError::Busy(_) | ServeError::ReplyTooLarge(_) => Status::resource_exhausted(msg),
             ServeError::V2(_) => Status::invalid_argument(msg),
         }
     }

@@ -126,20 +126,16 @@ fn pool() -> Result<&'static DescriptorPool, String> {
     .map_err(|e| format!("the ModelConfig descriptor does not decode: {e}"))
 }
 
-/// Parses config.pbtxt text. Errors carry the parser's line and column.
+/// Parses config.pbtxt text. An error names the line and column and what the
+/// parser expected, never the file's text: the file may be anything a symlink
+/// points at, and the error reaches every client that may read the index.
 pub fn parse(text: &str) -> Result<Parsed, String> {
     let desc = pool()?
         .get_message_by_name("inference.ModelConfig")
         .ok_or("the ModelConfig descriptor is missing")?;
-    let text = colon_before_lists(text);
-    let msg = DynamicMessage::parse_text_format(desc, &text).map_err(|e| {
-        // The parser's message names the field or token and where it is.
-        let msg = e.to_string();
-        format!(
-            "config.pbtxt is not a valid ModelConfig: {}",
-            crate::codec::clip(&msg)
-        )
-    })?;
+    let (fixed, inserted) = colon_before_lists(text);
+    let msg = DynamicMessage::parse_text_format(desc, &fixed)
+        .map_err(|e| parse_error(&e, text, &inserted))?;
     let mut unapplied = BTreeSet::new();
     walk(&msg, "", &mut unapplied);
     let config: ModelConfig = msg
@@ -174,12 +170,91 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
     Ok(Parsed { config, warnings })
 }
 
+/// The 1-based line and column (in characters) of byte `offset` of `bytes`.
+pub fn line_column(bytes: &[u8], offset: usize) -> (usize, usize) {
+    let before = &bytes[..offset.min(bytes.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let column = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
+    (line, column)
+}
+
+/// A text-format parse error as one sentence without the file's text: where
+/// (line, column of the original text, before [`colon_before_lists`] inserted
+/// `inserted`) and what kind of mistake, with names taken from the
+/// ModelConfig descriptor only.
+///
+/// prost-reflect exposes neither the error's kind nor its position but through
+/// Debug (`ParseError { kind: Kind { .., span: A..B } }`, the span last) and
+/// Display; the unit tests pin both for the version in Cargo.lock.
+fn parse_error(
+    e: &prost_reflect::text_format::ParseError,
+    text: &str,
+    inserted: &[usize],
+) -> String {
+    let debug = format!("{e:?}");
+    let kind: String = debug
+        .split_once("kind: ")
+        .map(|(_, rest)| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect()
+        })
+        .unwrap_or_default();
+    let offset = debug.rsplit_once("span: ").and_then(|(_, rest)| {
+        rest.split_once("..")
+            .and_then(|(start, _)| start.parse::<usize>().ok())
+    });
+    let shown = e.to_string();
+    // Display texts whose leading part is the parser's own words; the rest quotes the file.
+    let before = |sep: &str| shown.split_once(sep).map(|(a, _)| a.to_string());
+    let after = |sep: &str| shown.rsplit_once(sep).map(|(_, b)| b.to_string());
+    let what = match kind.as_str() {
+        "InvalidToken" => Some("an invalid token".to_string()),
+        "InvalidStringCharacters" => Some("invalid characters in a string".to_string()),
+        "InvalidStringEscape" => Some("an invalid escape in a string".to_string()),
+        "InvalidUtf8String" => Some("a string that is not UTF-8".to_string()),
+        "NoSpaceBetweenIntAndIdent" => Some("a number directly followed by a name".to_string()),
+        "UnexpectedToken" => before(", but found").map(|x| format!("{x} here")),
+        "UnexpectedEof" => Some(shown.clone()),
+        "IntegerValueOutOfRange" => {
+            before(", but the value").map(|x| format!("{x}; the value is out of range"))
+        }
+        "FieldNotFound" => {
+            after(" not found for message ").map(|m| format!("an unknown field for message {m}"))
+        }
+        "FieldAlreadySet" => Some("a field set twice".to_string()),
+        "OneofAlreadySet" => Some(shown.clone()),
+        "ExtensionNotFound" => Some("an unknown extension".to_string()),
+        "MessageNotFound" => Some("an unknown message type".to_string()),
+        "EnumValueNotFound" => {
+            after(" was not found for enum ").map(|n| format!("an unknown value for enum {n}"))
+        }
+        "InvalidTypeForAny" | "InvalidMapKey" => Some(shown.clone()),
+        _ => None,
+    }
+    .unwrap_or_else(|| "a syntax error".to_string());
+    let what = crate::codec::clip(&what);
+    match offset {
+        Some(at) => {
+            let at = at.saturating_sub(inserted.iter().filter(|&&p| p < at).count());
+            let (line, column) = line_column(text.as_bytes(), at);
+            format!("config.pbtxt is not a valid ModelConfig: line {line}, column {column}: {what}")
+        }
+        None => format!("config.pbtxt is not a valid ModelConfig: {what}"),
+    }
+}
+
 /// Writes `field: [` for `field [`. Protobuf's text format lets a message
 /// field's colon be left out, also before a list, and Triton's configs do
 /// (`input [ { ... } ]`); the parser used here wants it before a list. Tokens
 /// are tracked so that strings and comments are left alone, and a `[` after a
-/// value (`kind: KIND_CPU [`) is not touched.
-fn colon_before_lists(text: &str) -> String {
+/// value (`kind: KIND_CPU [`) is not touched. Returns the text and the byte
+/// offsets, in it, of the colons inserted.
+fn colon_before_lists(text: &str) -> (String, Vec<usize>) {
     #[derive(PartialEq, Clone, Copy)]
     enum Tok {
         Ident,
@@ -187,6 +262,7 @@ fn colon_before_lists(text: &str) -> String {
         Other,
     }
     let mut out = String::with_capacity(text.len() + 16);
+    let mut inserted = Vec::new();
     let mut last = (Tok::Other, Tok::Other);
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -230,6 +306,7 @@ fn colon_before_lists(text: &str) -> String {
             '[' => {
                 // A field name (an identifier not itself a value after ':').
                 if last.1 == Tok::Ident && last.0 != Tok::Colon {
+                    inserted.push(out.len());
                     out.push(':');
                 }
                 out.push(c);
@@ -245,7 +322,7 @@ fn colon_before_lists(text: &str) -> String {
             }
         }
     }
-    out
+    (out, inserted)
 }
 
 /// Collects the paths of set fields that are neither applied nor checked.
@@ -463,7 +540,7 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             .map_err(|e| format!("parameter {}: {e}", keys::ADAM_BETAS))?;
     }
     let learning_rate = number(keys::LEARNING_RATE)?;
-    let warmup = match param(keys::WARMUP_SHAPE) {
+    let warmup: Option<Vec<(Vec<i64>, Kind)>> = match param(keys::WARMUP_SHAPE) {
         Some(text) => {
             let shapes = text
                 .split('+')
@@ -502,6 +579,14 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
                 .collect(),
         ),
     };
+    for input in warmup.iter().flatten() {
+        crate::model::check_warmup_shape(&input.0).map_err(|e| {
+            format!(
+                "{e} (parameter {}, or the inputs' dims)",
+                keys::WARMUP_SHAPE
+            )
+        })?;
+    }
     Ok(Settings {
         max_batch,
         batch_timeout,
@@ -648,7 +733,10 @@ parameters: { key: "splitserve.warmup_shape" value: { string_value: "2x8" } }
             assert!(err.contains(why), "{err:?} lacks {why:?}");
         };
         let io = r#"input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]"#;
-        fails("max_batch_size: 4 nonsense: 1", "nonsense");
+        fails(
+            "max_batch_size: 4 nonsense: 1",
+            "line 1, column 19: an unknown field for message 'inference.ModelConfig'",
+        );
         fails(
             &format!("platform: \"onnxruntime_onnx\" {io}"),
             "onnxruntime_onnx",
@@ -688,15 +776,69 @@ parameters: { key: "splitserve.warmup_shape" value: { string_value: "2x8" } }
 
     #[test]
     fn lists_without_a_colon_parse_and_strings_and_comments_are_left_alone() {
+        let fixed = |t: &str| colon_before_lists(t).0;
         assert_eq!(
-            colon_before_lists("input [ { name: \"a [b\" } ] # x [\nkind: KIND_CPU"),
+            fixed("input [ { name: \"a [b\" } ] # x [\nkind: KIND_CPU"),
             "input :[ { name: \"a [b\" } ] # x [\nkind: KIND_CPU"
         );
-        assert_eq!(colon_before_lists("dims: [ 8 ]"), "dims: [ 8 ]");
+        assert_eq!(fixed("dims: [ 8 ]"), "dims: [ 8 ]");
+        assert_eq!(fixed("dims:[8] gpus [0]"), "dims:[8] gpus :[0]");
+        assert_eq!(colon_before_lists("dims:[8] gpus [0]").1, vec![14]);
+    }
+
+    #[test]
+    fn parse_errors_name_the_place_and_never_the_text() {
+        let err = |text: &str| parse(text).unwrap_err();
+        // A file that is not a config at all (a symlink to a token file, say):
+        // its first token is the secret.
+        let e = err("s3cr3t-0123456789abcdef infer,train\n");
+        assert!(e.contains("line 1, column 7"), "{e}");
+        assert!(!e.contains("s3cr3t") && !e.contains("infer"), "{e}");
+        let e = err("max_batch_size: 4\n\ninput [ { nme: \"secret\" } ]\n");
         assert_eq!(
-            colon_before_lists("dims:[8] gpus [0]"),
-            "dims:[8] gpus :[0]"
+            e,
+            "config.pbtxt is not a valid ModelConfig: line 3, column 11: an unknown field for \
+             message 'inference.ModelInput'"
         );
+        let e = err("input [ { data_type: TYPE_SECRET } ]");
+        assert!(e.contains("line 1, column 22") && e.contains("enum"), "{e}");
+        assert!(!e.contains("SECRET"), "{e}");
+        let e = err("max_batch_size: \"secret\"");
+        assert!(
+            e.contains("line 1, column 17") && !e.contains("secret"),
+            "{e}"
+        );
+        let e = err("max_batch_size: 99999999999999");
+        assert!(e.contains("out of range") && !e.contains("99999"), "{e}");
+        let e = err("name: \"a\" name: \"b\"");
+        assert!(e.contains("line 1, column 17: a field set twice"), "{e}");
+        let e = err("max_batch_size: [\n");
+        assert!(
+            e.contains("line 1, column 17: expected an integer here"),
+            "{e}"
+        );
+        let e = err("input [ { name: \"x\"");
+        assert!(e.contains("end of input"), "{e}");
+        // Not UTF-8: the place, from the reader.
+        assert_eq!(line_column(b"ab\ncd\xff", 5), (2, 3));
+    }
+
+    #[test]
+    fn warm_up_inputs_are_bounded_before_anything_is_allocated() {
+        let fails = |text: &str| {
+            parse(text)
+                .and_then(|mut p| check(&mut p.config, "m").map(|_| ()))
+                .unwrap_err()
+        };
+        let e = fails(
+            r#"input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]
+parameters: { key: "splitserve.warmup_shape" value: { string_value: "1000000x1000000" } }"#,
+        );
+        assert!(e.contains("at most 268435456 elements"), "{e}");
+        let e = fails(
+            r#"max_batch_size: 1 input [ { name: "x" data_type: TYPE_FP32 dims: [ 1000000, 1000000 ] } ]"#,
+        );
+        assert!(e.contains("at most 268435456 elements"), "{e}");
     }
 
     #[test]

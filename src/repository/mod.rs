@@ -4,9 +4,11 @@
 //! rescans (`poll`), or loads and unloads asked through the Open Inference
 //! Protocol's repository extension (`explicit`).
 //!
-//! The repository is read, never written. Reading a model (files, config
-//! parsing) runs on tokio's blocking pool; loading it runs on the engine's
-//! loader thread; io threads only wait.
+//! The repository is read, never written. Listing it runs on tokio's blocking
+//! pool; reading a model (files, config parsing) runs on a short-lived thread
+//! of its own, under that model's lock and a timeout, so a model whose files
+//! hang holds up only itself; loading it runs on the engine's loader thread;
+//! io threads only wait. Only regular files are read, each with a byte cap.
 
 pub mod config;
 
@@ -139,17 +141,12 @@ pub fn read_model(root: &Path, name: &str) -> Result<ModelDir, String> {
     if !dir.is_dir() {
         return Err("no such model directory in the repository".into());
     }
-    let file = dir.join("config.pbtxt");
-    let size = std::fs::metadata(&file)
-        .map_err(|e| format!("config.pbtxt: {e}"))?
-        .len();
-    if size > config::MAX_CONFIG_BYTES {
-        return Err(format!(
-            "config.pbtxt is {size} bytes; at most {} are read",
-            config::MAX_CONFIG_BYTES
-        ));
-    }
-    let text = std::fs::read_to_string(&file).map_err(|e| format!("config.pbtxt: {e}"))?;
+    let bytes = read_capped(&dir.join("config.pbtxt"), config::MAX_CONFIG_BYTES)
+        .map_err(|e| format!("config.pbtxt: {e}"))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let (line, column) = config::line_column(e.as_bytes(), e.utf8_error().valid_up_to());
+        format!("config.pbtxt is not UTF-8 text: line {line}, column {column}")
+    })?;
     let mut parsed = config::parse(&text)?;
     let settings = config::check(&mut parsed.config, name)?;
     let filename = if parsed.config.default_model_filename.is_empty() {
@@ -234,6 +231,24 @@ pub fn read_model(root: &Path, name: &str) -> Result<ModelDir, String> {
     })
 }
 
+/// Reads a whole file of at most `cap` bytes. Regular files only (symlinks
+/// followed; a FIFO or a device is refused without waiting on it, see
+/// [`crate::model::open_regular`]), and the cap holds whatever size the file's
+/// metadata claims: a file that keeps giving bytes is refused after `cap + 1`.
+pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, meta) = crate::model::open_regular(path)?;
+    let mut bytes = Vec::with_capacity(meta.len().min(cap) as usize);
+    file.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {cap} bytes; at most {cap} are read"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Moves the repository's trainable models into the start-up models: their
 /// parameters and optimizer state live in this server, so they are loaded
 /// once, trained in place and never reloaded or unloaded at run time.
@@ -272,6 +287,7 @@ pub fn add_trainable_models(cfg: &RepositoryConfig, engine: &mut EngineConfig) -
         t.names.push(name.clone());
         t.optimizers.push(dir.settings.optimizer);
         t.learning_rates.push(dir.settings.learning_rate);
+        t.kv_sessions.push(false);
         engine.models.push(dir.slot(newest));
         added.push(name);
     }
@@ -304,6 +320,121 @@ pub enum RepositoryError {
     /// Not allowed in this mode or for this model.
     #[error("{0}")]
     NotAllowed(String),
+    /// Another load or unload of the model has not finished (its files may
+    /// be stuck); other models are not affected. Worth a retry later.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// How long a load or unload waits for the model's previous operation.
+const OP_WAIT: Duration = Duration::from_secs(30);
+/// How long reading a model's directory (config.pbtxt, version directories)
+/// may take before the load fails; the read goes on in its own thread, and the
+/// model stays locked until it returns.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A lock per model name, held through a load, reload or unload, so that a
+/// model whose files are stuck holds up only itself. An entry lives while
+/// someone holds or waits for it: the table holds at most the names being
+/// worked on, and those are directories of the repository.
+#[derive(Default)]
+struct OpLocks {
+    held: Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// One model's operation; dropping it frees the model (and its table entry
+/// when nobody waits).
+struct OpGuard {
+    name: String,
+    table: Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        let mut table = lock(&self.table);
+        // The table's Arc and this guard's own: nobody else waits.
+        if table
+            .get(&self.name)
+            .is_some_and(|m| Arc::strong_count(m) <= 2)
+        {
+            table.remove(&self.name);
+        }
+    }
+}
+
+impl OpLocks {
+    /// The model's lock: at once or None (`wait` None), or within `wait`
+    /// (else [`RepositoryError::Busy`]).
+    async fn acquire(
+        &self,
+        name: &str,
+        wait: Option<Duration>,
+    ) -> Result<Option<OpGuard>, RepositoryError> {
+        let mutex = {
+            let mut table = lock(&self.held);
+            // Entries nobody holds or waits for any more (a waiter that gave up).
+            table.retain(|_, m| Arc::strong_count(m) > 1);
+            table.entry(name.to_string()).or_default().clone()
+        };
+        let guard = match wait {
+            None => mutex.try_lock_owned().ok(),
+            Some(wait) => match tokio::time::timeout(wait, mutex.lock_owned()).await {
+                Ok(g) => Some(g),
+                Err(_) => {
+                    return Err(RepositoryError::Busy(format!(
+                        "model {:?}: its previous load or unload has not finished after {}s \
+                         (its files may be stuck); other models are not affected; retry later",
+                        crate::codec::clip(name),
+                        wait.as_secs()
+                    )));
+                }
+            },
+        };
+        Ok(guard.map(|g| OpGuard {
+            name: name.to_string(),
+            table: self.held.clone(),
+            _guard: g,
+        }))
+    }
+}
+
+/// Runs `read` on a thread of its own (not tokio's blocking pool, which other
+/// work shares), holding `op` while it runs. After `timeout` the caller gets an
+/// error and the thread keeps `op` (the model stays locked) until the read
+/// returns; one thread at most per model, since the lock is needed to start one.
+async fn read_off_thread<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, String> + Send + 'static,
+    op: OpGuard,
+    timeout: Duration,
+) -> (Result<T, String>, Option<OpGuard>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("splitserve-repo".into())
+        .spawn(move || {
+            let result = read();
+            let _ = tx.send((result, op));
+        });
+    if let Err(e) = spawned {
+        return (
+            Err(format!(
+                "cannot start a thread to read the model's files: {e}"
+            )),
+            None,
+        );
+    }
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok((result, op))) => (result, Some(op)),
+        Ok(Err(_)) => (Err("reading the model's files failed".into()), None),
+        Err(_) => (
+            Err(format!(
+                "reading the model's files did not finish within {}s; the model stays \
+                 locked until the read returns",
+                timeout.as_secs()
+            )),
+            None,
+        ),
+    }
 }
 
 #[derive(Debug, Default)]
@@ -327,8 +458,8 @@ struct Inner {
     engine: Engine,
     /// Served by `--model` or loaded at start as trainable: never touched here.
     fixed: BTreeSet<String>,
-    /// One load, reload or unload at a time.
-    ops: tokio::sync::Mutex<()>,
+    /// One load, reload or unload at a time per model; other models go on.
+    ops: OpLocks,
     models: Mutex<BTreeMap<String, ModelState>>,
     /// Bumped after every change, for health and metrics.
     changed: watch::Sender<u64>,
@@ -354,7 +485,7 @@ impl Repository {
                 cfg,
                 engine,
                 fixed,
-                ops: tokio::sync::Mutex::new(()),
+                ops: OpLocks::default(),
                 models: Mutex::new(BTreeMap::new()),
                 changed,
             }),
@@ -493,12 +624,19 @@ impl Repository {
                 crate::codec::clip(name)
             )));
         }
-        let _op = self.inner.ops.lock().await;
+        // Names from clients: only the repository's directories get a lock.
+        if !root_has(&self.inner.cfg.root, name) && !lock(&self.inner.models).contains_key(name) {
+            return Err(RepositoryError::NotFound(crate::codec::clip(name)));
+        }
+        // A poll skips a model whose last operation has not finished; a load waits a while.
+        let wait = (!only_if_changed).then_some(OP_WAIT);
+        let Some(op) = self.acquire(name, wait).await? else {
+            return Ok(());
+        };
         let root = self.inner.cfg.root.clone();
         let owned = name.to_string();
-        let read = tokio::task::spawn_blocking(move || read_model(&root, &owned))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+        let (read, _op) =
+            read_off_thread(move || read_model(&root, &owned), op, READ_TIMEOUT).await;
         let dir = match read {
             Ok(d) => d,
             Err(reason) => {
@@ -626,11 +764,13 @@ impl Repository {
                 crate::codec::clip(name)
             )));
         }
-        let _op = self.inner.ops.lock().await;
         let known = lock(&self.inner.models).contains_key(name);
         if !known && !root_has(&self.inner.cfg.root, name) {
             return Err(RepositoryError::NotFound(crate::codec::clip(name)));
         }
+        let Some(_op) = self.acquire(name, Some(OP_WAIT)).await? else {
+            return Ok(());
+        };
         let unloaded = self.inner.engine.unload(name, None).await;
         {
             let mut models = lock(&self.inner.models);
@@ -646,6 +786,24 @@ impl Repository {
         tracing::info!(model = %name, "model unloaded");
         self.bump();
         Ok(())
+    }
+
+    /// The model's operation lock ([`OpLocks::acquire`]); a refusal is counted.
+    async fn acquire(
+        &self,
+        name: &str,
+        wait: Option<Duration>,
+    ) -> Result<Option<OpGuard>, RepositoryError> {
+        let got = self.inner.ops.acquire(name, wait).await;
+        if got.is_err() {
+            self.inner
+                .engine
+                .metrics()
+                .limit_rejections
+                .with_label_values(&[crate::telemetry::metrics::limit::REPOSITORY_BUSY])
+                .inc();
+        }
+        got
     }
 
     fn bump(&self) {
@@ -723,4 +881,100 @@ fn is_model_name(name: &str) -> bool {
         && !name.starts_with('.')
         && !name.contains(['/', '\\'])
         && !name.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("splitserve-repo-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_never_past_the_cap() {
+        let dir = temp_dir("read");
+        let fifo = dir.join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        // Without O_NONBLOCK the open itself waits for a writer: forever.
+        let err = read_capped(&fifo, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("a FIFO"), "{err}");
+        // /dev/zero says it has 0 bytes and never ends.
+        let zero = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let err = read_capped(&zero, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("a character device"), "{err}");
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'#'; 100]).unwrap();
+        assert_eq!(read_capped(&big, 100).unwrap().len(), 100);
+        let err = read_capped(&big, 99).unwrap_err().to_string();
+        assert!(err.contains("more than 99 bytes"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_models_operation_never_holds_up_another() {
+        let locks = OpLocks::default();
+        let a = locks.acquire("a", None).await.unwrap().unwrap();
+        // Another model: at once.
+        let b = locks.acquire("b", Some(Duration::from_millis(10))).await;
+        assert!(matches!(b, Ok(Some(_))));
+        // The same model: a poll skips it, a load waits, then says why.
+        assert!(locks.acquire("a", None).await.unwrap().is_none());
+        match locks.acquire("a", Some(Duration::from_millis(20))).await {
+            Err(RepositoryError::Busy(m)) => assert!(m.contains("\"a\""), "{m}"),
+            other => panic!("expected Busy, got {:?}", other.map(|g| g.is_some())),
+        }
+        drop(a);
+        assert!(locks.acquire("a", None).await.unwrap().is_some());
+        drop(b);
+        // Nothing left behind.
+        let _ = locks.acquire("c", None).await.unwrap();
+        assert_eq!(lock(&locks.held).len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_read_times_out_and_keeps_only_its_model_locked() {
+        let locks = OpLocks::default();
+        let op = locks.acquire("stuck", None).await.unwrap().unwrap();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let started = std::time::Instant::now();
+        let (result, op) = read_off_thread(
+            move || {
+                let _ = wait.recv();
+                Ok(())
+            },
+            op,
+            Duration::from_millis(100),
+        )
+        .await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(result.unwrap_err().contains("did not finish"));
+        assert!(op.is_none());
+        // The reader thread still holds "stuck"; "other" is free.
+        assert!(locks.acquire("stuck", None).await.unwrap().is_none());
+        assert!(locks.acquire("other", None).await.unwrap().is_some());
+        release.send(()).unwrap();
+        let free = async {
+            loop {
+                if let Some(g) = locks.acquire("stuck", None).await.unwrap() {
+                    return g;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), free)
+            .await
+            .expect("the model is free once its read returns");
+    }
 }

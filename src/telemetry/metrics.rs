@@ -69,7 +69,18 @@ pub struct Metrics {
     /// Training forwards waiting for their backward, and their bytes.
     pub activations_stored: IntGauge,
     pub activations_bytes: IntGauge,
-    /// Split-training events: forward, backward, optimizer_step, eviction, expiry, checkpoint.
+    /// KV sessions held on the server, and the bytes of their caches.
+    pub kv_sessions: IntGauge,
+    pub kv_cache_bytes: IntGauge,
+    /// KV session events: created, evicted, expired, ended.
+    pub kv_session_events: IntCounterVec,
+    /// Positions computed by session steps (prefill and decode).
+    pub kv_tokens: IntCounter,
+    /// Decode steps (one new position) of sessions and their seconds: the ratio
+    /// of their rates is the time per generated token.
+    pub kv_decode_steps: IntCounter,
+    pub kv_decode_seconds: prometheus::Counter,
+    /// Split-training events: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.
     pub training_events: IntCounterVec,
     /// Limits that triggered, by limit (see [`limit`]): each one a refusal a
     /// client saw, or a connection closed.
@@ -136,13 +147,21 @@ pub mod limit {
     /// A client that read nothing of its reply for --write-stall-timeout.
     pub const WRITE_STALL: &str = "write_stall";
     pub const MESSAGE_SIZE: &str = "message_size";
+    /// A reply over `--max-message-bytes`, refused before it is built.
+    pub const REPLY_SIZE: &str = "reply_size";
     pub const INFLIGHT_BYTES: &str = "inflight_bytes";
     pub const BODY_TIMEOUT: &str = "body_timeout";
+    /// An HTTP request body slower than `--http-min-body-rate`.
+    pub const BODY_RATE: &str = "body_rate";
+    /// One connection's HTTP request bodies over `--max-inflight-bytes-per-connection`.
+    pub const INFLIGHT_BYTES_PER_CONNECTION: &str = "inflight_bytes_per_connection";
     pub const DECOMPRESSED_SIZE: &str = "decompressed_size";
     pub const CODEC_QUEUE: &str = "codec_queue";
     pub const FORWARD_ID: &str = "forward_id";
     pub const ACCUMULATION_STEPS: &str = "accumulation_steps";
     pub const LEARNING_RATE: &str = "learning_rate";
+    /// A repository load or unload of a model whose previous one has not finished.
+    pub const REPOSITORY_BUSY: &str = "repository_busy";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,10 +283,37 @@ impl Metrics {
                 "splitserve_activations_bytes",
                 "Bytes of stored activations, as --activation-cache-bytes counts them.",
             )?,
+            kv_sessions: IntGauge::new(
+                "splitserve_kv_sessions",
+                "KV sessions whose cache the server holds (--kv-sessions).",
+            )?,
+            kv_cache_bytes: IntGauge::new(
+                "splitserve_kv_cache_bytes",
+                "Bytes of the KV sessions' caches, as --kv-cache-bytes counts them.",
+            )?,
+            kv_session_events: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_kv_session_events_total",
+                    "KV session events: created, evicted, expired, ended.",
+                ),
+                &["event"],
+            )?,
+            kv_tokens: IntCounter::new(
+                "splitserve_kv_tokens_total",
+                "Positions computed by KV session steps (prefill and decode).",
+            )?,
+            kv_decode_steps: IntCounter::new(
+                "splitserve_kv_decode_steps_total",
+                "KV session decode steps (one new position each).",
+            )?,
+            kv_decode_seconds: prometheus::Counter::new(
+                "splitserve_kv_decode_seconds_total",
+                "Seconds spent in KV session decode steps' forwards.",
+            )?,
             training_events: IntCounterVec::new(
                 Opts::new(
                     "splitserve_training_events_total",
-                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, eviction, expiry, checkpoint.",
+                    "Split-training events by model: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.",
                 ),
                 &["model", "event"],
             )?,
@@ -404,6 +450,12 @@ impl Metrics {
         r.register(Box::new(m.activations_stored.clone()))?;
         r.register(Box::new(m.activations_bytes.clone()))?;
         r.register(Box::new(m.training_events.clone()))?;
+        r.register(Box::new(m.kv_sessions.clone()))?;
+        r.register(Box::new(m.kv_cache_bytes.clone()))?;
+        r.register(Box::new(m.kv_session_events.clone()))?;
+        r.register(Box::new(m.kv_tokens.clone()))?;
+        r.register(Box::new(m.kv_decode_steps.clone()))?;
+        r.register(Box::new(m.kv_decode_seconds.clone()))?;
         r.register(Box::new(m.limit_rejections.clone()))?;
         r.register(Box::new(m.auth_failures.clone()))?;
         r.register(Box::new(m.tls_handshake_failures.clone()))?;
@@ -595,6 +647,12 @@ mod tests {
         m.activations_stored.set(1);
         m.activations_bytes.set(1);
         m.training_events.with_label_values(&["m", "forward"]).inc();
+        m.kv_sessions.set(1);
+        m.kv_cache_bytes.set(1);
+        m.kv_session_events.with_label_values(&["created"]).inc();
+        m.kv_tokens.inc();
+        m.kv_decode_steps.inc();
+        m.kv_decode_seconds.inc();
         m.limit_rejections.with_label_values(&["l"]).inc();
         m.auth_failures.with_label_values(&["r"]).inc();
         m.tls_handshake_failures.with_label_values(&["grpc"]).inc();

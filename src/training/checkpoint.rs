@@ -161,6 +161,18 @@ pub(super) fn write(
     Ok(Some(latest))
 }
 
+/// Sorts `step-N` directories by N, newest first: by number, not by name,
+/// so that a step count past the 10 padded digits still sorts right.
+fn newest_first(found: &mut [PathBuf]) {
+    let step = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    found.sort_by(|a, b| (step(b), b).cmp(&(step(a), a)));
+}
+
 /// Complete checkpoints of a model, newest first.
 fn complete(dir: &Path, model: &str) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root(dir, model)) else {
@@ -176,8 +188,7 @@ fn complete(dir: &Path, model: &str) -> Vec<PathBuf> {
                 && p.join("state.json").is_file()
         })
         .collect();
-    found.sort();
-    found.reverse();
+    newest_first(&mut found);
     found
 }
 
@@ -241,21 +252,142 @@ pub(super) fn clean_stale(dir: &Path, model: &str) {
     }
 }
 
-/// Restores the newest complete checkpoint that loads, into `model` and a
-/// fresh optimizer state. None when there is none.
-pub(super) fn restore(dir: &Path, model: &mut Model) -> Option<(ModelState, PathBuf)> {
-    for candidate in complete(dir, &model.name) {
-        match restore_one(&candidate, model) {
-            Ok(state) => return Some((state, candidate)),
-            Err(e) => tracing::warn!(
-                model = %model.name,
-                checkpoint = %candidate.display(),
-                error = %e,
-                "checkpoint does not load; trying an older one"
-            ),
+/// Every checkpoint directory of a model, newest first, complete or not: a
+/// `step-*` directory is only ever renamed into place whole, so one without its
+/// `state.json` is damaged, not half written.
+fn candidates(dir: &Path, model: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root(dir, model)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    newest_first(&mut found);
+    found
+}
+
+/// The first line of an error, cut, for the one-sentence refusal.
+fn first_line(e: &str) -> String {
+    let line = e.lines().next().unwrap_or_default();
+    match line.char_indices().nth(200) {
+        Some((at, _)) => format!("{}...", &line[..at]),
+        None => line.to_string(),
+    }
+}
+
+/// Renames a checkpoint that does not load to `unloadable-step-*` beside it:
+/// kept for a look, no longer resumed from, counted or pruned.
+fn set_aside(path: &Path) {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let aside = path.with_file_name(format!("unloadable-{name}"));
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::warn!(
+            checkpoint = %path.display(),
+            moved_to = %aside.display(),
+            "a checkpoint that does not load was set aside"
+        ),
+        Err(e) => tracing::warn!(
+            checkpoint = %path.display(),
+            error = %e,
+            "cannot set aside a checkpoint that does not load"
+        ),
+    }
+}
+
+/// Restores the newest checkpoint that loads, into `model` and a fresh
+/// optimizer state; the newer ones that do not load are set aside. None when
+/// there is none. When checkpoints exist and none loads, an error naming the
+/// directory, unless `start_fresh`: then the model keeps its own weights and
+/// they are all set aside.
+pub(super) fn restore(
+    dir: &Path,
+    model: &mut Model,
+    start_fresh: bool,
+) -> Result<Option<(ModelState, PathBuf)>, String> {
+    let found = candidates(dir, &model.name);
+    let Some(newest) = found.first() else {
+        return Ok(None);
+    };
+    // A failed attempt may have replaced some weights: with --checkpoint-start-fresh
+    // the model's own come back if none loads.
+    let own = if start_fresh {
+        Some(
+            model
+                .all_parameters()
+                .and_then(|ps| {
+                    ps.iter()
+                        .map(|p| p.f_to_device(Device::Cpu).and_then(|c| c.f_detach_copy()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| crate::model::internal(model, e))
+                })
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
+    let mut newest_error = None;
+    for (i, candidate) in found.iter().enumerate() {
+        match restore_one(candidate, model) {
+            Ok(state) => {
+                found[..i].iter().for_each(|p| set_aside(p));
+                return Ok(Some((state, candidate.clone())));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    model = %model.name,
+                    checkpoint = %candidate.display(),
+                    error = %e,
+                    "checkpoint does not load; trying an older one"
+                );
+                newest_error.get_or_insert(e);
+            }
         }
     }
-    None
+    let why = first_line(&newest_error.unwrap_or_default());
+    let Some(own) = own else {
+        return Err(format!(
+            "model {:?} has {} checkpoint(s) in {} and none of them loads (the newest, {}: {why}); \
+             repair or move them away, or start with --checkpoint-start-fresh to train from the \
+             model's own weights",
+            model.name,
+            found.len(),
+            root(dir, &model.name).display(),
+            newest
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default(),
+        ));
+    };
+    let params = model.all_parameters().map_err(|e| e.to_string())?;
+    tch::no_grad(|| -> Result<(), tch::TchError> {
+        for (mut p, saved) in params.into_iter().zip(&own) {
+            p.f_copy_(saved)?;
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("cannot restore the model's own weights: {e}"))?;
+    tracing::warn!(
+        model = %model.name,
+        checkpoints = found.len(),
+        dir = %root(dir, &model.name).display(),
+        "no checkpoint loads; starting from the model's own weights (--checkpoint-start-fresh)"
+    );
+    found.iter().for_each(|p| set_aside(p));
+    Ok(None)
+}
+
+/// True when every element of `t` is finite.
+fn finite(t: &Tensor) -> Result<bool, String> {
+    super::all_finite(t).map_err(|e| e.to_string())
 }
 
 fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
@@ -293,6 +425,51 @@ fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
     } else {
         HashMap::new()
     };
+    // A checkpoint is refused, as corrupt, unless everything it restores is
+    // finite and shaped like the parameter it belongs to: a NaN weight would
+    // be served, and a NaN, negative or misshapen Adam moment would refuse or
+    // fail every later step.
+    for p in model.all_parameters().map_err(|e| e.to_string())? {
+        if p.is_floating_point() && !finite(&p)? {
+            return Err(format!("{file_name} holds NaN or infinite weights"));
+        }
+    }
+    for (key, t) in &tensors {
+        let Some(i) = key
+            .rsplit_once('.')
+            .and_then(|(_, i)| i.parse::<usize>().ok())
+        else {
+            return Err(format!("optimizer.safetensors: unexpected tensor {key:?}"));
+        };
+        let Some(p) = params.get(i) else {
+            return Err(format!("optimizer.safetensors: {key:?} names no parameter"));
+        };
+        if t.size() != p.size() || t.kind() != p.kind() {
+            return Err(format!(
+                "optimizer.safetensors: {key:?} is {:?} {:?}, its parameter {:?} {:?}",
+                t.kind(),
+                t.size(),
+                p.kind(),
+                p.size()
+            ));
+        }
+        if !finite(t)? {
+            return Err(format!(
+                "optimizer.safetensors: {key:?} holds NaN or infinite values"
+            ));
+        }
+        if key.starts_with("adam_v.")
+            && t.f_lt(0.0)
+                .and_then(|n| n.f_any())
+                .map_err(|e| e.to_string())?
+                .int64_value(&[])
+                != 0
+        {
+            return Err(format!(
+                "optimizer.safetensors: {key:?} holds negative values"
+            ));
+        }
+    }
     let device = model.device;
     let take = |key: String| tensors.get(&key).map(|t| t.to_device(device));
     let momentum = (0..params.len())
@@ -328,5 +505,24 @@ fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
         pending: record.pending,
         steps: record.steps,
         saved_at: record.steps,
+        probe_finite: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_sort_by_step_number_past_ten_digits() {
+        let mut found: Vec<PathBuf> = ["step-0000000009", "step-10000000000", "step-9999999999"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        newest_first(&mut found);
+        assert_eq!(
+            found,
+            ["step-10000000000", "step-9999999999", "step-0000000009"].map(PathBuf::from)
+        );
+    }
 }

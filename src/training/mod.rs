@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ use crate::codec::{Encoding, RawTensor};
 use crate::model::{self, Model, ModelError};
 
 mod checkpoint;
+pub mod sessions;
+
+use sessions::{Handle, SessionConfig, SessionError, Sessions};
 
 /// Forward_ids whose fate is remembered for NOT_FOUND messages.
 const GONE_REMEMBERED: usize = 4096;
@@ -48,6 +51,47 @@ pub struct TrainingConfig {
     pub checkpoint_keep: usize,
     /// Largest accumulation_step a backward may ask for.
     pub max_accumulation_steps: u32,
+    /// Per model, in model order: KV caches stay on the server (`--kv-sessions`).
+    pub kv_sessions: Vec<bool>,
+    /// The KV session store's bounds (`--kv-cache-bytes`, `--kv-session-ttl`).
+    pub sessions: SessionConfig,
+    /// Accumulated gradients whose total L2 norm is above this are scaled down
+    /// to it before a step, as `torch.nn.utils.clip_grad_norm_` does
+    /// (`--max-grad-norm`).
+    pub max_grad_norm: f64,
+    /// Models given their own share of `cache_bytes` (`--activation-model-bytes
+    /// NAME=BYTES`); the others split what is left equally.
+    pub model_cache_bytes: Vec<(String, u64)>,
+    /// When checkpoints exist and none loads, start from the model's own
+    /// weights instead of refusing to start (`--checkpoint-start-fresh`).
+    pub checkpoint_start_fresh: bool,
+}
+
+impl TrainingConfig {
+    /// Each model's share of `cache_bytes`, in model order: its own when
+    /// configured, else an equal part of what the configured ones leave.
+    /// The shares never sum above `cache_bytes`, so no model's forwards ever
+    /// have to evict another model's activations.
+    pub fn model_budgets(&self) -> Vec<u64> {
+        let own = |name: &str| {
+            self.model_cache_bytes
+                .iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b)
+        };
+        let claimed: u64 = self
+            .names
+            .iter()
+            .filter_map(|n| own(n))
+            .fold(0u64, u64::saturating_add);
+        let rest = self.cache_bytes.saturating_sub(claimed);
+        let sharing = self.names.iter().filter(|n| own(n).is_none()).count() as u64;
+        self.names
+            .iter()
+            .map(|n| own(n).unwrap_or(rest / sharing.max(1)))
+            .collect()
+    }
 }
 
 /// Longest forward_id a client may choose, in bytes.
@@ -166,7 +210,19 @@ pub enum Step {
         kv_enc: Encoding,
         /// Answer with the present keys and values.
         want_present: bool,
+        /// Set when the request may use a server-side session (it asked for a
+        /// cache, or sent a handle); used on models with sessions on.
+        session: Option<SessionRequest>,
     },
+}
+
+/// A KV step's claim on a server-side session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRequest {
+    /// The handle and past length the request sent; None opens a session.
+    pub handle: Option<(Handle, i64)>,
+    /// The caller's token identity (0 without authentication).
+    pub owner: u64,
 }
 
 /// A backward that trains: what ComputeBackward's learning_rate asks for.
@@ -201,10 +257,40 @@ impl std::fmt::Display for Gone {
                 "expired: its activations outlived --activation-ttl and were released; run Compute again"
             }
             Gone::Evicted => {
-                "was evicted to keep the stored activations under --activation-cache-bytes; run Compute again"
+                "was evicted to keep its model's stored activations within its share of \
+                 --activation-cache-bytes; run Compute again"
             }
             Gone::Stale => {
                 "was released: an optimizer step made its graph stale; run Compute again"
+            }
+        })
+    }
+}
+
+/// Why an optimizer step was refused and rolled back (docs/training.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The accumulated gradients hold NaN or Inf (an overflow in the backward).
+    Gradient,
+    /// A parameter would have become NaN or Inf.
+    Parameters,
+    /// The optimizer's state (momentum, Adam's moments) would have.
+    OptimizerState,
+    /// The model's outputs on its warm-up input or on this batch would have.
+    Outputs,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::Gradient => "its gradients overflowed to NaN or infinity",
+            Refusal::Parameters => "it would have made parameters NaN or infinite",
+            Refusal::OptimizerState => {
+                "it would have made the optimizer state (momentum, Adam moments) NaN or infinite"
+            }
+            Refusal::Outputs => {
+                "it would have made the model's outputs NaN or infinite on its warm-up input or \
+                 on this batch"
             }
         })
     }
@@ -245,16 +331,25 @@ pub enum TrainingError {
         now: u64,
     },
     #[error(
-        "the activations of this forward take {bytes} bytes, more than --activation-cache-bytes {limit}"
+        "the activations of this forward take {bytes} bytes, more than model {model:?}'s share of \
+         the activation cache, {limit} bytes (--activation-cache-bytes, --activation-model-bytes)"
     )]
-    TooLarge { bytes: u64, limit: u64 },
+    TooLarge {
+        model: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error(
-        "the optimizer step on model {model:?} would have made its parameters NaN or infinite; \
-         it was rolled back and the weights are unchanged. Lower the learning rate or check grad_output"
+        "the optimizer step on model {model:?} was refused: {why}. The weights and the optimizer \
+         state are unchanged and the gradients accumulated for this step were dropped. Lower the \
+         learning rate or check grad_output"
     )]
-    StepRejected { model: String },
+    StepRejected { model: String, why: Refusal },
     #[error("{0}")]
     BadRequest(String),
+    /// A KV session step that cannot run.
+    #[error(transparent)]
+    Session(#[from] SessionError),
     /// The model itself refused or failed (bad input, a libtorch error).
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -274,8 +369,10 @@ pub struct TrainingStats {
     /// Backward calls answered with a gradient.
     pub backwards: AtomicU64,
     pub optimizer_steps: AtomicU64,
-    /// Optimizer steps rolled back because a parameter would have become NaN or Inf.
+    /// Optimizer steps refused and rolled back (see [`Refusal`]).
     pub steps_rejected: AtomicU64,
+    /// Optimizer steps whose gradients were scaled down to `--max-grad-norm`.
+    pub grads_clipped: AtomicU64,
     pub checkpoints_saved: AtomicU64,
     /// The same events per model, in model order, for the `model` label.
     pub per_model: Vec<ModelEvents>,
@@ -288,6 +385,7 @@ pub struct ModelEvents {
     pub backwards: AtomicU64,
     pub optimizer_steps: AtomicU64,
     pub steps_rejected: AtomicU64,
+    pub grads_clipped: AtomicU64,
     pub evicted: AtomicU64,
     pub expired: AtomicU64,
     pub checkpoints_saved: AtomicU64,
@@ -295,13 +393,14 @@ pub struct ModelEvents {
 
 impl ModelEvents {
     /// (event label, count) pairs, as `splitserve_training_events_total` names them.
-    pub fn events(&self) -> [(&'static str, u64); 7] {
+    pub fn events(&self) -> [(&'static str, u64); 8] {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("forward", load(&self.forwards)),
             ("backward", load(&self.backwards)),
             ("optimizer_step", load(&self.optimizer_steps)),
             ("step_rejected", load(&self.steps_rejected)),
+            ("grad_clipped", load(&self.grads_clipped)),
             ("eviction", load(&self.evicted)),
             ("expiry", load(&self.expired)),
             ("checkpoint", load(&self.checkpoints_saved)),
@@ -328,30 +427,43 @@ struct Entry {
 #[derive(Default)]
 struct Store {
     entries: HashMap<String, Entry>,
-    /// tick -> forward_id, least recently used first.
-    lru: BTreeMap<u64, String>,
+    /// Per model: tick -> forward_id, least recently used first. A model's
+    /// forwards only ever evict its own entries.
+    lru: Vec<BTreeMap<u64, String>>,
     next_tick: u64,
+    /// Bytes stored, in all and per model.
     bytes: u64,
+    model_bytes: Vec<u64>,
     /// Why recent forward_ids are gone, for NOT_FOUND messages; bounded.
     gone: HashMap<String, Gone>,
     gone_order: VecDeque<String>,
 }
 
 impl Store {
+    fn new(models: usize) -> Store {
+        Store {
+            lru: (0..models).map(|_| BTreeMap::new()).collect(),
+            model_bytes: vec![0; models],
+            ..Store::default()
+        }
+    }
+
     fn touch(&mut self, id: &str) {
         let tick = self.next_tick;
         if let Some(e) = self.entries.get_mut(id) {
-            self.lru.remove(&e.tick);
+            let lru = &mut self.lru[e.model];
+            lru.remove(&e.tick);
             e.tick = tick;
-            self.lru.insert(tick, id.to_string());
+            lru.insert(tick, id.to_string());
             self.next_tick += 1;
         }
     }
 
     fn remove(&mut self, id: &str, why: Gone) -> Option<Entry> {
         let e = self.entries.remove(id)?;
-        self.lru.remove(&e.tick);
+        self.lru[e.model].remove(&e.tick);
         self.bytes -= e.bytes;
+        self.model_bytes[e.model] -= e.bytes;
         self.bury(id, why);
         Some(e)
     }
@@ -394,12 +506,21 @@ struct ModelState {
     steps: u64,
     /// `steps` when the last checkpoint was written.
     saved_at: u64,
+    /// Whether the outputs on the warm-up input were finite at the first step
+    /// (None: not looked at yet); steps keep them finite when they were.
+    probe_finite: Option<bool>,
 }
 
 /// The split-training state of an engine.
 pub struct Training {
     config: TrainingConfig,
+    /// KV caches kept between decode steps, for models with sessions on.
+    sessions: Sessions,
     store: Mutex<Store>,
+    /// Each model's share of `--activation-cache-bytes`, in model order.
+    budgets: Vec<u64>,
+    /// Set when resuming from checkpoints refused to start.
+    start_refused: AtomicBool,
     models: Vec<Mutex<ModelState>>,
     /// Optimizer steps per model, readable without waiting for a training job.
     model_steps: Vec<AtomicU64>,
@@ -427,7 +548,10 @@ impl Training {
     pub fn new(config: &TrainingConfig, models: usize) -> Training {
         Training {
             config: config.clone(),
-            store: Mutex::new(Store::default()),
+            sessions: Sessions::new(config.sessions),
+            store: Mutex::new(Store::new(models)),
+            budgets: config.model_budgets(),
+            start_refused: AtomicBool::new(false),
             models: (0..models).map(|_| Mutex::default()).collect(),
             model_steps: (0..models).map(|_| AtomicU64::new(0)).collect(),
             stats: TrainingStats {
@@ -465,6 +589,11 @@ impl Training {
 
     pub fn stats(&self) -> &TrainingStats {
         &self.stats
+    }
+
+    /// The KV session store (its counters and gauges).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// Counts one event of model `index` for the `model` label.
@@ -520,7 +649,20 @@ impl Training {
                 past,
                 kv_enc,
                 want_present,
-            } => kv(model, input, enc, past, *kv_enc, *want_present),
+                session,
+            } => match session {
+                Some(s) if self.config.kv_sessions.get(index).copied().unwrap_or(false) => {
+                    self.session_step(index, model, input, enc, past, *kv_enc, *s, *want_present)
+                }
+                // A handle where no session can be: never run it as an empty past.
+                Some(SessionRequest {
+                    handle: Some(_), ..
+                }) => Err(SessionError::NotEnabled {
+                    model: self.config.names.get(index).cloned().unwrap_or_default(),
+                }
+                .into()),
+                _ => kv(model, input, enc, past, *kv_enc, *want_present),
+            },
         }
     }
 
@@ -568,11 +710,14 @@ impl Training {
         Ok(reply)
     }
 
-    /// Stores an entry, evicting the least recently used ones to make room.
+    /// Stores an entry, evicting the least recently used ones of the same
+    /// model to make room in that model's share of the cache.
     fn insert(&self, forward_id: &str, mut entry: Entry) -> Result<(), TrainingError> {
-        let limit = self.config.cache_bytes;
+        let model = entry.model;
+        let limit = self.budgets.get(model).copied().unwrap_or(0);
         if entry.bytes > limit {
             return Err(TrainingError::TooLarge {
+                model: self.config.names.get(model).cloned().unwrap_or_default(),
                 bytes: entry.bytes,
                 limit,
             });
@@ -585,16 +730,17 @@ impl Training {
                     forward_id: forward_id.to_string(),
                 });
             }
-            while store.bytes + entry.bytes > limit {
-                let Some(oldest) = store.lru.values().next().cloned() else {
+            while store.model_bytes[model] + entry.bytes > limit {
+                let Some(oldest) = store.lru[model].values().next().cloned() else {
                     break;
                 };
                 evicted.extend(store.remove(&oldest, Gone::Evicted));
             }
             entry.tick = store.next_tick;
             store.next_tick += 1;
-            store.lru.insert(entry.tick, forward_id.to_string());
+            store.lru[model].insert(entry.tick, forward_id.to_string());
             store.bytes += entry.bytes;
+            store.model_bytes[model] += entry.bytes;
             store.gone.remove(forward_id);
             store.entries.insert(forward_id.to_string(), entry);
             self.publish(&store);
@@ -602,7 +748,7 @@ impl Training {
         if !evicted.is_empty() {
             tracing::debug!(
                 evicted = evicted.len(),
-                "activations evicted (--activation-cache-bytes)"
+                "activations evicted (the model's share of --activation-cache-bytes)"
             );
         }
         self.stats
@@ -618,6 +764,7 @@ impl Training {
 
     /// Releases the activations older than `--activation-ttl`.
     fn expire(&self) {
+        drop(self.sessions.expire());
         let now = Instant::now();
         let ttl = self.config.ttl;
         let expired: Vec<Entry> = {
@@ -736,9 +883,28 @@ impl Training {
             .map_err(|e| internal(model, e))?
         };
         if let (Some(u), Some(state)) = (update, state.as_mut()) {
-            state.pending += 1;
+            state.pending = state.pending.saturating_add(1);
+            // The gradients this backward added must be finite: otherwise it,
+            // not a later caller, is refused, and nothing of it stays.
+            let finite = (|| -> Result<bool, StepError> {
+                let params = self.params_of(model, state)?;
+                Ok(grads_finite(params)?)
+            })()
+            .map_err(|e| e.into_error(model))?;
+            if !finite {
+                self.refuse(index, model, state, Refusal::Gradient, u.learning_rate);
+                return Err(TrainingError::StepRejected {
+                    model: model.name.clone(),
+                    why: Refusal::Gradient,
+                });
+            }
             if state.pending >= u.accumulation {
-                self.step(index, model, state, u.learning_rate)?;
+                // This batch checks the step: finite outputs before it must
+                // stay finite after it.
+                let batch = all_finite(&entry.output)
+                    .map_err(|e| internal(model, e))?
+                    .then_some(&entry.input);
+                self.step(index, model, state, u.learning_rate, batch)?;
             }
         }
         drop(state);
@@ -755,23 +921,59 @@ impl Training {
         }
     }
 
-    /// One optimizer step with the accumulated gradients, under the model's
-    /// parameter write lock; then the gradients are zeroed.
-    fn step(
+    /// The parameters the optimizer updates, fetched at the model's first
+    /// training backward (with their empty optimizer state).
+    fn params_of<'s>(
         &self,
-        index: usize,
         model: &Model,
-        state: &mut ModelState,
-        lr: f64,
-    ) -> Result<(), TrainingError> {
-        let settings = self.config.optimizers[index];
-        let mut version = model.write_params();
+        state: &'s mut ModelState,
+    ) -> Result<&'s mut [Tensor], ModelError> {
         if state.params.is_none() {
             let params = model.trainable_parameters()?;
             state.momentum = params.iter().map(|_| None).collect();
             state.adam = params.iter().map(|_| None).collect();
             state.params = Some(params);
         }
+        Ok(state.params.as_deref_mut().unwrap_or_default())
+    }
+
+    /// Drops the accumulated gradients and counts a refused step.
+    fn refuse(&self, index: usize, model: &Model, state: &mut ModelState, why: Refusal, lr: f64) {
+        for p in state.params.iter_mut().flatten() {
+            p.zero_grad();
+        }
+        state.pending = 0;
+        self.stats.steps_rejected.fetch_add(1, Ordering::Relaxed);
+        self.count_event(index, |e| &e.steps_rejected);
+        tracing::warn!(model = %model.name, lr, reason = %why, "optimizer step refused and rolled back");
+    }
+
+    /// One optimizer step with the accumulated gradients, under the model's
+    /// parameter write lock; then the gradients are zeroed.
+    ///
+    /// No step within the limits can break the model (docs/training.md): the
+    /// gradients are clipped to `--max-grad-norm`, and a step after which a
+    /// parameter, the optimizer state, or the outputs on the warm-up input or
+    /// on `batch` (the input of the backward that steps, when its outputs were
+    /// finite) would be NaN or infinite is rolled back and refused.
+    fn step(
+        &self,
+        index: usize,
+        model: &Model,
+        state: &mut ModelState,
+        lr: f64,
+        batch: Option<&Tensor>,
+    ) -> Result<(), TrainingError> {
+        let settings = self.config.optimizers[index];
+        let mut version = model.write_params();
+        self.params_of(model, state)?;
+        if state.probe_finite.is_none() {
+            // Whether the warm-up input's outputs are finite now: once they
+            // are, every accepted step keeps them so.
+            let finite = tch::no_grad(|| probe_finite(model)).map_err(|e| e.into_error(model))?;
+            state.probe_finite = Some(finite);
+        }
+        let check_probe = state.probe_finite == Some(true);
         let ModelState {
             params,
             momentum,
@@ -779,11 +981,15 @@ impl Training {
             ..
         } = state;
         let params = params.as_mut().map(Vec::as_mut_slice).unwrap_or_default();
-        // What the step changes, kept so that a step that would make any
-        // parameter NaN or Inf can be undone: the served weights stay finite.
+        let clipped = tch::no_grad(|| clip_grad_norm(params, self.config.max_grad_norm))
+            .map_err(|e| internal(model, e))?;
+        // What the step changes, kept so that a refused step can be undone.
         let saved = tch::no_grad(|| Snapshot::take(params, momentum, adam))
             .map_err(|e| internal(model, e))?;
-        let stepped = tch::no_grad(|| -> Result<bool, tch::TchError> {
+        let stepped = tch::no_grad(|| -> Result<Option<Refusal>, StepError> {
+            let Some(_) = clipped else {
+                return Ok(Some(Refusal::Gradient));
+            };
             for (i, p) in params.iter_mut().enumerate() {
                 let g = p.grad();
                 if !g.defined() {
@@ -801,42 +1007,65 @@ impl Training {
             }
             for p in params.iter() {
                 if !all_finite(p)? {
-                    return Ok(false);
+                    return Ok(Some(Refusal::Parameters));
                 }
             }
-            Ok(true)
+            for t in momentum
+                .iter()
+                .flatten()
+                .chain(adam.iter().flatten().flat_map(|(m, v, _)| [m, v]))
+            {
+                if !all_finite(t)? {
+                    return Ok(Some(Refusal::OptimizerState));
+                }
+            }
+            if check_probe && !probe_finite(model)? {
+                return Ok(Some(Refusal::Outputs));
+            }
+            if let Some(x) = batch {
+                if !all_finite(&model.forward_params_held(x)?)? {
+                    return Ok(Some(Refusal::Outputs));
+                }
+            }
+            Ok(None)
         });
         for p in params.iter_mut() {
             p.zero_grad();
         }
         state.pending = 0;
-        match stepped {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                tch::no_grad(|| saved.restore(params, momentum, adam))
+        let refused = match stepped {
+            Ok(None) => None,
+            Ok(Some(why)) => Some(why),
+            Err(e) => {
+                // A failed update may have changed some tensors: undo it too.
+                let params = state.params.as_deref_mut().unwrap_or_default();
+                tch::no_grad(|| saved.restore(params, &mut state.momentum, &mut state.adam))
                     .map_err(|e| internal(model, e))?;
-                drop(version);
-                if let Err(e) = stepped {
-                    return Err(internal(model, e));
-                }
-                self.stats.steps_rejected.fetch_add(1, Ordering::Relaxed);
-                self.count_event(index, |e| &e.steps_rejected);
-                tracing::warn!(
-                    model = %model.name,
-                    lr,
-                    "optimizer step rolled back: it would have made parameters NaN or infinite"
-                );
-                return Err(TrainingError::StepRejected {
-                    model: model.name.clone(),
-                });
+                return Err(e.into_error(model));
             }
+        };
+        if let Some(why) = refused {
+            let params = state.params.as_deref_mut().unwrap_or_default();
+            tch::no_grad(|| saved.restore(params, &mut state.momentum, &mut state.adam))
+                .map_err(|e| internal(model, e))?;
+            drop(version);
+            self.refuse(index, model, state, why, lr);
+            return Err(TrainingError::StepRejected {
+                model: model.name.clone(),
+                why,
+            });
+        }
+        if clipped == Some(true) {
+            self.stats.grads_clipped.fetch_add(1, Ordering::Relaxed);
+            self.count_event(index, |e| &e.grads_clipped);
         }
         *version += 1;
         drop(version);
-        state.steps += 1;
+        // Saturates: a counter restored near 2^64 must never wrap to 0.
+        state.steps = state.steps.saturating_add(1);
         self.stats.optimizer_steps.fetch_add(1, Ordering::Relaxed);
         self.count_event(index, |e| &e.optimizer_steps);
-        self.model_steps[index].fetch_add(1, Ordering::Relaxed);
+        self.model_steps[index].store(state.steps, Ordering::Relaxed);
         let every = self.config.checkpoint_every;
         if every > 0 && state.steps % every == 0 {
             self.save(model, state);
@@ -877,15 +1106,23 @@ impl Training {
     }
 
     /// At start, before the models are shared: removes what a crash left half
-    /// written, and resumes each model from its newest complete checkpoint
-    /// (parameters, optimizer state, pending gradients, step count).
-    pub fn resume<'a>(&self, models: impl IntoIterator<Item = (usize, &'a mut Model)>) {
+    /// written, and resumes each model from its newest checkpoint that loads
+    /// (parameters, optimizer state, pending gradients, step count). When a
+    /// model has checkpoints and none loads, the error says so in one sentence
+    /// and the server must not start (unless `--checkpoint-start-fresh`):
+    /// starting from fresh weights would silently lose the trained ones.
+    pub fn resume<'a>(
+        &self,
+        models: impl IntoIterator<Item = (usize, &'a mut Model)>,
+    ) -> Result<(), String> {
         let Some(dir) = &self.config.checkpoint_dir else {
-            return;
+            return Ok(());
         };
         for (i, model) in models {
             checkpoint::clean_stale(dir, &model.name);
-            if let Some((state, from)) = checkpoint::restore(dir, model) {
+            let restored = checkpoint::restore(dir, model, self.config.checkpoint_start_fresh)
+                .inspect_err(|_| self.start_refused.store(true, Ordering::Relaxed))?;
+            if let Some((state, from)) = restored {
                 tracing::info!(
                     model = %model.name,
                     steps = state.steps,
@@ -897,6 +1134,13 @@ impl Training {
                 *lock(&self.models[i]) = state;
             }
         }
+        Ok(())
+    }
+
+    /// True when [`Training::resume`] refused to start: a configuration
+    /// problem for the operator (exit code 64), not a crash.
+    pub fn refused_start(&self) -> bool {
+        self.start_refused.load(Ordering::Relaxed)
     }
 
     /// Called by the last worker when the engine stops: saves every model that
@@ -923,7 +1167,8 @@ impl Training {
         }
         let mut store = lock(&self.store);
         let entries = std::mem::take(&mut store.entries);
-        store.lru.clear();
+        store.lru.iter_mut().for_each(BTreeMap::clear);
+        store.model_bytes.iter_mut().for_each(|b| *b = 0);
         store.bytes = 0;
         self.publish(&store);
         drop(store);
@@ -942,6 +1187,11 @@ impl Training {
         custom.insert("backwards".into(), count(&s.backwards));
         custom.insert("optimizer_steps".into(), count(&s.optimizer_steps));
         custom.insert("optimizer_steps_rejected".into(), count(&s.steps_rejected));
+        custom.insert("optimizer_grads_clipped".into(), count(&s.grads_clipped));
+        custom.insert(
+            "max_grad_norm".into(),
+            self.config.max_grad_norm.to_string(),
+        );
         custom.insert("checkpoints_saved".into(), count(&s.checkpoints_saved));
         custom.insert(
             "activation_cache_bytes".into(),
@@ -967,6 +1217,91 @@ impl Training {
 /// True when every element of `t` is finite.
 fn all_finite(t: &Tensor) -> Result<bool, tch::TchError> {
     Ok(t.f_isfinite()?.f_all()?.int64_value(&[]) != 0)
+}
+
+/// A libtorch error or the model's own, inside a step.
+enum StepError {
+    Torch(tch::TchError),
+    Model(ModelError),
+}
+
+impl From<tch::TchError> for StepError {
+    fn from(e: tch::TchError) -> Self {
+        StepError::Torch(e)
+    }
+}
+
+impl From<ModelError> for StepError {
+    fn from(e: ModelError) -> Self {
+        StepError::Model(e)
+    }
+}
+
+impl StepError {
+    fn into_error(self, model: &Model) -> TrainingError {
+        match self {
+            StepError::Torch(e) => internal(model, e),
+            StepError::Model(e) => TrainingError::Model(e),
+        }
+    }
+}
+
+/// True when every accumulated gradient is finite.
+fn grads_finite(params: &[Tensor]) -> Result<bool, tch::TchError> {
+    for p in params {
+        let g = p.grad();
+        if g.defined() && !all_finite(&g)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: when the total L2 norm
+/// of the gradients is above `max_norm`, scales them by
+/// `max_norm / (norm + 1e-6)` in place. The norm is summed in float64, so
+/// float32 gradients near their range do not overflow it. Returns whether it
+/// clipped, or None when a gradient is NaN or infinite.
+fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Option<bool>, tch::TchError> {
+    let mut squares = 0.0f64;
+    for p in params {
+        let g = p.grad();
+        if g.defined() {
+            squares += g
+                .f_to_kind(tch::Kind::Double)?
+                .f_square()?
+                .f_sum(None::<tch::Kind>)?
+                .f_double_value(&[])?;
+        }
+    }
+    let norm = squares.sqrt();
+    if !norm.is_finite() {
+        return Ok(None);
+    }
+    if norm <= max_norm {
+        return Ok(Some(false));
+    }
+    let scale = max_norm / (norm + 1e-6);
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.f_mul_scalar_(scale)?;
+        }
+    }
+    Ok(Some(true))
+}
+
+/// Whether the model's outputs on its warm-up input (zeros of the shape its
+/// warm-up showed, one row) are all finite; true for a model without a
+/// single-input signature. The caller holds the parameters and no_grad.
+fn probe_finite(model: &Model) -> Result<bool, StepError> {
+    let Some([input]) = model.signature.as_ref().map(|s| s.inputs.as_slice()) else {
+        return Ok(true);
+    };
+    let shape: Vec<i64> = input.shape.iter().map(|&d| d.max(1)).collect();
+    let x = Tensor::f_zeros(&shape, (input.dtype.to_kind(), model.device))?;
+    let y = model.forward_params_held(&x)?;
+    Ok(!y.is_floating_point() || all_finite(&y)?)
 }
 
 /// Copies of the parameters and optimizer state one step changes.
@@ -1065,13 +1400,16 @@ fn adam_step(
     let Some((m, v, t)) = state.as_mut() else {
         return Ok(());
     };
-    *t += 1;
+    // Saturates: a count restored near 2^64 must never wrap to 0.
+    *t = t.saturating_add(1);
     let _ = m.f_lerp_(g, 1.0 - b1)?;
     let _ = v
         .f_mul_scalar_(b2)?
         .f_add_(&g.f_mul(g)?.f_mul_scalar(1.0 - b2)?)?;
-    let bias_correction1 = 1.0 - b1.powi(*t as i32);
-    let bias_correction2 = 1.0 - b2.powi(*t as i32);
+    // b^t for b in [0, 1); past i32::MAX steps it is 0 in any float.
+    let pow = |b: f64| i32::try_from(*t).map_or(0.0, |t| b.powi(t));
+    let bias_correction1 = 1.0 - pow(b1);
+    let bias_correction2 = 1.0 - pow(b2);
     let step_size = lr / bias_correction1;
     let denom = v
         .f_sqrt()?
@@ -1079,6 +1417,89 @@ fn adam_step(
         .f_add_scalar(settings.eps)?;
     let _ = p.f_sub_(&m.f_div(&denom)?.f_mul_scalar(step_size)?)?;
     Ok(())
+}
+
+impl Training {
+    /// A KV step on a model with sessions: the cache comes from and goes back to
+    /// the store, and the reply's present key/values are the session's handle.
+    #[allow(clippy::too_many_arguments)]
+    fn session_step(
+        &self,
+        index: usize,
+        model: &Model,
+        hidden: &RawTensor,
+        enc: Encoding,
+        past: &[RawTensor],
+        kv_enc: Encoding,
+        request: SessionRequest,
+        want_present: bool,
+    ) -> Result<(RawTensor, Vec<RawTensor>), TrainingError> {
+        // Everything that can fail on the request runs before the cache is taken.
+        let x = model::raw_to_tensor(model, hidden, enc)?;
+        let positions = x.size().get(1).copied().unwrap_or(0);
+        let (handle, cache) = match request.handle {
+            Some((handle, sent_len)) => {
+                let cache = self.sessions.take(
+                    handle,
+                    sent_len,
+                    index,
+                    request.owner,
+                    &self.config.names,
+                )?;
+                (handle, cache)
+            }
+            // A real cache from the client: the step runs as without sessions.
+            None if !past.is_empty() => {
+                return kv(model, hidden, enc, past, kv_enc, want_present);
+            }
+            None => (Handle::random(), Vec::new()),
+        };
+        let started = Instant::now();
+        let kept: Vec<Tensor> = cache.iter().map(Tensor::shallow_clone).collect();
+        let (y, present) = match model.forward_kv(&x, cache) {
+            Ok(r) => r,
+            Err(e) => {
+                // The session's cache is unchanged: the client may retry the step.
+                if request.handle.is_some() {
+                    self.sessions.restore(handle, kept);
+                }
+                return Err(e.into());
+            }
+        };
+        drop(kept);
+        let out = match model::from_tensor(model, &y, enc) {
+            Ok(out) => out,
+            Err(e) => {
+                drop(self.sessions.end(handle));
+                return Err(e.into());
+            }
+        };
+        self.sessions.count_step(positions, started.elapsed());
+        if !want_present {
+            drop(self.sessions.end(handle));
+            return Ok((out, Vec::new()));
+        }
+        let past_len = present
+            .first()
+            .and_then(|k| k.size().get(2).copied())
+            .unwrap_or(0);
+        drop(
+            self.sessions
+                .put(handle, index, request.owner, present, past_len)?,
+        );
+        let reply = (0..sessions::HANDLE_ENTRIES)
+            .flat_map(|i| {
+                let shape = handle.entry_shape(i, past_len);
+                let empty = |shape: Vec<i64>| RawTensor {
+                    data: Bytes::new(),
+                    shape,
+                    dtype: out.dtype,
+                };
+                [empty(shape.clone()), empty(shape)]
+            })
+            .collect();
+        Ok((out, reply))
+    }
 }
 
 /// One incremental-decoding step (no_grad, like any inference).
@@ -1183,6 +1604,14 @@ mod tests {
                 learning_rates: vec![None],
                 checkpoint_keep: 3,
                 max_accumulation_steps: 1024,
+                kv_sessions: vec![false],
+                sessions: SessionConfig {
+                    max_bytes: 1 << 20,
+                    ttl: Duration::from_secs(60),
+                },
+                max_grad_norm: 100.0,
+                model_cache_bytes: Vec::new(),
+                checkpoint_start_fresh: false,
             },
             1,
         )
@@ -1257,7 +1686,8 @@ mod tests {
             t.insert("f", entry(31)),
             Err(TrainingError::TooLarge {
                 bytes: 31,
-                limit: 30
+                limit: 30,
+                ..
             })
         ));
         assert_eq!(stored(&t), ["d", "e"]);

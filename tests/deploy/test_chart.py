@@ -678,6 +678,9 @@ def test_notes_show_how_to_reach_both_ports(key: str) -> None:
     assert "authorization" not in ready
     if VALUE_SETS[key].get("auth", {}).get("tokenSecretName"):
         assert 'authorization: Bearer $TOKEN' in listing
+        # grpcurl asks reflection (scope infer) before it calls even the health check.
+        (health,) = [line for line in notes.splitlines() if "grpc.health.v1.Health/Check" in line]
+        assert 'authorization: Bearer $TOKEN' in health
 
 
 def test_pdb_selects_the_server_pods() -> None:

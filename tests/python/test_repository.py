@@ -314,7 +314,10 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
     assert float(grpc_infer(g, "good", [np.ones((1, 2), np.float32)]).as_numpy("OUTPUT__0")[0, 0]) == 2.0
     states = index(g)
     assert states[("good", "1")][0] == "READY"
-    assert states[("broken", "")][0] == "UNAVAILABLE" and "nme" in states[("broken", "")][1]
+    # Where the mistake is, and what; never the file's text (a config may be a symlink to anything).
+    broken = states[("broken", "")]
+    assert broken[0] == "UNAVAILABLE" and "line 3, column 11" in broken[1], broken
+    assert "unknown field" in broken[1] and "nme" not in broken[1], broken
     assert states[("onnx", "")][0] == "UNAVAILABLE" and "onnxruntime_onnx" in states[("onnx", "")][1]
     # A request for the failed model says why.
     with pytest.raises(InferenceServerException, match="failed to load"):
@@ -322,6 +325,59 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
     # Explicit loads are refused outside explicit mode.
     with pytest.raises(InferenceServerException, match="model control mode none"):
         g.load_model("good")
+    assert s.terminate() == 0
+
+
+def test_files_that_are_not_configs_cost_nothing_and_are_never_quoted(tmp_path, server_factory):
+    """config.pbtxt as a FIFO (an open would wait for a writer forever), a
+    symlink to /dev/zero (size 0, endless), to a file larger than its size says,
+    and to a secret; a warm-up input of 10^12 elements. Each fails alone, fast,
+    with a reason that names the place and never the file's text; the others serve."""
+    import os
+
+    repo = tmp_path / "models"
+    write_model(repo, "good", scale_config("good"), {1: Scale(2.0)})
+    secret = tmp_path / "tokens"
+    secret.write_text("s3cr3t-0123456789abcdef infer,train\n")
+    links = {"zero": "/dev/zero", "secret": str(secret)}
+    # procfs says 0 bytes and gives megabytes: only a byte cap that ignores the size stops it.
+    if os.access("/proc/kallsyms", os.R_OK) and sum(map(len, open("/proc/kallsyms", "rb"))) > 2 << 20:
+        links["endless"] = "/proc/kallsyms"
+    for name in ["fifo", *links]:
+        write_model(repo, name, scale_config(name), {1: Scale(1.0)})
+        (repo / name / "config.pbtxt").unlink()
+    os.mkfifo(repo / "fifo" / "config.pbtxt")
+    for name, target in links.items():
+        (repo / name / "config.pbtxt").symlink_to(target)
+    write_model(repo, "giant", scale_config("giant") + """
+parameters: { key: "splitserve.warmup_shape" value: { string_value: "1000000x1000000" } }
+""", {1: Scale(1.0)})
+
+    started = time.monotonic()
+    s = start(server_factory, repo, "--model-control-mode", "explicit", "--load-model", "*")
+    g = tgrpc.InferenceServerClient(s.addr)
+    states = index(g)
+    assert states[("good", "1")][0] == "READY"
+    assert float(grpc_infer(g, "good", [np.ones((1, 2), np.float32)]).as_numpy("OUTPUT__0")[0, 0]) == 2.0
+    reasons = {name: states[(name, "")] for name in ["fifo", "giant", *links]}
+    assert all(state == "UNAVAILABLE" for state, _ in reasons.values()), reasons
+    assert "a FIFO" in reasons["fifo"][1], reasons
+    assert "a character device" in reasons["zero"][1], reasons
+    assert "line 1, column 7" in reasons["secret"][1], reasons
+    if "endless" in links:
+        assert "more than 1048576 bytes" in reasons["endless"][1], reasons
+    assert "at most 268435456 elements" in reasons["giant"][1], reasons
+    for _, reason in reasons.values():
+        assert len(reason) < 400 and "frame #" not in reason, reason
+    # Nothing of the secret, to clients or in the log.
+    assert "s3cr3t" not in str(states) and "s3cr3t" not in s.log_so_far()
+    # Loading the FIFO's model again fails at once; the others load meanwhile.
+    with pytest.raises(InferenceServerException, match="a FIFO"):
+        g.load_model("fifo")
+    g.load_model("good")
+    assert g.is_model_ready("good")
+    # Not a timing test: without the fixes this hangs (or takes 10 s per model).
+    assert time.monotonic() - started < 30
     assert s.terminate() == 0
 
 

@@ -448,6 +448,22 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     code, details = infer(bearer(none_tok))
     assert code == grpc.StatusCode.PERMISSION_DENIED, f"no-scope token: {code} {details}"
 
+    # Reflection (what grpcurl asks first) describes every service: the infer scope's.
+    def reflect(metadata=None, version="v1"):
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        list_services = b"\x3a\x00"  # ServerReflectionRequest{list_services: ""}
+        return outcome(lambda: next(iter(call(iter([list_services]), metadata=metadata, timeout=TIMEOUT))))
+
+    for version in ("v1", "v1alpha"):
+        code, details = reflect(bearer(none_tok), version)
+        assert code == grpc.StatusCode.PERMISSION_DENIED, f"reflection, no-scope token: {code} {details}"
+        assert "infer" in details
+        assert reflect(None, version)[0] == grpc.StatusCode.UNAUTHENTICATED
+        code, reply = reflect(bearer(infer_tok), version)
+        assert code == grpc.StatusCode.OK and b"splitlearn.comm.ComputeService" in reply, (code, reply)
+
     # grpc.health.v1 needs no token.
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
@@ -462,6 +478,22 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"the removed token: {code} {details}"
     assert infer(bearer(train_tok))[0] == grpc.StatusCode.OK
     assert s.proc.poll() is None
+
+
+def test_a_hash_inside_a_token_or_a_huge_warm_up_stops_the_start_with_exit_64(server_factory, tmp_path):
+    # Cut at '#', this token would silently be "ops-token-0123456789": refused instead.
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# ops\nops-token-0123456789#{secrets.token_hex(16)} infer  # dashboard\n")
+    s = server_factory("--model", "m=builtin:scale:2", "--auth-token-file", str(tokens))
+    assert s.proc.wait(timeout=30) == 64
+    out = s.output()
+    assert "line 2: '#' inside a token" in out and "ops-token" not in out, out
+    # A warm-up input of 10^12 elements: one sentence, before anything is allocated.
+    s = server_factory("--model", "m=builtin:scale:2", "--warmup-shape", "m=1000000x1000000")
+    assert s.proc.wait(timeout=30) == 64
+    out = s.output()
+    assert "1000000000000 elements" in out and "at most 268435456" in out, out
+    assert "frame #" not in out, out
 
 
 # --- training opt-in ----------------------------------------------------------
@@ -538,11 +570,11 @@ def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     code, details = step(np.ones((2, 4)), learning_rate=11.0)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"learning_rate above --max-learning-rate: {code} {details}"
 
-    # Finite gradient, allowed learning rate, overflowing update: the last layer's
-    # bias gradient alone is 2 rows x 1e38 = 2e38 (finite float32); 9 x 2e38 is
-    # not. (With 1e30 this small MLP's update would stay finite.)
-    code, details = step(np.full((2, 4), 1e38), learning_rate=9.0)
+    # Finite grad_output, allowed learning rate, overflowing gradient: the last
+    # layer's bias gradient alone is 2 rows x 3e38, past float32's range.
+    code, details = step(np.full((2, 4), 3e38), learning_rate=9.0)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"overflowing step: {code} {details}"
+    assert "refused" in details, details
     metrics = http_get(f"{s.metrics_url}/metrics")[1]
     rejected = metric_sum(metrics, "splitserve_training_events_total", event="step_rejected")
     assert rejected >= 1, [ln for ln in metrics.splitlines() if "training_events" in ln]
@@ -550,6 +582,15 @@ def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     after = inference(stub, pb2)
     assert np.isfinite(decode(after, [3, 4])).all()
     assert after == before, "a rejected step changed the weights"
+
+    # A gradient that stays finite (2 x 1e38) but would overflow the update is
+    # clipped to --max-grad-norm: the step is taken, and the model stays finite.
+    code, details = step(np.full((2, 4), 1e38), learning_rate=9.0)
+    assert code == grpc.StatusCode.OK, f"clipped step: {code} {details}"
+    metrics = http_get(f"{s.metrics_url}/metrics")[1]
+    assert metric_sum(metrics, "splitserve_training_events_total", event="grad_clipped") == 1
+    before = inference(stub, pb2)
+    assert np.isfinite(decode(before, [3, 4])).all()
 
     # An ordinary step on the opted-in model still trains it.
     code, reply = step(np.ones((2, 4)), learning_rate=0.01)

@@ -119,6 +119,47 @@ def test_gradients_and_updates_equal_local_autograd_and_torch_optim(pb, server_f
         torch.testing.assert_close(got, ref_top(probe), **TOL)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_clipping_equals_torch_clip_grad_norm_and_a_huge_gradient_breaks_nothing(pb, server_factory, name):
+    """--max-grad-norm is torch.nn.utils.clip_grad_norm_ before optimizer.step();
+    then one grad_output of 1e20 at the largest learning rate leaves the
+    TorchScript top finite on its warm-up input (zeros), and it still learns."""
+    pb2, _ = pb
+    flags, make_optimizer = OPTIMIZERS[name]
+    _, stub = start(pb, server_factory, "--max-grad-norm", "0.5", *flags)
+    ref_top = torch.jit.load(str(fixture_path("top.pt")))
+    ref_optimizer = make_optimizer(list(ref_top.parameters()), 0.05)
+    torch.manual_seed(8)
+    probe = torch.randn(3, 8)
+    for _ in range(2):
+        hidden, grad = torch.randn(5, 8), 10 * torch.randn(5, 4)
+        reply, _ = compute(stub, pb2, hidden, training_mode=True)
+        backward(stub, pb2, grad, reply.forward_id, learning_rate=0.05)
+        ref_top(hidden).backward(grad)
+        norm = torch.nn.utils.clip_grad_norm_(ref_top.parameters(), 0.5)
+        assert norm > 0.5, "the gradient must be large enough to clip"
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        _, got = compute(stub, pb2, probe)
+        with torch.no_grad():
+            torch.testing.assert_close(got, ref_top(probe), **TOL)
+    info = stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info
+    assert info["optimizer_grads_clipped"] == "2", info
+
+    zeros = torch.zeros(1, 8)
+    reply, _ = compute(stub, pb2, torch.randn(5, 8), training_mode=True)
+    backward(stub, pb2, torch.full((5, 4), 1e20), reply.forward_id, learning_rate=10.0)
+    _, warm = compute(stub, pb2, zeros)
+    assert torch.isfinite(warm).all(), warm
+    for k in range(3):
+        reply, _ = compute(stub, pb2, torch.randn(5, 8), training_mode=True)
+        backward(stub, pb2, torch.randn(5, 4), reply.forward_id, learning_rate=0.01)
+        _, now = compute(stub, pb2, zeros)
+        assert torch.isfinite(now).all(), now
+        assert not torch.equal(now, warm), f"step {k} after the huge gradient changed nothing"
+        warm = now
+
+
 def test_the_readme_example_halves_the_loss(pb, server_factory):
     pb2, _ = pb
     _, stub = start(pb, server_factory, "--optimizer", "adam")

@@ -277,6 +277,26 @@ def test_mlp_infer_equals_compute_bit_for_bit(pb, default_server):
         h.close()
 
 
+def test_an_output_requested_twice_is_refused_on_both_protocols(default_server):
+    """Each mention of an output would be sent again: one short request could
+    ask for a reply many times the model's output. Triton refuses it too."""
+    x = np.zeros((1, 512), dtype=np.float32)
+    g, h = grpc_client(default_server), http_client(default_server)
+    try:
+        status, message = refused(lambda: g.infer(
+            "mlp", [grpc_input("INPUT__0", x)],
+            outputs=[tgrpc.InferRequestedOutput("OUTPUT__0")] * 3, timeout=TIMEOUT * 1_000_000))
+        assert status == "StatusCode.INVALID_ARGUMENT", message
+        assert "OUTPUT__0" in message and "more than once" in message
+        status, message = refused(lambda: h.infer(
+            "mlp", [http_input("INPUT__0", x)],
+            outputs=[thttp.InferRequestedOutput("OUTPUT__0", binary_data=True)] * 3))
+        assert status == "400", message
+        assert "more than once" in message
+    finally:
+        h.close()
+
+
 def test_typed_contents_over_raw_grpc(pb, default_server):
     """What a hand-written gRPC client sends: fp32_contents instead of raw bytes."""
     x = np.random.default_rng(1).standard_normal((3, 512), dtype=np.float32)

@@ -1,0 +1,377 @@
+"""Decoder layers written for torch.jit.script, holding a Hugging Face model's
+weights under the same state-dict names.
+
+Why not trace transformers' own layers: a trace freezes every Python value it
+meets, and a KV step is full of them. The past length becomes a constant in the
+rotary positions and the causal mask, SDPA's `is_causal` is a Python bool chosen
+from the query length (true for a prefill, false for one new token), the empty
+first past takes another code path than a non-empty one, and the Cache object
+cannot cross the trace boundary at all. Scripting transformers' modules fails
+too (Cache objects, **kwargs, decorators). So the forward is written here, over
+plain tensors, once: the past length, the mask and the positions are computed
+from the tensors at run time, and an empty past (the prefill) is an ordinary
+case of the same code. The arithmetic follows transformers' eager attention op
+for op (GPT-2: `eager_attention_forward` of modeling_gpt2; Llama and Qwen2:
+`eager_attention_forward`, `apply_rotary_pos_emb`, `repeat_kv`, the RMSNorm),
+and the tests hold it to transformers' own layers.
+
+The modules mirror transformers' attribute names (`transformer.h.N.attn.c_attn`,
+`model.layers.N.self_attn.q_proj`, ...), and LoRA layers mirror peft's
+(`q_proj.base_layer`, `q_proj.lora_A.default`, `q_proj.lora_B.default`), so the
+trunk's state dict is the source model's (or peft model's) state dict restricted
+to the exported layers, key for key.
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def activation(x: Tensor, kind: str) -> Tensor:
+    """transformers' ACT2FN for the names these architectures use."""
+    if kind == "gelu_new" or kind == "gelu_pytorch_tanh":
+        return F.gelu(x, approximate="tanh")
+    if kind == "gelu":
+        return F.gelu(x)
+    if kind == "silu" or kind == "swish":
+        return F.silu(x)
+    if kind == "relu":
+        return F.relu(x)
+    raise RuntimeError("unsupported activation " + kind)
+
+
+#: The activation names `activation` implements.
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "swish", "relu")
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer with a transposed weight ([in, out]), as transformers' Conv1D."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.size()[:-1] + [self.nf]
+        x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class LoraLinear(nn.Module):
+    """peft's lora.Linear for one adapter named `default`, dropout 0:
+    base(x) + lora_B(lora_A(x)) * scaling, in the base layer's dtype."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int,
+                 scaling: float, adapter_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict(
+            {"default": nn.Linear(in_features, r, bias=False, dtype=adapter_dtype)})
+        self.lora_B = nn.ModuleDict(
+            {"default": nn.Linear(r, out_features, bias=False, dtype=adapter_dtype)})
+        self.scaling = scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        a = self.lora_A["default"]
+        b = self.lora_B["default"]
+        lora = b(a(x.to(a.weight.dtype))) * self.scaling
+        return (result + lora).to(result.dtype)
+
+
+class Holder(nn.Module):
+    """A named level of the state dict (`transformer`, `model`); it has no forward."""
+
+
+def causal_mask(past_len: int, new: int, device: torch.device) -> Tensor:
+    """[new, past_len + new], True where a query may not see a key: query t sits
+    at position past_len + t and sees keys 0..past_len + t."""
+    q = torch.arange(past_len, past_len + new, device=device)
+    k = torch.arange(0, past_len + new, device=device)
+    return k.unsqueeze(0) > q.unsqueeze(1)
+
+
+# ---------------------------------------------------------------- GPT-2
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, scaling: float) -> None:
+        super().__init__()
+        self.c_attn = Conv1D(3 * hidden, hidden)
+        self.c_proj = Conv1D(hidden, hidden)
+        self.split_size = hidden
+        self.head_dim = hidden // heads
+        self.scaling = scaling
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor,
+                mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        batch, new = x.size(0), x.size(1)
+        qkv = self.c_attn(x).split(self.split_size, dim=2)
+        q = qkv[0].view(batch, new, -1, self.head_dim).transpose(1, 2)
+        k = qkv[1].view(batch, new, -1, self.head_dim).transpose(1, 2)
+        v = qkv[2].view(batch, new, -1, self.head_dim).transpose(1, 2)
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        w = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        w = w.masked_fill(mask, float("-inf"))
+        w = F.softmax(w, dim=-1).type(v.dtype)
+        out = torch.matmul(w, v).transpose(1, 2)
+        out = out.reshape(batch, new, -1).contiguous()
+        return self.c_proj(out), k, v
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int, act: str) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(inner, hidden)
+        self.c_proj = Conv1D(hidden, inner)
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(activation(self.c_fc(x), self.act))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, hidden: int, heads: int, inner: int, eps: float, act: str,
+                 scaling: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden, eps=eps)
+        self.attn = GPT2Attention(hidden, heads, scaling)
+        self.ln_2 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = GPT2MLP(hidden, inner, act)
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor,
+                cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.attn(self.ln_1(x), past_k, past_v, mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, k, v
+
+
+# ------------------------------------------------------- Llama, Qwen2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return x
+    batch, heads, length, dim = x.size(0), x.size(1), x.size(2), x.size(3)
+    x = x[:, :, None, :, :].expand(batch, heads, groups, length, dim)
+    return x.reshape(batch, heads * groups, length, dim)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                 qkv_bias: bool, o_bias: bool, scaling: float) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.head_dim = head_dim
+        self.groups = heads // kv_heads
+        self.scaling = scaling
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor,
+                cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        batch, new = x.size(0), x.size(1)
+        q = self.q_proj(x).view(batch, new, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, new, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, new, -1, self.head_dim).transpose(1, 2)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        w = torch.matmul(q, repeat_kv(k, self.groups).transpose(2, 3)) * self.scaling
+        w = w.masked_fill(mask, float("-inf"))
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(w, repeat_kv(v, self.groups)).transpose(1, 2).contiguous()
+        out = out.reshape(batch, new, -1).contiguous()
+        return self.o_proj(out), k, v
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, inner: int, bias: bool, act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(activation(self.gate_proj(x), self.act) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, inner: int,
+                 eps: float, act: str, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+                 scaling: float) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(hidden, heads, kv_heads, head_dim, qkv_bias, o_bias,
+                                        scaling)
+        self.mlp = LlamaMLP(hidden, inner, mlp_bias, act)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor,
+                cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.self_attn(self.input_layernorm(x), past_k, past_v, mask, cos, sin)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+# ---------------------------------------------------------------- trunks
+
+
+def check_step(hidden: Tensor, past: List[Tensor], layers: int, width: int, kv_heads: int,
+               head_dim: int, max_positions: int) -> int:
+    """The past length, after checking the request against the trunk: clear
+    messages (they reach the client) instead of an operator's shape error."""
+    if hidden.dim() != 3 or hidden.size(2) != width:
+        raise RuntimeError(
+            "hidden must be [batch, positions, {}], got {}".format(width, hidden.size()))
+    if len(past) != 0 and len(past) != 2 * layers:
+        raise RuntimeError(
+            "past has {} tensors; this trunk of {} layers takes none (the first step) or {} "
+            "(a key and a value per layer)".format(len(past), layers, 2 * layers))
+    past_len = 0
+    if len(past) > 0:
+        past_len = past[0].size(2) if past[0].dim() == 4 else -1
+    for t in past:
+        if (t.dim() != 4 or t.size(0) != hidden.size(0) or t.size(1) != kv_heads
+                or t.size(2) != past_len or t.size(3) != head_dim):
+            raise RuntimeError(
+                "every past key and value must be [{}, {}, {}, {}] (batch, kv heads, past "
+                "positions, head dim), got {}".format(
+                    hidden.size(0), kv_heads, past_len, head_dim, t.size()))
+    total = past_len + hidden.size(1)
+    if total > max_positions:
+        raise RuntimeError(
+            "a context of {} positions is past this model's maximum of {}".format(
+                total, max_positions))
+    return past_len
+
+
+class GPT2Trunk(nn.Module):
+    """GPT-2 blocks [first, last): the trunk of a split GPT-2 (the client keeps the
+    token and position embeddings, ln_f and the head)."""
+
+    def __init__(self, blocks: Dict[str, nn.Module], width: int, heads: int,
+                 max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.transformer = Holder()
+        self.transformer.h = nn.ModuleDict(blocks)
+        self.num_layers = len(blocks)
+        self.width = width
+        self.kv_heads = heads
+        self.head_dim = width // heads
+        self.max_positions = max_positions
+        self.dtype = dtype
+
+    def forward(self, hidden: Tensor, past: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        past_len = check_step(hidden, past, self.num_layers, self.width, self.kv_heads,
+                              self.head_dim, self.max_positions)
+        x = hidden.to(self.dtype)
+        mask = causal_mask(past_len, x.size(1), x.device)
+        empty = x.new_zeros([x.size(0), self.kv_heads, 0, self.head_dim])
+        unused = x.new_zeros([0])
+        present: List[Tensor] = []
+        i = 0
+        for block in self.transformer.h.values():
+            if len(past) > 0:
+                pk, pv = past[2 * i].to(self.dtype), past[2 * i + 1].to(self.dtype)
+            else:
+                pk, pv = empty, empty
+            x, k, v = block(x, pk, pv, mask, unused, unused)
+            present.append(k)
+            present.append(v)
+            i += 1
+        return x.to(hidden.dtype), present
+
+
+class LlamaTrunk(nn.Module):
+    """Llama-family decoder layers [first, last) (Llama, Qwen2): RMSNorm, rotary
+    positions that continue from the past length, grouped-query attention."""
+
+    def __init__(self, layers: Dict[str, nn.Module], width: int, kv_heads: int,
+                 head_dim: int, inv_freq: Tensor, attention_scaling: float,
+                 max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = Holder()
+        self.model.layers = nn.ModuleDict(layers)
+        # transformers keeps it out of the state dict too (a non-persistent buffer).
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        self.attention_scaling = attention_scaling
+        self.num_layers = len(layers)
+        self.width = width
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.dtype = dtype
+
+    def forward(self, hidden: Tensor, past: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        past_len = check_step(hidden, past, self.num_layers, self.width, self.kv_heads,
+                              self.head_dim, self.max_positions)
+        x = hidden.to(self.dtype)
+        new = x.size(1)
+        mask = causal_mask(past_len, new, x.device)
+        # Qwen2RotaryEmbedding.forward, for positions past_len .. past_len + new - 1.
+        positions = torch.arange(past_len, past_len + new, device=x.device).to(torch.float32)
+        freqs = positions.unsqueeze(1) * self.inv_freq.to(x.device).unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(x.dtype)
+        sin = (emb.sin() * self.attention_scaling).to(x.dtype)
+        empty = x.new_zeros([x.size(0), self.kv_heads, 0, self.head_dim])
+        present: List[Tensor] = []
+        i = 0
+        for layer in self.model.layers.values():
+            if len(past) > 0:
+                pk, pv = past[2 * i].to(self.dtype), past[2 * i + 1].to(self.dtype)
+            else:
+                pk, pv = empty, empty
+            x, k, v = layer(x, pk, pv, mask, cos, sin)
+            present.append(k)
+            present.append(v)
+            i += 1
+        return x.to(hidden.dtype), present
+
+
+def wrap_lora(layer: nn.Module, path: str, r: int, scaling: float,
+              adapter_dtype: torch.dtype) -> None:
+    """Replaces the linear or Conv1D at `path` inside `layer` (`self_attn.q_proj`)
+    with a LoraLinear around it, as peft does."""
+    *parents, name = path.split(".")
+    parent = layer
+    for p in parents:
+        parent = getattr(parent, p)
+    base = getattr(parent, name)
+    if isinstance(base, Conv1D):
+        in_features, out_features = base.weight.shape
+    elif isinstance(base, nn.Linear):
+        out_features, in_features = base.weight.shape
+    else:
+        raise TypeError(f"{path} is a {type(base).__name__}, not a linear layer")
+    setattr(parent, name, LoraLinear(base, in_features, out_features, r, scaling, adapter_dtype))
