@@ -48,6 +48,7 @@ pub struct InferenceApi {
 }
 
 /// A v2 inference request, whichever front-end it came through.
+#[derive(Clone)]
 pub struct InferRequest {
     pub model: String,
     pub version: String,
@@ -396,7 +397,24 @@ impl InferenceApi {
     }
 
     /// Checks a request against the model and runs it through the engine.
-    pub async fn infer(&self, mut req: InferRequest) -> Result<InferReply, ServeError> {
+    pub async fn infer(&self, req: InferRequest) -> Result<InferReply, ServeError> {
+        // A request that names no version gets the newest: if a reload retired
+        // the version it resolved to before the engine took the job, it is
+        // resolved again (at most a few times) instead of failing.
+        let mut tries = 0;
+        loop {
+            match self.infer_once(req.clone()).await {
+                Err(ServeError::Engine(EngineError::UnknownVersion { .. }))
+                    if req.version.is_empty() && tries < 3 =>
+                {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn infer_once(&self, mut req: InferRequest) -> Result<InferReply, ServeError> {
         let model = self.resolve(&req.model, &req.version)?;
         v2::check_requested_outputs(&req.outputs)?;
         if let Some(cfg) = &model.slot.config {
