@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::engine::{Engine, EngineStatus};
 use crate::plan::ThreadPlan;
@@ -24,6 +25,9 @@ pub struct AdminState {
     /// The plan computed at start-up (libtorch's applied one wins once known).
     pub plan: ThreadPlan,
     pub stall_timeout: Duration,
+    /// True once the models to load at start are loaded (the engine's and the
+    /// repository's), until the drain: what grpc.health.v1 reports.
+    pub ready: watch::Receiver<bool>,
 }
 
 impl AdminState {
@@ -155,7 +159,14 @@ async fn livez(State(s): State<AdminState>) -> Response {
 async fn readyz(State(s): State<AdminState>) -> Response {
     let status = s.engine.status().borrow().clone();
     match status {
-        EngineStatus::Ready => (StatusCode::OK, "ready\n".to_string()).into_response(),
+        EngineStatus::Ready if *s.ready.borrow() => {
+            (StatusCode::OK, "ready\n".to_string()).into_response()
+        }
+        EngineStatus::Ready => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading the repository's models\n".to_string(),
+        )
+            .into_response(),
         EngineStatus::Loading => (
             StatusCode::SERVICE_UNAVAILABLE,
             "loading models\n".to_string(),

@@ -444,9 +444,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_CREDENTIALS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub credentials_reload_interval: Duration,
 
-    /// Open connections on the gRPC port at most; more are closed at once.
-    #[arg(long, env = "SPLITSERVE_MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: usize,
+    /// Established connections per client port (gRPC, HTTP) at most; more are
+    /// closed at once. Default: what the file descriptor limit (ulimit -n)
+    /// leaves after a reserve for the admin port and files, split among the
+    /// ports, at most 1024; a value that does not fit is refused at start.
+    #[arg(long, env = "SPLITSERVE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Sockets per client port still in their TLS handshake or before their
+    /// first request bytes, at most; when full, the oldest is closed for the
+    /// new one. Default: an eighth of a port's descriptors (4 to 128).
+    #[arg(long, env = "SPLITSERVE_MAX_PENDING_CONNECTIONS")]
+    pub max_pending_connections: Option<usize>,
 
     /// HTTP/2 streams (concurrent RPCs) one connection may open.
     #[arg(long, env = "SPLITSERVE_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
@@ -469,9 +478,22 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_IDLE_CONNECTION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub idle_connection_timeout: Duration,
 
-    /// A TLS handshake that takes longer than this is abandoned.
-    #[arg(long, env = "SPLITSERVE_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub tls_handshake_timeout: Duration,
+    /// A new socket must finish its TLS handshake and send its first request
+    /// bytes (the HTTP/2 preface, or the start of an HTTP/1.1 request) within
+    /// this, or it is closed.
+    #[arg(long, alias = "tls-handshake-timeout", env = "SPLITSERVE_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// An HTTP/1.1 request head (request line and headers) must arrive within
+    /// this after its first byte, or the connection is closed; also how long
+    /// an HTTP/1.1 keep-alive connection waits for its next request.
+    #[arg(long, env = "SPLITSERVE_HTTP_HEADER_READ_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http_header_read_timeout: Duration,
+
+    /// A connection whose client reads nothing of a reply for this long is
+    /// closed and the reply's memory released.
+    #[arg(long, env = "SPLITSERVE_WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_stall_timeout: Duration,
 
     /// Memory for request messages queued or in flight, in bytes, reserved from
     /// the size each message claims before any of it is read; beyond it new
@@ -628,9 +650,11 @@ impl ServeArgs {
                         client_ca: self.tls_client_ca.clone(),
                     }),
                 max_connections: self.max_connections,
-                handshake_timeout: self.tls_handshake_timeout,
+                max_pending: self.max_pending_connections,
+                handshake_timeout: self.handshake_timeout,
                 idle_timeout: (!self.idle_connection_timeout.is_zero())
                     .then_some(self.idle_connection_timeout),
+                write_stall_timeout: Some(self.write_stall_timeout),
                 reload_interval: self.credentials_reload_interval,
             },
             admin_tls: self
@@ -653,6 +677,7 @@ impl ServeArgs {
                     .then_some(self.max_connection_age),
                 max_connection_age_grace: self.max_connection_age_grace,
             },
+            http_header_read_timeout: self.http_header_read_timeout,
             max_inflight_bytes: self.max_inflight_bytes,
             max_message_bytes: self.max_message_bytes,
             http_body: crate::http::BodyLimits {
@@ -801,14 +826,23 @@ impl ServeArgs {
                 "--max-accumulation-steps must be at least 1".into(),
             ));
         }
-        if self.max_connections == 0 || self.max_concurrent_streams == 0 {
+        if self.max_connections == Some(0)
+            || self.max_pending_connections == Some(0)
+            || self.max_concurrent_streams == 0
+        {
             return Err(ConfigError::Invalid(
-                "--max-connections and --max-concurrent-streams must be at least 1".into(),
+                "--max-connections, --max-pending-connections and --max-concurrent-streams must be at least 1".into(),
             ));
         }
-        if self.request_body_timeout.is_zero() || self.credentials_reload_interval.is_zero() {
+        if self.request_body_timeout.is_zero()
+            || self.credentials_reload_interval.is_zero()
+            || self.handshake_timeout.is_zero()
+            || self.http_header_read_timeout.is_zero()
+            || self.write_stall_timeout.is_zero()
+        {
             return Err(ConfigError::Invalid(
-                "--request-body-timeout and --credentials-reload-interval must be longer than 0"
+                "--request-body-timeout, --credentials-reload-interval, --handshake-timeout, \
+                 --http-header-read-timeout and --write-stall-timeout must be longer than 0"
                     .into(),
             ));
         }

@@ -750,7 +750,8 @@ impl Engine {
                 unit.metrics.draining.inc();
                 return Err(EngineError::Draining);
             }
-            if step.is_some() && unit.training.is_none() {
+            let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
+            if needs_training && unit.training.is_none() {
                 return Err(EngineError::Unsupported(format!(
                     "model {:?} was loaded from the model repository at run time: training_mode \
                      forwards, backward and KV-cache steps need a model loaded at start-up \
@@ -1350,9 +1351,12 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
                 .map(|(t, present)| (vec![t], present))
                 .map_err(EngineError::from),
         ],
-        (Some(_), None) => vec![Err(EngineError::Unsupported(
-            "this model version takes no training or KV-cache steps".into(),
-        ))],
+        // A model without training state still decodes with the client's cache.
+        (Some((s, job)), None) => vec![
+            crate::training::run_plain_kv(model, s, &job.input, job.enc)
+                .map(|(t, present)| (vec![t], present))
+                .map_err(EngineError::from),
+        ],
         (None, _) => compute(model, &jobs)
             .into_iter()
             .map(|r| r.map(|ts| (ts, Vec::new())))

@@ -21,13 +21,17 @@
 //! - [`proto`]: the generated protobuf code (`splitlearn.comm`, `inference`) and
 //!   its descriptor set, shared by the front-ends and the repository.
 //! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
-//!   backward, optimizer steps, checkpoints. Runs on the engine's workers.
+//!   backward, optimizer steps, checkpoints, and KV sessions (decoding caches kept
+//!   on the server behind a handle, `training::sessions`). Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), one file per service (ComputeService), the
 //!   error -> `Status` mapping, and the tower layers every service shares (limits,
 //!   authentication); ComputeService and the Open Inference Protocol
 //!   (`inference.GRPCInferenceService`), plus gRPC reflection.
-//! - [`listen`]: accepting connections: connection limit, TLS with certificates
-//!   reloaded on change, idle close, back-off when out of file descriptors.
+//! - [`listen`]: accepting connections: connection limits fitted into the file
+//!   descriptor limit, a separate pool and timeout for sockets in their
+//!   handshake, TLS with certificates reloaded on change, idle and write-stall
+//!   close, back-off when out of file descriptors; serving HTTP/2 and HTTP/1.1
+//!   with requests marking their connection busy.
 //! - [`auth`]: bearer tokens with scopes, reloaded on change.
 //! - [`v2`]: the Open Inference Protocol's tensors (datatypes, names, checks
 //!   against a model's signature), shared by its gRPC and HTTP front-ends.

@@ -253,6 +253,10 @@ pub struct Model {
     pub description: String,
     /// Inputs and outputs, learnt at warm-up; None when unknown or any.
     pub signature: Option<Signature>,
+    /// A TorchScript model with the KV signature `forward(hidden, past)`,
+    /// learnt at warm-up: a plain or training forward runs it with an empty
+    /// past, so one file decodes and trains.
+    pub kv: bool,
     inner: Inner,
     /// The parameters' version: optimizer steps applied so far. Every forward
     /// and backward holds the read side while it uses the parameters; an
@@ -397,6 +401,7 @@ impl Model {
             device,
             description,
             signature: None,
+            kv: false,
             inner,
             params: RwLock::new(0),
         };
@@ -422,12 +427,27 @@ impl Model {
                         ),
                     )
                 })?;
-            let outputs = model.forward_all(&inputs).map_err(|e| {
+            let failed = |e: ModelError| {
                 load_err(
                     model.description.clone(),
                     format!("warm-up forward on shapes {shapes:?} failed: {e}"),
                 )
-            })?;
+            };
+            let outputs = match model.forward_all(&inputs) {
+                Ok(outputs) => outputs,
+                // A model with the KV signature warms up as it serves: a prefill
+                // of the warm-up shape, then one decode step on its cache.
+                Err(plain) if inputs.len() == 1 && matches!(model.inner, Inner::Script(_)) => {
+                    match model.warm_up_kv(&inputs[0]) {
+                        Ok(outputs) => {
+                            model.kv = true;
+                            outputs
+                        }
+                        Err(_) => return Err(failed(plain)),
+                    }
+                }
+                Err(e) => return Err(failed(e)),
+            };
             // Only models with a fixed signature report one; the scaling and
             // test models take anything.
             if matches!(model.inner, Inner::Script(_) | Inner::Mlp(_)) {
@@ -453,6 +473,7 @@ impl Model {
         };
         let run = || -> Result<Tensor, ModelError> {
             match &self.inner {
+                Inner::Script(m) if self.kv => Ok(self.call_kv(m, input, Vec::new())?.0),
                 Inner::Script(m) => {
                     match m
                         .forward_is(&[IValue::Tensor(input.shallow_clone())])
@@ -502,6 +523,9 @@ impl Model {
     /// returns every output: a tuple or list of tensors becomes several. Inputs
     /// are on the model's device; the caller holds a no_grad guard.
     pub fn forward_all(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        if let (true, [x]) = (self.kv, inputs) {
+            return Ok(vec![self.forward(x)?]);
+        }
         let Inner::Script(m) = &self.inner else {
             return match (&self.inner, inputs) {
                 (Inner::Identity, _) => Ok(inputs.iter().map(Tensor::shallow_clone).collect()),
@@ -601,54 +625,86 @@ impl Model {
                 ),
             });
         };
+        let run = || {
+            let _params = self.read_params();
+            self.call_kv(m, hidden, past)
+        };
+        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+            Err(ModelError::Internal {
+                model: self.name.clone(),
+                message: panic_message(panic.as_ref()),
+            })
+        })
+    }
+
+    /// A KV warm-up: a prefill of `x` with an empty past, then one decode step
+    /// (one position) on the cache it made. Returns the prefill's output.
+    fn warm_up_kv(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        let (y, present) = self.forward_kv(x, Vec::new())?;
+        let mut step = x.size();
+        if step.len() >= 2 {
+            step[1] = 1;
+        }
+        let one =
+            Tensor::f_zeros(&step, (x.kind(), x.device())).map_err(|e| ModelError::Internal {
+                model: self.name.clone(),
+                message: torch_text(&e.to_string(), true),
+            })?;
+        drop(self.forward_kv(&one, present)?);
+        Ok(vec![y])
+    }
+
+    /// `forward(hidden, past)` for a caller that holds the parameters' read
+    /// side; checks the result's form.
+    fn call_kv(
+        &self,
+        m: &CModule,
+        hidden: &Tensor,
+        past: Vec<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
         let internal = |message: String| ModelError::Internal {
             model: self.name.clone(),
             message,
         };
-        let run = || -> Result<(Tensor, Vec<Tensor>), ModelError> {
-            let _params = self.read_params();
-            let out = m
-                .forward_is(&[
-                    IValue::Tensor(hidden.shallow_clone()),
-                    IValue::TensorList(past),
-                ])
-                .map_err(|e| ModelError::InvalidInput {
-                    model: self.name.clone(),
-                    message: torch_text(&e.to_string(), false),
-                })?;
-            let expected = "expected (hidden, present key/values)";
-            let IValue::Tuple(mut parts) = out else {
+        let out = m
+            .forward_is(&[
+                IValue::Tensor(hidden.shallow_clone()),
+                IValue::TensorList(past),
+            ])
+            .map_err(|e| ModelError::InvalidInput {
+                model: self.name.clone(),
+                message: torch_text(&e.to_string(), false),
+            })?;
+        let expected = "expected (hidden, present key/values)";
+        let IValue::Tuple(mut parts) = out else {
+            return Err(internal(format!(
+                "forward returned {}, {expected}",
+                ivalue_kind(&out)
+            )));
+        };
+        if parts.len() != 2 {
+            return Err(internal(format!(
+                "forward returned a tuple of {}, {expected}",
+                parts.len()
+            )));
+        }
+        let present = parts.pop();
+        let hidden = match parts.pop() {
+            Some(IValue::Tensor(t)) => t,
+            _ => {
                 return Err(internal(format!(
-                    "forward returned {}, {expected}",
-                    ivalue_kind(&out)
-                )));
-            };
-            if parts.len() != 2 {
-                return Err(internal(format!(
-                    "forward returned a tuple of {}, {expected}",
-                    parts.len()
+                    "forward's first result is not a tensor; {expected}"
                 )));
             }
-            let present = parts.pop();
-            let hidden = match parts.pop() {
-                Some(IValue::Tensor(t)) => t,
-                _ => {
-                    return Err(internal(format!(
-                        "forward's first result is not a tensor; {expected}"
-                    )));
-                }
-            };
-            let present = flatten_tensors(present)
-                .filter(|p| p.len() % 2 == 0)
-                .ok_or_else(|| {
-                    internal(format!(
-                        "forward's second result is not a list of key/value tensors; {expected}"
-                    ))
-                })?;
-            Ok((hidden, present))
         };
-        catch_unwind(AssertUnwindSafe(run))
-            .unwrap_or_else(|panic| Err(internal(panic_message(panic.as_ref()))))
+        let present = flatten_tensors(present)
+            .filter(|p| p.len() % 2 == 0)
+            .ok_or_else(|| {
+                internal(format!(
+                    "forward's second result is not a list of key/value tensors; {expected}"
+                ))
+            })?;
+        Ok((hidden, present))
     }
 
     /// The file name a checkpoint keeps this model's parameters under:

@@ -20,7 +20,9 @@ use crate::grpc::inference_pb::grpc_inference_service_server::GrpcInferenceServi
 use crate::grpc::layers::{AuthLayer, Budget, Guard, GuardLayer};
 use crate::grpc::pb::compute_service_server::ComputeServiceServer;
 use crate::grpc::{ComputeApi, SERVICE_NAME, StaticInfo};
-use crate::listen::{self, Http2Settings, ListenConfig, Tls, TlsFiles};
+use crate::listen::{
+    self, ConnectionPlan, Http1Settings, Http2Settings, ListenConfig, PortLimits, Tls, TlsFiles,
+};
 use crate::plan::PlanRequest;
 use crate::repository::{self, Repository, RepositoryConfig};
 use crate::telemetry::otel::TelemetryConfig;
@@ -51,6 +53,9 @@ pub struct ServerConfig {
     /// Bearer tokens with scopes; None: no authentication.
     pub auth_token_file: Option<PathBuf>,
     pub http2: Http2Config,
+    /// An HTTP/1.1 request head must arrive within this after its first byte
+    /// (the HTTP/REST and admin ports).
+    pub http_header_read_timeout: Duration,
     /// Bytes of request messages that may be queued or in flight at once.
     pub max_inflight_bytes: u64,
     /// Largest gRPC message accepted or sent, in bytes.
@@ -122,6 +127,35 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let plan = config.engine.plan;
     let metrics = telemetry::Metrics::new(TORCH_VERSION)?;
+    // Connection slots fit the file descriptor limit, so that the admin port
+    // and health keep answering however many sockets clients open.
+    let client_ports = 1 + usize::from(listeners.http.is_some());
+    let connections = ConnectionPlan::new(
+        listen::open_files_limit(),
+        client_ports,
+        listeners.admin.is_some(),
+        config.listen.max_connections,
+        config.listen.max_pending,
+    )
+    .map_err(RunError::Config)?;
+    tracing::info!(
+        nofile = ?connections.nofile,
+        ports = connections.ports,
+        max_connections = connections.max_connections,
+        max_pending_connections = connections.max_pending,
+        admin_connections = listen::ADMIN_CONNECTIONS,
+        reserve = connections.reserve,
+        "connection plan: per client port, within the file descriptor limit"
+    );
+    let port_limits = |max_connections, max_pending| PortLimits {
+        max_connections,
+        max_pending,
+        handshake_timeout: config.listen.handshake_timeout,
+        idle_timeout: config.listen.idle_timeout,
+        write_stall_timeout: config.listen.write_stall_timeout,
+    };
+    let client_limits = port_limits(connections.max_connections, connections.max_pending);
+    let admin_limits = port_limits(listen::ADMIN_CONNECTIONS, listen::ADMIN_PENDING);
     // Credentials first: a bad file is a configuration error, reported before
     // any model loads.
     let grpc_tls = config
@@ -173,6 +207,10 @@ pub async fn run(
     }
     let codec_pool = Arc::new(CodecPool::start(256)?);
 
+    // Ready (for /readyz and /v2/health/ready as for grpc.health.v1): the
+    // engine's models and the repository's start-up models are loaded, and
+    // the server is not draining.
+    let (ready, ready_rx) = tokio::sync::watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in READINESS_SERVICES {
         health
@@ -199,13 +237,16 @@ pub async fn run(
     let compute = ComputeServiceServer::new(api)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let inference_api = Arc::new(InferenceApi::new(
-        engine.clone(),
-        config.limits,
-        env!("CARGO_PKG_VERSION"),
-        config.stall_timeout,
-        repository.clone(),
-    ));
+    let inference_api = Arc::new(
+        InferenceApi::new(
+            engine.clone(),
+            config.limits,
+            env!("CARGO_PKG_VERSION"),
+            config.stall_timeout,
+            repository.clone(),
+        )
+        .with_readiness(ready_rx.clone()),
+    );
     let inference = GrpcInferenceServiceServer::new(InferenceGrpc(inference_api.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -234,7 +275,7 @@ pub async fn run(
     let http_tls = grpc_tls.clone();
     let incoming = listen::incoming(
         listeners.grpc,
-        config.listen.clone(),
+        client_limits.clone(),
         grpc_tls,
         "grpc",
         metrics.clone(),
@@ -253,22 +294,29 @@ pub async fn run(
         .add_service(compute)
         .prepare();
     let service = tower::ServiceBuilder::new()
+        .map_request(|r: ::http::Request<hyper::body::Incoming>| r.map(tonic::body::Body::new))
         .layer(GuardLayer(guard))
         .layer(AuthLayer {
             tokens: tokens.clone(),
             metrics: metrics.clone(),
         })
         .service(routes);
+    let http2 = Http2Settings {
+        max_concurrent_streams: config.http2.max_concurrent_streams,
+        keepalive_interval: config.http2.keepalive_interval,
+        keepalive_timeout: config.http2.keepalive_timeout,
+        max_connection_age: config.http2.max_connection_age,
+        max_connection_age_grace: config.http2.max_connection_age_grace,
+    };
+    let http1 = Http1Settings {
+        header_read_timeout: config.http_header_read_timeout,
+    };
     let server = listen::serve(
         incoming,
         service,
-        Http2Settings {
-            max_concurrent_streams: config.http2.max_concurrent_streams,
-            keepalive_interval: config.http2.keepalive_interval,
-            keepalive_timeout: config.http2.keepalive_timeout,
-            max_connection_age: config.http2.max_connection_age,
-            max_connection_age_grace: config.http2.max_connection_age_grace,
-        },
+        http2.clone(),
+        None,
+        metrics.clone(),
         stop_server.clone(),
     );
     let mut server = tokio::spawn(server);
@@ -284,27 +332,22 @@ pub async fn run(
             codec_pool: codec_pool.clone(),
             shares: Arc::default(),
         };
-        let local = listener.local_addr()?;
         let conns = listen::incoming(
             listener,
-            config.listen.clone(),
+            client_limits.clone(),
             http_tls,
             "http",
             metrics.clone(),
             stop_server.clone(),
         );
-        let stop = stop_server.clone();
-        let router = http::router(state);
-        tokio::spawn(async move {
-            let serve = axum::serve(
-                listen::ConnListener::new(conns, local),
-                router.into_make_service_with_connect_info::<listen::ConnInfo>(),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP front-end failed");
-            }
-        });
+        tokio::spawn(listen::serve(
+            conns,
+            http::router(state),
+            http2.clone(),
+            Some(http1.clone()),
+            metrics.clone(),
+            stop_server.clone(),
+        ));
     }
 
     if let Some(listener) = listeners.admin {
@@ -313,46 +356,32 @@ pub async fn run(
             metrics: metrics.clone(),
             plan,
             stall_timeout: config.stall_timeout,
+            ready: ready_rx.clone(),
         };
-        let stop = stop_server.clone();
-        let router = admin::router(state);
-        match admin_tls {
-            None => {
-                tokio::spawn(async move {
-                    let serve = axum::serve(listener, router)
-                        .with_graceful_shutdown(stop.cancelled_owned());
-                    if let Err(e) = serve.await {
-                        tracing::error!(error = %e, "admin sidecar failed");
-                    }
-                });
-            }
-            Some(tls) => {
-                let accept = ListenConfig {
-                    tls: None,
-                    max_connections: 256,
-                    handshake_timeout: config.listen.handshake_timeout,
-                    idle_timeout: config.listen.idle_timeout,
-                    reload_interval: reload,
-                };
-                let local = listener.local_addr()?;
-                let conns = listen::incoming(
-                    listener,
-                    accept,
-                    Some(tls),
-                    "admin",
-                    metrics.clone(),
-                    stop.clone(),
-                );
-                let listener = listen::ConnListener::new(conns, local);
-                tokio::spawn(async move {
-                    let serve = axum::serve(listener, router)
-                        .with_graceful_shutdown(stop.cancelled_owned());
-                    if let Err(e) = serve.await {
-                        tracing::error!(error = %e, "admin sidecar failed");
-                    }
-                });
-            }
-        }
+        // Its own slots, inside the descriptors' reserve: probes and scrapes
+        // get through whatever the client ports hold.
+        let conns = listen::incoming(
+            listener,
+            admin_limits,
+            admin_tls,
+            "admin",
+            metrics.clone(),
+            stop_server.clone(),
+        );
+        tokio::spawn(listen::serve(
+            conns,
+            admin::router(state),
+            Http2Settings {
+                max_concurrent_streams: 16,
+                keepalive_interval: None,
+                keepalive_timeout: config.http2.keepalive_timeout,
+                max_connection_age: None,
+                max_connection_age_grace: config.http2.max_connection_age_grace,
+            },
+            Some(http1),
+            metrics.clone(),
+            stop_server.clone(),
+        ));
     }
 
     // Readiness follows the engine: NOT_SERVING until loaded, SERVING after.
@@ -377,6 +406,7 @@ pub async fn run(
                         .set_service_status(name, ServingStatus::Serving)
                         .await;
                 }
+                ready.send_replace(true);
                 snapshots.set_gpu_device(match engine.device() {
                     Some(tch::Device::Cuda(n)) => Some(n as u32),
                     _ => None,
@@ -411,6 +441,7 @@ pub async fn run(
              health NOT_SERVING, finishing queued and in-flight requests"
         );
     }
+    ready.send_replace(false);
     for name in READINESS_SERVICES {
         health
             .set_service_status(name, ServingStatus::NotServing)

@@ -42,17 +42,24 @@ async fn metrics_probes_and_plan() {
     let metrics = Metrics::new(splitserve::TORCH_VERSION).unwrap();
     a.engine.plan = plan;
     let engine = Engine::start(a.engine.clone(), metrics.clone());
+    // The server's readiness: its start-up models (the repository's too) loaded.
+    let (ready, ready_rx) = tokio::sync::watch::channel(false);
     let state = AdminState {
         engine: engine.clone(),
         metrics,
         plan,
         stall_timeout: a.stall_timeout,
+        ready: ready_rx,
     };
 
     let mut status = engine.status();
     while *status.borrow_and_update() != EngineStatus::Ready {
         status.changed().await.unwrap();
     }
+    // The engine's models are loaded, the repository's not yet: not ready.
+    let (code, body) = get(&state, "/readyz").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    ready.send_replace(true);
     assert_eq!(get(&state, "/readyz").await.0, StatusCode::OK);
     assert_eq!(get(&state, "/livez").await.0, StatusCode::OK);
 

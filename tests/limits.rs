@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, args, f32_values, request, values};
 use prost::bytes::Bytes;
+use splitserve::grpc::pb::compute_service_client::ComputeServiceClient;
 use tokio::net::TcpStream;
 
 /// One raw HTTP/2 connection to the server.
@@ -164,50 +165,75 @@ async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
     server.stop().await.unwrap();
 }
 
+/// A client on a new connection of its own (each tonic `connect` opens one).
+async fn own_connection(
+    addr: SocketAddr,
+) -> Result<ComputeServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(ComputeServiceClient::new(channel))
+}
+
+/// With every slot of --max-connections taken, a new connection takes the
+/// slot of the connection idle the longest; when every connection has a
+/// request in flight, the new one is closed at once and the busy ones finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_are_closed_and_the_rest_served() {
+async fn connections_beyond_the_limit_take_idle_slots_or_are_closed() {
     let server = TestServer::start(args(
-        &["double=builtin:scale:2"],
+        &["double=builtin:scale:2", "slow=builtin:delay:3000"],
         &["--max-connections", "2"],
     ))
     .await;
-    // TestServer's readiness check left its connection behind; take the
-    // remaining slots with clients that work.
-    let mut c = server.client().await;
     let x = values(2, 3);
-    c.compute(request("double", &x, &[2])).await.unwrap();
-    // New connections past the limit are accepted by the kernel and closed by
-    // the server before any HTTP/2 is spoken: their calls fail.
+    let doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    // Idle connections make room: five clients in turn, each keeping its
+    // connection open, are all served.
     let mut held = Vec::new();
-    let (mut served, mut refused) = (0, 0);
-    for _ in 0..3 {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .timeout(Duration::from_secs(5));
-        let call = async {
-            let channel = endpoint.connect().await?;
-            let mut client =
-                splitserve::grpc::pb::compute_service_client::ComputeServiceClient::new(channel);
-            client
-                .compute(request("double", &x, &[2]))
-                .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client)
-        };
-        match call.await {
-            Ok(client) => {
-                served += 1;
-                held.push(client); // keep its connection open
-            }
-            Err(_) => refused += 1,
-        }
+    for _ in 0..5 {
+        let mut c = own_connection(server.addr).await.unwrap();
+        let y = c.compute(request("double", &x, &[2])).await.unwrap();
+        assert_eq!(f32_values(&y.get_ref().data), doubled);
+        held.push(c);
     }
-    assert!(
-        served <= 1 && refused >= 2,
-        "served {served}, refused {refused} past --max-connections 2"
+    // Two connections, each with a slow request in flight: no slot is idle.
+    let (mut a, mut b) = (
+        own_connection(server.addr).await.unwrap(),
+        own_connection(server.addr).await.unwrap(),
     );
-    // The connections inside the limit still work.
-    c.compute(request("double", &x, &[2])).await.unwrap();
+    let slow_a = tokio::spawn({
+        let (mut a, x) = (a.clone(), x.clone());
+        async move { a.compute(request("slow", &x, &[2])).await }
+    });
+    let slow_b = tokio::spawn({
+        let (mut b, x) = (b.clone(), x.clone());
+        async move { b.compute(request("slow", &x, &[2])).await }
+    });
+    common::wait_for(&mut a, "workers_busy", 2).await;
+    // A new connection past the limit is closed before any HTTP/2 is spoken.
+    let refused = async {
+        let mut c = own_connection(server.addr).await?;
+        c.compute(request("double", &x, &[2]))
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    assert!(
+        refused.await.is_err(),
+        "a connection past --max-connections 2 was served while both were busy"
+    );
+    // The busy connections were not touched.
+    assert_eq!(
+        f32_values(&slow_a.await.unwrap().unwrap().get_ref().data),
+        x
+    );
+    assert_eq!(
+        f32_values(&slow_b.await.unwrap().unwrap().get_ref().data),
+        x
+    );
+    b.compute(request("double", &x, &[2])).await.unwrap();
     server.stop().await.unwrap();
 }
 
@@ -832,4 +858,204 @@ async fn one_http_connection_holds_at_most_its_share_of_the_budget() {
     assert_eq!(statuses, vec![400, 400, 429]);
     assert_eq!(on_b.await.unwrap(), 400, "the other connection was refused");
     shutdown.cancel();
+}
+
+/// Sockets that never send a byte are held in their own small pool, closed
+/// after --handshake-timeout (or sooner, the oldest first, when the pool is
+/// full), and never take the slots of established connections: with every
+/// slot of --max-connections and of the pool taken by silent sockets, a real
+/// client is still served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_never_take_the_slots_of_established_connections() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--max-connections",
+            "3",
+            "--max-pending-connections",
+            "4",
+            "--handshake-timeout",
+            "2s",
+        ],
+    ))
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Both pools are full of silent sockets; a client that speaks is served,
+    // well before any of them timed out.
+    let x = values(2, 3);
+    let started = Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut c = server.client().await;
+        c.compute(request("double", &x, &[2])).await
+    })
+    .await;
+    let y = served
+        .expect("a real client was not served while silent sockets were open")
+        .expect("a real client was refused while silent sockets were open")
+        .into_inner();
+    assert_eq!(
+        f32_values(&y.data),
+        x.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Every silent socket is closed by the server: the oldest to make room,
+    // the rest after --handshake-timeout (not the 5-minute idle timeout).
+    for mut s in silent {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "a silent socket stayed open: {closed:?}"
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+/// GET `path` over HTTP/1.1 on a new connection: the status line, or why not.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.map_err(|e| e.to_string())?;
+        let reply = String::from_utf8_lossy(&reply).to_string();
+        Ok(reply.lines().next().unwrap_or_default().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// grpc.health.v1 over a new connection: the status, or why not.
+async fn grpc_health(addr: SocketAddr) -> Result<i32, String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(reply.into_inner().status)
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// Under `ulimit -n 256` with default flags, --max-connections and the
+/// handshake pool are sized from the descriptor limit: hundreds of idle
+/// sockets on every port leave /livez and grpc.health.v1 answering. A
+/// --max-connections that cannot fit is refused at start with exit 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_past_the_descriptor_limit_leave_health_answering() {
+    let port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a: SocketAddr = l.local_addr().unwrap();
+        a
+    };
+    let (grpc, http, admin) = (port(), port(), port());
+    let serve = |extra: &str| {
+        let command = format!(
+            "ulimit -n 256 && exec {} serve --grpc-addr {grpc} --http-addr {http} \
+             --metrics-addr {admin} --device cpu --model double=builtin:scale:2 {extra}",
+            env!("CARGO_BIN_EXE_splitserve")
+        );
+        KillOnDrop(
+            std::process::Command::new("bash")
+                .args(["-c", &command])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut refused = serve("--max-connections 1000");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = refused.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "--max-connections 1000 under ulimit -n 256 was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(refused.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("file descriptors") && stderr.contains("256"),
+        "{stderr}"
+    );
+
+    let mut child = serve("");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while grpc_health(grpc).await != Ok(1) {
+        assert!(child.0.try_wait().unwrap().is_none(), "the server exited");
+        assert!(Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Silent sockets, and sockets that start their protocol and then idle
+    // (established connections): the HTTP/2 preface on the gRPC port, half a
+    // request head on the HTTP port.
+    use tokio::io::AsyncWriteExt;
+    let h2_preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let h1_start: &[u8] = b"GET /v2/health/live HTTP/1.1\r\n";
+    let mut idle = Vec::new();
+    for (addr, first, n) in [
+        (grpc, &b""[..], 150),
+        (grpc, h2_preface, 150),
+        (http, &b""[..], 150),
+        (http, h1_start, 150),
+        (admin, &b""[..], 100),
+    ] {
+        for _ in 0..n {
+            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+                Ok(Ok(mut s)) => {
+                    let _ = s.write_all(first).await;
+                    idle.push(s);
+                }
+                _ => break, // the backlog is full: enough
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(idle.len() > 256, "only {} sockets opened", idle.len());
+    assert_eq!(
+        http_get(admin, "/livez").await,
+        Ok("HTTP/1.1 200 OK".into())
+    );
+    assert_eq!(
+        http_get(http, "/v2/health/live").await,
+        Ok("HTTP/1.1 200 OK".into())
+    );
+    assert_eq!(grpc_health(grpc).await, Ok(1), "grpc.health.v1 SERVING");
+    assert!(child.0.try_wait().unwrap().is_none(), "the server died");
+}
+
+/// A server process, killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

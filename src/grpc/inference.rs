@@ -42,6 +42,9 @@ pub struct InferenceApi {
     stall_timeout: Duration,
     /// The model repository, when the server has one.
     repository: Option<Repository>,
+    /// The server's readiness (start-up models loaded, not draining); None:
+    /// the engine's status alone.
+    started: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A v2 inference request, whichever front-end it came through.
@@ -78,7 +81,15 @@ impl InferenceApi {
             version,
             stall_timeout,
             repository,
+            started: None,
         }
+    }
+
+    /// Ready only while `ready` is true as well: the server's own signal,
+    /// which waits for the repository's start-up models too.
+    pub fn with_readiness(mut self, ready: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.started = Some(ready);
+        self
     }
 
     pub fn engine(&self) -> &Engine {
@@ -95,6 +106,7 @@ impl InferenceApi {
 
     pub fn ready(&self) -> bool {
         *self.engine.status().borrow() == EngineStatus::Ready
+            && self.started.as_ref().is_none_or(|r| *r.borrow())
     }
 
     /// The loaded model version a v2 name and version mean (empty version: the

@@ -37,7 +37,13 @@ pub mod keys {
     pub const ADAM_BETAS: &str = "splitserve.adam_betas";
     pub const ADAM_EPS: &str = "splitserve.adam_eps";
     pub const WARMUP_SHAPE: &str = "splitserve.warmup_shape";
-    pub const ALL: [&str; 8] = [
+    /// KV caches stay on the server between decode steps (`--kv-sessions`).
+    pub const KV_SESSIONS: &str = "splitserve.kv_sessions";
+    /// What splitserve-export records of a trunk (its longest context, and
+    /// layers x key/value heads x head dimension); read by tools, not applied.
+    pub const MAX_CONTEXT: &str = "splitserve.max_context";
+    pub const KV_SHAPE: &str = "splitserve.kv_shape";
+    pub const ALL: [&str; 11] = [
         TRAINABLE,
         OPTIMIZER,
         LEARNING_RATE,
@@ -46,6 +52,9 @@ pub mod keys {
         ADAM_BETAS,
         ADAM_EPS,
         WARMUP_SHAPE,
+        KV_SESSIONS,
+        MAX_CONTEXT,
+        KV_SHAPE,
     ];
 }
 
@@ -111,6 +120,8 @@ pub struct Settings {
     /// Where it runs (instance_group kind and gpus); None: the server's --device.
     pub device: Option<DeviceRequest>,
     pub trainable: bool,
+    /// KV sessions on (`splitserve.kv_sessions`): loaded at start, like a trainable model.
+    pub kv_sessions: bool,
     pub optimizer: OptimizerSettings,
     pub learning_rate: Option<f64>,
     /// Warm-up input shapes and dtypes, one per input.
@@ -508,17 +519,16 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             })
             .transpose()
     };
-    let trainable = match param(keys::TRAINABLE).as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            return Err(format!(
-                "parameter {}: expected true or false, got {:?}",
-                keys::TRAINABLE,
-                crate::codec::clip(other)
-            ));
-        }
+    let flag = |key: &str| match param(key).as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!(
+            "parameter {key}: expected true or false, got {:?}",
+            crate::codec::clip(other)
+        )),
     };
+    let trainable = flag(keys::TRAINABLE)?;
+    let kv_sessions = flag(keys::KV_SESSIONS)?;
     let mut optimizer = OptimizerSettings::default();
     if let Some(kind) = param(keys::OPTIMIZER) {
         optimizer.kind = kind
@@ -597,6 +607,7 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
         instances,
         device,
         trainable,
+        kv_sessions,
         optimizer,
         learning_rate,
         warmup,

@@ -249,9 +249,10 @@ pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Moves the repository's trainable models into the start-up models: their
-/// parameters and optimizer state live in this server, so they are loaded
-/// once, trained in place and never reloaded or unloaded at run time.
+/// Moves the repository's trainable models, and those with KV sessions, into
+/// the start-up models: their parameters and optimizer state, or their
+/// sessions' caches, live in this server, so they are loaded once, trained in
+/// place and never reloaded or unloaded at run time.
 /// Returns their names; unreadable models are left to [`Repository::start`],
 /// which reports them.
 pub fn add_trainable_models(cfg: &RepositoryConfig, engine: &mut EngineConfig) -> Vec<String> {
@@ -270,7 +271,7 @@ pub fn add_trainable_models(cfg: &RepositoryConfig, engine: &mut EngineConfig) -
         let Ok(dir) = read_model(&cfg.root, &name) else {
             continue;
         };
-        if !dir.settings.trainable {
+        if !dir.settings.trainable && !dir.settings.kv_sessions {
             continue;
         }
         // One set of parameters to train: the newest version selected.
@@ -287,7 +288,7 @@ pub fn add_trainable_models(cfg: &RepositoryConfig, engine: &mut EngineConfig) -
         t.names.push(name.clone());
         t.optimizers.push(dir.settings.optimizer);
         t.learning_rates.push(dir.settings.learning_rate);
-        t.kv_sessions.push(false);
+        t.kv_sessions.push(dir.settings.kv_sessions);
         engine.models.push(dir.slot(newest));
         added.push(name);
     }

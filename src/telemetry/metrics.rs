@@ -139,6 +139,13 @@ pub mod limit {
     pub const CONNECTIONS: &str = "connections";
     pub const IDLE_CONNECTION: &str = "idle_connection";
     pub const FILE_DESCRIPTORS: &str = "file_descriptors";
+    /// A socket closed in its TLS handshake or before its first request
+    /// bytes: past --handshake-timeout, or the oldest when the pending pool was full.
+    pub const HANDSHAKE: &str = "handshake";
+    /// An HTTP/1.1 request head slower than --http-header-read-timeout.
+    pub const HEADER_READ_TIMEOUT: &str = "header_read_timeout";
+    /// A client that read nothing of its reply for --write-stall-timeout.
+    pub const WRITE_STALL: &str = "write_stall";
     pub const MESSAGE_SIZE: &str = "message_size";
     /// A reply over `--max-message-bytes`, refused before it is built.
     pub const REPLY_SIZE: &str = "reply_size";

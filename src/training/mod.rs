@@ -216,6 +216,47 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// A KV step that needs no state of the server's: the client's own cache,
+    /// no session handle.
+    pub fn is_plain_kv(&self) -> bool {
+        matches!(
+            self,
+            Step::Kv { session, .. } if session.is_none_or(|s| s.handle.is_none())
+        )
+    }
+}
+
+/// Runs a KV step on a model without training state (loaded from a model
+/// repository at run time): only the client's own cache; a session handle is
+/// refused, never run as an empty past.
+pub fn run_plain_kv(
+    model: &Model,
+    step: &Step,
+    input: &RawTensor,
+    enc: Encoding,
+) -> Result<(RawTensor, Vec<RawTensor>), TrainingError> {
+    match step {
+        Step::Kv {
+            past,
+            kv_enc,
+            want_present,
+            session,
+        } => {
+            if session.is_some_and(|s| s.handle.is_some()) {
+                return Err(SessionError::NotEnabled {
+                    model: model.name.clone(),
+                }
+                .into());
+            }
+            kv(model, input, enc, past, *kv_enc, *want_present)
+        }
+        Step::Forward { .. } | Step::Backward { .. } => Err(TrainingError::BadRequest(
+            "this model version takes no training steps".into(),
+        )),
+    }
+}
+
 /// A KV step's claim on a server-side session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionRequest {

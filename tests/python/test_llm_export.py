@@ -355,11 +355,13 @@ def test_entry_records_signature_dtype_and_limits(exported, tmp_path):
     assert present[0].shape == (1, 2, 4, 16)
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason="issue 21 part 2: the server warms up a KV model with "
-                                       "forward(hidden) and cannot serve it from a repository yet")
 def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
     out, _ = exported
     shutil.copytree(out / "gpt2", tmp_path / "gpt2")
+    (tmp_path / "g.json").write_text(json.dumps(GPT2))
+    assert export_cli("--config", str(tmp_path / "g.json"), "--seed", str(SEED), "--layers", "1:3",
+                      "--name", "gpt2s", "--kv-sessions", "--out", str(tmp_path)) == 0
+    (tmp_path / "g.json").unlink()
     s = Server("--model-repository", str(tmp_path), "--device", "cpu")
     try:
         # SERVING once the repository's loads are done, failed ones included.
@@ -367,9 +369,81 @@ def test_entry_is_served_from_a_model_repository(exported, pb, tmp_path):
         stub = pb[1].ComputeServiceStub(s.channel())
         hidden, past = kv_step(stub, pb[0], "gpt2", torch.randn(1, 4, 64), [])
         assert hidden.shape == (1, 4, 64) and len(past) == 4
+        # Exported with --kv-sessions: the cache stays on the server.
+        step, handle = kv_step(stub, pb[0], "gpt2s", torch.randn(1, 4, 64), [])
+        step, handle = kv_step(stub, pb[0], "gpt2s", torch.randn(1, 1, 64), handle)
+        assert all(t.numel() == 0 and t.shape[2] == 5 for t in handle), [t.shape for t in handle]
     finally:
         s.proc.kill()
         s.proc.wait()
+
+
+def test_a_session_is_bound_to_the_token_that_opened_it(exported, pb, tmp_path):
+    import secrets
+
+    out, _ = exported
+    alice, bob = (f"{n}-{secrets.token_hex(16)}" for n in ("alice", "bob"))
+    (tmp_path / "tokens").write_text(f"{alice} infer\n{bob} infer\n")
+    s = Server("--model", f"g={out / 'gpt2' / '1' / 'model.pt'}", "--kv-sessions", "g",
+               "--auth-token-file", str(tmp_path / "tokens"), "--device", "cpu")
+    try:
+        s.wait_serving(timeout=30)
+        stub, pb2 = pb[1].ComputeServiceStub(s.channel()), pb[0]
+
+        def step(token, hidden, past):
+            data, shape = to_wire(hidden)
+            entries = [pb2.KVCacheEntry(key_data=b"", key_shape=list(k.shape), value_data=b"",
+                                        value_shape=list(k.shape)) for k in past[::2]]
+            reply = stub.Compute(pb2.ComputeRequest(data=data, shape=shape, model_id="g", use_cache=True,
+                                                    past_key_values=entries),
+                                 metadata=[("authorization", "Bearer " + token)], timeout=30)
+            return [from_wire(e.key_data, e.key_shape) for e in reply.present_key_values for _ in (0, 1)]
+
+        handle = step(alice, torch.randn(1, 3, 64), [])
+        with pytest.raises(grpc.RpcError) as e:
+            step(bob, torch.randn(1, 1, 64), handle)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
+        assert all(t.shape[2] == 4 for t in step(alice, torch.randn(1, 1, 64), handle))
+    finally:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def test_one_file_warms_up_decodes_and_trains(exported, pb):
+    """A KV trunk warms up (prefill and a decode step) and a training forward runs
+    it with an empty cache: its output and the gradient a backward returns equal
+    transformers' layers under autograd."""
+    from test_training import backward
+
+    out, models = exported
+    first, end = LAYERS["gpt2"]
+    s = Server("--model", f"gpt2={out / 'gpt2' / '1' / 'model.pt'}", "--warmup-shape", "gpt2=1x8x64",
+               "--device", "cpu")
+    try:
+        s.wait_ok(pb)
+        stub = pb[1].ComputeServiceStub(s.channel())
+        gen = torch.Generator().manual_seed(11)
+        hidden = torch.randn(2, 5, 64, generator=gen)
+        grad = torch.randn(2, 5, 64, generator=gen)
+        reply, got = compute(stub, pb[0], hidden, model_id="gpt2", training_mode=True)
+        grad_in = backward(stub, pb[0], grad, reply.forward_id, model_id="gpt2")
+        # The same file still decodes.
+        step, past = kv_step(stub, pb[0], "gpt2", hidden, [])
+        torch.testing.assert_close(step, got, **TOL)
+        assert len(past) == 2 * (end - first)
+    finally:
+        s.proc.kill()
+        s.proc.wait()
+    oracle = Oracle(models["gpt2"], first, end)
+    try:
+        x = hidden.clone().requires_grad_(True)
+        oracle.hidden = x
+        models["gpt2"](input_ids=torch.zeros(2, 5, dtype=torch.long), use_cache=False)
+        torch.testing.assert_close(got, oracle.out.detach(), **TOL)
+        (oracle.out * grad).sum().backward()
+        torch.testing.assert_close(grad_in, x.grad, **TOL)
+    finally:
+        oracle.close()
 
 
 @pytest.mark.parametrize("args, message", [

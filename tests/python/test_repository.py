@@ -544,3 +544,50 @@ parameters: {{ key: "splitserve.learning_rate" value: {{ string_value: "0.01" }}
         g.unload_model("top")
     assert index(g)[("top", "1")][0] == "READY"
     assert s.terminate() == 0
+
+
+def test_ready_only_once_the_repository_models_are_loaded(tmp_path, server_factory):
+    """/readyz and /v2/health/ready answer 200 only when every model of the
+    repository is loaded, as grpc.health.v1 does: a client routed to a ready
+    pod finds its model."""
+    import json
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    repo = tmp_path / "models"
+    write_model(repo, "m00", scale_config("m00"), {1: Scale(2.0)})
+    names = [f"m{i:02}" for i in range(40)]
+    for name in names[1:]:
+        (repo / name / "1").mkdir(parents=True)
+        shutil.copy(repo / "m00" / "1" / "model.pt", repo / name / "1" / "model.pt")
+        (repo / name / "config.pbtxt").write_text(scale_config(name))
+    s = server_factory("--model-repository", str(repo))
+
+    def status(url):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None  # not listening yet
+
+    def loaded():
+        req = urllib.request.Request(f"{s.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return {m["name"] for m in json.loads(r.read()) if m.get("state") == "READY"}
+
+    urls = [f"{s.metrics_url}/readyz", f"{s.http_url}/v2/health/ready"]
+    pending = list(urls)
+    deadline = time.monotonic() + 60
+    while pending:
+        assert s.proc.poll() is None, s.output()
+        assert time.monotonic() < deadline, f"never ready: {pending}"
+        for url in list(pending):
+            if status(url) == 200:
+                missing = set(names) - loaded()
+                assert not missing, f"{url} said ready with {len(missing)} of {len(names)} models not loaded"
+                pending.remove(url)
+        time.sleep(0.005)
+    assert s.terminate() == 0

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import http.client
 import ipaddress
+import json
 import os
 import random
 import re
@@ -30,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import fixture_path
+from conftest import fixture_path, wait_until
 
 SERVICE = "splitlearn.comm.ComputeService"
 RELOAD = ("--credentials-reload-interval", "200ms")
@@ -690,3 +691,116 @@ def test_model_sources_show_a_digest_not_a_path(pb, limits_server):
     assert status == 200
     assert str(path.parent) not in plan, "/debug/plan shows the model's path"
     assert f"sha256:{m.group(1)}" in plan
+
+
+# --- connections --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def conn_server(pb):
+    """Short connection timers, a model that computes for 2.5 s and one that
+    doubles (a large reply for a large request)."""
+    from conftest import Server
+
+    s = Server("--model", "slow=builtin:delay:2500", "--model", "double=builtin:scale:2",
+               "--idle-connection-timeout", "1s", "--http-header-read-timeout", "500ms",
+               "--write-stall-timeout", "1s")
+    s.wait_serving()
+    s.wait_http_listening()
+    yield s
+    assert s.terminate() == 0
+
+
+def http_infer(conn: http.client.HTTPConnection, model: str, x: np.ndarray) -> np.ndarray:
+    body = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.ravel().tolist()}]})
+    conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    reply = r.read()
+    assert r.status == 200, (r.status, reply[:300])
+    out = json.loads(reply)["outputs"][0]
+    return np.array(out["data"], np.float32).reshape(out["shape"])
+
+
+def test_http_requests_keep_their_connection_busy_past_the_idle_timeout(conn_server):
+    """A 2.5 s request on a connection with a 1 s idle limit is answered, and
+    the connection serves the next one: a request in flight is not idle."""
+    conn = http.client.HTTPConnection(conn_server.http_addr, timeout=TIMEOUT)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    for _ in range(2):
+        np.testing.assert_array_equal(http_infer(conn, "slow", x), x)
+    conn.close()
+    # Idle for longer than the limit, the connection is closed by the server.
+    idle = socket.create_connection(("127.0.0.1", conn_server.http_port), timeout=TIMEOUT)
+    idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+    assert idle.recv(4096) == b"", "an idle keep-alive connection stayed open"
+    idle.close()
+
+
+def test_slow_http_request_heads_are_cut_by_the_header_read_timeout(conn_server):
+    """A client that sends its request head one line at a time, each line
+    in time for any idle timer, is closed after --http-header-read-timeout."""
+    before = metric_sum(conn_server.metrics(), "splitserve_limit_rejections_total",
+                        limit="header_read_timeout")
+    s = socket.create_connection(("127.0.0.1", conn_server.http_port), timeout=TIMEOUT)
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+    started = time.monotonic()
+    closed = False
+    for i in range(40):  # up to 12 s of header lines
+        time.sleep(0.3)
+        try:
+            s.sendall(f"x-slow-{i}: {i}\r\n".encode())
+        except OSError:
+            closed = True
+            break
+        s.setblocking(False)
+        try:
+            if s.recv(4096) == b"":
+                closed = True
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+            break
+        finally:
+            s.setblocking(True)
+    held = time.monotonic() - started
+    s.close()
+    assert closed, f"a slow request head held its connection for {held:.1f} s"
+    assert held < 10, held
+    wait_until(lambda: metric_sum(conn_server.metrics(), "splitserve_limit_rejections_total",
+                                  limit="header_read_timeout") > before,
+               15, "limit_rejections_total{limit=header_read_timeout} to count it")
+
+
+def test_a_client_that_does_not_read_its_reply_is_closed(conn_server):
+    """A 32 MiB reply to a client that reads none of it: the write stalls, the
+    connection is closed after --write-stall-timeout and counted."""
+    before = metric_sum(conn_server.metrics(), "splitserve_limit_rejections_total", limit="write_stall")
+    x = np.ones((8, 1024 * 1024), np.float32)
+    head = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    s = socket.create_connection(("127.0.0.1", conn_server.http_port), timeout=TIMEOUT)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(b"POST /v2/models/double/infer HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Type: application/octet-stream\r\n"
+              + f"Inference-Header-Content-Length: {len(head)}\r\n"
+                f"Content-Length: {len(head) + x.nbytes}\r\n\r\n".encode()
+              + head + x.tobytes())
+    # Read nothing: the server's writes stall once the socket buffers are full.
+    wait_until(lambda: metric_sum(conn_server.metrics(), "splitserve_limit_rejections_total",
+                                  limit="write_stall") > before,
+               20, "limit_rejections_total{limit=write_stall} to count the stalled reply")
+    # The connection is gone: what is left to read ends (or is reset) soon.
+    s.settimeout(10)
+    try:
+        while s.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        pass
+    s.close()
+    assert conn_server.proc.poll() is None
+    assert http_get(f"{conn_server.http_url}/v2/health/live")[0] == 200

@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default and upper bound: the model's maximum positions)")
     p.add_argument("--warmup", default="1x16", metavar="BATCHxPOSITIONS",
                    help="the warm-up prefill recorded in config.pbtxt (default 1x16)")
+    p.add_argument("--kv-sessions", action="store_true",
+                   help="record splitserve.kv_sessions in config.pbtxt: the server keeps each "
+                        "sequence's KV cache and clients pass back a small handle (docs/llm.md)")
     return p
 
 
@@ -79,6 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lora=Lora.parse(args.lora) if args.lora else None,
             max_context=args.max_context,
             warmup=parse_warmup(args.warmup),
+            kv_sessions=args.kv_sessions,
         )
         path = export(req)
     except ExportError as e:

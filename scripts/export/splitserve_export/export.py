@@ -90,6 +90,7 @@ class Request:
     lora: Optional[Lora] = None
     max_context: Optional[int] = None
     warmup: Tuple[int, int] = (1, 16)
+    kv_sessions: bool = False
 
 
 def parse_layers(text: str) -> Tuple[int, int]:
@@ -401,6 +402,7 @@ def make_manifest(req: Request, config, name: str, context: int, peft_config,
         "dtype": req.dtype,
         "warmup": list(req.warmup),
         "lora": lora,
+        "kv_sessions": req.kv_sessions,
         "config": json.loads(config.to_json_string(use_diff=False)),
     }
 
@@ -430,6 +432,8 @@ def config_pbtxt(name: str, m: dict) -> str:
     }
     if m["lora"] is not None:
         params["splitserve.trainable"] = "true"
+    if m.get("kv_sessions"):
+        params["splitserve.kv_sessions"] = "true"
     lines = [
         f"# splitserve-export: layers {first}..{end - 1} of {m['source']} ({m['model_type']}), "
         f"{m['dtype']}.",
