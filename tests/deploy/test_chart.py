@@ -39,6 +39,7 @@ from deploy_support import (
     objects,
     one,
     render_deploy,
+    render_values,
     rendered,
     server_container,
 )
@@ -1178,3 +1179,19 @@ def test_kustomize_renders_base_and_overlays() -> None:
         assert _normalised(one(got, "Deployment")) == _normalised(one(want, "Deployment")), overlay
     gpu_dep = one(_kustomize(ROOT / "deploy" / "overlays" / "gpu"), "Deployment")
     assert server_container(gpu_dep)["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_llm_docs_session_values_reach_the_server(chart) -> None:
+    """docs/llm.md's chart values for a model with KV sessions render, and its
+    settings reach the server's environment; no headless Service (per-call
+    balancing would spread one generation's steps over pods)."""
+    text = (ROOT / "docs" / "llm.md").read_text(encoding="utf-8")
+    section = text.split("Chart settings for models with sessions", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    objs = render_values(chart, yaml.safe_load(block))
+    env = {k: v.get("value") for k, v in env_of(server_container(one(objs, "Deployment"))).items()}
+    assert env["SPLITSERVE_KV_SESSIONS"] == "gpt2"
+    assert env["SPLITSERVE_MODEL"].startswith("gpt2=")
+    assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "1h"
+    assert {"SPLITSERVE_KV_CACHE_BYTES", "SPLITSERVE_KV_SESSION_TTL"} <= set(env)
+    assert [o["metadata"]["name"] for o in objs if o["kind"] == "Service"] == ["splitserve"]

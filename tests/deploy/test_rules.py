@@ -314,6 +314,11 @@ def test_dashboard_covers_the_contention_signals(dashboard) -> None:
         "splitserve_model_info",
         "splitserve_request_bytes_sum",
         "splitserve_response_bytes_sum",
+        # LLM decoding: KV sessions (docs/llm.md).
+        "splitserve_kv_sessions",
+        "splitserve_kv_cache_bytes",
+        "splitserve_kv_session_events_total",
+        "splitserve_kv_tokens_total",
     ):
         assert metric in exprs, metric
     for pool in ("process", "io", "inference", "intra_op", "inter_op"):
@@ -346,7 +351,7 @@ def test_batch_size_panel_is_an_exact_mean(dashboard) -> None:
 
 def test_new_rows_are_laid_out(dashboard) -> None:
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows[-2:] == ["Limits and connections", "Models and payloads"]
+    assert rows[-3:] == ["Limits and connections", "Models and payloads", "LLM decoding: KV sessions"]
     (models,) = [p for p in panels(dashboard) if p["title"] == "Models"]
     assert models["type"] == "table"
     (target,) = models["targets"]
@@ -360,6 +365,20 @@ def test_new_rows_are_laid_out(dashboard) -> None:
                 assert (x, y) not in cells, p["title"]
                 cells.add((x, y))
         assert g["x"] + g["w"] <= 24, p["title"]
+
+
+def test_time_per_token_panel_is_an_exact_mean(dashboard) -> None:
+    """ms/token: the ratio of the decode seconds' and decode steps' rates, x 1000."""
+    (panel,) = [p for p in panels(dashboard) if p["title"] == "Time per generated token"]
+    (target,) = panel["targets"]
+    assert re.fullmatch(
+        r"1000 \* sum by \(pod\) \(rate\(splitserve_kv_decode_seconds_total\{[^}]*\}\[\$__rate_interval\]\)\)"
+        r" / sum by \(pod\) \(rate\(splitserve_kv_decode_steps_total\{[^}]*\}\[\$__rate_interval\]\)\)",
+        target["expr"],
+    ), target["expr"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "ms"
+    (events,) = [p for p in panels(dashboard) if p["title"] == "KV session events"]
+    assert "sum by (event) (rate(splitserve_kv_session_events_total{" in events["targets"][0]["expr"]
 
 
 def test_every_dashboard_query_is_valid_promql(dashboard, tmp_path: Path) -> None:
