@@ -661,7 +661,7 @@ def render_markdown(results: dict) -> str:
         "servers taking turns; every server gets the same inputs in the same sequence. "
         f"{s['warmup_steps']} untimed decode steps per server before the first.",
         "- ms/token: the client's whole call (encode, RPC, decode) per decode step; p50 and p99 over "
-        "the row's steps of every sequence. Bytes/step: the serialized request plus response "
+        f"the row's steps of every sequence ({s['window'] * s['repeats']} per row and server). Bytes/step: the serialized request plus response "
         "(protobuf, without HTTP/2 framing) of the step at exactly that context. Server CPU: "
         "utime+stime of the server process (/proc/PID/stat) over the row's steps, per token; the "
         "two splitserve rows share one process, measured in turn.",
