@@ -11,7 +11,7 @@ ARGS       ?=
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench bench-v2 bench-setup reliability fmt lint clean image image-test
+.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test
 
 all: build
 
@@ -59,6 +59,12 @@ bench: build fixtures bench-setup
 ## splitserve over KServe v2 vs MLServer and Triton, perf_analyzer as the load generator.
 bench-v2: build fixtures bench-setup
 	$(PY) scripts/bench/v2.py
+
+## Split-LLM decoding (never in make test; run it alone on the machine, about 15 minutes): a GPT-2
+## trunk on splitserve with and without KV sessions vs a transformers server behind grpc.server,
+## contexts 16 to 1,000; writes docs/benchmarks-llm.md. Smoke test: make bench-llm ARGS=--quick
+bench-llm: build
+	$(PY) scripts/bench/llm.py $(ARGS)
 
 ## The benchmark's own venvs (never in make test): .venv-bench (perf_analyzer) and
 ## .venv-peers (MLServer, Triton via nvidia-pytriton, torch; about 5 GB), plus libb64-0d.
