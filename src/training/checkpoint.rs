@@ -616,6 +616,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn adapter_parameters_get_peft_key_names() {
+        assert_eq!(
+            peft_key("model.layers.1.self_attn.q_proj.lora_A.default.weight").as_deref(),
+            Some("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight")
+        );
+        assert_eq!(
+            peft_key("transformer.h.2.attn.c_attn.lora_B.default.weight").as_deref(),
+            Some("base_model.model.transformer.h.2.attn.c_attn.lora_B.weight")
+        );
+        assert_eq!(
+            peft_key("model.layers.1.self_attn.q_proj.base_layer.weight"),
+            None
+        );
+    }
+
+    #[test]
     fn checkpoints_sort_by_step_number_past_ten_digits() {
         let mut found: Vec<PathBuf> = ["step-0000000009", "step-10000000000", "step-9999999999"]
             .iter()
