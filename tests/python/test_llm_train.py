@@ -103,8 +103,11 @@ def test_lora_trunk_trains_like_peft_and_its_adapter_loads_in_peft(pb, tmp_path)
     for step in steps:
         assert (ckpt / "q.ckpt" / step / "adapter" / "adapter_model.safetensors").is_file()
 
-    # Base weights byte-identical; the adapters moved.
-    trained = dict(torch.jit.load(str(ckpt / "q.ckpt" / steps[-1] / "model.pt")).named_parameters())
+    # Base weights byte-identical; the adapters moved. The checkpoint's model.pt
+    # still carries the adapter config: served again, it keeps writing adapters.
+    resaved = torch.jit.load(str(ckpt / "q.ckpt" / steps[-1] / "model.pt"))
+    assert resaved.peft_adapter_config() == torch.jit.load(str(exported_file)).peft_adapter_config()
+    trained = dict(resaved.named_parameters())
     assert set(trained) == set(exported)
     for key, p in trained.items():
         if ".lora_" not in key:
@@ -135,3 +138,26 @@ def test_lora_trunk_trains_like_peft_and_its_adapter_loads_in_peft(pb, tmp_path)
         torch.testing.assert_close(got, trunk_forward(local, probe), **TOL)
         served, _ = torch.jit.load(str(ckpt / "q.ckpt" / steps[-1] / "model.pt"))(probe, [])
         torch.testing.assert_close(got, served, **TOL)
+
+
+def test_gpt2_lora_trunk_carries_the_adapter_config_peft_writes(tmp_path):
+    """GPT-2's LoRA (Conv1D layers: fan_in_fan_out, layers_pattern "h"): the config
+    a training server writes next to the adapters is peft's own for that LoRA; a
+    plain trunk carries none."""
+    from peft import LoraConfig, get_peft_model
+
+    from test_llm_export import GPT2
+
+    (tmp_path / "gpt2.json").write_text(json.dumps(GPT2))
+    assert export_cli("--config", str(tmp_path / "gpt2.json"), "--seed", str(SEED), "--layers",
+                      "1:3", "--lora", "4,8,c_attn,c_fc", "--name", "g", "--out", str(tmp_path)) == 0
+    assert export_cli("--config", str(tmp_path / "gpt2.json"), "--layers", "1:3", "--name", "p",
+                      "--out", str(tmp_path)) == 0
+    peft_model = get_peft_model(hf_model(GPT2, SEED), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], layers_to_transform=[1, 2],
+        layers_pattern="h", fan_in_fan_out=True, lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    carried = torch.jit.load(str(tmp_path / "g" / "1" / "model.pt")).peft_adapter_config()
+    assert json.loads(carried) == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert torch.jit.load(str(tmp_path / "p" / "1" / "model.pt")).peft_adapter_config() == ""
