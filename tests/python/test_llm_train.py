@@ -68,11 +68,18 @@ def test_lora_trunk_trains_like_peft_and_its_adapter_loads_in_peft(pb, tmp_path)
     optimizer = torch.optim.Adam([p for p in local.parameters() if p.requires_grad], lr=LR)
 
     ckpt = tmp_path / "ckpt"
+    # What a crash between the adapter swap's two renames leaves: the previous
+    # adapter set aside, the new one half copied. The start puts the old one back.
+    (ckpt / ".q.adapter.old").mkdir(parents=True)
+    (ckpt / ".q.adapter.old" / "before-the-crash").write_text("")
+    (ckpt / ".q.adapter.tmp").mkdir()
     s = Server("--model", f"q={exported_file}", "--warmup-shape", "q=1x8x64", "--device", "cpu",
                "--trainable", "q", "--optimizer", "adam", "--learning-rate", str(LR),
                "--checkpoint-dir", str(ckpt), "--checkpoint-every", "7")
     try:
         s.wait_ok(pb)
+        assert (ckpt / "q.adapter" / "before-the-crash").is_file()
+        assert not (ckpt / ".q.adapter.old").exists() and not (ckpt / ".q.adapter.tmp").exists()
         stub = pb[1].ComputeServiceStub(s.channel())
         gen = torch.Generator().manual_seed(5)
         target = torch.randn(2, 6, 64, generator=gen)
@@ -118,6 +125,9 @@ def test_lora_trunk_trains_like_peft_and_its_adapter_loads_in_peft(pb, tmp_path)
     # The adapter written at shutdown is what peft itself writes for the trained
     # model: the same keys, tensors and adapter_config.json.
     adapter = ckpt / "q.adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
+                                                         "adapter_model.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["q.adapter", "q.ckpt", "q.pt"]
     local.save_pretrained(str(tmp_path / "peft"))
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as got, \
             safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as want:
