@@ -584,6 +584,29 @@ impl Model {
         Ok(all.into_iter().filter(Tensor::requires_grad).collect())
     }
 
+    /// A LoRA trunk's peft adapter: the adapter_config.json text its file
+    /// carries (splitserve-export's `peft_adapter_config()` method) and its
+    /// named parameters. None for a model without one.
+    #[allow(clippy::type_complexity)]
+    pub fn peft_adapter(&self) -> Result<Option<(String, Vec<(String, Tensor)>)>, ModelError> {
+        let Inner::Script(m) = &self.inner else {
+            return Ok(None);
+        };
+        let no_args: [IValue; 0] = [];
+        // A file without the method (any other model) is simply not a LoRA trunk.
+        let Ok(IValue::String(config)) = m.method_is("peft_adapter_config", &no_args) else {
+            return Ok(None);
+        };
+        if config.is_empty() {
+            return Ok(None);
+        }
+        let params = m.named_parameters().map_err(|e| ModelError::Internal {
+            model: self.name.clone(),
+            message: torch_text(&e.to_string(), true),
+        })?;
+        Ok(Some((config, params)))
+    }
+
     /// Every parameter, frozen ones included: what a checkpoint replaces.
     pub fn all_parameters(&self) -> Result<Vec<Tensor>, ModelError> {
         Ok(match &self.inner {

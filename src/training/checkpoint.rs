@@ -7,7 +7,11 @@
 //! - `NAME.ckpt/step-0000000042/` one complete checkpoint: `model.pt` or
 //!   `model.safetensors`, `optimizer.safetensors`, `state.json`;
 //! - `NAME.pt` / `NAME.safetensors`: the newest parameters (a hard link into
-//!   the newest checkpoint), what `--model` serves again.
+//!   the newest checkpoint), what `--model` serves again;
+//! - for a LoRA trunk (splitserve-export `--lora`): `step-N/adapter/` in each
+//!   checkpoint and `NAME.adapter/` for the newest, a peft adapter directory
+//!   (`adapter_model.safetensors` under peft's key names, `adapter_config.json`
+//!   as the exporter's peft wrote it) that `PeftModel.from_pretrained` loads.
 //!
 //! A checkpoint is written into `NAME.ckpt/.tmp-...`, every file and the
 //! directory fsynced, then renamed into place and the parent fsynced: a crash
@@ -112,6 +116,11 @@ pub(super) fn write(
     }
     let optimizer_file = tmp.join("optimizer.safetensors");
     let mut files = vec![params_file.clone()];
+    let adapter = model.peft_adapter().map_err(|e| e.to_string())?;
+    let has_adapter = adapter.is_some();
+    if let Some((config, params)) = adapter {
+        files.extend(write_adapter(&tmp.join(ADAPTER), &config, &params)?);
+    }
     if !tensors.is_empty() {
         Tensor::write_safetensors(&tensors, &optimizer_file)
             .map_err(|e| format!("cannot write {}: {e}", optimizer_file.display()))?;
@@ -155,10 +164,92 @@ pub(super) fn write(
         sync_file(&link)?;
     }
     fs::rename(&link, &latest).map_err(|e| io("cannot rename into", &latest, e))?;
+    if has_adapter {
+        publish_adapter(dir, &model.name, &done.join(ADAPTER))?;
+    }
     sync_dir(dir)?;
 
     prune(&root, keep);
     Ok(Some(latest))
+}
+
+/// A checkpoint's peft adapter directory, inside `step-N/`.
+const ADAPTER: &str = "adapter";
+
+/// peft's key for a trunk's LoRA parameter: the trunk keeps peft's module
+/// path minus its `base_model.model.` wrapper, with the adapter name
+/// (`q_proj.lora_A.default.weight`); `PeftModel.save_pretrained` writes the
+/// wrapper and drops the adapter name (`base_model.model.` +
+/// `q_proj.lora_A.weight`). None for a parameter that is no adapter's.
+fn peft_key(name: &str) -> Option<String> {
+    ["lora_A", "lora_B"].into_iter().find_map(|part| {
+        let marker = format!(".{part}.default.");
+        let at = name.find(&marker)?;
+        Some(format!(
+            "base_model.model.{}.{part}.{}",
+            &name[..at],
+            &name[at + marker.len()..]
+        ))
+    })
+}
+
+/// Writes a peft adapter directory: the LoRA parameters under peft's names and
+/// the adapter_config.json the model carries. Returns the files written.
+fn write_adapter(
+    dir: &Path,
+    config: &str,
+    params: &[(String, Tensor)],
+) -> Result<Vec<PathBuf>, String> {
+    match serde_json::from_str::<serde_json::Value>(config) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return Err("the model's peft adapter config is not a JSON object".into()),
+    }
+    let mut tensors = Vec::new();
+    for (name, t) in params {
+        if !name.contains(".lora_") {
+            continue;
+        }
+        let key = peft_key(name)
+            .ok_or_else(|| format!("cannot name the adapter parameter {name:?} as peft does"))?;
+        tensors.push((key, cpu(t)));
+    }
+    if tensors.is_empty() {
+        return Err("the model carries a peft adapter config but no LoRA parameters".into());
+    }
+    fs::create_dir(dir).map_err(|e| io("cannot create", dir, e))?;
+    let weights = dir.join("adapter_model.safetensors");
+    Tensor::write_safetensors(&tensors, &weights)
+        .map_err(|e| format!("cannot write {}: {e}", weights.display()))?;
+    let config_file = dir.join("adapter_config.json");
+    fs::write(&config_file, config).map_err(|e| io("cannot write", &config_file, e))?;
+    sync_dir(dir)?;
+    Ok(vec![weights, config_file])
+}
+
+/// `NAME.adapter`: the newest checkpoint's adapter under a stable name, swapped
+/// in whole (a crash between the two renames leaves `.NAME.adapter.old`, which
+/// the next start puts back).
+fn publish_adapter(dir: &Path, model: &str, from: &Path) -> Result<(), String> {
+    let latest = dir.join(format!("{model}.adapter"));
+    let tmp = dir.join(format!(".{model}.adapter.tmp"));
+    let old = dir.join(format!(".{model}.adapter.old"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
+    for file in ["adapter_model.safetensors", "adapter_config.json"] {
+        if fs::hard_link(from.join(file), tmp.join(file)).is_err() {
+            fs::copy(from.join(file), tmp.join(file))
+                .map_err(|e| io("cannot copy to", &tmp.join(file), e))?;
+            sync_file(&tmp.join(file))?;
+        }
+    }
+    sync_dir(&tmp)?;
+    let _ = fs::remove_dir_all(&old);
+    if latest.exists() {
+        fs::rename(&latest, &old).map_err(|e| io("cannot rename", &latest, e))?;
+    }
+    fs::rename(&tmp, &latest).map_err(|e| io("cannot rename into", &latest, e))?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// Sorts `step-N` directories by N, newest first: by number, not by name,
@@ -233,6 +324,17 @@ pub(super) fn clean_stale(dir: &Path, model: &str) {
         let old = dir.join(format!("{model}.tmp.{ext}"));
         if old.exists() {
             stale.push(old);
+        }
+    }
+    // An adapter swap cut between its two renames: the previous one goes back.
+    let latest = dir.join(format!("{model}.adapter"));
+    let old = dir.join(format!(".{model}.adapter.old"));
+    if old.is_dir() && !latest.exists() && fs::rename(&old, &latest).is_ok() {
+        tracing::info!(path = %latest.display(), "restored the adapter a crash left mid-swap");
+    }
+    for leftover in [old, dir.join(format!(".{model}.adapter.tmp"))] {
+        if leftover.exists() {
+            stale.push(leftover);
         }
     }
     for path in stale {
@@ -512,6 +614,22 @@ fn restore_one(path: &Path, model: &mut Model) -> Result<ModelState, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adapter_parameters_get_peft_key_names() {
+        assert_eq!(
+            peft_key("model.layers.1.self_attn.q_proj.lora_A.default.weight").as_deref(),
+            Some("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight")
+        );
+        assert_eq!(
+            peft_key("transformer.h.2.attn.c_attn.lora_B.default.weight").as_deref(),
+            Some("base_model.model.transformer.h.2.attn.c_attn.lora_B.weight")
+        );
+        assert_eq!(
+            peft_key("model.layers.1.self_attn.q_proj.base_layer.weight"),
+            None
+        );
+    }
 
     #[test]
     fn checkpoints_sort_by_step_number_past_ten_digits() {

@@ -251,6 +251,18 @@ def apply_lora(model: nn.Module, config, req: Request):
     return peft_model, cfg
 
 
+def adapter_config(peft_model) -> str:
+    """The adapter_config.json that `PeftModel.save_pretrained` writes for this
+    LoRA, verbatim: a training server writes it next to the trained adapter, so
+    that `PeftModel.from_pretrained(base_model, DIR)` puts the adapters back on the
+    same layers (docs/llm.md, "LoRA: adapters out")."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        peft_model.save_pretrained(d)
+        return (Path(d) / "adapter_config.json").read_text()
+
+
 def lora_layers(peft_model, prefix: str, first: int, end: int):
     """{layer index: [(path inside the layer, r, scaling, adapter dtype)]} of peft's LoRA layers."""
     from peft.tuners.lora import LoraLayer
@@ -343,6 +355,8 @@ def export(req: Request) -> Path:
                 f"--lora: no module of layers {first}..{end - 1} matches "
                 f"{','.join(req.lora.targets)}")
     trunk = build_trunk(hf_model, config, req, context, lora)
+    if lora is not None:
+        trunk.adapter_config_json = adapter_config(model)
     state = trunk_state(model, prefix, first, end, peft=lora is not None)
     missing, unexpected = trunk.load_state_dict(state, strict=False)
     if missing or unexpected:

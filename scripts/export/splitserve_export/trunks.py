@@ -275,7 +275,22 @@ def check_step(hidden: Tensor, past: List[Tensor], layers: int, width: int, kv_h
     return past_len
 
 
-class GPT2Trunk(nn.Module):
+class Trunk(nn.Module):
+    """What every trunk carries besides its layers: for a LoRA trunk, peft's
+    adapter_config.json (the text `PeftModel.save_pretrained` writes for the
+    exporter's LoraConfig), which a training server copies next to the adapter
+    weights it writes (docs/llm.md, "LoRA: adapters out"); "" otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter_config_json = ""
+
+    @torch.jit.export
+    def peft_adapter_config(self) -> str:
+        return self.adapter_config_json
+
+
+class GPT2Trunk(Trunk):
     """GPT-2 blocks [first, last): the trunk of a split GPT-2 (the client keeps the
     token and position embeddings, ln_f and the head)."""
 
@@ -312,7 +327,7 @@ class GPT2Trunk(nn.Module):
         return x.to(hidden.dtype), present
 
 
-class LlamaTrunk(nn.Module):
+class LlamaTrunk(Trunk):
     """Llama-family decoder layers [first, last) (Llama, Qwen2): RMSNorm, rotary
     positions that continue from the past length, grouped-query attention."""
 
