@@ -199,14 +199,15 @@ async fn connections_beyond_the_limit_take_idle_slots_or_are_closed() {
         held.push(c);
     }
     // Two connections, each with a slow request in flight: no slot is idle.
-    let (mut a, mut b) = (
-        own_connection(server.addr).await.unwrap(),
-        own_connection(server.addr).await.unwrap(),
-    );
+    // Each is made busy before the next connects, so that the second takes an
+    // idle slot, never the first's.
+    let mut a = own_connection(server.addr).await.unwrap();
     let slow_a = tokio::spawn({
         let (mut a, x) = (a.clone(), x.clone());
         async move { a.compute(request("slow", &x, &[2])).await }
     });
+    common::wait_for(&mut a, "workers_busy", 1).await;
+    let mut b = own_connection(server.addr).await.unwrap();
     let slow_b = tokio::spawn({
         let (mut b, x) = (b.clone(), x.clone());
         async move { b.compute(request("slow", &x, &[2])).await }
@@ -855,7 +856,13 @@ async fn one_http_connection_holds_at_most_its_share_of_the_budget() {
     }
     statuses.sort();
     // 400: the admitted bodies, cut when they did not finish in 2 s; 429: refused.
-    assert_eq!(statuses, vec![400, 400, 429]);
+    // Which and how many are refused depends on how their chunks interleave
+    // (a refused body's bytes are given back when its stream ends): at least
+    // one fits, at least one is refused.
+    assert!(
+        statuses.first() == Some(&400) && statuses.last() == Some(&429),
+        "{statuses:?}"
+    );
     assert_eq!(on_b.await.unwrap(), 400, "the other connection was refused");
     shutdown.cancel();
 }
