@@ -11,7 +11,7 @@ ARGS       ?=
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run test test-rust test-python test-deploy fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test
+.PHONY: all setup tools build run test test-rust test-rust-build test-python test-deploy fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test
 
 all: build
 
@@ -33,9 +33,18 @@ $(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
 	$(PY) scripts/make_fixtures.py $(FIXTURES)
 	touch $@
 
-test: build fixtures test-rust test-python test-deploy
+## Every test. Work that competes for nothing timed overlaps: the deploy tools install and the
+## fixtures are written while cargo builds, and the deploy tests (rendering, no timing) run while
+## cargo compiles the test binaries. The Rust and Python tests, which start real servers, run alone.
+test: setup
+	$(MAKE) -j3 build fixtures tools
+	$(MAKE) -j2 test-rust-build test-deploy
+	$(MAKE) test-rust test-python
 
-test-rust: build fixtures
+test-rust-build: build
+	cargo test --release --no-run
+
+test-rust: build fixtures test-rust-build
 	cargo test --release -- --test-threads 2
 
 ## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators,
