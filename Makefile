@@ -33,13 +33,13 @@ $(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
 	$(PY) scripts/make_fixtures.py $(FIXTURES)
 	touch $@
 
-## Every test. Work that competes for nothing timed overlaps: the deploy tools install and the
-## fixtures are written while cargo builds, and the deploy tests (rendering, no timing) run while
-## cargo compiles the test binaries. The Rust and Python tests, which start real servers, run alone.
+## Every test. Set-up and tests overlap on the 2 cores a fresh clone has: the deploy tools install
+## and the fixtures are written while cargo builds; then the Python tests (mostly waiting on the
+## real servers they start), the Rust tests (after their compile) and the deploy tests (rendering)
+## run side by side, each suite's output printed whole when it ends. No test asserts a timing.
 test: setup
 	$(MAKE) -j3 build fixtures tools
-	$(MAKE) -j2 test-rust-build test-deploy
-	$(MAKE) test-rust test-python
+	$(MAKE) -j3 -Otarget test-python test-rust test-deploy
 
 test-rust-build: build
 	cargo test --release --no-run
