@@ -264,23 +264,12 @@ fn newest_first(found: &mut [PathBuf]) {
     found.sort_by(|a, b| (step(b), b).cmp(&(step(a), a)));
 }
 
-/// Complete checkpoints of a model, newest first.
+/// Complete checkpoints of a model (with their `state.json`), newest first.
 fn complete(dir: &Path, model: &str) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(root(dir, model)) else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-                && p.join("state.json").is_file()
-        })
-        .collect();
-    newest_first(&mut found);
-    found
+    candidates(dir, model)
+        .into_iter()
+        .filter(|p| p.join("state.json").is_file())
+        .collect()
 }
 
 fn prune(root: &Path, keep: usize) {
