@@ -26,6 +26,7 @@ $(VENV)/.requirements.sha256: requirements.txt scripts/setup.sh scripts/export/p
 	bash scripts/setup.sh
 
 build: setup
+	bash scripts/build-cache.sh restore
 	cargo build --release
 
 ## Serves the built-in default model (an MLP) on 0.0.0.0:50051. Extra flags: make run ARGS="--model ..."
@@ -46,6 +47,7 @@ $(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
 test: setup
 	$(MAKE) -j3 build fixtures tools
 	$(MAKE) -j3 -Otarget test-python test-rust test-deploy
+	bash scripts/build-cache.sh save
 
 test-rust-build: build
 	cargo test --release --no-run
