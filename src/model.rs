@@ -243,6 +243,20 @@ impl Signature {
             outputs: outputs.iter().map(sig).collect::<Option<_>>()?,
         })
     }
+
+    /// `inputs` and `outputs` tensors of which nothing is known yet: float32
+    /// (what splitlearn_comm clients compute in), a batch dimension and one
+    /// more, each -1.
+    pub fn unknown(inputs: usize, outputs: usize) -> Signature {
+        let any = || TensorSig {
+            dtype: WireDtype::F32,
+            shape: vec![-1, -1],
+        };
+        Signature {
+            inputs: (0..inputs).map(|_| any()).collect(),
+            outputs: (0..outputs).map(|_| any()).collect(),
+        }
+    }
 }
 
 /// A loaded model, shared by every worker thread.
@@ -253,6 +267,10 @@ pub struct Model {
     pub description: String,
     /// Inputs and outputs, learnt at warm-up; None when unknown or any.
     pub signature: Option<Signature>,
+    /// What metadata lists: the signature when known, else the warm-up's
+    /// tensors, else `forward`'s declaration in the file (names and counts,
+    /// with [`Signature::unknown`] tensors). Never checked against requests.
+    pub listed: Signature,
     /// A TorchScript model with the KV signature `forward(hidden, past)`,
     /// learnt at warm-up: a plain or training forward runs it with an empty
     /// past, so one file decodes and trains.
@@ -313,12 +331,15 @@ impl Model {
             source_desc,
             message,
         };
+        // forward's declaration, read from a TorchScript file's code.
+        let mut declared = None;
         let (inner, description, default_warmup) = match &spec.source {
             ModelSource::TorchScript(path) => {
                 let shown = path.display().to_string();
                 let file = open_model_file(path).map_err(|e| load_err(shown.clone(), e))?;
                 let digest =
                     file_sha256(&file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                declared = declared_forward(&file);
                 // libtorch opens the file that was checked, not whatever the
                 // path names by now.
                 let mut m = CModule::load_on_device(opened_path(&file, path), device)
@@ -401,6 +422,7 @@ impl Model {
             device,
             description,
             signature: None,
+            listed: Signature::default(),
             kv: false,
             inner,
             params: RwLock::new(0),
@@ -453,7 +475,16 @@ impl Model {
             if matches!(model.inner, Inner::Script(_) | Inner::Mlp(_)) {
                 model.signature = Signature::of(&inputs, &outputs);
             }
+            if spec.warmup.is_some() {
+                model.listed = Signature::of(&inputs, &outputs).unwrap_or_default();
+            }
         }
+        model.listed = match (&model.signature, &declared) {
+            (Some(sig), _) => sig.clone(),
+            (None, _) if !model.listed.inputs.is_empty() => model.listed.clone(),
+            (None, Some(f)) => Signature::unknown(f.tensor_inputs().max(1), f.tensor_outputs()),
+            (None, None) => Signature::unknown(1, 1),
+        };
         Ok(model)
     }
 
@@ -954,6 +985,16 @@ pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, std::fs::Met
         ));
     }
     Ok((file, meta))
+}
+
+/// forward's declaration in an opened TorchScript file (read from its start
+/// through a second handle; the file's offset does not matter to libtorch,
+/// which opens it by path).
+fn declared_forward(file: &std::fs::File) -> Option<crate::torchscript::Forward> {
+    use std::io::Seek;
+    let mut f = file.try_clone().ok()?;
+    f.rewind().ok()?;
+    crate::torchscript::read_forward(std::io::BufReader::new(f))
 }
 
 /// [`open_regular`] for a model file, with its size checked: an error for the

@@ -223,7 +223,8 @@ impl InferenceApi {
                     .collect(),
             });
         }
-        let sig = model.signature.clone().unwrap_or_default();
+        // Never empty: what is known, else forward's declaration (docs/inference-protocol.md).
+        let sig = &model.listed;
         let tensors = |list: &[crate::model::TensorSig], name: fn(usize) -> String| {
             list.iter()
                 .enumerate()
@@ -251,7 +252,7 @@ impl InferenceApi {
         if let Some(cfg) = &model.slot.config {
             return Ok((**cfg).clone());
         }
-        let sig = model.signature.clone().unwrap_or_default();
+        let sig = &model.listed;
         let (max_batch, batch_timeout) = (model.slot.max_batch, model.slot.batch_timeout);
         let dims = |shape: &[i64]| shape.iter().skip(1).copied().collect::<Vec<_>>();
         let gpu = model.device.starts_with("cuda");
