@@ -351,7 +351,12 @@ impl InferenceApi {
                     name: model.clone(),
                     version: version.clone(),
                     last_inference: 0,
-                    inference_count: computed,
+                    // Triton's meaning: a batch of n counts n (nv_inference_count).
+                    inference_count: m
+                        .triton
+                        .inference_count
+                        .with_label_values(&[model, version])
+                        .get(),
                     execution_count: m.total(&m.forwards, &[("model", model)]),
                     inference_stats: Some(pb::InferStatistics {
                         success: Some(pb::StatisticDuration {
