@@ -137,3 +137,59 @@ def test_triton_metric_families_count_the_traffic(server):
     stats = g.get_inference_statistics("m").model_stats[0]
     assert stats.inference_count == after["nv_inference_count"]
     assert stats.execution_count == after["nv_inference_exec_count"]
+
+
+WARMUP_CONFIG = """
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] },
+        { name: "INPUT__1" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 4 ] },
+         { name: "OUTPUT__1" data_type: TYPE_FP32 dims: [ 4 ] } ]
+model_warmup [
+  { name: "zeros" batch_size: 2
+    inputs { key: "INPUT__0" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } }
+    inputs { key: "INPUT__1" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } },
+  { name: "from-file" batch_size: 3 count: 2
+    inputs { key: "INPUT__0" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "row.bin" } }
+    inputs { key: "INPUT__1" value: { data_type: TYPE_FP32 dims: [ 4 ] random_data: true } } },
+  { name: "strings"
+    inputs { key: "INPUT__0" value: { data_type: TYPE_STRING dims: [ 4 ] zero_data: true } }
+    inputs { key: "INPUT__1" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } }
+]
+"""
+
+
+def test_model_warmup_runs_at_load_and_its_failures_name_the_sample(tmp_path, server_factory):
+    """config.pbtxt's model_warmup, as Triton defines it: zero, random and file
+    data run through the model at load. A sample the model refuses, or whose
+    file is short, fails the load and says which; a kind splitserve cannot make
+    (TYPE_STRING) is named in the load warning and skipped."""
+    import shutil
+    repo = tmp_path / "repo"
+    for name, config, row in [
+        ("good", WARMUP_CONFIG, np.arange(4, dtype=np.float32).tobytes()),
+        # 8 bytes of the 16 a row needs.
+        ("short", WARMUP_CONFIG, b"\0" * 8),
+        # Dims the model cannot add: its forward fails on the warm-up.
+        ("refused", WARMUP_CONFIG.replace('dims: [ 4 ] random_data', 'dims: [ 5 ] random_data'), None),
+    ]:
+        (repo / name / "1").mkdir(parents=True)
+        shutil.copy(fixture_path("addmul.pt"), repo / name / "1" / "model.pt")
+        (repo / name / "config.pbtxt").write_text(config)
+        (repo / name / "warmup").mkdir()
+        (repo / name / "warmup" / "row.bin").write_bytes(row if row is not None else b"\0" * 16)
+    s = server_factory("--model-repository", str(repo))
+    s.wait_serving()
+    s.wait_http_listening()
+    _, h = clients(s)
+    states = {m["name"]: (m.get("state"), m.get("reason", "")) for m in h.get_model_repository_index()}
+    assert states["good"][0] == "READY", states
+    assert states["short"][0] == "UNAVAILABLE" and "from-file" in states["short"][1] \
+        and "warmup/row.bin holds 8 bytes" in states["short"][1], states
+    assert states["refused"][0] == "UNAVAILABLE" and "from-file" in states["refused"][1] \
+        and "forward failed" in states["refused"][1], states
+    warning = s.wait_log("strings")
+    assert "TYPE_STRING" in warning and "skipped" in warning, warning
+    # The first sample's shapes are the model's known signature.
+    meta = h.get_model_metadata("good")
+    assert [t["shape"] for t in meta["inputs"]] == [[-1, 4], [-1, 4]], meta
