@@ -32,7 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
             // The linker's --as-needed would drop libtorch_cuda (nothing references it
             // by symbol); keep it so the same binary sees CUDA devices where they exist.
-            if Path::new(&lib).join("libtorch_cuda.so").exists() {
+            // SPLITSERVE_LINK_CUDA=0 leaves it out: a CPU-only binary that loads
+            // neither libtorch_cuda nor the CUDA libraries behind it (the CPU image).
+            println!("cargo:rerun-if-env-changed=SPLITSERVE_LINK_CUDA");
+            let link_cuda = env::var("SPLITSERVE_LINK_CUDA").map_or(true, |v| v != "0");
+            if link_cuda && Path::new(&lib).join("libtorch_cuda.so").exists() {
                 println!(
                     "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
                 );
