@@ -54,17 +54,26 @@ class Static(nn.Module):
         return self.lin(x)
 
 
-def mlp512() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+def twin(module: nn.Module, torchscript: Path) -> nn.Module:
+    """The module with the weights of its TorchScript fixture (make_fixtures.py): the
+    benchmark compares the same model in both formats."""
+    module.load_state_dict(torch.jit.load(str(torchscript)).state_dict())
+    return module
 
 
-def encoder() -> nn.Module:
-    torch.manual_seed(2)
-    return nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True, dropout=0.0)
+def mlp512(out: Path) -> nn.Module:
+    return twin(
+        nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)),
+        out / "mlp512.pt",
+    )
 
 
-def packages(bench: bool) -> Dict[str, tuple]:
+def encoder(out: Path) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True, dropout=0.0)
+    return twin(layer, out / "encoder.pt")
+
+
+def packages(bench: bool, fixtures: Path) -> Dict[str, tuple]:
     """name -> (module factory, example args, example kwargs, dynamic_shapes)."""
     batch = Dim("batch", min=1, max=1024)
     out = {
@@ -78,9 +87,9 @@ def packages(bench: bool) -> Dict[str, tuple]:
         "static": (lambda: (torch.manual_seed(3), Static())[1], (torch.randn(2, 4),), {}, None),
     }
     if bench:
-        out["mlp512"] = (mlp512, (torch.randn(4, 512),), {}, ({0: Dim("batch", min=1, max=256)},))
+        out["mlp512"] = (lambda: mlp512(fixtures), (torch.randn(4, 512),), {}, ({0: Dim("batch", min=1, max=256)},))
         out["encoder"] = (
-            encoder,
+            lambda: encoder(fixtures),
             (torch.randn(4, 64, 256),),
             {},
             ({0: Dim("batch", min=1, max=64)},),
@@ -117,7 +126,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    for name, spec in packages(bench).items():
+    for name, spec in packages(bench, Path(sys.argv[1])).items():
         if not (cache / f"{name}.pt2").is_file():
             build(name, spec, cache)
             made.append(name)

@@ -558,6 +558,17 @@ def thread_flatness(model_result: dict, low: int, high: int) -> dict:
     return flat
 
 
+def pt2_ratios(cells: dict, concurrency: list) -> list:
+    """Each .pt2 server against its TorchScript counterpart, at every client count."""
+    out = []
+    for n in concurrency:
+        for pt2, ts in (("splitserve-pt2", "splitserve"), ("splitserve-pt2-batched", "splitserve-batched")):
+            c = compare(cells, pt2, ts, n)
+            if c:
+                out.append({**c, "concurrency": n})
+    return out
+
+
 def compute_ratios(model_result: dict, concurrency: list) -> dict:
     cells = cells_by_key(model_result)
     at = RATIO_CONCURRENCY if RATIO_CONCURRENCY in concurrency else max(concurrency)
@@ -570,13 +581,7 @@ def compute_ratios(model_result: dict, concurrency: list) -> dict:
         "batched_vs_python": compare(cells, "splitserve-batched", py, at),
         "unbatched_vs_ceiling": ceiling_ratio(cells, model_result["ceilings"], at),
         # The .pt2 twin against the TorchScript model, at every client count.
-        "pt2_vs_torchscript": [
-            c
-            for n in concurrency
-            for c in (compare(cells, "splitserve-pt2", "splitserve", n),
-                      compare(cells, "splitserve-pt2-batched", "splitserve-batched", n))
-            if c and not c.update(concurrency=n)
-        ],
+        "pt2_vs_torchscript": pt2_ratios(cells, concurrency),
         "threads": {"low_concurrency": low, "high_concurrency": high,
                     "servers": thread_flatness(model_result, low, high)},
     }  # fmt: skip
