@@ -903,6 +903,16 @@ impl Model {
     }
 }
 
+impl Model {
+    /// What an AOTInductor package says about itself; None for other models.
+    pub fn package(&self) -> Option<PackageInfo> {
+        match &self.inner {
+            Inner::Pt2(p) => Some(p.info()),
+            _ => None,
+        }
+    }
+}
+
 /// The tensors of a list result: `[t, ...]` or `[(k, v), ...]` flattened in order.
 fn flatten_tensors(v: Option<IValue>) -> Option<Vec<Tensor>> {
     match v? {
@@ -1402,15 +1412,5 @@ mod tests {
             clean_torch_message(raw),
             "mat1 and mat2 shapes cannot be multiplied (1x5 and 4x8)"
         );
-    }
-}
-
-impl Model {
-    /// What an AOTInductor package says about itself; None for other models.
-    pub fn package(&self) -> Option<PackageInfo> {
-        match &self.inner {
-            Inner::Pt2(p) => Some(p.info()),
-            _ => None,
-        }
     }
 }

@@ -64,6 +64,12 @@ pub(super) fn load(path: &Path, device: Device, runners: usize) -> Result<(Pt2, 
             ));
         }
     };
+    if let Some(missing) = missing_cpu_features(meta.get("AOTI_CPU_ISA").map(String::as_str)) {
+        return Err(format!(
+            "the package was compiled for a CPU with {missing}, which this CPU lacks: \
+             compile it on the CPU type the server runs on"
+        ));
+    }
     let inputs = Package::wrapper_source_of(path)
         .ok()
         .flatten()
@@ -92,6 +98,43 @@ pub(super) fn load(path: &Path, device: Device, runners: usize) -> Result<(Pt2, 
         },
         device,
     ))
+}
+
+/// The instruction sets a package's `AOTI_CPU_ISA` names that this CPU's
+/// flags (/proc/cpuinfo) lack, or None. Code compiled for them would stop the
+/// whole process with SIGILL on its first run.
+fn missing_cpu_features(isa: Option<&str>) -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    missing_in(isa?, &cpuinfo)
+}
+
+fn missing_in(isa: &str, cpuinfo: &str) -> Option<String> {
+    let flags: std::collections::HashSet<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))?
+        .split_once(':')?
+        .1
+        .split_whitespace()
+        .collect();
+    let missing: Vec<&str> = isa
+        .split_whitespace()
+        .filter(|name| {
+            let flag = match *name {
+                "AVX2" => "avx2",
+                "AVX512" => "avx512f",
+                "AVX512_VNNI" => "avx512_vnni",
+                "AVX512_BF16" => "avx512_bf16",
+                "AMX_TILE" => "amx_tile",
+                "AMX_BF16" => "amx_bf16",
+                "AMX_INT8" => "amx_int8",
+                "AMX_FP16" => "amx_fp16",
+                // Not an x86 set this check knows: not refused here.
+                _ => return false,
+            };
+            !flags.contains(flag)
+        })
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 /// A load error's text, with what to do when the file is no package at all.
@@ -433,4 +476,20 @@ pub fn package_config(
         ));
     }
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_package_for_a_cpu_with_more_instruction_sets_is_refused_by_name() {
+        let cpuinfo = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n";
+        assert_eq!(missing_in("AVX512 AVX512_VNNI", cpuinfo), None);
+        assert_eq!(
+            missing_in("AVX512 AVX512_VNNI AMX_TILE", cpuinfo).as_deref(),
+            Some("AMX_TILE")
+        );
+        assert_eq!(missing_in("NEON", cpuinfo), None);
+    }
 }

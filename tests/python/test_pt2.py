@@ -191,14 +191,23 @@ def test_packages_are_inference_only(pb, server):
     assert "inference-only" in e.value.details() and ".pt2" in e.value.details(), e.value.details()
 
 
-def cuda_twin(src: Path, dst: Path) -> None:
-    """The package with its metadata saying it was compiled for CUDA."""
+def edited_twin(src: Path, dst: Path, edit) -> None:
+    """The package with edit(metadata JSON text) applied to its compiled-in metadata."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
             if item.filename.endswith("_metadata.json"):
-                data = data.replace(b'"AOTI_DEVICE_KEY": "cpu"', b'"AOTI_DEVICE_KEY": "cuda"')
+                data = edit(data.decode()).encode()
             zout.writestr(item.filename, data)
+
+
+def cpu_lacks() -> str:
+    """An instruction set (as AOTI_CPU_ISA names it) this CPU does not have."""
+    flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    for isa, flag in (("AMX_FP16", "amx_fp16"), ("AMX_TILE", "amx_tile"), ("AVX512", "avx512f")):
+        if flag not in flags:
+            return isa
+    raise AssertionError("this CPU has every instruction set the test knows")
 
 
 def write_version(repo: Path, name: str, version: int, src: Path, filename: str = "model.pt2") -> None:
@@ -222,14 +231,22 @@ def test_repository_packages_load_unload_and_fail_alone(tmp_path, server_factory
     (repo / "broken" / "1" / "model.pt2").write_bytes(b"PK\x03\x04 not really a package" * 40)
     (repo / "broken" / "config.pbtxt").write_text('platform: "torch_aoti"\n')
     (repo / "gpu" / "1").mkdir(parents=True)
-    cuda_twin(package("static"), repo / "gpu" / "1" / "model.pt2")
+    edited_twin(package("static"), repo / "gpu" / "1" / "model.pt2",
+                lambda m: m.replace('"AOTI_DEVICE_KEY": "cpu"', '"AOTI_DEVICE_KEY": "cuda"'))
     (repo / "gpu" / "config.pbtxt").write_text('platform: "torch_aoti"\n')
+    # Compiled for a CPU with an instruction set this one lacks: refused, not SIGILL.
+    lacking = cpu_lacks()
+    (repo / "isa" / "1").mkdir(parents=True)
+    edited_twin(package("static"), repo / "isa" / "1" / "model.pt2",
+                lambda m: m.replace('"AOTI_CPU_ISA": "', f'"AOTI_CPU_ISA": "{lacking} '))
+    (repo / "isa" / "config.pbtxt").write_text('platform: "torch_aoti"\n')
     s = server_factory("--model-repository", str(repo), "--model-control-mode", "explicit",
                        "--load-model", "mlp", "--load-model", "pair")
     s.wait_serving()
     s.wait_http_listening()
     g = tgrpc.InferenceServerClient(s.addr)
-    for bad, why in (("broken", "not a readable AOTInductor package"), ("gpu", "compiled for CUDA")):
+    for bad, why in (("broken", "not a readable AOTInductor package"), ("gpu", "compiled for CUDA"),
+                     ("isa", f"compiled for a CPU with {lacking}, which this CPU lacks")):
         with pytest.raises(InferenceServerException) as e:
             g.load_model(bad)
         assert why in str(e.value), e.value
