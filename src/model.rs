@@ -965,9 +965,10 @@ fn not_torchscript_hint(raw: &str) -> String {
     .any(|k| raw.contains(k));
     if looks_wrong {
         format!(
-            "{msg}. This file is not TorchScript: a torch.save() pickle or a torch.export \
-             (.pt2) archive cannot be served. Save the module with \
-             torch.jit.script(model).save(path) (or torch.jit.trace(model, example).save(path))"
+            "{msg}. This file is not TorchScript: a torch.save() pickle cannot be served. \
+             Save the module with torch.jit.script(model).save(path) (or \
+             torch.jit.trace(model, example).save(path)), or compile a torch.export program \
+             with torch._inductor.aoti_compile_and_package into a file named *.pt2"
         )
     } else {
         msg
