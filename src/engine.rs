@@ -793,6 +793,14 @@ impl Engine {
                 return Err(EngineError::Draining);
             }
             let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
+            if needs_training && unit.model.package().is_some() {
+                return Err(EngineError::Unsupported(format!(
+                    "model {:?} is an AOTInductor package (.pt2), which is inference-only: \
+                     training_mode forwards, backward and KV sessions need its TorchScript \
+                     export (torch.jit.script(model).save(path))",
+                    unit.slot().spec.name
+                )));
+            }
             if needs_training && unit.training.is_none() {
                 return Err(EngineError::Unsupported(format!(
                     "model {:?} was loaded from the model repository at run time: training_mode \
@@ -936,7 +944,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// and warms the model up.
 fn build_unit(
     shared: &Shared,
-    slot: ModelSlot,
+    mut slot: ModelSlot,
     training: Option<usize>,
 ) -> Result<Unit, ModelError> {
     let device = match slot.device {
@@ -947,7 +955,12 @@ fn build_unit(
         },
     };
     let started = Instant::now();
-    let m = Model::load(&slot.spec, device)?;
+    let workers = shared.config.plan.workers;
+    let runners = slot.instances.unwrap_or(workers).clamp(1, workers.max(1));
+    let m = Model::load_with_runners(&slot.spec, device, runners)?;
+    if let Some(package) = m.package() {
+        fit_package(&mut slot, &m, &package)?;
+    }
     tracing::info!(
         model = %m.name,
         version = slot.version,
@@ -957,7 +970,6 @@ fn build_unit(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    let workers = shared.config.plan.workers;
     let info = Arc::new(LoadedModel {
         name: slot.spec.name.clone(),
         version: slot.version,
@@ -981,6 +993,49 @@ fn build_unit(
         model: m,
         training,
     })
+}
+
+/// Fits an AOTInductor package's slot to the package: batching only along a
+/// dynamic batch dimension and within its bounds, and its model configuration
+/// (names, dtypes, dims) filled from the package where not configured.
+fn fit_package(
+    slot: &mut ModelSlot,
+    m: &Model,
+    package: &model::PackageInfo,
+) -> Result<(), ModelError> {
+    let max_rows = match package.batch {
+        model::PackageBatch::Dynamic { max, .. } => max.unwrap_or(i64::MAX),
+        model::PackageBatch::Static(_) | model::PackageBatch::Unknown => 1,
+    };
+    let rows = usize::try_from(max_rows).unwrap_or(usize::MAX).max(1);
+    if slot.max_batch > rows {
+        tracing::warn!(
+            model = %slot.spec.name,
+            max_batch = slot.max_batch,
+            "the package takes batches of at most {rows} rows (a static or unknown batch \
+             dimension takes one request at a time): batching up to {rows}"
+        );
+        slot.max_batch = rows;
+    }
+    let base = slot.config.as_deref();
+    let mut cfg = model::package_config(&slot.spec.name, package, m.signature.as_ref(), base)
+        .map_err(|message| ModelError::Load {
+            name: slot.spec.name.clone(),
+            source_desc: m.description.clone(),
+            message,
+        })?;
+    if base.is_none() && slot.max_batch > 1 {
+        cfg.scheduling_choice = Some(
+            crate::proto::inference::model_config::SchedulingChoice::DynamicBatching(
+                crate::proto::inference::ModelDynamicBatching {
+                    max_queue_delay_microseconds: slot.batch_timeout.as_micros() as u64,
+                    ..Default::default()
+                },
+            ),
+        );
+    }
+    slot.config = Some(Arc::new(cfg));
+    Ok(())
 }
 
 /// Routes requests for (name, version) to a new unit; retires the one it replaces.

@@ -14,6 +14,10 @@ use tch::{CModule, Device, IValue, Kind, Tensor, nn};
 
 use crate::codec::{Encoding, RawTensor, WireDtype};
 
+pub mod aoti;
+mod pt2;
+pub use pt2::{PLATFORM as PT2_PLATFORM, PackageBatch, PackageInfo, package_config};
+
 /// Where models run, as configured; resolved against the hardware at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +96,8 @@ pub enum WarmupData {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
     TorchScript(PathBuf),
+    /// A PyTorch 2 AOTInductor package (`.pt2`): inference only.
+    Pt2(PathBuf),
     Builtin(Builtin),
 }
 
@@ -157,6 +163,9 @@ impl FromStr for ModelSource {
         let Some(rest) = s.strip_prefix("builtin:") else {
             if s.is_empty() {
                 return Err("empty model path".into());
+            }
+            if s.ends_with(".pt2") {
+                return Ok(ModelSource::Pt2(PathBuf::from(s)));
             }
             return Ok(ModelSource::TorchScript(PathBuf::from(s)));
         };
@@ -323,6 +332,7 @@ pub struct Model {
 
 enum Inner {
     Script(CModule),
+    Pt2(Box<pt2::Pt2>),
     Mlp(Mlp),
     Scale(f64),
     Delay(Duration),
@@ -364,6 +374,17 @@ unsafe impl Sync for Mlp {}
 impl Model {
     /// Loads (or builds) a model on a device and runs the warm-up forward.
     pub fn load(spec: &ModelSpec, device: Device) -> Result<Model, ModelError> {
+        Model::load_with_runners(spec, device, 1)
+    }
+
+    /// [`Model::load`], for up to `runners` forwards at once: an AOTInductor
+    /// package keeps one model instance per concurrent run.
+    pub fn load_with_runners(
+        spec: &ModelSpec,
+        device: Device,
+        runners: usize,
+    ) -> Result<Model, ModelError> {
+        let mut device = device;
         let load_err = |source_desc: String, message: String| ModelError::Load {
             name: spec.name.clone(),
             source_desc,
@@ -387,6 +408,20 @@ impl Model {
                 (
                     Inner::Script(m),
                     format!("torchscript sha256:{digest}"),
+                    None,
+                )
+            }
+            ModelSource::Pt2(path) => {
+                let shown = path.display().to_string();
+                let file = open_model_file(path).map_err(|e| load_err(shown.clone(), e))?;
+                let digest =
+                    file_sha256(&file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                let (p, on) = pt2::load(&opened_path(&file, path), device, runners)
+                    .map_err(|e| load_err(shown.clone(), e))?;
+                device = on;
+                (
+                    Inner::Pt2(Box::new(p)),
+                    format!("torch_aoti sha256:{digest}"),
                     None,
                 )
             }
@@ -465,6 +500,29 @@ impl Model {
             inner,
             params: RwLock::new(0),
         };
+        if let Inner::Pt2(p) = &model.inner {
+            // A package warms up on the sizes it was exported for (twice, one
+            // row apart, to tell which output dimensions follow the batch).
+            let _guard = tch::no_grad_guard();
+            if let Some(a) = p.warmup_inputs(device, 0) {
+                let failed = |e: ModelError| {
+                    load_err(
+                        model.description.clone(),
+                        format!("warm-up run failed: {e}"),
+                    )
+                };
+                let ya = model.forward_all(&a).map_err(failed)?;
+                let b = p
+                    .warmup_inputs(device, 1)
+                    .filter(|b| b.iter().zip(&a).any(|(x, y)| x.size() != y.size()));
+                let yb = match &b {
+                    Some(b) => Some(model.forward_all(b).map_err(failed)?),
+                    None => None,
+                };
+                model.signature = p.signature(&ya, yb.as_deref());
+            }
+            return Ok(model);
+        }
         if let Some(shapes) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
             for shape in &shapes {
@@ -581,6 +639,20 @@ impl Model {
                         }),
                     }
                 }
+                Inner::Pt2(p) => {
+                    let mut ys = p.run(&self.name, std::slice::from_ref(input))?;
+                    match ys.len() {
+                        1 => Ok(ys.remove(0)),
+                        n => Err(ModelError::InvalidInput {
+                            model: self.name.clone(),
+                            message: format!(
+                                "the package returns {n} outputs ({}); ask for them by name \
+                                 over the Open Inference Protocol",
+                                p.output_names.join(", ")
+                            ),
+                        }),
+                    }
+                }
                 Inner::Mlp(mlp) => {
                     let mut x = input.f_to_kind(Kind::Float).map_err(invalid)?;
                     let last = mlp.layers.len() - 1;
@@ -617,6 +689,15 @@ impl Model {
     pub fn forward_all(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
         if let (true, [x]) = (self.kv, inputs) {
             return Ok(vec![self.forward(x)?]);
+        }
+        if let Inner::Pt2(p) = &self.inner {
+            let run = || p.run(&self.name, inputs);
+            return catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+                Err(ModelError::Internal {
+                    model: self.name.clone(),
+                    message: panic_message(panic.as_ref()),
+                })
+            });
         }
         let Inner::Script(m) = &self.inner else {
             return match (&self.inner, inputs) {
@@ -716,7 +797,7 @@ impl Model {
                 .iter()
                 .flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()])
                 .collect(),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
         })
     }
 
@@ -830,7 +911,7 @@ impl Model {
         match &self.inner {
             Inner::Script(_) => Some("model.pt"),
             Inner::Mlp(_) => Some("model.safetensors"),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => None,
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => None,
         }
     }
 
@@ -848,7 +929,7 @@ impl Model {
                     .collect();
                 Tensor::write_safetensors(&named, file)
             }
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
         }
         .map_err(|e| ModelError::Internal {
             model: self.name.clone(),
@@ -897,7 +978,7 @@ impl Model {
                 .vs
                 .load(file)
                 .map_err(|e| fail(clean_torch_message(&e.to_string()))),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
         }
     }
 
@@ -910,6 +991,16 @@ impl Model {
                 format!("{}={base}@{}", self.name, file.display())
             }
             _ => format!("{}={}", self.name, file.display()),
+        }
+    }
+}
+
+impl Model {
+    /// What an AOTInductor package says about itself; None for other models.
+    pub fn package(&self) -> Option<PackageInfo> {
+        match &self.inner {
+            Inner::Pt2(p) => Some(p.info()),
+            _ => None,
         }
     }
 }
@@ -966,9 +1057,10 @@ fn not_torchscript_hint(raw: &str) -> String {
     .any(|k| raw.contains(k));
     if looks_wrong {
         format!(
-            "{msg}. This file is not TorchScript: a torch.save() pickle or a torch.export \
-             (.pt2) archive cannot be served. Save the module with \
-             torch.jit.script(model).save(path) (or torch.jit.trace(model, example).save(path))"
+            "{msg}. This file is not TorchScript: a torch.save() pickle cannot be served. \
+             Save the module with torch.jit.script(model).save(path) (or \
+             torch.jit.trace(model, example).save(path)), or compile a torch.export program \
+             with torch._inductor.aoti_compile_and_package into a file named *.pt2"
         )
     } else {
         msg

@@ -24,6 +24,9 @@ pub const PLATFORM: &str = "pytorch_libtorch";
 pub const BACKEND: &str = "pytorch";
 /// The model file in each version directory unless `default_model_filename` says otherwise.
 pub const DEFAULT_MODEL_FILENAME: &str = "model.pt";
+/// Triton's platform for AOTInductor packages, and their default file name.
+pub const PT2_PLATFORM: &str = crate::model::PT2_PLATFORM;
+pub const PT2_FILENAME: &str = "model.pt2";
 /// Largest config.pbtxt read, in bytes.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -392,19 +395,26 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             crate::codec::clip(&config.name)
         ));
     }
-    match (config.platform.as_str(), config.backend.as_str()) {
-        (PLATFORM | "", BACKEND | "") => {}
+    // An AOTInductor package: Triton's platform "torch_aoti", or the PyTorch
+    // backend with a .pt2 model file.
+    let pt2 = match (config.platform.as_str(), config.backend.as_str()) {
+        (PT2_PLATFORM, BACKEND | "") => true,
+        (PLATFORM | "", BACKEND | "") => config.default_model_filename.ends_with(".pt2"),
         (p, b) => {
             return Err(format!(
                 "platform {:?} / backend {:?}: splitserve runs TorchScript models \
-                 (platform \"{PLATFORM}\" or backend \"{BACKEND}\")",
+                 (platform \"{PLATFORM}\" or backend \"{BACKEND}\") and AOTInductor \
+                 packages (platform \"{PT2_PLATFORM}\")",
                 crate::codec::clip(p),
                 crate::codec::clip(b)
             ));
         }
-    }
-    config.platform = PLATFORM.into();
+    };
+    config.platform = if pt2 { PT2_PLATFORM } else { PLATFORM }.into();
     config.backend = BACKEND.into();
+    if pt2 && config.default_model_filename.is_empty() {
+        config.default_model_filename = PT2_FILENAME.into();
+    }
     match &config.scheduling_choice {
         Some(SchedulingChoice::SequenceBatching(_)) => {
             return Err("sequence_batching (stateful sequences) is not supported".into());
@@ -427,7 +437,8 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             config.max_batch_size
         ));
     }
-    if config.input.is_empty() {
+    // A package names its own inputs and outputs (its call spec) when the config does not.
+    if config.input.is_empty() && !pt2 {
         return Err("no input: list the model's inputs (name, data_type, dims)".into());
     }
     let mut names = BTreeSet::new();

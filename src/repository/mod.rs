@@ -90,7 +90,11 @@ impl ModelDir {
         ModelSlot {
             spec: ModelSpec {
                 name: self.name.clone(),
-                source: ModelSource::TorchScript(v.file.clone()),
+                source: if self.config.platform == config::PT2_PLATFORM {
+                    ModelSource::Pt2(v.file.clone())
+                } else {
+                    ModelSource::TorchScript(v.file.clone())
+                },
                 warmup: (!shapes.is_empty()).then_some(shapes),
                 warmup_kinds: kinds,
                 warmup_samples: s.warmup_samples.clone(),
