@@ -61,10 +61,18 @@ pub enum EngineError {
     Draining,
     #[error("queue for model {model:?} is full ({capacity} requests waiting); retry with backoff")]
     QueueFull { model: String, capacity: usize },
+    /// `computing`: a worker had taken the request when the deadline passed (its
+    /// result is discarded); otherwise it was still queued and never computed.
     #[error(
-        "deadline exceeded after {waited_ms} ms waiting in the queue; the request was not computed"
+        "deadline exceeded after {waited_ms} ms {}",
+        if *computing {
+            "while the model was computing the request (its result is discarded): allow the \
+             model's run time in the deadline"
+        } else {
+            "waiting in the queue; the request was not computed"
+        }
     )]
-    DeadlineExceeded { waited_ms: u128 },
+    DeadlineExceeded { waited_ms: u128, computing: bool },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -222,6 +230,9 @@ struct Job {
     /// The model's queue timeout (config.pbtxt's default_queue_policy).
     queue_deadline: Option<Instant>,
     enqueued: Instant,
+    /// Set when a worker takes the job: a deadline that passes later passed
+    /// while it was being computed.
+    taken: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Output, EngineError>>,
     /// The RPC's span: the forward span is its child.
     rpc_span: tracing::Span,
@@ -740,6 +751,7 @@ impl Engine {
         }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
+        let taken = Arc::new(AtomicBool::new(false));
         let wake = {
             let mut q = lock(&self.shared.queues);
             let index = q.resolve(model, version)?;
@@ -781,6 +793,7 @@ impl Engine {
                 deadline,
                 queue_deadline: unit.slot().queue_timeout.map(|t| now + t),
                 enqueued: now,
+                taken: taken.clone(),
                 reply: tx,
                 rpc_span,
                 queue_span,
@@ -796,6 +809,7 @@ impl Engine {
                 Err(_) => {
                     return Err(EngineError::DeadlineExceeded {
                         waited_ms: now.elapsed().as_millis(),
+                        computing: taken.load(Ordering::Acquire),
                     });
                 }
             },
@@ -1283,6 +1297,7 @@ fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, 
             if let Some(job) = queue.remove(i) {
                 let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
                     waited_ms: job.enqueued.elapsed().as_millis(),
+                    computing: false,
                 }));
             }
             continue;
@@ -1303,6 +1318,7 @@ fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, 
         };
         if fits {
             if let Some(job) = queue.remove(i) {
+                job.taken.store(true, Ordering::Release);
                 jobs.push(job);
             }
         } else {
