@@ -762,6 +762,9 @@ impl Engine {
                 unit.metrics.draining.inc();
                 return Err(EngineError::Draining);
             }
+            if matches!(step, None | Some(Step::Forward { .. })) {
+                unit.model.check_input_shape(&input.shape)?;
+            }
             let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
             if needs_training && unit.training.is_none() {
                 return Err(EngineError::Unsupported(format!(

@@ -457,6 +457,27 @@ impl Model {
         Ok(model)
     }
 
+    /// Refuses, before any queueing, an input the model's definition cannot take:
+    /// the built-in MLP's input width is fixed (the first of its widths), so a
+    /// different last dimension gets the shape it expects, as the v2 path says it.
+    pub fn check_input_shape(&self, shape: &[i64]) -> Result<(), ModelError> {
+        if let Inner::Mlp(mlp) = &self.inner {
+            let width = mlp.layers.first().map(|(w, _)| w.size()[1]);
+            if let Some(width) = width {
+                if shape.last() != Some(&width) {
+                    return Err(ModelError::InvalidInput {
+                        model: self.name.clone(),
+                        message: format!(
+                            "input shape {shape:?}; model {:?} ({}) expects [-1, {width}]",
+                            self.name, self.description
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the model on one (possibly batched) input already on the model's device.
     /// The caller holds a no_grad guard.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor, ModelError> {

@@ -23,8 +23,9 @@ def test_bench_names_each_error_and_fails_when_requests_fail(pb, server_factory)
     r = run("bench", "--addr", s.addr, "--duration", "500ms", "--warmup", "0s",
             "--concurrency", "2", "--shape", "1x100")
     assert r.returncode != 0, r.stdout
+    assert "2 clients on 2 connections" in r.stdout, r.stdout  # never more connections than clients
     assert "100.0% of requests failed" in r.stdout
-    assert "shapes cannot be multiplied" in r.stdout, r.stdout
+    assert "expects [-1, 512]" in r.stdout, r.stdout
     assert "--max-error-rate" in r.stderr
     # Tolerated failures: exit 0 again.
     r = run("bench", "--addr", s.addr, "--duration", "300ms", "--warmup", "0s",
