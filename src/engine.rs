@@ -185,6 +185,7 @@ pub struct Output {
 /// One model's metric handles, resolved once so workers never look labels up.
 struct ModelMetrics {
     computed: IntCounter,
+    computed_rows: IntCounter,
     forwards: IntCounter,
     queue_full: IntCounter,
     deadline: IntCounter,
@@ -200,6 +201,7 @@ impl ModelMetrics {
         let rejected = |r: &str| m.rejected.with_label_values(&[model, r]);
         ModelMetrics {
             computed: m.computed.with_label_values(&[model]),
+            computed_rows: m.computed_rows.with_label_values(&[model]),
             forwards: m.forwards.with_label_values(&[model]),
             queue_full: rejected(reason::QUEUE_FULL),
             deadline: rejected(reason::DEADLINE),
@@ -1405,6 +1407,8 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         let queue_time = started.saturating_duration_since(job.enqueued);
         if result.is_ok() {
             m.computed.inc();
+            m.computed_rows
+                .inc_by(job.input.shape.first().map_or(1, |&r| r.max(0) as u64));
             m.queue_time.observe(queue_time.as_secs_f64());
             m.inference_time.observe(compute_time.as_secs_f64());
         }

@@ -350,7 +350,8 @@ impl InferenceApi {
                     name: model.clone(),
                     version: version.clone(),
                     last_inference: 0,
-                    inference_count: computed,
+                    // Triton counts rows: a request of batch 8 is 8 inferences.
+                    inference_count: m.total(&m.computed_rows, &[("model", model)]),
                     execution_count: m.total(&m.forwards, &[("model", model)]),
                     inference_stats: Some(pb::InferStatistics {
                         success: Some(pb::StatisticDuration {

@@ -115,6 +115,13 @@ pub struct Metrics {
     gpu_memory_total: GaugeVec,
     gpu_utilization: GaugeVec,
     gpu_process_memory: GaugeVec,
+    /// Rows computed (dimension 0 of each request's input, 1 for a scalar):
+    /// Triton's inference_count, which counts each row of a batch.
+    pub computed_rows: IntCounterVec,
+    /// Repository models whose newest load failed (unreadable directory or
+    /// config.pbtxt, a version that did not load): the alert's signal while the
+    /// pod stays Ready with what it already serves.
+    pub repository_failed_models: IntGauge,
 }
 
 /// Names of the protocols, as the `protocol` label spells them.
@@ -419,6 +426,17 @@ impl Metrics {
                 "splitserve_gpu_process_memory_bytes",
                 "GPU memory this process holds on the device.",
             )?,
+            computed_rows: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_computed_rows_total",
+                    "Rows computed (dimension 0 of each request's input).",
+                ),
+                &["model"],
+            )?,
+            repository_failed_models: IntGauge::new(
+                "splitserve_repository_failed_models",
+                "Model repository models whose newest load failed.",
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -441,6 +459,8 @@ impl Metrics {
         r.register(Box::new(m.inflight.clone()))?;
         r.register(Box::new(m.rejected.clone()))?;
         r.register(Box::new(m.computed.clone()))?;
+        r.register(Box::new(m.computed_rows.clone()))?;
+        r.register(Box::new(m.repository_failed_models.clone()))?;
         r.register(Box::new(m.forwards.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
         r.register(Box::new(m.queue_capacity.clone()))?;
