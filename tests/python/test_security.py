@@ -313,9 +313,27 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
         code, details = compute(creds)
         assert code == grpc.StatusCode.UNAVAILABLE, f"{who}: {code} {details}"
 
+    # The operator learns why from the log, once per 10 s however many clients fail.
+    first = s.wait_log("TLS handshake failed:")
+    assert "no certificates" in first and "X.509 v3" in first, first
+    failures = metric_sum(s.metrics(), "splitserve_tls_handshake_failures_total")
+    warned = s.log_so_far().count("TLS handshake failed:")
+    assert 1 <= warned < failures, f"{warned} warnings for {failures} failed handshakes"
+
     code, reply = compute(tls(pki, pki.client))
     assert code == grpc.StatusCode.OK, reply
     assert np.array_equal(decode(reply.data, reply.shape), x * 2)
+
+    # The exec probe / HEALTHCHECK: plaintext says what to pass; with the CA and a
+    # client certificate (and the name the certificate carries) it answers SERVING.
+    client_crt, client_key = pki.client.write(pki.dir, "probe-client")
+    r = probe(CLIENT, s.addr)
+    assert r.returncode == 1 and "--tls-ca" in r.stderr, r.stderr
+    r = probe(CLIENT, f"localhost:{s.port}", "--tls-ca", str(pki.ca_path))
+    assert r.returncode == 1, r  # mTLS: no client certificate
+    r = probe(CLIENT, s.addr, "--tls-ca", str(pki.ca_path), "--tls-server-name", "localhost",
+              "--tls-cert", str(client_crt), "--tls-key", str(client_key))
+    assert r.returncode == 0 and r.stdout.strip().endswith("SERVING"), r
 
 
 # --- rotation -----------------------------------------------------------------
