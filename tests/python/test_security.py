@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import fixture_path, wait_until
+from conftest import CLIENT, fixture_path, probe, wait_until
 
 SERVICE = "splitlearn.comm.ComputeService"
 RELOAD = ("--credentials-reload-interval", "200ms")
