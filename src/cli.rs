@@ -576,6 +576,17 @@ impl ServeArgs {
         let plan =
             ThreadPlan::from_request(&threads).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let specs = self.model_specs();
+        for name in &self.trainable {
+            if PerModel::resolve(&self.learning_rate, name).is_none() {
+                tracing::warn!(
+                    model = %name,
+                    "model {name:?} is trainable but has no --learning-rate: a ComputeBackward \
+                     without learning_rate (every unchanged splitlearn_comm client) returns \
+                     gradients and never steps its parameters; set --learning-rate {name}=F \
+                     to train it"
+                );
+            }
+        }
         let training = TrainingConfig {
             names: specs.iter().map(|m| m.name.clone()).collect(),
             cache_bytes: self.activation_cache_bytes,

@@ -569,6 +569,8 @@ def test_parameters_change_only_on_models_opted_in_with_trainable(pb, server_fac
 def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     pb2, _ = pb
     s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10")
+    # No --learning-rate: unchanged clients' backwards would never step; the start says so.
+    assert "--learning-rate m=F" in s.wait_log("is trainable but has no --learning-rate")
     before = inference(stub, pb2)
     x = np.ones((2, 4))
 
