@@ -215,7 +215,7 @@ def test_default_env_configures_the_server() -> None:
     assert env["SPLITSERVE_INTRA_OP_THREADS"] == "auto"
     assert env["SPLITSERVE_LOG_FORMAT"] == "json"
     assert env["SPLITSERVE_SHUTDOWN_GRACE"] == "30s"
-    assert "SPLITSERVE_OTLP_ENDPOINT" not in env
+    assert "SPLITSERVE_OTLP_ENDPOINT" not in env and "SPLITSERVE_ACCESS_LOG" not in env
     # Inference: connections are aged out, so clients reconnect and spread over new pods.
     assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "5m"
     assert env["SPLITSERVE_MAX_CONNECTION_AGE_GRACE"] == "30s"
@@ -242,6 +242,7 @@ def test_all_options_env() -> None:
     assert value["SPLITSERVE_MAX_MESSAGE_BYTES"] == "104857600"
     assert value["SPLITSERVE_WORKERS"] == "2"
     assert value["SPLITSERVE_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert value["SPLITSERVE_ACCESS_LOG"] == "true"  # config.accessLog (docs/runbooks.md, `invalid`)
     assert value["RUST_LOG"] == "info,splitserve=debug"
     assert "fieldRef" in env["OTEL_SERVICE_NAME"]["valueFrom"]
     # extraEnv replaces the chart's own value instead of duplicating it.

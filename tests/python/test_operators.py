@@ -63,13 +63,23 @@ def test_text_logs_carry_no_escape_codes_into_a_pipe_and_the_access_log_has_each
     pb2, pb2_grpc = pb
     stub = pb2_grpc.ComputeServiceStub(s.channel())
     stub.Compute(pb2.ComputeRequest(data=b"\0" * 2048, shape=[1, 512]), timeout=30)
+    # A rejected request's line says why, with the shape it sent (runbooks.md, `invalid`).
+    try:
+        stub.Compute(pb2.ComputeRequest(data=b"\0" * 400, shape=[1, 100]), timeout=30)
+    except Exception:
+        pass
     assert s.terminate() == 0
     log = s.output()
     assert "\x1b[" not in log
     lines = [l for l in log.splitlines() if "splitserve::access" in l and 'method="Compute"' in l]
-    assert lines, log[-2000:]
-    assert 'code="OK"' in lines[-1] and "bytes_in=2048" in lines[-1] and "bytes_out=2048" in lines[-1]
-    assert 'model="mlp"' in lines[-1] and "duration_ms=" in lines[-1]
+    assert len(lines) == 2, log[-2000:]
+    assert 'code="OK"' in lines[0] and "bytes_in=2048" in lines[0] and "bytes_out=2048" in lines[0]
+    assert 'model="mlp"' in lines[0] and "duration_ms=" in lines[0] and "error=" not in lines[0]
+    assert 'code="INVALID_ARGUMENT"' in lines[1] and "error=" in lines[1] and "[1, 100]" in lines[1], lines[1]
+    # Durations in whole microseconds, no float noise (0.030994999999999998).
+    for line in lines:
+        duration = line.split("duration_ms=")[1].split()[0]
+        assert len(duration.partition(".")[2]) <= 3, line
 
 
 def test_a_file_that_is_not_torchscript_says_how_to_fix_it(tmp_path):
