@@ -405,10 +405,15 @@ impl Model {
             inner,
             params: RwLock::new(0),
         };
+        // Warm-up failures are the operator's to fix: name the file, not its digest.
+        let shown = match &spec.source {
+            ModelSource::TorchScript(path) => path.display().to_string(),
+            ModelSource::Builtin(_) => model.description.clone(),
+        };
         if let Some(shapes) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
             for shape in &shapes {
-                check_warmup_shape(shape).map_err(|e| load_err(model.description.clone(), e))?;
+                check_warmup_shape(shape).map_err(|e| load_err(shown.clone(), e))?;
             }
             let inputs: Vec<Tensor> = shapes
                 .iter()
@@ -420,7 +425,7 @@ impl Model {
                 .collect::<Result<_, _>>()
                 .map_err(|e| {
                     load_err(
-                        model.description.clone(),
+                        shown.clone(),
                         format!(
                             "cannot allocate the warm-up input {shapes:?}: {}",
                             torch_text(&e.to_string(), true)
@@ -429,7 +434,7 @@ impl Model {
                 })?;
             let failed = |e: ModelError| {
                 load_err(
-                    model.description.clone(),
+                    shown.clone(),
                     format!("warm-up forward on shapes {shapes:?} failed: {e}"),
                 )
             };

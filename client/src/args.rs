@@ -2,13 +2,14 @@
 //! binary and `splitserve` itself: clap structs that convert into the plain
 //! configs of [`crate::probe`] and [`crate::bench`].
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
 
 use crate::bench::BenchConfig;
-use crate::probe::ProbeConfig;
+use crate::probe::{ProbeConfig, ProbeTls};
 
 /// A tensor shape on the command line, `1x64x256`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +66,7 @@ pub struct BenchArgs {
     #[arg(long, env = "SPLITSERVE_BENCH_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
 
-    /// HTTP/2 connections the clients share (round-robin).
+    /// HTTP/2 connections the clients share (round-robin); at most one per client.
     #[arg(long, env = "SPLITSERVE_BENCH_CONNECTIONS", default_value_t = 4)]
     pub connections: usize,
 

@@ -945,8 +945,7 @@ def test_kserve_runtime_never_trains(chart) -> None:
         ({"training": {"enabled": True, "models": ["mlp"], "checkpointKeep": 0}}, "/training/checkpointKeep"),
         ({"training": {"checkpoints": {"claimName": "x"}}}, "claimName"),
         ({"training": {"checkpoints": {"accessModes": ["ReadOnlyMany"]}}}, "/training/checkpoints/accessModes/0"),
-        # One pod when training: neither more replicas nor an autoscaler.
-        ({"training": {"enabled": True, "models": ["mlp"]}, "replicaCount": 2}, "/replicaCount"),
+        # One pod when training: no autoscaler (more replicas: the templates say why).
         (
             {"training": {"enabled": True, "models": ["mlp"]}, "hpa": {"enabled": True}},
             "/hpa/enabled",
@@ -992,6 +991,11 @@ def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str
         ({"hpa": {"enabled": True, "cpu": {"enabled": False}}}, "hpa.cpu.enabled or hpa.queueDepth.enabled"),
         ({"pdb": {"minAvailable": 1}}, "exactly one of maxUnavailable and minAvailable"),
         ({"training": {"enabled": True, "models": ["mlp", "top"]}}, 'training.models names model "top"'),
+        # The schema would only say "maximum: got 2, want 1"; the template says why.
+        (
+            {"training": {"enabled": True, "models": ["mlp"]}, "replicaCount": 2},
+            "training.enabled runs exactly one pod (a backward must reach the pod that holds its forward",
+        ),
         (
             {"training": {"enabled": True, "models": ["mlp"], "learningRate": {"top": 0.1}}},
             'training.learningRate names model "top", which training.models does not list',
