@@ -96,8 +96,11 @@ pub struct ServeArgs {
     /// `builtin:mlp:INxHIDDEN...xOUT` (e.g. builtin:mlp:512x1024x512; append
     /// `@FILE` to start from weights that --checkpoint-dir saved),
     /// `builtin:scale:K` (multiplies any tensor by K),
-    /// `builtin:delay:MILLIS` (identity after sleeping, for tests).
-    /// Without any, serves `mlp=builtin:mlp:512x1024x512`.
+    /// `builtin:delay:MILLIS` (identity after sleeping, for tests),
+    /// `builtin:identity` (answers its input unchanged).
+    /// Without any, serves `mlp=builtin:mlp:512x1024x512`. Commas separate
+    /// several (`a=a.pt,b=b.pt`, also in SPLITSERVE_MODEL), so a path with a
+    /// comma cannot be named: rename or symlink it.
     #[arg(
         long = "model",
         env = "SPLITSERVE_MODEL",
