@@ -685,6 +685,24 @@ def test_notes_show_how_to_reach_both_ports(key: str) -> None:
         assert 'authorization: Bearer $TOKEN' in health
 
 
+def test_notes_say_what_keeps_prometheus_from_scraping(chart) -> None:
+    """The defaults a Prometheus elsewhere trips on are named with their fix."""
+    values = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+    notes = chart.render(values, name="splitserve", namespace="ml")["splitserve/templates/NOTES.txt"]
+    assert "a Prometheus in another namespace cannot scrape them, and SplitserveTargetDown fires" in notes
+    assert "serviceMonitorSelector matches serviceMonitor.labels (now {}" in notes
+    assert "scrapes them every" not in notes  # a promise nobody can keep without a matching Prometheus
+    assert "prometheusRule.runbookUrl to where docs/runbooks.md is served" in notes
+    values = {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        "prometheusRule": {"enabled": True, "runbookUrl": "https://git.example.com/splitserve/docs/runbooks.md"},
+        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+    }
+    notes = chart.render(values, name="splitserve", namespace="ml")["splitserve/templates/NOTES.txt"]
+    assert "another namespace" not in notes and "runbookUrl to where" not in notes
+    assert '(now {"release":"kps"})' in notes
+
+
 def test_pdb_selects_the_server_pods() -> None:
     for key in ("default", "all"):
         objs = objects(key)
