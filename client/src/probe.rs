@@ -74,9 +74,17 @@ fn hint(error: &str, tls: bool) -> &'static str {
     if error.contains("onnection refused") {
         " (nothing listens there: is the server running, on this --addr?)"
     } else if !tls
-        && (error.contains("h2 protocol error") || error.contains("frame with invalid size"))
+        && [
+            "h2 protocol error",
+            "frame with invalid size",
+            "broken pipe",
+            "onnection reset",
+        ]
+        .iter()
+        .any(|s| error.contains(s))
     {
-        " (the port seems to speak TLS: pass --tls-ca, and --tls-cert/--tls-key for mTLS)"
+        " (the server closed the connection: if the port speaks TLS, pass --tls-ca, and \
+         --tls-cert/--tls-key for mTLS)"
     } else if tls && (error.contains("InvalidContentType") || error.contains("corrupt message")) {
         " (the port speaks plaintext: drop --tls-ca)"
     } else {
