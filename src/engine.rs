@@ -1086,7 +1086,8 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
     let mut units = match loaded {
         Ok(units) => units,
         Err(e) => {
-            tracing::error!(error = %e, "model loading failed");
+            // run() returns it as RunError::Startup, which the caller logs once.
+            tracing::debug!(error = %e, "model loading failed");
             shared
                 .status
                 .send_replace(EngineStatus::Failed(e.to_string()));

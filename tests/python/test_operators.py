@@ -108,3 +108,14 @@ def test_dashboards_find_model_info_payload_sizes_and_training_by_model(pb, serv
     assert 'splitserve_request_bytes_count{encoding="float32",protocol="splitlearn"}' in text
     assert 'splitserve_training_events_total{event="backward",model="top"} 1' in text
     assert s.terminate() == 0
+
+
+def test_a_failed_warm_up_names_the_file_once():
+    """The operator's error: the model's path (not its digest), printed once."""
+    top = fixture_path("top.pt")
+    r = run("serve", "--model", f"top={top}", "--warmup-shape", "top=1x5", "--grpc-addr", "127.0.0.1:0",
+            "--metrics-addr", "off", "--http-addr", "off")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "warm-up forward" in line]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert str(top) in errors[0] and "sha256" not in errors[0], errors[0]
