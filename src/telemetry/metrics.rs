@@ -658,6 +658,7 @@ mod tests {
         m.inflight.set(1);
         m.rejected.with_label_values(&["m", "r"]).inc();
         m.computed.with_label_values(&["m"]).inc();
+        m.computed_rows.with_label_values(&["m"]).inc();
         m.forwards.with_label_values(&["m"]).inc();
         m.queue_depth.with_label_values(&["m"]).set(1);
         m.queue_capacity.with_label_values(&["m"]).set(1);
