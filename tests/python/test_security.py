@@ -305,6 +305,7 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
         stub = pb2_grpc.ComputeServiceStub(s.channel(credentials=credentials))
         return outcome(lambda: stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT))
 
+    began = time.monotonic()
     for who, creds in (
         ("no client certificate", tls(pki)),
         ("a certificate from another CA", tls(pki, pki.foreign_client)),
@@ -318,7 +319,9 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
     assert "no certificates" in first and "X.509 v3" in first, first
     failures = metric_sum(s.metrics(), "splitserve_tls_handshake_failures_total")
     warned = s.log_so_far().count("TLS handshake failed:")
-    assert 1 <= warned < failures, f"{warned} warnings for {failures} failed handshakes"
+    # Three clients failed (grpcio may retry each): one warning per 10 s, not one each.
+    allowed = 1 + int((time.monotonic() - began) / 10)
+    assert failures >= 3 and 1 <= warned <= allowed, f"{warned} warnings for {failures} failed handshakes"
 
     code, reply = compute(tls(pki, pki.client))
     assert code == grpc.StatusCode.OK, reply
