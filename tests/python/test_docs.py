@@ -420,7 +420,7 @@ class NotesLine:
 
     @property
     def id(self) -> str:
-        return f"NOTES[{self.scenario}]: {self.text[:60]}"
+        return f"NOTES[{self.scenario}]: {self.text}"
 
 
 COMMAND = re.compile(r"^ {5}(kubectl|helm|grpcurl|curl|python)\b(.*)$")
@@ -488,6 +488,7 @@ def outcomes(world):
     for line in lines:
         if line.text.startswith(("kubectl", "helm")):
             continue
+        assert line.id not in jobs, f"two NOTES lines share an id: {line.id}"
         jobs[line.id] = (run_notes_line, line)
     with ThreadPoolExecutor(max_workers=6) as pool:
         futures = {k: pool.submit(fn, world, arg) for k, (fn, arg) in jobs.items()}
