@@ -62,10 +62,18 @@ pub enum EngineError {
     Draining,
     #[error("queue for model {model:?} is full ({capacity} requests waiting); retry with backoff")]
     QueueFull { model: String, capacity: usize },
+    /// `computing`: a worker had taken the request when the deadline passed (its
+    /// result is discarded); otherwise it was still queued and never computed.
     #[error(
-        "deadline exceeded after {waited_ms} ms waiting in the queue; the request was not computed"
+        "deadline exceeded after {waited_ms} ms {}",
+        if *computing {
+            "while the model was computing the request (its result is discarded): allow the \
+             model's run time in the deadline"
+        } else {
+            "waiting in the queue; the request was not computed"
+        }
     )]
-    DeadlineExceeded { waited_ms: u128 },
+    DeadlineExceeded { waited_ms: u128, computing: bool },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -180,6 +188,7 @@ pub struct Output {
 /// One model's metric handles, resolved once so workers never look labels up.
 struct ModelMetrics {
     computed: IntCounter,
+    computed_rows: IntCounter,
     forwards: IntCounter,
     queue_full: Refusal,
     deadline: Refusal,
@@ -216,6 +225,7 @@ impl ModelMetrics {
         ModelMetrics {
             triton: triton.clone(),
             computed: m.computed.with_label_values(&[model]),
+            computed_rows: m.computed_rows.with_label_values(&[model]),
             forwards: m.forwards.with_label_values(&[model]),
             queue_full: rejected(reason::QUEUE_FULL),
             deadline: rejected(reason::DEADLINE),
@@ -246,6 +256,9 @@ struct Job {
     /// The model's queue timeout (config.pbtxt's default_queue_policy).
     queue_deadline: Option<Instant>,
     enqueued: Instant,
+    /// Set when a worker takes the job: a deadline that passes later passed
+    /// while it was being computed.
+    taken: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Output, EngineError>>,
     /// The RPC's span: the forward span is its child.
     rpc_span: tracing::Span,
@@ -782,6 +795,7 @@ impl Engine {
         }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
+        let taken = Arc::new(AtomicBool::new(false));
         let wake = {
             let mut q = lock(&self.shared.queues);
             let index = q.resolve(model, version)?;
@@ -791,6 +805,9 @@ impl Engine {
             if draining {
                 unit.metrics.draining.inc();
                 return Err(EngineError::Draining);
+            }
+            if matches!(step, None | Some(Step::Forward { .. })) {
+                unit.model.check_input_shape(&input.shape)?;
             }
             let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
             if needs_training && unit.model.package().is_some() {
@@ -831,6 +848,7 @@ impl Engine {
                 deadline,
                 queue_deadline: unit.slot().queue_timeout.map(|t| now + t),
                 enqueued: now,
+                taken: taken.clone(),
                 reply: tx,
                 rpc_span,
                 queue_span,
@@ -846,6 +864,7 @@ impl Engine {
                 Err(_) => {
                     return Err(EngineError::DeadlineExceeded {
                         waited_ms: now.elapsed().as_millis(),
+                        computing: taken.load(Ordering::Acquire),
                     });
                 }
             },
@@ -1165,7 +1184,8 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
     let mut units = match loaded {
         Ok(units) => units,
         Err(e) => {
-            tracing::error!(error = %e, "model loading failed");
+            // run() returns it as RunError::Startup, which the caller logs once.
+            tracing::debug!(error = %e, "model loading failed");
             shared
                 .status
                 .send_replace(EngineStatus::Failed(e.to_string()));
@@ -1381,6 +1401,7 @@ fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, 
             if let Some(job) = queue.remove(i) {
                 let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
                     waited_ms: job.enqueued.elapsed().as_millis(),
+                    computing: false,
                 }));
             }
             continue;
@@ -1401,6 +1422,7 @@ fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, 
         };
         if fits {
             if let Some(job) = queue.remove(i) {
+                job.taken.store(true, Ordering::Release);
                 jobs.push(job);
             }
         } else {
@@ -1494,6 +1516,8 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         let queue_time = started.saturating_duration_since(job.enqueued);
         if result.is_ok() {
             m.computed.inc();
+            m.computed_rows
+                .inc_by(job.input.shape.first().map_or(1, |&r| r.max(0) as u64));
             m.queue_time.observe(queue_time.as_secs_f64());
             m.inference_time.observe(compute_time.as_secs_f64());
             let rows = match (unbatched, job.input.shape.first()) {

@@ -523,10 +523,15 @@ impl Model {
             }
             return Ok(model);
         }
+        // Warm-up failures are the operator's to fix: name the file, not its digest.
+        let shown = match &spec.source {
+            ModelSource::TorchScript(path) | ModelSource::Pt2(path) => path.display().to_string(),
+            ModelSource::Builtin(_) => model.description.clone(),
+        };
         if let Some(shapes) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
             for shape in &shapes {
-                check_warmup_shape(shape).map_err(|e| load_err(model.description.clone(), e))?;
+                check_warmup_shape(shape).map_err(|e| load_err(shown.clone(), e))?;
             }
             let inputs: Vec<Tensor> = shapes
                 .iter()
@@ -538,7 +543,7 @@ impl Model {
                 .collect::<Result<_, _>>()
                 .map_err(|e| {
                     load_err(
-                        model.description.clone(),
+                        shown.clone(),
                         format!(
                             "cannot allocate the warm-up input {shapes:?}: {}",
                             torch_text(&e.to_string(), true)
@@ -547,7 +552,7 @@ impl Model {
                 })?;
             let failed = |e: ModelError| {
                 load_err(
-                    model.description.clone(),
+                    shown.clone(),
                     format!("warm-up forward on shapes {shapes:?} failed: {e}"),
                 )
             };
@@ -605,6 +610,27 @@ impl Model {
             (None, None) => Signature::unknown(1, 1),
         };
         Ok(model)
+    }
+
+    /// Refuses, before any queueing, an input the model's definition cannot take:
+    /// the built-in MLP's input width is fixed (the first of its widths), so a
+    /// different last dimension gets the shape it expects, as the v2 path says it.
+    pub fn check_input_shape(&self, shape: &[i64]) -> Result<(), ModelError> {
+        if let Inner::Mlp(mlp) = &self.inner {
+            let width = mlp.layers.first().map(|(w, _)| w.size()[1]);
+            if let Some(width) = width {
+                if shape.last() != Some(&width) {
+                    return Err(ModelError::InvalidInput {
+                        model: self.name.clone(),
+                        message: format!(
+                            "input shape {shape:?}; model {:?} ({}) expects [-1, {width}]",
+                            self.name, self.description
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the model on one (possibly batched) input already on the model's device.

@@ -822,6 +822,20 @@ impl Repository {
     }
 
     fn bump(&self) {
+        let failed = lock(&self.inner.models)
+            .values()
+            .filter(|m| {
+                m.error.is_some()
+                    || m.versions
+                        .values()
+                        .any(|(s, r)| *s == "UNAVAILABLE" && !r.starts_with("unloaded"))
+            })
+            .count();
+        self.inner
+            .engine
+            .metrics()
+            .repository_failed_models
+            .set(failed as i64);
         self.inner.changed.send_modify(|n| *n += 1);
     }
 

@@ -117,6 +117,13 @@ pub struct Metrics {
     gpu_process_memory: GaugeVec,
     /// Triton's `nv_*` families, beside these (docs/observability.md).
     pub triton: super::triton::TritonMetrics,
+    /// Rows computed (dimension 0 of each request's input, 1 for a scalar):
+    /// Triton's inference_count, which counts each row of a batch.
+    pub computed_rows: IntCounterVec,
+    /// Repository models whose newest load failed (unreadable directory or
+    /// config.pbtxt, a version that did not load): the alert's signal while the
+    /// pod stays Ready with what it already serves.
+    pub repository_failed_models: IntGauge,
 }
 
 /// Names of the protocols, as the `protocol` label spells them.
@@ -422,6 +429,17 @@ impl Metrics {
                 "GPU memory this process holds on the device.",
             )?,
             triton: super::triton::TritonMetrics::new()?,
+            computed_rows: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_computed_rows_total",
+                    "Rows computed (dimension 0 of each request's input).",
+                ),
+                &["model"],
+            )?,
+            repository_failed_models: IntGauge::new(
+                "splitserve_repository_failed_models",
+                "Model repository models whose newest load failed.",
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -444,6 +462,8 @@ impl Metrics {
         r.register(Box::new(m.inflight.clone()))?;
         r.register(Box::new(m.rejected.clone()))?;
         r.register(Box::new(m.computed.clone()))?;
+        r.register(Box::new(m.computed_rows.clone()))?;
+        r.register(Box::new(m.repository_failed_models.clone()))?;
         r.register(Box::new(m.forwards.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
         r.register(Box::new(m.queue_capacity.clone()))?;
@@ -644,6 +664,7 @@ mod tests {
         m.inflight.set(1);
         m.rejected.with_label_values(&["m", "r"]).inc();
         m.computed.with_label_values(&["m"]).inc();
+        m.computed_rows.with_label_values(&["m"]).inc();
         m.forwards.with_label_values(&["m"]).inc();
         m.queue_depth.with_label_values(&["m"]).set(1);
         m.queue_capacity.with_label_values(&["m"]).set(1);
