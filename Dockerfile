@@ -63,7 +63,7 @@ RUN --mount=type=cache,id=splitserve-pip-${VARIANT},target=/root/.cache/pip \
       cat /etc/ssl/certs/ca-certificates.crt /run/secrets/build_ca >/tmp/build-ca.pem; \
       export PIP_CERT=/tmp/build-ca.pem; \
     fi \
- && SPLITSERVE_CACHE= bash scripts/setup.sh \
+ && SPLITSERVE_CACHE='' bash scripts/setup.sh \
  && rm -f /tmp/build-ca.pem
 
 # torch-sys asks the venv's python where torch is (LIBTORCH_USE_PYTORCH=1).

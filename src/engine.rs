@@ -807,7 +807,10 @@ impl Engine {
                 return Err(EngineError::Draining);
             }
             if matches!(step, None | Some(Step::Forward { .. })) {
-                unit.model.check_input_shape(&input.shape)?;
+                // Triton counts a request its model refuses as a failed inference.
+                unit.model
+                    .check_input_shape(&input.shape)
+                    .inspect_err(|_| unit.metrics.triton.failure.inc())?;
             }
             let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
             if needs_training && unit.model.package().is_some() {
