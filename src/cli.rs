@@ -266,7 +266,7 @@ pub struct ServeArgs {
 
     /// Most positions of a KV session's prompt computed in one forward; longer
     /// prompts run in chunks between decode batches (while sessions decode, a
-    /// chunk is also kept to about one decode batch's time).
+    /// chunk is also kept below one decode batch's time).
     #[arg(long, env = "SPLITSERVE_KV_PREFILL_CHUNK", default_value_t = 512, value_parser = clap::value_parser!(i64).range(1..))]
     pub kv_prefill_chunk: i64,
 

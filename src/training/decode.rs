@@ -8,8 +8,9 @@
 //! session is computed in chunks ([`Training::run_chunked`]): between chunks
 //! the engine puts the step back in its queue, so decode batches queued
 //! meanwhile run first. While sessions are decoding, a chunk is sized to take
-//! about as long as a decode batch (both are measured as they run), so a long
-//! prompt delays each decode step by about one batch, not by the whole prompt.
+//! about three quarters of a decode batch (both are measured as they run), so
+//! a long prompt delays each decode step by less than one batch, not by the
+//! whole prompt.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,8 +24,9 @@ use crate::codec::{Encoding, RawTensor};
 use crate::model::{self, Model};
 
 /// Fewest positions in a chunk while sessions decode: below it, reading the
-/// weights dominates again (`--kv-prefill-chunk` may set a smaller chunk still).
-const MIN_CHUNK: i64 = 16;
+/// weights dominates and a chunk costs as much as a bigger one
+/// (`--kv-prefill-chunk` may set a smaller chunk still).
+const MIN_CHUNK: i64 = 8;
 /// A chunk while sessions decode but no chunk was measured yet.
 const FIRST_CHUNK: i64 = 32;
 /// Sessions count as decoding for this long after a decode batch.
@@ -154,7 +156,7 @@ impl Training {
     }
 
     /// Positions the next prefill chunk of model `index` may take: at most
-    /// `--kv-prefill-chunk`; while sessions decode, about one decode batch's time.
+    /// `--kv-prefill-chunk`; while sessions decode, about 3/4 of a decode batch's time.
     fn chunk_len(&self, index: usize) -> i64 {
         let most = self.config.sessions.prefill_chunk.max(1);
         let Some(p) = self.pacing.get(index) else {
@@ -169,7 +171,7 @@ impl Training {
         if per == 0 {
             return FIRST_CHUNK.min(most);
         }
-        let budget_ns = p.decode_us.load(Ordering::Relaxed).saturating_mul(1000);
+        let budget_ns = p.decode_us.load(Ordering::Relaxed).saturating_mul(750);
         ((budget_ns / per) as i64).clamp(MIN_CHUNK.min(most), most)
     }
 
