@@ -22,6 +22,7 @@ use crate::plan::ThreadPlan;
 use crate::proto::inference::ModelConfig;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::reason;
+use crate::telemetry::triton::{RequestTimes, TritonModel};
 use crate::training::{
     Chunked, DecodeBatch, Prefill, Step, Training, TrainingConfig, TrainingError,
 };
@@ -139,6 +140,8 @@ pub struct LoadedModel {
     pub device: String,
     pub description: String,
     pub signature: Option<model::Signature>,
+    /// What its metadata lists (never empty; see `Model::listed`).
+    pub listed: model::Signature,
     pub slot: ModelSlot,
 }
 
@@ -180,10 +183,10 @@ pub struct Output {
 struct ModelMetrics {
     computed: IntCounter,
     forwards: IntCounter,
-    queue_full: IntCounter,
-    deadline: IntCounter,
-    cancelled: IntCounter,
-    draining: IntCounter,
+    queue_full: Refusal,
+    deadline: Refusal,
+    cancelled: Refusal,
+    draining: Refusal,
     queue_time: Histogram,
     inference_time: Histogram,
     batch_size: Histogram,
@@ -192,12 +195,33 @@ struct ModelMetrics {
     kv_decoded_tokens: IntCounter,
     kv_mixed_batches: IntCounter,
     kv_prefill_chunks: IntCounter,
+    /// Triton's families of this model version.
+    triton: TritonModel,
+}
+
+/// A request refused without an answer: counted by reason, and as one of
+/// Triton's failed requests.
+struct Refusal {
+    reason: IntCounter,
+    failure: IntCounter,
+}
+
+impl Refusal {
+    fn inc(&self) {
+        self.reason.inc();
+        self.failure.inc();
+    }
 }
 
 impl ModelMetrics {
-    fn new(m: &Metrics, model: &str) -> ModelMetrics {
-        let rejected = |r: &str| m.rejected.with_label_values(&[model, r]);
+    fn new(m: &Metrics, model: &str, version: u64) -> ModelMetrics {
+        let triton = m.triton.model(model, version);
+        let rejected = |r: &str| Refusal {
+            reason: m.rejected.with_label_values(&[model, r]),
+            failure: triton.failure.clone(),
+        };
         ModelMetrics {
+            triton: triton.clone(),
             computed: m.computed.with_label_values(&[model]),
             forwards: m.forwards.with_label_values(&[model]),
             queue_full: rejected(reason::QUEUE_FULL),
@@ -620,6 +644,18 @@ impl Engine {
             .collect()
     }
 
+    /// Requests waiting per model version: (name, version, depth).
+    pub fn queue_depths_by_version(&self) -> Vec<(String, u64, usize)> {
+        let q = lock(&self.shared.queues);
+        q.entries
+            .iter()
+            .map(|e| {
+                let slot = e.unit.slot();
+                (slot.spec.name.clone(), slot.version, e.queue.len())
+            })
+            .collect()
+    }
+
     /// Workers in the middle of a forward right now.
     pub fn busy_workers(&self) -> usize {
         busy_count(&self.shared)
@@ -755,6 +791,12 @@ impl Engine {
                         .rejected
                         .with_label_values(&[&m.name, reason::DRAINING])
                         .inc();
+                    self.shared
+                        .metrics
+                        .triton
+                        .request_failure
+                        .with_label_values(&[&m.name, &m.version.to_string()])
+                        .inc();
                 }
                 return Err(EngineError::Draining);
             }
@@ -772,6 +814,14 @@ impl Engine {
                 return Err(EngineError::Draining);
             }
             let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
+            if needs_training && unit.model.package().is_some() {
+                return Err(EngineError::Unsupported(format!(
+                    "model {:?} is an AOTInductor package (.pt2), which is inference-only: \
+                     training_mode forwards, backward and KV sessions need its TorchScript \
+                     export (torch.jit.script(model).save(path))",
+                    unit.slot().spec.name
+                )));
+            }
             if needs_training && unit.training.is_none() {
                 return Err(EngineError::Unsupported(format!(
                     "model {:?} was loaded from the model repository at run time: training_mode \
@@ -923,7 +973,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// and warms the model up.
 fn build_unit(
     shared: &Shared,
-    slot: ModelSlot,
+    mut slot: ModelSlot,
     training: Option<usize>,
 ) -> Result<Unit, ModelError> {
     let device = match slot.device {
@@ -934,7 +984,12 @@ fn build_unit(
         },
     };
     let started = Instant::now();
-    let m = Model::load(&slot.spec, device)?;
+    let workers = shared.config.plan.workers;
+    let runners = slot.instances.unwrap_or(workers).clamp(1, workers.max(1));
+    let m = Model::load_with_runners(&slot.spec, device, runners)?;
+    if let Some(package) = m.package() {
+        fit_package(&mut slot, &m, &package)?;
+    }
     tracing::info!(
         model = %m.name,
         version = slot.version,
@@ -944,13 +999,13 @@ fn build_unit(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    let workers = shared.config.plan.workers;
     let info = Arc::new(LoadedModel {
         name: slot.spec.name.clone(),
         version: slot.version,
         device: model::device_name(m.device),
         description: m.description.clone(),
         signature: m.signature.clone(),
+        listed: m.listed.clone(),
         slot,
     });
     Ok(Unit {
@@ -962,11 +1017,54 @@ fn build_unit(
             .clamp(1, workers.max(1)),
         running: AtomicUsize::new(0),
         retired: AtomicBool::new(false),
-        metrics: ModelMetrics::new(&shared.metrics, &info.name),
+        metrics: ModelMetrics::new(&shared.metrics, &info.name, info.version),
         info,
         model: m,
         training,
     })
+}
+
+/// Fits an AOTInductor package's slot to the package: batching only along a
+/// dynamic batch dimension and within its bounds, and its model configuration
+/// (names, dtypes, dims) filled from the package where not configured.
+fn fit_package(
+    slot: &mut ModelSlot,
+    m: &Model,
+    package: &model::PackageInfo,
+) -> Result<(), ModelError> {
+    let max_rows = match package.batch {
+        model::PackageBatch::Dynamic { max, .. } => max.unwrap_or(i64::MAX),
+        model::PackageBatch::Static(_) | model::PackageBatch::Unknown => 1,
+    };
+    let rows = usize::try_from(max_rows).unwrap_or(usize::MAX).max(1);
+    if slot.max_batch > rows {
+        tracing::warn!(
+            model = %slot.spec.name,
+            max_batch = slot.max_batch,
+            "the package takes batches of at most {rows} rows (a static or unknown batch \
+             dimension takes one request at a time): batching up to {rows}"
+        );
+        slot.max_batch = rows;
+    }
+    let base = slot.config.as_deref();
+    let mut cfg = model::package_config(&slot.spec.name, package, m.signature.as_ref(), base)
+        .map_err(|message| ModelError::Load {
+            name: slot.spec.name.clone(),
+            source_desc: m.description.clone(),
+            message,
+        })?;
+    if base.is_none() && slot.max_batch > 1 {
+        cfg.scheduling_choice = Some(
+            crate::proto::inference::model_config::SchedulingChoice::DynamicBatching(
+                crate::proto::inference::ModelDynamicBatching {
+                    max_queue_delay_microseconds: slot.batch_timeout.as_micros() as u64,
+                    ..Default::default()
+                },
+            ),
+        );
+    }
+    slot.config = Some(Arc::new(cfg));
+    Ok(())
 }
 
 /// Routes requests for (name, version) to a new unit; retires the one it replaces.
@@ -1381,6 +1479,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         [job] => job.step.as_ref().map(|s| (s, job)),
         _ => None,
     };
+    convert_time::reset();
     let computed = catch_unwind(AssertUnwindSafe(|| match (step, unit.training) {
         _ if decode.is_some() => {
             let index = decode.unwrap_or_default();
@@ -1434,6 +1533,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
             .collect(),
     }));
     let compute_time = started.elapsed();
+    let (input_time, output_time) = convert_time::take();
     busy.store(0, Ordering::Relaxed);
     let m = &unit.metrics;
     if more.is_some() || resumed {
@@ -1484,13 +1584,37 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
     };
     let batch_size = jobs.len();
     m.forwards.inc();
+    m.triton.executions.inc();
     m.batch_size.observe(batch_size as f64);
+    // Triton's batch size of a request: its first dimension, unless the
+    // model's config says it has none (max_batch_size 0).
+    let unbatched = unit
+        .slot()
+        .config
+        .as_ref()
+        .is_some_and(|c| c.max_batch_size == 0);
     for (job, result) in jobs.into_iter().zip(results) {
         let queue_time = started.saturating_duration_since(job.enqueued);
         if result.is_ok() {
             m.computed.inc();
             m.queue_time.observe(queue_time.as_secs_f64());
             m.inference_time.observe(compute_time.as_secs_f64());
+            let rows = match (unbatched, job.input.shape.first()) {
+                (false, Some(&r)) => r.max(1) as u64,
+                _ => 1,
+            };
+            m.triton.succeeded(
+                rows,
+                RequestTimes {
+                    request: job.enqueued.elapsed(),
+                    queue: queue_time,
+                    input: input_time,
+                    infer: compute_time.saturating_sub(input_time + output_time),
+                    output: output_time,
+                },
+            );
+        } else {
+            m.triton.failure.inc();
         }
         let _ = job
             .reply
@@ -1551,7 +1675,7 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<Vec<RawTensor>, EngineErro
                 .f_split_with_sizes(&sizes, 0)
                 .map_err(|e| internal(model, e))?;
             for ((p, j), out) in parts.iter().zip(jobs).zip(&mut per_job) {
-                out.push(model::from_tensor(model, p, j.enc)?);
+                out.push(from_tensor(model, p, j.enc)?);
             }
         }
         Ok(per_job)
@@ -1566,16 +1690,18 @@ fn compute_one(model: &Model, job: &Job) -> Result<Vec<RawTensor>, EngineError> 
     if !job.all_outputs {
         let x = to_tensor(model, job)?;
         let y = model.forward(&x)?;
-        return Ok(vec![model::from_tensor(model, &y, job.enc)?]);
+        return Ok(vec![from_tensor(model, &y, job.enc)?]);
     }
     let mut xs = vec![to_tensor(model, job)?];
     for raw in &job.more {
-        xs.push(model::raw_to_tensor(model, raw, job.enc)?);
+        xs.push(convert_time::input(|| {
+            model::raw_to_tensor(model, raw, job.enc)
+        })?);
     }
     model
         .forward_all(&xs)?
         .iter()
-        .map(|y| Ok(model::from_tensor(model, y, job.enc)?))
+        .map(|y| Ok(from_tensor(model, y, job.enc)?))
         .collect()
 }
 
@@ -1584,5 +1710,53 @@ fn internal(model: &Model, e: tch::TchError) -> EngineError {
 }
 
 fn to_tensor(model: &Model, job: &Job) -> Result<Tensor, EngineError> {
-    Ok(model::raw_to_tensor(model, &job.input, job.enc)?)
+    Ok(convert_time::input(|| {
+        model::raw_to_tensor(model, &job.input, job.enc)
+    })?)
+}
+
+/// [`model::from_tensor`], its time counted as output conversion.
+fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, ModelError> {
+    convert_time::output(|| model::from_tensor(model, t, enc))
+}
+
+/// Time a worker spent turning wire bytes into tensors and back during one
+/// batch: Triton's compute input and compute output durations (the rest of
+/// the batch's compute time is its infer duration).
+mod convert_time {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    thread_local! {
+        static SPENT: Cell<(Duration, Duration)> = const { Cell::new((Duration::ZERO, Duration::ZERO)) };
+    }
+
+    pub fn reset() {
+        SPENT.set((Duration::ZERO, Duration::ZERO));
+    }
+
+    /// (input, output) since the last reset.
+    pub fn take() -> (Duration, Duration) {
+        SPENT.replace((Duration::ZERO, Duration::ZERO))
+    }
+
+    pub fn input<T>(f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        SPENT.set({
+            let (i, o) = SPENT.get();
+            (i + start.elapsed(), o)
+        });
+        out
+    }
+
+    pub fn output<T>(f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        SPENT.set({
+            let (i, o) = SPENT.get();
+            (i, o + start.elapsed())
+        });
+        out
+    }
 }

@@ -123,6 +123,8 @@ pub struct Metrics {
     gpu_memory_total: GaugeVec,
     gpu_utilization: GaugeVec,
     gpu_process_memory: GaugeVec,
+    /// Triton's `nv_*` families, beside these (docs/observability.md).
+    pub triton: super::triton::TritonMetrics,
 }
 
 /// Names of the protocols, as the `protocol` label spells them.
@@ -454,6 +456,7 @@ impl Metrics {
                 "splitserve_gpu_process_memory_bytes",
                 "GPU memory this process holds on the device.",
             )?,
+            triton: super::triton::TritonMetrics::new()?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -516,6 +519,7 @@ impl Metrics {
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        m.triton.register(r)?;
         Ok(Arc::new(m))
     }
 
@@ -548,7 +552,9 @@ impl Metrics {
                 periods,
             );
         }
-        for g in system::gpu_readings() {
+        let gpus = system::gpu_readings();
+        self.triton.refresh_system(&gpus);
+        for g in gpus {
             let d = format!("cuda:{}", g.index);
             let d = [d.as_str()];
             self.gpu_memory_used

@@ -53,6 +53,7 @@ CRD_KINDS = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
     "ServingRuntime": "serving.kserve.io/v1alpha1",
+    "ScaledObject": "keda.sh/v1alpha1",
 }
 ALL_SETS = sorted(VALUE_SETS)
 
