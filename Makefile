@@ -89,6 +89,7 @@ bench-v2: build fixtures bench-setup
 ## contexts 16 to 1,000; writes docs/benchmarks-llm.md. Smoke test: make bench-llm ARGS=--quick
 bench-llm: build
 	$(PY) scripts/bench/llm.py $(ARGS)
+	$(PY) scripts/bench/llm_concurrent.py $(filter --quick,$(ARGS))
 
 ## The benchmark's own venvs (never in make test): .venv-bench (perf_analyzer) and
 ## .venv-peers (MLServer, Triton via nvidia-pytriton, torch; about 5 GB), plus libb64-0d.

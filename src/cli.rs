@@ -267,6 +267,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SPLITSERVE_KV_SESSION_TTL", default_value = "5m", value_parser = parse_duration)]
     pub kv_session_ttl: Duration,
 
+    /// Most positions of a KV session's prompt computed in one forward; longer
+    /// prompts run in chunks between decode batches (while sessions decode, a
+    /// chunk is also kept below one decode batch's time).
+    #[arg(long, env = "SPLITSERVE_KV_PREFILL_CHUNK", default_value_t = 512, value_parser = clap::value_parser!(i64).range(1..))]
+    pub kv_prefill_chunk: i64,
+
     /// Optimizer applied when ComputeBackward carries a learning_rate: sgd (the
     /// default) or adam, for every model or NAME=adam for one. The learning rate
     /// itself comes with each request.
@@ -616,6 +622,7 @@ impl ServeArgs {
             sessions: SessionConfig {
                 max_bytes: self.kv_cache_bytes,
                 ttl: self.kv_session_ttl,
+                prefill_chunk: self.kv_prefill_chunk,
             },
             max_grad_norm: self.max_grad_norm,
             model_cache_bytes: self.activation_model_bytes.clone(),

@@ -23,7 +23,9 @@ use crate::proto::inference::ModelConfig;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::reason;
 use crate::telemetry::triton::{RequestTimes, TritonModel};
-use crate::training::{Step, Training, TrainingConfig, TrainingError};
+use crate::training::{
+    Chunked, DecodeBatch, Prefill, Step, Training, TrainingConfig, TrainingError,
+};
 
 /// Lifecycle of the engine, published to health checks.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +199,11 @@ struct ModelMetrics {
     queue_time: Histogram,
     inference_time: Histogram,
     batch_size: Histogram,
+    /// KV session decode steps: rows per batched forward, rows, mixed-length batches.
+    kv_decode_batch: Histogram,
+    kv_decoded_tokens: IntCounter,
+    kv_mixed_batches: IntCounter,
+    kv_prefill_chunks: IntCounter,
     /// Triton's families of this model version.
     triton: TritonModel,
 }
@@ -234,13 +241,17 @@ impl ModelMetrics {
             queue_time: m.queue_duration.with_label_values(&[model]),
             inference_time: m.inference_duration.with_label_values(&[model]),
             batch_size: m.batch_size.with_label_values(&[model]),
+            kv_decode_batch: m.kv_decode_batch_size.with_label_values(&[model]),
+            kv_decoded_tokens: m.kv_decoded_tokens.with_label_values(&[model]),
+            kv_mixed_batches: m.kv_decode_mixed_batches.with_label_values(&[model]),
+            kv_prefill_chunks: m.kv_prefill_chunks.with_label_values(&[model]),
         }
     }
 }
 
-/// What jobs must share to be batched: trailing shape, dtype, and whether
-/// they want every output.
-type BatchKey<'a> = (&'a [i64], Kind, bool);
+/// What jobs must share to be batched: trailing shape, dtype, whether they
+/// want every output, and whether they are KV session decode steps.
+type BatchKey<'a> = (&'a [i64], Kind, bool, bool);
 
 struct Job {
     input: RawTensor,
@@ -264,12 +275,21 @@ struct Job {
     rpc_span: tracing::Span,
     /// Open while the job waits; closing it records the queue wait.
     queue_span: tracing::Span,
+    /// A KV session decode step that may join a decode batch (set at enqueue).
+    decode: bool,
+    /// A session prompt computed in chunks: the chunks done so far.
+    prefill: Option<Box<Prefill>>,
 }
 
 impl Job {
     /// Rows along dimension 0 and the batching key, or None if it cannot
     /// batch: steps, and requests with several inputs, run alone.
     fn batch_key(&self) -> Option<(i64, BatchKey<'_>)> {
+        if self.decode {
+            let rest = self.input.shape.get(1..)?;
+            let kind = model::input_kind(&self.input, self.enc);
+            return Some((1, (rest, kind, false, true)));
+        }
         if self.step.is_some() || !self.more.is_empty() {
             return None;
         }
@@ -280,6 +300,7 @@ impl Job {
                 rest,
                 model::input_kind(&self.input, self.enc),
                 self.all_outputs,
+                false,
             ),
         ))
     }
@@ -842,6 +863,12 @@ impl Engine {
             }
             let rpc_span = tracing::Span::current();
             let queue_span = tracing::debug_span!("queue", model = %unit.slot().spec.name);
+            let decode = unit.training.zip(step.as_ref()).is_some_and(|(i, s)| {
+                self.shared
+                    .training
+                    .decode_row(i, &unit.model, s, &input, enc)
+                    .is_some()
+            });
             entry.queue.push_back(Job {
                 input,
                 more,
@@ -855,6 +882,8 @@ impl Engine {
                 reply: tx,
                 rpc_span,
                 queue_span,
+                decode,
+                prefill: None,
             });
             q.sleeping > 0
         };
@@ -1461,20 +1490,62 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         span.follows_from(&job.rpc_span);
     }
     let _entered = span.enter();
-    // A training or KV-cache step is always alone in its batch.
+    // KV session decode steps batch with each other; any other training or
+    // KV-cache step is alone in its batch, and a session prompt runs in chunks.
+    let decode = unit.training.filter(|_| jobs[0].decode);
+    let resume = match &mut jobs[..] {
+        [job] => job.prefill.take(),
+        _ => None,
+    };
+    let resumed = resume.is_some();
+    let mut more: Option<Box<Prefill>> = None;
+    let mut decoded = DecodeBatch::default();
     let step = match &jobs[..] {
         [job] => job.step.as_ref().map(|s| (s, job)),
         _ => None,
     };
     convert_time::reset();
     let computed = catch_unwind(AssertUnwindSafe(|| match (step, unit.training) {
-        (Some((s, job)), Some(index)) => vec![
-            shared
+        _ if decode.is_some() => {
+            let index = decode.unwrap_or_default();
+            let rows: Vec<_> = jobs
+                .iter()
+                .filter_map(|j| {
+                    let s = j.step.as_ref()?;
+                    shared.training.decode_row(index, model, s, &j.input, j.enc)
+                })
+                .collect();
+            if rows.len() != jobs.len() {
+                return jobs
+                    .iter()
+                    .map(|_| Err(EngineError::Internal("a decode batch lost a row".into())))
+                    .collect();
+            }
+            let (results, stats) = shared.training.decode_batch(index, model, &rows);
+            decoded = stats;
+            results
+                .into_iter()
+                .map(|r| {
+                    r.map(|(t, present)| (vec![t], present))
+                        .map_err(EngineError::from)
+                })
+                .collect()
+        }
+        (Some((s, job)), Some(index)) => {
+            match shared
                 .training
-                .run(index, model, s, &job.input, job.enc)
-                .map(|(t, present)| (vec![t], present))
-                .map_err(EngineError::from),
-        ],
+                .run_chunked(index, model, s, &job.input, job.enc, resume)
+            {
+                Chunked::Done(r) => vec![
+                    r.map(|(t, present)| (vec![t], present))
+                        .map_err(EngineError::from),
+                ],
+                Chunked::More(p) => {
+                    more = Some(p);
+                    Vec::new()
+                }
+            }
+        }
         // A model without training state still decodes with the client's cache.
         (Some((s, job)), None) => vec![
             crate::training::run_plain_kv(model, s, &job.input, job.enc)
@@ -1489,6 +1560,39 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
     let compute_time = started.elapsed();
     let (input_time, output_time) = convert_time::take();
     busy.store(0, Ordering::Relaxed);
+    let m = &unit.metrics;
+    if more.is_some() || resumed {
+        m.kv_prefill_chunks.inc();
+    }
+    if let (Some(p), Ok(_), [_]) = (more, &computed, &jobs[..]) {
+        // More chunks to go: back to the end of the queue, behind the decode
+        // steps that arrived meanwhile. Its deadline and cancellation apply there.
+        m.forwards.inc();
+        let mut job = jobs.remove(0);
+        job.prefill = Some(p);
+        let mut q = lock(&shared.queues);
+        match q.position(unit.id) {
+            Some(i) => {
+                q.entries[i].queue.push_back(job);
+                if q.sleeping > 0 {
+                    shared.work.notify_one();
+                }
+            }
+            None => {
+                let _ = job.reply.send(Err(EngineError::Internal(
+                    "the model was unloaded during a prompt".into(),
+                )));
+            }
+        }
+        return;
+    }
+    if decoded.rows > 0 {
+        m.kv_decode_batch.observe(decoded.rows as f64);
+        m.kv_decoded_tokens.inc_by(decoded.rows as u64);
+        if decoded.mixed {
+            m.kv_mixed_batches.inc();
+        }
+    }
     let results = match computed {
         Ok(r) => r,
         Err(panic) => {
@@ -1504,7 +1608,6 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         }
     };
     let batch_size = jobs.len();
-    let m = &unit.metrics;
     m.forwards.inc();
     m.triton.executions.inc();
     m.batch_size.observe(batch_size as f64);

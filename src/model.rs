@@ -6,7 +6,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -322,6 +322,10 @@ pub struct Model {
     /// learnt at warm-up: a plain or training forward runs it with an empty
     /// past, so one file decodes and trains.
     pub kv: bool,
+    /// The KV model also has `decode_batch(hidden, caches, lengths)`: decode
+    /// steps of many sequences in one forward (learnt at warm-up, or at the
+    /// first KV step of a model without one: [`Model::learn_kv_batch`]).
+    kv_batch: OnceLock<bool>,
     inner: Inner,
     /// The parameters' version: optimizer steps applied so far. Every forward
     /// and backward holds the read side while it uses the parameters; an
@@ -497,6 +501,7 @@ impl Model {
             signature: None,
             listed: Signature::default(),
             kv: false,
+            kv_batch: OnceLock::new(),
             inner,
             params: RwLock::new(0),
         };
@@ -564,6 +569,7 @@ impl Model {
                     match model.warm_up_kv(&inputs[0]) {
                         Ok(outputs) => {
                             model.kv = true;
+                            model.learn_kv_batch(&inputs[0]);
                             outputs
                         }
                         Err(_) => return Err(failed(plain)),
@@ -874,6 +880,105 @@ impl Model {
             })?;
         drop(self.forward_kv(&one, present)?);
         Ok(vec![y])
+    }
+
+    /// Whether the model decodes in batches (`decode_batch`); false until learnt.
+    pub fn kv_batch(&self) -> bool {
+        self.kv_batch.get().copied().unwrap_or(false)
+    }
+
+    /// Learns once whether the model runs `decode_batch`, from a KV input `x`
+    /// (`[batch, positions, width]`). Worker threads only (it runs the model).
+    pub fn learn_kv_batch(&self, x: &Tensor) {
+        if self.kv_batch.get().is_none() {
+            let _ = self.kv_batch.set(self.probe_kv_batch(x));
+        }
+    }
+
+    /// Whether the model runs `decode_batch` (a warm-up call of it: two rows,
+    /// past lengths 0 and 1), which also compiles it before the first request.
+    fn probe_kv_batch(&self, x: &Tensor) -> bool {
+        let probe = || -> Option<bool> {
+            let one = x.f_narrow(0, 0, 1).ok()?.f_narrow(1, 0, 1).ok()?;
+            let (_, present) = self.forward_kv(&one, Vec::new()).ok()?;
+            let mut caches = Vec::new();
+            for _row in 0..2 {
+                for t in &present {
+                    let s = t.size();
+                    if s.len() != 4 {
+                        return None;
+                    }
+                    let c = Tensor::f_zeros([1, s[1], 2, s[3]], (t.kind(), t.device())).ok()?;
+                    caches.push(c);
+                }
+            }
+            let width = *x.size().last()?;
+            let hidden = Tensor::f_zeros([2, 1, width], (x.kind(), x.device())).ok()?;
+            let y = self.forward_kv_batch(&hidden, caches, vec![0, 1]).ok()?;
+            Some(y.size() == [2, 1, width])
+        };
+        probe().unwrap_or(false)
+    }
+
+    /// One decode step for many sequences: TorchScript `decode_batch(hidden
+    /// [rows, 1, width], caches, lengths)`, where row b's keys and values
+    /// (`[1, kv heads, capacity, head dim]`, `lengths[b]` positions valid) are
+    /// `caches[b * 2 * layers ..]`. The model writes each row's new key and value
+    /// at position `lengths[b]` in place and returns the rows' hidden states.
+    /// The caller holds a no_grad guard.
+    pub fn forward_kv_batch(
+        &self,
+        hidden: &Tensor,
+        caches: Vec<Tensor>,
+        lengths: Vec<i64>,
+    ) -> Result<Tensor, ModelError> {
+        let Inner::Script(m) = &self.inner else {
+            return Err(ModelError::Internal {
+                model: self.name.clone(),
+                message: "only a TorchScript model decodes in batches".into(),
+            });
+        };
+        let run = || {
+            let _params = self.read_params();
+            let out = m
+                .method_is(
+                    "decode_batch",
+                    &[
+                        IValue::Tensor(hidden.shallow_clone()),
+                        IValue::TensorList(caches),
+                        IValue::IntList(lengths),
+                    ],
+                )
+                .map_err(|e| ModelError::InvalidInput {
+                    model: self.name.clone(),
+                    message: torch_text(&e.to_string(), false),
+                })?;
+            match out {
+                IValue::Tuple(mut parts) if parts.len() == 2 => match parts.swap_remove(0) {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(ModelError::Internal {
+                        model: self.name.clone(),
+                        message: format!(
+                            "decode_batch's first result is {}, not a tensor",
+                            ivalue_kind(&other)
+                        ),
+                    }),
+                },
+                other => Err(ModelError::Internal {
+                    model: self.name.clone(),
+                    message: format!(
+                        "decode_batch returned {}, expected (hidden, new key/values)",
+                        ivalue_kind(&other)
+                    ),
+                }),
+            }
+        };
+        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+            Err(ModelError::Internal {
+                model: self.name.clone(),
+                message: panic_message(panic.as_ref()),
+            })
+        })
     }
 
     /// `forward(hidden, past)` for a caller that holds the parameters' read

@@ -80,6 +80,14 @@ pub struct Metrics {
     /// of their rates is the time per generated token.
     pub kv_decode_steps: IntCounter,
     pub kv_decode_seconds: prometheus::Counter,
+    /// Per model: KV session decode steps per batched forward, the decode steps
+    /// computed (`rate()` is tokens/s), and batches whose rows had different
+    /// past lengths.
+    pub kv_decode_batch_size: HistogramVec,
+    pub kv_decoded_tokens: IntCounterVec,
+    pub kv_decode_mixed_batches: IntCounterVec,
+    /// Per model: chunks of KV session prompts computed in several chunks.
+    pub kv_prefill_chunks: IntCounterVec,
     /// Split-training events: forward, backward, optimizer_step, step_rejected, grad_clipped, eviction, expiry, checkpoint.
     pub training_events: IntCounterVec,
     /// Limits that triggered, by limit (see [`limit`]): each one a refusal a
@@ -319,6 +327,33 @@ impl Metrics {
                 "splitserve_kv_decode_seconds_total",
                 "Seconds spent in KV session decode steps' forwards.",
             )?,
+            kv_decode_batch_size: histogram(
+                "splitserve_kv_decode_batch_size",
+                "KV session decode steps computed by one batched forward.",
+                &["model"],
+                &BATCH_BUCKETS,
+            )?,
+            kv_decoded_tokens: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_kv_decoded_tokens_total",
+                    "Tokens decoded by KV session decode steps (one position each), by model.",
+                ),
+                &["model"],
+            )?,
+            kv_decode_mixed_batches: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_kv_decode_mixed_batches_total",
+                    "Batched decode forwards whose sessions had different past lengths.",
+                ),
+                &["model"],
+            )?,
+            kv_prefill_chunks: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_kv_prefill_chunks_total",
+                    "Chunks of KV session prompts computed in several chunks between decode batches.",
+                ),
+                &["model"],
+            )?,
             training_events: IntCounterVec::new(
                 Opts::new(
                     "splitserve_training_events_total",
@@ -479,6 +514,10 @@ impl Metrics {
         r.register(Box::new(m.kv_tokens.clone()))?;
         r.register(Box::new(m.kv_decode_steps.clone()))?;
         r.register(Box::new(m.kv_decode_seconds.clone()))?;
+        r.register(Box::new(m.kv_decode_batch_size.clone()))?;
+        r.register(Box::new(m.kv_decoded_tokens.clone()))?;
+        r.register(Box::new(m.kv_decode_mixed_batches.clone()))?;
+        r.register(Box::new(m.kv_prefill_chunks.clone()))?;
         r.register(Box::new(m.limit_rejections.clone()))?;
         r.register(Box::new(m.auth_failures.clone()))?;
         r.register(Box::new(m.tls_handshake_failures.clone()))?;
@@ -680,6 +719,12 @@ mod tests {
         m.kv_tokens.inc();
         m.kv_decode_steps.inc();
         m.kv_decode_seconds.inc();
+        m.kv_decode_batch_size
+            .with_label_values(&["m"])
+            .observe(1.0);
+        m.kv_decoded_tokens.with_label_values(&["m"]).inc();
+        m.kv_decode_mixed_batches.with_label_values(&["m"]).inc();
+        m.kv_prefill_chunks.with_label_values(&["m"]).inc();
         m.limit_rejections.with_label_values(&["l"]).inc();
         m.auth_failures.with_label_values(&["r"]).inc();
         m.tls_handshake_failures.with_label_values(&["grpc"]).inc();

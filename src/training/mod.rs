@@ -21,7 +21,10 @@ use crate::codec::{Encoding, RawTensor};
 use crate::model::{self, Model, ModelError};
 
 mod checkpoint;
+mod decode;
 pub mod sessions;
+
+pub use decode::{Chunked, DecodeBatch, DecodeRow, Prefill};
 
 use sessions::{Handle, SessionConfig, SessionError, Sessions};
 
@@ -569,6 +572,8 @@ pub struct Training {
     /// When the next expiry sweep is due, in ms since `epoch`.
     next_sweep_ms: AtomicU64,
     epoch: Instant,
+    /// Per model: how long decode batches and prefill chunks take, to size chunks.
+    pacing: Vec<decode::Pacer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -601,6 +606,7 @@ impl Training {
             },
             next_sweep_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            pacing: (0..models).map(|_| decode::Pacer::default()).collect(),
         }
     }
 
@@ -1460,89 +1466,6 @@ fn adam_step(
     Ok(())
 }
 
-impl Training {
-    /// A KV step on a model with sessions: the cache comes from and goes back to
-    /// the store, and the reply's present key/values are the session's handle.
-    #[allow(clippy::too_many_arguments)]
-    fn session_step(
-        &self,
-        index: usize,
-        model: &Model,
-        hidden: &RawTensor,
-        enc: Encoding,
-        past: &[RawTensor],
-        kv_enc: Encoding,
-        request: SessionRequest,
-        want_present: bool,
-    ) -> Result<(RawTensor, Vec<RawTensor>), TrainingError> {
-        // Everything that can fail on the request runs before the cache is taken.
-        let x = model::raw_to_tensor(model, hidden, enc)?;
-        let positions = x.size().get(1).copied().unwrap_or(0);
-        let (handle, cache) = match request.handle {
-            Some((handle, sent_len)) => {
-                let cache = self.sessions.take(
-                    handle,
-                    sent_len,
-                    index,
-                    request.owner,
-                    &self.config.names,
-                )?;
-                (handle, cache)
-            }
-            // A real cache from the client: the step runs as without sessions.
-            None if !past.is_empty() => {
-                return kv(model, hidden, enc, past, kv_enc, want_present);
-            }
-            None => (Handle::random(), Vec::new()),
-        };
-        let started = Instant::now();
-        let kept: Vec<Tensor> = cache.iter().map(Tensor::shallow_clone).collect();
-        let (y, present) = match model.forward_kv(&x, cache) {
-            Ok(r) => r,
-            Err(e) => {
-                // The session's cache is unchanged: the client may retry the step.
-                if request.handle.is_some() {
-                    self.sessions.restore(handle, kept);
-                }
-                return Err(e.into());
-            }
-        };
-        drop(kept);
-        let out = match model::from_tensor(model, &y, enc) {
-            Ok(out) => out,
-            Err(e) => {
-                drop(self.sessions.end(handle));
-                return Err(e.into());
-            }
-        };
-        self.sessions.count_step(positions, started.elapsed());
-        if !want_present {
-            drop(self.sessions.end(handle));
-            return Ok((out, Vec::new()));
-        }
-        let past_len = present
-            .first()
-            .and_then(|k| k.size().get(2).copied())
-            .unwrap_or(0);
-        drop(
-            self.sessions
-                .put(handle, index, request.owner, present, past_len)?,
-        );
-        let reply = (0..sessions::HANDLE_ENTRIES)
-            .flat_map(|i| {
-                let shape = handle.entry_shape(i, past_len);
-                let empty = |shape: Vec<i64>| RawTensor {
-                    data: Bytes::new(),
-                    shape,
-                    dtype: out.dtype,
-                };
-                [empty(shape.clone()), empty(shape)]
-            })
-            .collect();
-        Ok((out, reply))
-    }
-}
-
 /// One incremental-decoding step (no_grad, like any inference).
 fn kv(
     model: &Model,
@@ -1649,6 +1572,7 @@ mod tests {
                 sessions: SessionConfig {
                     max_bytes: 1 << 20,
                     ttl: Duration::from_secs(60),
+                    prefill_chunk: 512,
                 },
                 max_grad_norm: 100.0,
                 model_cache_bytes: Vec::new(),

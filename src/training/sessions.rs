@@ -18,6 +18,14 @@
 //! time. A handle the store does not hold (unknown, evicted, expired, another
 //! identity's) is FAILED_PRECONDITION: restart from the prompt. Tensors are
 //! only freed on worker threads (the callers of this module).
+//!
+//! Each session's cache is preallocated with room to grow ([`with_room`]): a
+//! key or value is `[batch, kv heads, capacity, head dim]`, of which the first
+//! `past_len` positions are valid. A decode step writes its one new position
+//! in place, and a batch of decode steps passes every row's own cache to the
+//! model as it is, so assembling a batch copies no cache; a cache is copied
+//! only when it grows past its capacity (by a quarter plus 64 positions, so
+//! rarely) or when a prefill chunk appends many positions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +51,8 @@ pub struct SessionConfig {
     pub max_bytes: u64,
     /// A session idle this long is dropped (`--kv-session-ttl`).
     pub ttl: Duration,
+    /// Most positions of a prompt computed in one forward (`--kv-prefill-chunk`).
+    pub prefill_chunk: i64,
 }
 
 /// The unguessable part of a handle: four values of [`HANDLE_BITS`] bits.
@@ -101,6 +111,74 @@ impl Handle {
         }
         past_len.map(|l| (Handle(words), i64::from(l)))
     }
+}
+
+/// Positions a cache of `needed` positions is given room for: a quarter more
+/// plus 64, rounded up to 64, so that growing (a copy of the cache) is rare
+/// and the memory not yet used is bounded.
+pub fn capacity_for(needed: i64) -> i64 {
+    let want = needed + needed / 4 + 64;
+    (want + 63) / 64 * 64
+}
+
+/// The cache with room for `room` more positions after its first `len`: the
+/// same tensors when they have it, else new ones of [`capacity_for`] with the
+/// valid positions copied.
+pub fn with_room(cache: Vec<Tensor>, len: i64, room: i64) -> Result<Vec<Tensor>, tch::TchError> {
+    cache
+        .into_iter()
+        .map(|t| {
+            let size = t.size();
+            if size.len() != 4 || size[2] >= len + room {
+                return Ok(t);
+            }
+            let grown = Tensor::f_zeros(
+                [size[0], size[1], capacity_for(len + room), size[3]],
+                (t.kind(), t.device()),
+            )?;
+            grown
+                .f_narrow(2, 0, len)?
+                .f_copy_(&t.f_narrow(2, 0, len)?)?;
+            Ok(grown)
+        })
+        .collect()
+}
+
+/// Stores positions `from..to` of `present` (a forward's whole cache) in the
+/// session's cache, growing it when needed; an empty cache (a new session) is
+/// allocated with room to decode.
+pub fn append(
+    cache: Vec<Tensor>,
+    present: &[Tensor],
+    from: i64,
+    to: i64,
+) -> Result<Vec<Tensor>, tch::TchError> {
+    if cache.is_empty() {
+        return present
+            .iter()
+            .map(|t| {
+                let s = t.size();
+                let stored = Tensor::f_zeros(
+                    [s[0], s[1], capacity_for(to + 1), s[3]],
+                    (t.kind(), t.device()),
+                )?;
+                stored.f_narrow(2, 0, to)?.f_copy_(&t.f_narrow(2, 0, to)?)?;
+                Ok(stored)
+            })
+            .collect();
+    }
+    let cache = with_room(cache, from, to - from + 1)?;
+    for (stored, t) in cache.iter().zip(present) {
+        stored
+            .f_narrow(2, from, to - from)?
+            .f_copy_(&t.f_narrow(2, from, to - from)?)?;
+    }
+    Ok(cache)
+}
+
+/// The valid first `len` positions of a cache, as views (no copy).
+pub fn views(cache: &[Tensor], len: i64) -> Result<Vec<Tensor>, tch::TchError> {
+    cache.iter().map(|t| t.f_narrow(2, 0, len)).collect()
 }
 
 /// Why a session step cannot run.
@@ -360,14 +438,23 @@ impl Sessions {
         }
     }
 
+    /// Marks a session used now: a prefill computed in chunks calls it between
+    /// chunks, so that its session (taken, not idle) does not expire.
+    pub fn keep_alive(&self, handle: Handle) {
+        lock(&self.store).touch(handle);
+    }
+
     /// Drops sessions idle past the TTL; returns their caches (worker threads drop them).
+    /// A session taken by a step and not touched for the TTL is dropped too: its
+    /// step was abandoned (a chunked prefill whose client left), and a step that
+    /// does finish later stores it again.
     pub fn expire(&self) -> Vec<Vec<Tensor>> {
         let mut store = lock(&self.store);
         let now = Instant::now();
         let expired: Vec<Handle> = store
             .sessions
             .iter()
-            .filter(|(_, s)| s.cache.is_some() && now.duration_since(s.last_used) > self.config.ttl)
+            .filter(|(_, s)| now.duration_since(s.last_used) > self.config.ttl)
             .map(|(h, _)| *h)
             .collect();
         let mut dropped = Vec::new();
@@ -433,6 +520,7 @@ mod tests {
         let s = Sessions::new(SessionConfig {
             max_bytes: 2 * per,
             ttl: Duration::from_secs(60),
+            prefill_chunk: 512,
         });
         let names = vec!["m".to_string()];
         let (a, b, c) = (Handle::random(), Handle::random(), Handle::random());
@@ -464,5 +552,23 @@ mod tests {
             s.put(Handle::random(), 0, 7, big, 1).unwrap_err(),
             SessionError::TooLarge { .. }
         ));
+    }
+
+    #[test]
+    fn a_cache_grows_rarely_and_keeps_its_valid_positions() {
+        let t = Tensor::arange(2 * 3 * 4, (tch::Kind::Float, tch::Device::Cpu)).view([1, 2, 3, 4]);
+        // Room enough: the same storage, nothing copied.
+        let same = with_room(vec![t.shallow_clone()], 2, 1).unwrap();
+        assert_eq!(same[0].data_ptr(), t.data_ptr());
+        let grown = with_room(vec![t.shallow_clone()], 3, 1).unwrap();
+        assert_eq!(grown[0].size(), [1, 2, capacity_for(4), 4]);
+        assert_eq!(
+            views(&grown, 3).unwrap()[0],
+            t,
+            "the valid positions are copied as they were"
+        );
+        // Growing from a decode step's length by one gives room for many more.
+        assert!(capacity_for(4) >= 64 && capacity_for(1000) >= 1250);
+        assert_eq!(capacity_for(1000) % 64, 0);
     }
 }

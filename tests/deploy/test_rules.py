@@ -267,6 +267,10 @@ MODEL_LABELLED = (
     "splitserve_queue_capacity",
     "splitserve_batch_size",
     "splitserve_model_info",
+    "splitserve_kv_decode_batch_size",
+    "splitserve_kv_decoded_tokens_total",
+    "splitserve_kv_decode_mixed_batches_total",
+    "splitserve_kv_prefill_chunks_total",
 )
 
 
@@ -320,6 +324,11 @@ def test_dashboard_covers_the_contention_signals(dashboard) -> None:
         "splitserve_kv_cache_bytes",
         "splitserve_kv_session_events_total",
         "splitserve_kv_tokens_total",
+        # Many sessions at once: decode batches and tokens/s by model.
+        "splitserve_kv_decode_batch_size_sum",
+        "splitserve_kv_decode_batch_size_count",
+        "splitserve_kv_decoded_tokens_total",
+        "splitserve_kv_decode_mixed_batches_total",
     ):
         assert metric in exprs, metric
     for pool in ("process", "io", "inference", "intra_op", "inter_op"):
@@ -334,7 +343,8 @@ def test_no_percentiles_of_coarse_histograms(dashboard) -> None:
     value that ever happened (p50 0.5 requests per forward with batching off)."""
     for p in panels(dashboard):
         for t in p["targets"]:
-            for metric in ("splitserve_batch_size", "splitserve_request_bytes", "splitserve_response_bytes"):
+            for metric in ("splitserve_batch_size", "splitserve_kv_decode_batch_size",
+                           "splitserve_request_bytes", "splitserve_response_bytes"):
                 assert not re.search(rf"histogram_quantile\([^)]*{metric}", t["expr"]), (p["title"], t["expr"])
 
 

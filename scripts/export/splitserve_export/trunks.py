@@ -95,6 +95,40 @@ def causal_mask(past_len: int, new: int, device: torch.device) -> Tensor:
     return k.unsqueeze(0) > q.unsqueeze(1)
 
 
+def decode_rows(q: Tensor, k: Tensor, v: Tensor, caches: List[Tensor], layer: int, stride: int,
+                lengths: List[int], scaling: float, groups: int, float32_softmax: bool) -> Tensor:
+    """Attention of one new position per row, each row over its own cache.
+
+    Row b's key and value cache for this layer are `caches[b * stride + 2 * layer]`
+    and the next entry, `[1, kv heads, capacity, head dim]` with capacity >
+    lengths[b]: the new key and value are written in place at position
+    lengths[b], and the row attends to positions 0..lengths[b] of its own cache,
+    a view (no copy, no padding: no row ever sees another row's positions or a
+    padded one). q, k, v: [B, heads or kv heads, 1, head dim]. One new query
+    sees every position before it, so no mask is needed. Returns [B, heads, 1,
+    head dim]."""
+    outs: List[Tensor] = []
+    for b in range(q.size(0)):
+        n = lengths[b]
+        ck = caches[b * stride + 2 * layer]
+        cv = caches[b * stride + 2 * layer + 1]
+        ck.narrow(2, n, 1).copy_(k[b:b + 1])
+        cv.narrow(2, n, 1).copy_(v[b:b + 1])
+        keys = ck.narrow(2, 0, n + 1)[0]
+        values = cv.narrow(2, 0, n + 1)[0]
+        kv_heads, dim = keys.size(0), keys.size(2)
+        # Query head h reads kv head h // groups (repeat_kv's order), without
+        # repeating the cache: [kv heads, groups, dim] @ [kv heads, dim, n + 1].
+        qb = q[b].reshape(kv_heads, groups, dim)
+        w = torch.matmul(qb, keys.transpose(1, 2)) * scaling
+        if float32_softmax:
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:
+            w = F.softmax(w, dim=-1).type(values.dtype)
+        outs.append(torch.matmul(w, values).reshape(1, kv_heads * groups, 1, dim))
+    return torch.cat(outs, dim=0)
+
+
 # ---------------------------------------------------------------- GPT-2
 
 
@@ -123,6 +157,19 @@ class GPT2Attention(nn.Module):
         out = out.reshape(batch, new, -1).contiguous()
         return self.c_proj(out), k, v
 
+    def decode(self, x: Tensor, caches: List[Tensor], layer: int, stride: int,
+               lengths: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+        """One new position for each of B rows, each with its own cache (see
+        `decode_rows`): the projections run once for all rows."""
+        batch = x.size(0)
+        qkv = self.c_attn(x).split(self.split_size, dim=2)
+        q = qkv[0].view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        k = qkv[1].view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        v = qkv[2].view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        out = decode_rows(q, k, v, caches, layer, stride, lengths, self.scaling, 1, False)
+        out = out.transpose(1, 2).reshape(batch, 1, -1).contiguous()
+        return self.c_proj(out), k, v
+
 
 class GPT2MLP(nn.Module):
     def __init__(self, hidden: int, inner: int, act: str) -> None:
@@ -147,6 +194,13 @@ class GPT2Block(nn.Module):
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor,
                 cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         a, k, v = self.attn(self.ln_1(x), past_k, past_v, mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, k, v
+
+    def decode(self, x: Tensor, caches: List[Tensor], layer: int, stride: int,
+               lengths: List[int], cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.attn.decode(self.ln_1(x), caches, layer, stride, lengths)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, k, v
@@ -211,6 +265,21 @@ class LlamaAttention(nn.Module):
         out = out.reshape(batch, new, -1).contiguous()
         return self.o_proj(out), k, v
 
+    def decode(self, x: Tensor, caches: List[Tensor], layer: int, stride: int,
+               lengths: List[int], cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """One new position for each of B rows (see `decode_rows`); `cos` and
+        `sin` are each row's rotary angles, [B, 1, 1, head dim]."""
+        batch = x.size(0)
+        q = self.q_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
+        out = decode_rows(q, k, v, caches, layer, stride, lengths, self.scaling, self.groups,
+                          True)
+        out = out.transpose(1, 2).reshape(batch, 1, -1).contiguous()
+        return self.o_proj(out), k, v
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, hidden: int, inner: int, bias: bool, act: str) -> None:
@@ -238,6 +307,14 @@ class LlamaLayer(nn.Module):
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor,
                 cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         a, k, v = self.self_attn(self.input_layernorm(x), past_k, past_v, mask, cos, sin)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+    def decode(self, x: Tensor, caches: List[Tensor], layer: int, stride: int,
+               lengths: List[int], cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.self_attn.decode(self.input_layernorm(x), caches, layer, stride, lengths,
+                                        cos, sin)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -273,6 +350,35 @@ def check_step(hidden: Tensor, past: List[Tensor], layers: int, width: int, kv_h
             "a context of {} positions is past this model's maximum of {}".format(
                 total, max_positions))
     return past_len
+
+
+def check_decode(hidden: Tensor, caches: List[Tensor], lengths: List[int], layers: int,
+                 width: int, kv_heads: int, head_dim: int, max_positions: int,
+                 dtype: torch.dtype) -> None:
+    """Checks a batched decode step before anything is computed or written."""
+    if hidden.dim() != 3 or hidden.size(1) != 1 or hidden.size(2) != width:
+        raise RuntimeError(
+            "hidden must be [rows, 1, {}] for a batched decode step, got {}".format(
+                width, hidden.size()))
+    rows = hidden.size(0)
+    if len(lengths) != rows or len(caches) != rows * 2 * layers:
+        raise RuntimeError(
+            "a batched decode step of {} rows takes {} lengths and {} cache tensors, got {} "
+            "and {}".format(rows, rows, rows * 2 * layers, len(lengths), len(caches)))
+    for b in range(rows):
+        n = lengths[b]
+        if n < 0 or n + 1 > max_positions:
+            raise RuntimeError(
+                "a context of {} positions is past this model's maximum of {}".format(
+                    n + 1, max_positions))
+        for i in range(2 * layers):
+            t = caches[b * 2 * layers + i]
+            if (t.dim() != 4 or t.size(0) != 1 or t.size(1) != kv_heads or t.size(2) <= n
+                    or t.size(3) != head_dim or t.dtype != dtype):
+                raise RuntimeError(
+                    "every cache of a batched decode step must be [1, {}, capacity > length, "
+                    "{}] in the trunk's dtype, got {} for a row of length {}".format(
+                        kv_heads, head_dim, t.size(), n))
 
 
 class Trunk(nn.Module):
@@ -326,6 +432,32 @@ class GPT2Trunk(Trunk):
             i += 1
         return x.to(hidden.dtype), present
 
+    @torch.jit.export
+    def decode_batch(self, hidden: Tensor, caches: List[Tensor],
+                     lengths: List[int]) -> Tuple[Tensor, List[Tensor]]:
+        """One decode step for B sequences at once, each with its own past length.
+
+        hidden: [B, 1, width]. caches: row b's `[key_0, value_0, key_1, ...]` at
+        `caches[b * 2 * layers:]`, each `[1, kv heads, capacity, head dim]` in the
+        trunk's dtype, holding lengths[b] valid positions and room for one more.
+        The new key and value of each row and layer are written into its cache at
+        position lengths[b] (in place); the weights are read once for all rows.
+        Returns the hidden states [B, 1, width] and the new entries
+        `[key_0, value_0, ...]`, each [B, kv heads, 1, head dim]."""
+        check_decode(hidden, caches, lengths, self.num_layers, self.width, self.kv_heads,
+                     self.head_dim, self.max_positions, self.dtype)
+        x = hidden.to(self.dtype)
+        unused = x.new_zeros([0])
+        stride = 2 * self.num_layers
+        new: List[Tensor] = []
+        i = 0
+        for block in self.transformer.h.values():
+            x, k, v = block.decode(x, caches, i, stride, lengths, unused, unused)
+            new.append(k)
+            new.append(v)
+            i += 1
+        return x.to(hidden.dtype), new
+
 
 class LlamaTrunk(Trunk):
     """Llama-family decoder layers [first, last) (Llama, Qwen2): RMSNorm, rotary
@@ -372,6 +504,30 @@ class LlamaTrunk(Trunk):
             present.append(v)
             i += 1
         return x.to(hidden.dtype), present
+
+    @torch.jit.export
+    def decode_batch(self, hidden: Tensor, caches: List[Tensor],
+                     lengths: List[int]) -> Tuple[Tensor, List[Tensor]]:
+        """One decode step for B sequences at once (as GPT2Trunk.decode_batch);
+        each row's rotary position is its own past length."""
+        check_decode(hidden, caches, lengths, self.num_layers, self.width, self.kv_heads,
+                     self.head_dim, self.max_positions, self.dtype)
+        x = hidden.to(self.dtype)
+        positions = torch.tensor(lengths, dtype=torch.float32, device=x.device)
+        freqs = positions.unsqueeze(1) * self.inv_freq.to(x.device).unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        rows = x.size(0)
+        cos = (emb.cos() * self.attention_scaling).to(x.dtype).view(rows, 1, 1, -1)
+        sin = (emb.sin() * self.attention_scaling).to(x.dtype).view(rows, 1, 1, -1)
+        stride = 2 * self.num_layers
+        new: List[Tensor] = []
+        i = 0
+        for layer in self.model.layers.values():
+            x, k, v = layer.decode(x, caches, i, stride, lengths, cos, sin)
+            new.append(k)
+            new.append(v)
+            i += 1
+        return x.to(hidden.dtype), new
 
 
 def wrap_lora(layer: nn.Module, path: str, r: int, scaling: float,
