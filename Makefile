@@ -62,7 +62,7 @@ test-python: build fixtures tools
 	$(PY) -m pytest -q tests/python
 
 ## Chart, rendered manifests, Dockerfile, dashboards and alert rules (no cluster needed).
-test-deploy: tools
+test-deploy: build tools
 	$(PY) -m pytest -q tests/deploy
 
 ## Side-by-side benchmarks, both written to docs/benchmarks.md: against the Python servers
