@@ -150,18 +150,85 @@ async fn claimed_sizes_reserve_no_memory_and_stalled_bodies_time_out() {
     server.stop().await.unwrap();
 }
 
+/// Sends one Compute message prefix claiming `claim` bytes and no more; returns
+/// the grpc-status and grpc-message of the answer.
+async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
+    let mut client = connect(addr).await.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://{addr}/splitlearn.comm.ComputeService/Compute"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    let mut prefix = [0u8; 5];
+    prefix[1..].copy_from_slice(&claim.to_be_bytes());
+    body.send_data(Bytes::copy_from_slice(&prefix), false).unwrap();
+    let response = response.await.unwrap();
+    let get = |h: &http::HeaderMap, k: &str| {
+        h.get(k)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    if response.headers().contains_key("grpc-status") {
+        let h = response.headers();
+        return (get(h, "grpc-status"), get(h, "grpc-message"));
+    }
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    let t = body.trailers().await.unwrap().unwrap_or_default();
+    (get(&t, "grpc-status"), get(&t, "grpc-message"))
+}
+
+/// The message limit and the in-flight budget are two guards with two answers:
+/// a claim over --max-message-bytes (well inside the budget) is refused by the
+/// first, naming it; a claim within it takes the budget, which then refuses
+/// other calls, while health checks (never counted in the budget) still answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
     let server = TestServer::start(args(
         &["double=builtin:scale:2"],
-        &["--max-message-bytes", "65536"],
+        &[
+            "--max-message-bytes",
+            "65536",
+            "--max-inflight-bytes",
+            "65541",
+            "--request-body-timeout",
+            "3s",
+        ],
     ))
     .await;
-    let claim = 1u32 << 30;
-    let mut prefix = [0u8; 5];
-    prefix[1..].copy_from_slice(&claim.to_be_bytes());
-    let client = connect(server.addr).await;
-    assert_eq!(stalled_stream(client, server.addr, Some(prefix)).await, "8");
+    let addr = server.addr;
+    let (code, message) = claim_answer(addr, 65537).await;
+    assert_eq!(code, "8", "{message}");
+    assert!(
+        message.contains("--max-message-bytes") && message.contains("found 65537 bytes"),
+        "{message}"
+    );
+
+    // A claim the limit allows (65536 + 5 bytes) fills the budget: other calls are refused for it.
+    let holder = tokio::spawn(claim_answer(addr, 65536));
+    let mut c = server.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let busy = loop {
+        match c.compute(request("double", &[1.0], &[1])).await {
+            Err(s) if s.message().contains("--max-inflight-bytes") => break s,
+            other => assert!(Instant::now() < deadline, "the budget never filled: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
+    // Health checks are exempt from the budget: they answer while it is full.
+    assert_eq!(grpc_health(addr).await, Ok(1), "grpc.health.v1 while the budget is full");
+    // The stalled claim is timed out; then the budget is free again.
+    assert_eq!(holder.await.unwrap().0, "4");
+    let y = c
+        .compute(request("double", &[1.0, 2.0], &[2]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f32_values(&y.data), [2.0, 4.0]);
     server.stop().await.unwrap();
 }
 

@@ -394,8 +394,8 @@ def write_atomically(path: Path, text: str) -> None:
 def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     pb2, pb2_grpc = pb
     # Tokens as a user would make them (secrets.token_hex): long and random.
-    infer_tok, train_tok, none_tok, new_tok, unknown_tok = (
-        f"{name}-{secrets.token_hex(16)}" for name in ("infer", "train", "none", "new", "unknown"))
+    infer_tok, train_tok, none_tok, new_tok, unknown_tok, train_only_tok = (
+        f"{name}-{secrets.token_hex(16)}" for name in ("infer", "train", "none", "new", "unknown", "trainonly"))
     tokens = tmp_path / "tokens"
     tokens.write_text(
         "# token scopes\n"
@@ -403,6 +403,7 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
         f"{infer_tok} infer\n"
         f"{train_tok} infer,train\n"
         f"{none_tok}\n"
+        f"{train_only_tok} train\n"
     )
     s = server_factory("--model", "m=builtin:mlp:4x8x4", "--auth-token-file", str(tokens), *RELOAD)
     s.wait_serving()  # grpc.health.v1 needs no token
@@ -444,6 +445,23 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     )
     assert list(back.grad_input_shape) == [2, 4]
 
+    # The backward asks for train itself: an infer token is refused it, a train-only token gets it.
+    def backward(forward_id, metadata):
+        return outcome(lambda: stub.ComputeBackward(
+            pb2.BackwardRequest(grad_output_data=tensor(np.ones((2, 4)))["data"], grad_output_shape=[2, 4],
+                                forward_id=forward_id), metadata=metadata, timeout=TIMEOUT))
+
+    code, fwd = train_forward(bearer(train_tok))
+    assert code == grpc.StatusCode.OK, fwd
+    code, details = backward(fwd.forward_id, bearer(infer_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "train" in details, f"backward, infer token: {code} {details}"
+    code, details = train_forward(bearer(train_only_tok))
+    assert code == grpc.StatusCode.OK, f"training forward, train-only token: {code} {details}"
+    code, back = backward(details.forward_id, bearer(train_only_tok))
+    assert code == grpc.StatusCode.OK and list(back.grad_input_shape) == [2, 4], f"backward, train-only: {code} {back}"
+    code, details = infer(bearer(train_only_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"inference, train-only token: {code} {details}"
+
     # Listed without a scope: known, but allowed nothing.
     code, details = infer(bearer(none_tok))
     assert code == grpc.StatusCode.PERMISSION_DENIED, f"no-scope token: {code} {details}"
@@ -467,6 +485,15 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     # grpc.health.v1 needs no token.
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+    # A file that stops parsing (a short token) keeps the tokens in force, with a warning,
+    # and no reload counted.
+    reloads = s.metric("splitserve_credential_reloads_total", kind="tokens") or 0
+    write_atomically(tokens, f"{new_tok} infer\nshort infer\n")
+    s.wait_log("does not parse; keeping the previous tokens")
+    assert infer(bearer(infer_tok))[0] == grpc.StatusCode.OK, "a broken token file cleared the tokens"
+    assert infer(bearer(new_tok))[0] == grpc.StatusCode.UNAUTHENTICATED, "a broken token file was half applied"
+    assert (s.metric("splitserve_credential_reloads_total", kind="tokens") or 0) == reloads
 
     # The file is re-read: a new token works, a removed one no longer does.
     write_atomically(tokens, f"{new_tok} infer\n{train_tok} infer,train\n")
