@@ -157,6 +157,7 @@ def pki(tmp_path_factory):
     pki.cert, pki.key = pki.server_a.write(d, "server")
     pki.client = ca.issue("good client", server=False)
     pki.foreign_client = other.issue("foreign client", server=False)
+    pki.foreign_ca_pem = other.pem
     pki.expired_client = ca.issue(
         "expired client", server=False,
         not_before=_now() - datetime.timedelta(days=10),
@@ -291,11 +292,13 @@ def test_admin_port_speaks_tls_when_given_a_certificate(pb, server_factory, pki)
 # --- mTLS ---------------------------------------------------------------------
 
 
-def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pki):
+def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pki, tmp_path):
     pb2, pb2_grpc = pb
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(pki.ca.pem)
     s = server_factory(
         "--model", "m=builtin:scale:2",
-        "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-client-ca", str(pki.ca_path),
+        "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-client-ca", str(client_ca), *RELOAD,
         credentials=tls(pki, pki.client),
     )
     s.wait_serving()
@@ -316,6 +319,16 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
     code, reply = compute(tls(pki, pki.client))
     assert code == grpc.StatusCode.OK, reply
     assert np.array_equal(decode(reply.data, reply.shape), x * 2)
+
+    # The client CA is reloaded like the certificate: swapped for the other CA, its
+    # clients get in and the first CA's are refused, on new connections.
+    write_atomically(client_ca, pki.foreign_ca_pem.decode())
+    code, reply = poll(lambda: pb2_grpc.ComputeServiceStub(s.channel(credentials=tls(pki, pki.foreign_client)))
+                       .Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT), grpc.StatusCode.OK)
+    assert code == grpc.StatusCode.OK, f"a client of the new CA after the reload: {code} {reply}"
+    code, details = compute(tls(pki, pki.client))
+    assert code == grpc.StatusCode.UNAVAILABLE, f"a client of the replaced CA: {code} {details}"
+    assert s.metric("splitserve_credential_reloads_total", kind="tls") == 1
 
 
 # --- rotation -----------------------------------------------------------------
@@ -345,6 +358,11 @@ def test_rotated_certificate_reaches_new_connections_and_spares_open_ones(pb, se
 
     channel.subscribe(watch, try_to_connect=False)
     uptime_before = stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT).uptime_seconds
+    assert peer_certificate(s.port, pki.ca_path).serial_number == SERIAL_A
+
+    # Half a rotation (B's certificate with A's key) does not load: A stays in service.
+    write_atomically(cert, pki.server_b.cert_pem.decode())
+    s.wait_log("TLS files changed but do not load; keeping the previous certificate")
     assert peer_certificate(s.port, pki.ca_path).serial_number == SERIAL_A
 
     # Rotate: certificate B (same CA) replaces A in the same files.
