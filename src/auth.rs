@@ -285,6 +285,10 @@ mod tests {
         assert!(!entries[2].granted.infer && !entries[2].granted.train);
         let err = parse("short infer").unwrap_err();
         assert!(err.contains("line 1") && err.contains("16"), "{err}");
+        // 16 characters is long enough; 15 is not.
+        assert_eq!(parse("0123456789abcdef infer").unwrap().len(), 1);
+        let err = parse("# a comment\n0123456789abcde infer").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("16"), "{err}");
         let err = parse("long-enough-token-123 admin").unwrap_err();
         assert!(err.contains("unknown scope"), "{err}");
         assert!(
