@@ -66,8 +66,8 @@ args=()
 for f in "${files[@]}"; do args+=(--file "$f"); done
 export SPLITSERVE_MUTANTS_PYTEST="$python"
 mkdir -p "mutants.out/$module"
-# One job: the mutants share this tree and its target/ (and a 2-core machine).
-exec .tools/bin/cargo-mutants mutants --in-place --jobs 1 --no-shuffle \
+# In place, one mutant at a time: the mutants share this tree and its target/.
+exec .tools/bin/cargo-mutants mutants --in-place --no-shuffle \
     --output "mutants.out/$module" "${args[@]}" "$@" \
     -- --lib --test integration \
     -- "${rust[@]}" python_oracle --include-ignored --test-threads 2

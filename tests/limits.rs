@@ -183,10 +183,28 @@ async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
 
 /// The message limit and the in-flight budget are two guards with two answers:
 /// a claim over --max-message-bytes (well inside the budget) is refused by the
-/// first, naming it; a claim within it takes the budget, which then refuses
-/// other calls, while health checks (never counted in the budget) still answer.
+/// first, naming it and its numbers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &["--max-message-bytes", "65536"],
+    ))
+    .await;
+    let (code, message) = claim_answer(server.addr, 65537).await;
+    assert_eq!(code, "8", "{message}");
+    assert!(
+        message.contains("--max-message-bytes") && message.contains("found 65537 bytes"),
+        "{message}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A claim within the limit that fills the in-flight budget: other calls are
+/// refused for the budget, health checks (never counted in it) still answer,
+/// and once the stalled claim times out the budget serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_answer_while_the_budget_is_full() {
     let server = TestServer::start(args(
         &["double=builtin:scale:2"],
         &[
@@ -200,14 +218,7 @@ async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
     ))
     .await;
     let addr = server.addr;
-    let (code, message) = claim_answer(addr, 65537).await;
-    assert_eq!(code, "8", "{message}");
-    assert!(
-        message.contains("--max-message-bytes") && message.contains("found 65537 bytes"),
-        "{message}"
-    );
-
-    // A claim the limit allows (65536 + 5 bytes) fills the budget: other calls are refused for it.
+    // 65536 + 5 bytes: the whole budget.
     let holder = tokio::spawn(claim_answer(addr, 65536));
     let mut c = server.client().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -219,7 +230,6 @@ async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
-    // Health checks are exempt from the budget: they answer while it is full.
     assert_eq!(grpc_health(addr).await, Ok(1), "grpc.health.v1 while the budget is full");
     // The stalled claim is timed out; then the budget is free again.
     assert_eq!(holder.await.unwrap().0, "4");
