@@ -104,13 +104,13 @@ def test_health_follows_startup_serving_and_drain(pb, server_factory):
     h = stub.HealthCheck(pb2.HealthRequest())
     assert h.status == "unhealthy" and h.message == "loading and warming up models", h
     assert refused(stub, pb2) == (grpc.StatusCode.UNAVAILABLE, LOADING)
-    assert http_status(f"{s.metrics_url}/readyz") == (503, "loading models\n")
-    assert http_status(f"{s.metrics_url}/livez") == (200, "ok\n")
     # The Open Inference Protocol over HTTP says the same: 503, retry later.
     s.wait_http_listening()
     status, body = http_post(f"{s.http_url}/v2/models/slow/infer",
                              b'{"inputs":[{"name":"INPUT__0","datatype":"FP32","shape":[1],"data":[1]}]}')
     assert status == 503 and "loading" in body, (status, body)
+    assert http_status(f"{s.metrics_url}/readyz") == (503, "loading models\n")
+    assert http_status(f"{s.metrics_url}/livez") == (200, "ok\n")
     assert_probes(s.addr, SERVICE, serving=False)
     assert_probes(s.addr, "", serving=False)
     assert_probes(s.addr, "liveness", serving=True)
