@@ -518,7 +518,7 @@ def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path, s
 def test_preferred_batch_size_kind_auto_and_default_model_filename(tmp_path, server_factory):
     """A batch of a preferred size runs at once instead of waiting out a 20 s
     max_queue_delay; KIND_AUTO runs on --device; default_model_filename names the
-    file each version directory holds."""
+    file each version directory holds; a --model name wins over the repository's."""
     repo = tmp_path / "models"
     write_model(repo, "pref", scale_config("pref") + """
 dynamic_batching { preferred_batch_size: [ 2 ] max_queue_delay_microseconds: 20000000 }
@@ -526,7 +526,9 @@ instance_group [ { count: 1 kind: KIND_AUTO } ]
 default_model_filename: "net.pt"
 """, {1: Scale(3.0)})
     (repo / "pref" / "1" / "model.pt").rename(repo / "pref" / "1" / "net.pt")
-    s = start(server_factory, repo, "--workers", "1", "--intra-op-threads", "1")
+    # A repository model with the name of a --model one: the --model one serves.
+    write_model(repo, "fixed", scale_config("fixed"), {1: Scale(7.0)})
+    s = start(server_factory, repo, "--workers", "1", "--intra-op-threads", "1", "--model", "fixed=builtin:scale:5")
     g = tgrpc.InferenceServerClient(s.addr)
     x = tgrpc.InferInput("INPUT__0", [2, 2], "FP32")
     x.set_data_from_numpy(np.ones((2, 2), np.float32))
@@ -535,6 +537,8 @@ default_model_filename: "net.pt"
     np.testing.assert_array_equal(got, np.full((2, 2), 3.0, np.float32))
     cfg = g.get_model_config("pref", as_json=True)["config"]
     assert cfg["default_model_filename"] == "net.pt", cfg
+    got = g.infer("fixed", [x], client_timeout=10).as_numpy("OUTPUT__0")
+    np.testing.assert_array_equal(got, np.full((2, 2), 5.0, np.float32))
     assert s.terminate() == 0
 
 

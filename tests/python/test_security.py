@@ -595,7 +595,8 @@ def test_parameters_change_only_on_models_opted_in_with_trainable(pb, server_fac
 
 def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     pb2, _ = pb
-    s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10")
+    s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10",
+                        "--max-accumulation-steps", "4")
     before = inference(stub, pb2)
     x = np.ones((2, 4))
 
@@ -642,6 +643,16 @@ def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     assert code == grpc.StatusCode.OK, reply
     trained = inference(stub, pb2)
     assert trained != before and np.isfinite(decode(trained, [3, 4])).all()
+
+    # --max-accumulation-steps 4: an accumulation of 5 is refused and counted, of 4 accepted.
+    code, details = step(np.ones((2, 4)), learning_rate=0.01, accumulation_step=5)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max-accumulation-steps 4" in details, (code, details)
+    metrics = http_get(f"{s.metrics_url}/metrics")[1]
+    assert metric_sum(metrics, "splitserve_limit_rejections_total", limit="accumulation_steps") == 1
+    # Accumulating up to the limit is allowed; the step waits for its 4 backwards, so
+    # this one leaves the weights as they are.
+    code, details = step(np.ones((2, 4)), learning_rate=0.01, accumulation_step=4)
+    assert code == grpc.StatusCode.OK, (code, details)
 
 
 # --- limits -------------------------------------------------------------------
