@@ -340,20 +340,44 @@ mod tests {
         std::fs::write(&path, "first-0123456789abcdef infer\n").unwrap();
         let tokens = Tokens::load(path.clone()).unwrap();
         let metrics = Metrics::new("test").unwrap();
-        let reloads = || metrics.credential_reloads.with_label_values(&["tokens"]).get();
-        assert!(tokens.check(Some(&bearer("first-0123456789abcdef"))).is_ok());
+        let reloads = || {
+            metrics
+                .credential_reloads
+                .with_label_values(&["tokens"])
+                .get()
+        };
+        assert!(
+            tokens
+                .check(Some(&bearer("first-0123456789abcdef")))
+                .is_ok()
+        );
         // A file that stops parsing: the tokens in force stay, nothing counted.
         std::fs::write(&path, "second-0123456789abcdef infer\nshort infer\n").unwrap();
         tokens.reload(&metrics);
-        assert!(tokens.check(Some(&bearer("first-0123456789abcdef"))).is_ok());
-        assert_eq!(tokens.check(Some(&bearer("second-0123456789abcdef"))), Err(Refusal::Unknown));
+        assert!(
+            tokens
+                .check(Some(&bearer("first-0123456789abcdef")))
+                .is_ok()
+        );
+        assert_eq!(
+            tokens.check(Some(&bearer("second-0123456789abcdef"))),
+            Err(Refusal::Unknown)
+        );
         assert_eq!(reloads(), 0);
         // Fixed: the new set replaces the old one whole, counted once.
         std::fs::write(&path, "second-0123456789abcdef train\n").unwrap();
         tokens.reload(&metrics);
         tokens.reload(&metrics);
-        assert_eq!(tokens.check(Some(&bearer("first-0123456789abcdef"))), Err(Refusal::Unknown));
-        assert!(tokens.check(Some(&bearer("second-0123456789abcdef"))).unwrap().train);
+        assert_eq!(
+            tokens.check(Some(&bearer("first-0123456789abcdef"))),
+            Err(Refusal::Unknown)
+        );
+        assert!(
+            tokens
+                .check(Some(&bearer("second-0123456789abcdef")))
+                .unwrap()
+                .train
+        );
         assert_eq!(reloads(), 1);
         std::fs::remove_file(&path).unwrap();
     }

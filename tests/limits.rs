@@ -164,7 +164,8 @@ async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
     let (response, mut body) = client.send_request(req, false).unwrap();
     let mut prefix = [0u8; 5];
     prefix[1..].copy_from_slice(&claim.to_be_bytes());
-    body.send_data(Bytes::copy_from_slice(&prefix), false).unwrap();
+    body.send_data(Bytes::copy_from_slice(&prefix), false)
+        .unwrap();
     let response = response.await.unwrap();
     let get = |h: &http::HeaderMap, k: &str| {
         h.get(k)
@@ -188,7 +189,12 @@ async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
 async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
     let server = TestServer::start(args(
         &["double=builtin:scale:2"],
-        &["--max-message-bytes", "65536"],
+        &[
+            "--max-message-bytes",
+            "65536",
+            "--request-body-timeout",
+            "2s",
+        ],
     ))
     .await;
     let (code, message) = claim_answer(server.addr, 65537).await;
@@ -225,12 +231,19 @@ async fn health_checks_answer_while_the_budget_is_full() {
     let busy = loop {
         match c.compute(request("double", &[1.0], &[1])).await {
             Err(s) if s.message().contains("--max-inflight-bytes") => break s,
-            other => assert!(Instant::now() < deadline, "the budget never filled: {other:?}"),
+            other => assert!(
+                Instant::now() < deadline,
+                "the budget never filled: {other:?}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
-    assert_eq!(grpc_health(addr).await, Ok(1), "grpc.health.v1 while the budget is full");
+    assert_eq!(
+        grpc_health(addr).await,
+        Ok(1),
+        "grpc.health.v1 while the budget is full"
+    );
     // The stalled claim is timed out; then the budget is free again.
     assert_eq!(holder.await.unwrap().0, "4");
     let y = c

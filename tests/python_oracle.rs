@@ -23,7 +23,9 @@ fn python_selection_passes() {
     let built = PathBuf::from(env!("CARGO_BIN_EXE_splitserve"));
     assert_eq!(
         built.canonicalize().unwrap(),
-        root.join("target/release/splitserve").canonicalize().unwrap(),
+        root.join("target/release/splitserve")
+            .canonicalize()
+            .unwrap(),
         "the Python tests start target/release/splitserve: build with --release in this tree"
     );
     let args: Vec<String> = selection

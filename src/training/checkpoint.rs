@@ -655,7 +655,10 @@ mod tests {
             names
         };
         prune(&root, 2);
-        assert_eq!(left(&root), ["step-0000000003", "step-0000000004", "step-0000000005"]);
+        assert_eq!(
+            left(&root),
+            ["step-0000000003", "step-0000000004", "step-0000000005"]
+        );
         prune(&root, 0);
         assert_eq!(left(&root), ["step-0000000004", "step-0000000005"]);
         fs::remove_dir_all(&dir).unwrap();

@@ -443,7 +443,8 @@ def test_repository_calls_need_the_repository_scope(tmp_path, server_factory):
     with pytest.raises(InferenceServerException, match="not in the model repository"):
         g.load_model(f"../{repo.name}/m", headers=admin)
     # Nor a path to a servable model elsewhere: absolute, or a subdirectory of the repository.
-    write_model(tmp_path / "outside", "evil", scale_config("evil"), {1: Scale(7.0)})
+    # (No `name:` in its config, which would not match the path anyway.)
+    write_model(tmp_path / "outside", "evil", scale_config("evil").replace('name: "evil"', ""), {1: Scale(7.0)})
     write_model(repo / "sub", "m", scale_config("m"), {1: Scale(7.0)})
     for name in (str(tmp_path / "outside" / "evil"), "sub/m"):
         with pytest.raises(InferenceServerException, match="not in the model repository"):
