@@ -150,8 +150,31 @@ async fn claimed_sizes_reserve_no_memory_and_stalled_bodies_time_out() {
     server.stop().await.unwrap();
 }
 
+/// grpc-message as sent: percent-encoded (gRPC's HTTP/2 mapping).
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Sends one Compute message prefix claiming `claim` bytes and no more; returns
-/// the grpc-status and grpc-message of the answer.
+/// the grpc-status and the (decoded) grpc-message of the answer.
 async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
     let mut client = connect(addr).await.ready().await.unwrap();
     let req = http::Request::post(format!(
@@ -169,7 +192,7 @@ async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
     let response = response.await.unwrap();
     let get = |h: &http::HeaderMap, k: &str| {
         h.get(k)
-            .map(|v| v.to_str().unwrap().to_string())
+            .map(|v| percent_decoded(v.to_str().unwrap()))
             .unwrap_or_default()
     };
     if response.headers().contains_key("grpc-status") {

@@ -86,10 +86,10 @@ def wait_held(stub, pb2, n, queued=None):
 
 def test_health_follows_startup_serving_and_drain(pb, server_factory):
     pb2, pb2_grpc = pb
-    # The delay model's warm-up forward sleeps 5 s: the server is loading that long.
+    # The delay model's warm-up forward sleeps 6 s: the server is loading that long.
     s = server_factory(
         "--model", "slow=builtin:delay:400",
-        "--model", "warm=builtin:delay:5000",
+        "--model", "warm=builtin:delay:6000",
         "--warmup-shape", "warm=1",
         "--workers", "2", "--intra-op-threads", "1",
     )
@@ -218,10 +218,10 @@ def test_a_grace_that_runs_out_refuses_the_queue_and_the_process_exits(pb, serve
 
 
 def test_a_connection_past_its_age_and_grace_is_closed_under_its_calls(pb, server_factory):
-    """--max-connection-age 1s with a 300 ms grace: a 5 s call on the connection
+    """--max-connection-age 1s with a 300 ms grace: a 3 s call on the connection
     ends UNAVAILABLE when the grace runs out; the client reconnects and is served."""
     pb2, pb2_grpc = pb
-    s = server_factory("--model", "slow=builtin:delay:5000", "--model", "double=builtin:scale:2",
+    s = server_factory("--model", "slow=builtin:delay:3000", "--model", "double=builtin:scale:2",
                        "--max-connection-age", "1s", "--max-connection-age-grace", "300ms")
     s.wait_ok(pb)
     stub = pb2_grpc.ComputeServiceStub(s.channel())
