@@ -1244,12 +1244,12 @@ def test_every_variable_the_chart_sets_is_one_the_binary_reads() -> None:
 def test_every_limit_value_names_a_variable_the_binary_reads(chart) -> None:
     known = _binary_env_names()
     values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    base = env_of(server_container(one(render_values(chart, {}), "Deployment")))
     for key in values["config"]["limits"]:
         # Each limit alone, rendered from the chart (not from LIMIT_ENV): the variable it sets.
         sample = "30s" if "Timeout" in key else 7
         objs = render_values(chart, {"config": {"limits": {key: sample}}})
         env = env_of(server_container(one(objs, "Deployment")))
-        base = env_of(server_container(one(render_values(chart, {}), "Deployment")))
         added = sorted(set(env) - set(base))
         assert added == [LIMIT_ENV[key]], f"config.limits.{key} renders {added}, not {LIMIT_ENV[key]}"
         assert added[0] in known, f"config.limits.{key} sets {added[0]}, which `splitserve serve` does not read"
