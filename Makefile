@@ -16,7 +16,7 @@ export CARGO_INCREMENTAL ?= 0
 endif
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run test test-rust test-rust-build test-python test-deploy fixtures bench-fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test
+.PHONY: all setup tools build run test test-rust test-rust-build test-python test-deploy fixtures bench-fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test mutants
 
 all: build
 
@@ -71,7 +71,7 @@ test-python: build fixtures tools
 	$(PY) -m pytest -q tests/python
 
 ## Chart, rendered manifests, Dockerfile, dashboards and alert rules (no cluster needed).
-test-deploy: tools
+test-deploy: build tools
 	$(PY) -m pytest -q tests/deploy
 
 ## Side-by-side benchmarks, both written to docs/benchmarks.md: against the Python servers
@@ -121,3 +121,16 @@ lint: setup
 clean:
 	cargo clean
 	rm -rf $(FIXTURES)
+
+## Mutation testing (never in make test; hours for every module on 2 cores): cargo-mutants over
+## listen, auth, grpc/layers, repository, training/checkpoint and v2, each against the Rust and
+## Python tests that claim it (scripts/mutants.sh, .cargo/mutants.toml); docs/testing.md.
+## One module: make mutants MODULES=auth; part of one: make mutants MODULES=listen ARGS="--shard 0/8"
+MUTANTS_VERSION := 25.3.1
+MODULES ?= auth checkpoint v2 layers listen repository
+.tools/bin/cargo-mutants:
+	cargo install --locked --root .tools cargo-mutants --version $(MUTANTS_VERSION)
+
+mutants: build fixtures tools .tools/bin/cargo-mutants
+	rc=0; for m in $(MODULES); do bash scripts/mutants.sh $$m $(ARGS) || rc=$$?; done; exit $$rc
+

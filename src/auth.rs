@@ -285,6 +285,10 @@ mod tests {
         assert!(!entries[2].granted.infer && !entries[2].granted.train);
         let err = parse("short infer").unwrap_err();
         assert!(err.contains("line 1") && err.contains("16"), "{err}");
+        // 16 characters is long enough; 15 is not.
+        assert_eq!(parse("0123456789abcdef infer").unwrap().len(), 1);
+        let err = parse("# a comment\n0123456789abcde infer").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("16"), "{err}");
         let err = parse("long-enough-token-123 admin").unwrap_err();
         assert!(err.contains("unknown scope"), "{err}");
         assert!(
@@ -327,5 +331,54 @@ mod tests {
         assert_eq!(tokens.check(None), Err(Refusal::Missing));
         assert_eq!(tokens.check(Some(b"Basic abc")), Err(Refusal::Missing));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_changed_file_replaces_the_tokens_and_a_broken_one_keeps_them() {
+        let path = std::env::temp_dir().join(format!("splitserve-tokens-{}", std::process::id()));
+        let bearer = |t: &str| format!("Bearer {t}").into_bytes();
+        std::fs::write(&path, "first-0123456789abcdef infer\n").unwrap();
+        let tokens = Tokens::load(path.clone()).unwrap();
+        let metrics = Metrics::new("test").unwrap();
+        let reloads = || {
+            metrics
+                .credential_reloads
+                .with_label_values(&["tokens"])
+                .get()
+        };
+        assert!(
+            tokens
+                .check(Some(&bearer("first-0123456789abcdef")))
+                .is_ok()
+        );
+        // A file that stops parsing: the tokens in force stay, nothing counted.
+        std::fs::write(&path, "second-0123456789abcdef infer\nshort infer\n").unwrap();
+        tokens.reload(&metrics);
+        assert!(
+            tokens
+                .check(Some(&bearer("first-0123456789abcdef")))
+                .is_ok()
+        );
+        assert_eq!(
+            tokens.check(Some(&bearer("second-0123456789abcdef"))),
+            Err(Refusal::Unknown)
+        );
+        assert_eq!(reloads(), 0);
+        // Fixed: the new set replaces the old one whole, counted once.
+        std::fs::write(&path, "second-0123456789abcdef train\n").unwrap();
+        tokens.reload(&metrics);
+        tokens.reload(&metrics);
+        assert_eq!(
+            tokens.check(Some(&bearer("first-0123456789abcdef"))),
+            Err(Refusal::Unknown)
+        );
+        assert!(
+            tokens
+                .check(Some(&bearer("second-0123456789abcdef")))
+                .unwrap()
+                .train
+        );
+        assert_eq!(reloads(), 1);
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -20,5 +20,7 @@ mod gpu;
 mod limits;
 #[path = "otlp.rs"]
 mod otlp;
+#[path = "python_oracle.rs"]
+mod python_oracle;
 #[path = "training.rs"]
 mod training;

@@ -166,7 +166,11 @@ async fn every_rpc_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn float16_and_zlib_answer_in_kind() {
-    let server = TestServer::start(args(&["triple=builtin:scale:3"], &[])).await;
+    let server = TestServer::start(args(
+        &["triple=builtin:scale:3"],
+        &["--max-decompressed-bytes", "64"],
+    ))
+    .await;
     let mut c = server.client().await;
     let x = vec![0.5f32, -1.25, 2.0, 8.0];
 
@@ -187,6 +191,17 @@ async fn float16_and_zlib_answer_in_kind() {
     let r = c.compute(req).await.unwrap().into_inner();
     let raw = splitserve::codec::inflate(&r.data, 8).expect("reply is zlib too");
     assert_eq!(from_f16(&raw), vec![1.5, -3.75, 6.0, 24.0]);
+
+    // 32 floats inflate to 128 bytes, past --max-decompressed-bytes 64.
+    let mut req = request("", &[], &[32]);
+    req.data = zlib(&f32_bytes(&[0.0; 32])).into();
+    let e = c.compute(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-decompressed-bytes") && e.message().contains("64"),
+        "{}",
+        e.message()
+    );
     server.stop().await.unwrap();
 }
 

@@ -150,18 +150,131 @@ async fn claimed_sizes_reserve_no_memory_and_stalled_bodies_time_out() {
     server.stop().await.unwrap();
 }
 
+/// grpc-message as sent: percent-encoded (gRPC's HTTP/2 mapping).
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends one Compute message prefix claiming `claim` bytes and no more; returns
+/// the grpc-status and the (decoded) grpc-message of the answer.
+async fn claim_answer(addr: SocketAddr, claim: u32) -> (String, String) {
+    let mut client = connect(addr).await.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://{addr}/splitlearn.comm.ComputeService/Compute"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    let mut prefix = [0u8; 5];
+    prefix[1..].copy_from_slice(&claim.to_be_bytes());
+    body.send_data(Bytes::copy_from_slice(&prefix), false)
+        .unwrap();
+    let response = response.await.unwrap();
+    let get = |h: &http::HeaderMap, k: &str| {
+        h.get(k)
+            .map(|v| percent_decoded(v.to_str().unwrap()))
+            .unwrap_or_default()
+    };
+    if response.headers().contains_key("grpc-status") {
+        let h = response.headers();
+        return (get(h, "grpc-status"), get(h, "grpc-message"));
+    }
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    let t = body.trailers().await.unwrap().unwrap_or_default();
+    (get(&t, "grpc-status"), get(&t, "grpc-message"))
+}
+
+/// The message limit and the in-flight budget are two guards with two answers:
+/// a claim over --max-message-bytes (well inside the budget) is refused by the
+/// first, naming it and its numbers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_over_the_message_limit_is_refused_before_it_is_read() {
     let server = TestServer::start(args(
         &["double=builtin:scale:2"],
-        &["--max-message-bytes", "65536"],
+        &[
+            "--max-message-bytes",
+            "65536",
+            "--request-body-timeout",
+            "2s",
+        ],
     ))
     .await;
-    let claim = 1u32 << 30;
-    let mut prefix = [0u8; 5];
-    prefix[1..].copy_from_slice(&claim.to_be_bytes());
-    let client = connect(server.addr).await;
-    assert_eq!(stalled_stream(client, server.addr, Some(prefix)).await, "8");
+    let (code, message) = claim_answer(server.addr, 65537).await;
+    assert_eq!(code, "8", "{message}");
+    assert!(
+        message.contains("--max-message-bytes") && message.contains("found 65537 bytes"),
+        "{message}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A claim within the limit that fills the in-flight budget: other calls are
+/// refused for the budget, health checks (never counted in it) still answer,
+/// and once the stalled claim times out the budget serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_answer_while_the_budget_is_full() {
+    let server = TestServer::start(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--max-message-bytes",
+            "65536",
+            "--max-inflight-bytes",
+            "65541",
+            "--request-body-timeout",
+            "3s",
+        ],
+    ))
+    .await;
+    let addr = server.addr;
+    // 65536 + 5 bytes: the whole budget.
+    let holder = tokio::spawn(claim_answer(addr, 65536));
+    let mut c = server.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let busy = loop {
+        match c.compute(request("double", &[1.0], &[1])).await {
+            Err(s) if s.message().contains("--max-inflight-bytes") => break s,
+            other => assert!(
+                Instant::now() < deadline,
+                "the budget never filled: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
+    assert_eq!(
+        grpc_health(addr).await,
+        Ok(1),
+        "grpc.health.v1 while the budget is full"
+    );
+    // The stalled claim is timed out; then the budget is free again.
+    assert_eq!(holder.await.unwrap().0, "4");
+    let y = c
+        .compute(request("double", &[1.0, 2.0], &[2]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f32_values(&y.data), [2.0, 4.0]);
     server.stop().await.unwrap();
 }
 

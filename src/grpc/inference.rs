@@ -136,6 +136,12 @@ impl InferenceApi {
         self.engine
             .resolve_version(name, wanted)
             .map_err(|e| match e {
+                // Not known yet because the models are still loading: retry, not 404.
+                EngineError::UnknownModel { .. }
+                    if *self.engine.status().borrow() == EngineStatus::Loading =>
+                {
+                    ServeError::Engine(EngineError::Loading)
+                }
                 EngineError::UnknownModel { .. } => {
                     let why = self
                         .repository

@@ -632,4 +632,35 @@ mod tests {
             ["step-10000000000", "step-9999999999", "step-0000000009"].map(PathBuf::from)
         );
     }
+
+    #[test]
+    fn pruning_keeps_the_newest_complete_checkpoints_and_at_least_one() {
+        let dir = std::env::temp_dir().join(format!("splitserve-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let root = root(&dir, "m");
+        for step in [1u64, 2, 3, 4, 5] {
+            let d = root.join(format!("step-{step:010}"));
+            fs::create_dir_all(&d).unwrap();
+            // Step 5 is damaged (no state.json): never counted as one of those kept.
+            if step != 5 {
+                fs::write(d.join("state.json"), "{}").unwrap();
+            }
+        }
+        let left = |root: &Path| {
+            let mut names: Vec<String> = fs::read_dir(root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        prune(&root, 2);
+        assert_eq!(
+            left(&root),
+            ["step-0000000003", "step-0000000004", "step-0000000005"]
+        );
+        prune(&root, 0);
+        assert_eq!(left(&root), ["step-0000000004", "step-0000000005"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

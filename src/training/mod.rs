@@ -1657,4 +1657,19 @@ mod tests {
         ));
         assert_eq!(stored(&t), ["d", "e"]);
     }
+
+    #[test]
+    fn activations_expire_once_older_than_the_ttl_and_not_before() {
+        let mut t = training(1000);
+        t.config.ttl = Duration::from_secs(10);
+        let aged = |secs: u64| Entry {
+            created: Instant::now() - Duration::from_secs(secs),
+            ..entry(10)
+        };
+        t.insert("older", aged(15)).unwrap();
+        t.insert("younger", aged(5)).unwrap();
+        t.expire();
+        assert_eq!(stored(&t), ["younger"]);
+        assert_eq!(t.stats.expired.load(Ordering::Relaxed), 1);
+    }
 }

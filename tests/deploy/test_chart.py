@@ -1219,3 +1219,63 @@ def test_llm_docs_session_values_reach_the_server(chart) -> None:
     assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "1h"
     assert {"SPLITSERVE_KV_CACHE_BYTES", "SPLITSERVE_KV_SESSION_TTL"} <= set(env)
     assert [o["metadata"]["name"] for o in objs if o["kind"] == "Service"] == ["splitserve"]
+
+
+# ------------------------------------------------------------------ chart <-> binary
+
+#: The server binary the chart's image runs (`make build`; `make test` builds it first).
+BINARY = ROOT / "target" / "release" / "splitserve"
+
+
+def _binary_env_names() -> set[str]:
+    """The SPLITSERVE_* variables `splitserve serve` reads, as its --help lists them."""
+    if not BINARY.is_file():
+        pytest.fail(f"{BINARY} is missing: run `make build` (make test-deploy does)")
+    out = subprocess.run([str(BINARY), "serve", "--help"], capture_output=True, text=True, timeout=60, check=True)
+    # clap wraps "[env: NAME=]" across lines: join them back first.
+    names = set(re.findall(r"\[env:\s+(SPLITSERVE_[A-Z0-9_]+)=", re.sub(r"\s+", " ", out.stdout)))
+    assert len(names) > 50, f"cannot read the env names from --help:\n{out.stdout[:2000]}"
+    return names
+
+
+def _env_lists(node: Any):
+    """Every `env` list of a container anywhere in a rendered object."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield value
+            else:
+                yield from _env_lists(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _env_lists(item)
+
+
+def test_every_variable_the_chart_sets_is_one_the_binary_reads() -> None:
+    known = _binary_env_names()
+    rendered_names: dict[str, set[str]] = {}
+    for key in ALL_SETS:
+        for obj in objects(key):
+            for env in _env_lists(obj):
+                for entry in env:
+                    if entry.get("name", "").startswith("SPLITSERVE_"):
+                        rendered_names.setdefault(entry["name"], set()).add(key)
+    assert len(rendered_names) > 20, sorted(rendered_names)
+    unknown = {name: sorted(sets) for name, sets in rendered_names.items() if name not in known}
+    assert not unknown, f"the chart sets variables `splitserve serve` does not read (silently ignored): {unknown}"
+
+
+def test_every_limit_value_names_a_variable_the_binary_reads(chart) -> None:
+    known = _binary_env_names()
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    base = env_of(server_container(one(render_values(chart, {}), "Deployment")))
+    for key in values["config"]["limits"]:
+        # Each limit alone, rendered from the chart (not from LIMIT_ENV): the variable it sets.
+        sample = "30s" if "Timeout" in key else 7
+        objs = render_values(chart, {"config": {"limits": {key: sample}}})
+        env = env_of(server_container(one(objs, "Deployment")))
+        added = sorted(set(env) - set(base))
+        assert added == [LIMIT_ENV[key]], f"config.limits.{key} renders {added}, not {LIMIT_ENV[key]}"
+        assert added[0] in known, f"config.limits.{key} sets {added[0]}, which `splitserve serve` does not read"
+    # And every limit the chart table knows is a value of the chart.
+    assert set(LIMIT_ENV) == set(values["config"]["limits"])

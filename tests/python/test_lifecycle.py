@@ -5,6 +5,8 @@ commands and the admin port's /readyz."""
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -32,6 +34,16 @@ def refused(stub, pb2, shape=(1, 4)):
     with pytest.raises(grpc.RpcError) as e:
         stub.Compute(pb2.ComputeRequest(data=b"\0" * 4 * n, shape=list(shape)), timeout=5)
     return e.value.code(), e.value.details()
+
+
+def http_post(url: str, body: bytes) -> tuple[int, str]:
+    """(HTTP status, body) of a JSON POST, error statuses included."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def assert_probes(addr, service, serving: bool):
@@ -74,10 +86,10 @@ def wait_held(stub, pb2, n, queued=None):
 
 def test_health_follows_startup_serving_and_drain(pb, server_factory):
     pb2, pb2_grpc = pb
-    # The delay model's warm-up forward sleeps 5 s: the server is loading that long.
+    # The delay model's warm-up forward sleeps 6 s: the server is loading that long.
     s = server_factory(
         "--model", "slow=builtin:delay:400",
-        "--model", "warm=builtin:delay:5000",
+        "--model", "warm=builtin:delay:6000",
         "--warmup-shape", "warm=1",
         "--workers", "2", "--intra-op-threads", "1",
     )
@@ -92,6 +104,11 @@ def test_health_follows_startup_serving_and_drain(pb, server_factory):
     h = stub.HealthCheck(pb2.HealthRequest())
     assert h.status == "unhealthy" and h.message == "loading and warming up models", h
     assert refused(stub, pb2) == (grpc.StatusCode.UNAVAILABLE, LOADING)
+    # The Open Inference Protocol over HTTP says the same: 503, retry later.
+    s.wait_http_listening()
+    status, body = http_post(f"{s.http_url}/v2/models/slow/infer",
+                             b'{"inputs":[{"name":"INPUT__0","datatype":"FP32","shape":[1],"data":[1]}]}')
+    assert status == 503 and "loading" in body, (status, body)
     assert http_status(f"{s.metrics_url}/readyz") == (503, "loading models\n")
     assert http_status(f"{s.metrics_url}/livez") == (200, "ok\n")
     assert_probes(s.addr, SERVICE, serving=False)
@@ -198,6 +215,23 @@ def test_a_grace_that_runs_out_refuses_the_queue_and_the_process_exits(pb, serve
     first.join(timeout=30)
     # The forward still running when the process exits cannot be answered.
     assert answered[0][0] == grpc.StatusCode.UNAVAILABLE, answered[0]
+
+
+def test_a_connection_past_its_age_and_grace_is_closed_under_its_calls(pb, server_factory):
+    """--max-connection-age 1s with a 300 ms grace: a 3 s call on the connection
+    ends UNAVAILABLE when the grace runs out; the client reconnects and is served."""
+    pb2, pb2_grpc = pb
+    s = server_factory("--model", "slow=builtin:delay:3000", "--model", "double=builtin:scale:2",
+                       "--max-connection-age", "1s", "--max-connection-age-grace", "300ms")
+    s.wait_ok(pb)
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Compute(pb2.ComputeRequest(data=b"\0" * 4, shape=[1], model_id="slow"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (e.value.code(), e.value.details())
+    x = np.ones((1, 2), dtype=np.float32)
+    reply = stub.Compute(pb2.ComputeRequest(data=x.tobytes(), shape=[1, 2], model_id="double"), timeout=30)
+    assert np.frombuffer(reply.data, dtype=np.float32).tolist() == [2.0, 2.0]
+    assert s.terminate() == 0
 
 
 def test_bad_configuration_exits_64_with_the_numbers(server_factory):

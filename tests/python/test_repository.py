@@ -444,6 +444,15 @@ def test_repository_calls_need_the_repository_scope(tmp_path, server_factory):
     # A name is one directory of the repository, never a path: this one leads back to m.
     with pytest.raises(InferenceServerException, match="not in the model repository"):
         g.load_model(f"../{repo.name}/m", headers=admin)
+    # Nor a path to a servable model elsewhere: absolute, or a subdirectory of the repository.
+    # (No `name:` in its config, which would not match the path anyway.)
+    write_model(tmp_path / "outside", "evil", scale_config("evil").replace('name: "evil"', ""), {1: Scale(7.0)})
+    write_model(repo / "sub", "m", scale_config("m"), {1: Scale(7.0)})
+    for name in (str(tmp_path / "outside" / "evil"), "sub/m"):
+        with pytest.raises(InferenceServerException, match="not in the model repository"):
+            g.load_model(name, headers=admin)
+        assert not g.is_model_ready(name, headers=reader), name
+    assert {m["name"] for m in g.get_model_repository_index(headers=reader, as_json=True)["models"]} == {"m", "sub"}
 
     # The same extension over HTTP, as tritonclient.http calls it.
     s.wait_http_listening()
@@ -451,11 +460,11 @@ def test_repository_calls_need_the_repository_scope(tmp_path, server_factory):
     with pytest.raises(InferenceServerException, match='"repository" scope'):
         h.unload_model("m", headers=reader)
     h.unload_model("m", headers=admin)
-    assert h.get_model_repository_index(headers=reader) == [
+    assert [e for e in h.get_model_repository_index(headers=reader) if e["name"] == "m"] == [
         {"name": "m", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
     assert not h.is_model_ready("m", headers=reader)
     h.load_model("m", headers=admin)
-    assert h.get_model_repository_index(headers=reader) == [
+    assert [e for e in h.get_model_repository_index(headers=reader) if e["name"] == "m"] == [
         {"name": "m", "version": "1", "state": "READY"}]
     with pytest.raises(InferenceServerException, match="not supported"):
         h.load_model("m", headers=admin, config='{"max_batch_size": 2}')
@@ -506,6 +515,33 @@ def test_instances_are_reserved_from_the_workers_and_devices_checked(tmp_path, s
         g.unload_model("b")
         with pytest.raises(InferenceServerException, match="(?i)cuda"):
             g.load_model("gpu")
+    assert s.terminate() == 0
+
+
+def test_preferred_batch_size_kind_auto_and_default_model_filename(tmp_path, server_factory):
+    """A batch of a preferred size runs at once instead of waiting out a 20 s
+    max_queue_delay; KIND_AUTO runs on --device; default_model_filename names the
+    file each version directory holds; a --model name wins over the repository's."""
+    repo = tmp_path / "models"
+    write_model(repo, "pref", scale_config("pref") + """
+dynamic_batching { preferred_batch_size: [ 2 ] max_queue_delay_microseconds: 20000000 }
+instance_group [ { count: 1 kind: KIND_AUTO } ]
+default_model_filename: "net.pt"
+""", {1: Scale(3.0)})
+    (repo / "pref" / "1" / "model.pt").rename(repo / "pref" / "1" / "net.pt")
+    # A repository model with the name of a --model one: the --model one serves.
+    write_model(repo, "fixed", scale_config("fixed"), {1: Scale(7.0)})
+    s = start(server_factory, repo, "--workers", "1", "--intra-op-threads", "1", "--model", "fixed=builtin:scale:5")
+    g = tgrpc.InferenceServerClient(s.addr)
+    x = tgrpc.InferInput("INPUT__0", [2, 2], "FP32")
+    x.set_data_from_numpy(np.ones((2, 2), np.float32))
+    # Two rows, the preferred size: answered long before the queue delay (a 10 s client deadline).
+    got = g.infer("pref", [x], client_timeout=10).as_numpy("OUTPUT__0")
+    np.testing.assert_array_equal(got, np.full((2, 2), 3.0, np.float32))
+    cfg = g.get_model_config("pref", as_json=True)["config"]
+    assert cfg["default_model_filename"] == "net.pt", cfg
+    got = g.infer("fixed", [x], client_timeout=10).as_numpy("OUTPUT__0")
+    np.testing.assert_array_equal(got, np.full((2, 2), 5.0, np.float32))
     assert s.terminate() == 0
 
 

@@ -157,6 +157,7 @@ def pki(tmp_path_factory):
     pki.cert, pki.key = pki.server_a.write(d, "server")
     pki.client = ca.issue("good client", server=False)
     pki.foreign_client = other.issue("foreign client", server=False)
+    pki.foreign_ca_pem = other.pem
     pki.expired_client = ca.issue(
         "expired client", server=False,
         not_before=_now() - datetime.timedelta(days=10),
@@ -291,11 +292,13 @@ def test_admin_port_speaks_tls_when_given_a_certificate(pb, server_factory, pki)
 # --- mTLS ---------------------------------------------------------------------
 
 
-def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pki):
+def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pki, tmp_path):
     pb2, pb2_grpc = pb
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(pki.ca.pem)
     s = server_factory(
         "--model", "m=builtin:scale:2",
-        "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-client-ca", str(pki.ca_path),
+        "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--tls-client-ca", str(client_ca), *RELOAD,
         credentials=tls(pki, pki.client),
     )
     s.wait_serving()
@@ -338,6 +341,16 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
               "--tls-cert", str(client_crt), "--tls-key", str(client_key))
     assert r.returncode == 0 and r.stdout.strip().endswith("SERVING"), r
 
+    # The client CA is reloaded like the certificate: swapped for the other CA, its
+    # clients get in and the first CA's are refused, on new connections.
+    write_atomically(client_ca, pki.foreign_ca_pem.decode())
+    code, reply = poll(lambda: pb2_grpc.ComputeServiceStub(s.channel(credentials=tls(pki, pki.foreign_client)))
+                       .Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT), grpc.StatusCode.OK)
+    assert code == grpc.StatusCode.OK, f"a client of the new CA after the reload: {code} {reply}"
+    code, details = compute(tls(pki, pki.client))
+    assert code == grpc.StatusCode.UNAVAILABLE, f"a client of the replaced CA: {code} {details}"
+    assert s.metric("splitserve_credential_reloads_total", kind="tls") == 1
+
 
 # --- rotation -----------------------------------------------------------------
 
@@ -366,6 +379,11 @@ def test_rotated_certificate_reaches_new_connections_and_spares_open_ones(pb, se
 
     channel.subscribe(watch, try_to_connect=False)
     uptime_before = stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT).uptime_seconds
+    assert peer_certificate(s.port, pki.ca_path).serial_number == SERIAL_A
+
+    # Half a rotation (B's certificate with A's key) does not load: A stays in service.
+    write_atomically(cert, pki.server_b.cert_pem.decode())
+    s.wait_log("TLS files changed but do not load; keeping the previous certificate")
     assert peer_certificate(s.port, pki.ca_path).serial_number == SERIAL_A
 
     # Rotate: certificate B (same CA) replaces A in the same files.
@@ -415,8 +433,8 @@ def write_atomically(path: Path, text: str) -> None:
 def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     pb2, pb2_grpc = pb
     # Tokens as a user would make them (secrets.token_hex): long and random.
-    infer_tok, train_tok, none_tok, new_tok, unknown_tok = (
-        f"{name}-{secrets.token_hex(16)}" for name in ("infer", "train", "none", "new", "unknown"))
+    infer_tok, train_tok, none_tok, new_tok, unknown_tok, train_only_tok = (
+        f"{name}-{secrets.token_hex(16)}" for name in ("infer", "train", "none", "new", "unknown", "trainonly"))
     tokens = tmp_path / "tokens"
     tokens.write_text(
         "# token scopes\n"
@@ -424,6 +442,7 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
         f"{infer_tok} infer\n"
         f"{train_tok} infer,train\n"
         f"{none_tok}\n"
+        f"{train_only_tok} train\n"
     )
     s = server_factory("--model", "m=builtin:mlp:4x8x4", "--auth-token-file", str(tokens), *RELOAD)
     s.wait_serving()  # grpc.health.v1 needs no token
@@ -465,6 +484,23 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     )
     assert list(back.grad_input_shape) == [2, 4]
 
+    # The backward asks for train itself: an infer token is refused it, a train-only token gets it.
+    def backward(forward_id, metadata):
+        return outcome(lambda: stub.ComputeBackward(
+            pb2.BackwardRequest(grad_output_data=tensor(np.ones((2, 4)))["data"], grad_output_shape=[2, 4],
+                                forward_id=forward_id), metadata=metadata, timeout=TIMEOUT))
+
+    code, fwd = train_forward(bearer(train_tok))
+    assert code == grpc.StatusCode.OK, fwd
+    code, details = backward(fwd.forward_id, bearer(infer_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "train" in details, f"backward, infer token: {code} {details}"
+    code, details = train_forward(bearer(train_only_tok))
+    assert code == grpc.StatusCode.OK, f"training forward, train-only token: {code} {details}"
+    code, back = backward(details.forward_id, bearer(train_only_tok))
+    assert code == grpc.StatusCode.OK and list(back.grad_input_shape) == [2, 4], f"backward, train-only: {code} {back}"
+    code, details = infer(bearer(train_only_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"inference, train-only token: {code} {details}"
+
     # Listed without a scope: known, but allowed nothing.
     code, details = infer(bearer(none_tok))
     assert code == grpc.StatusCode.PERMISSION_DENIED, f"no-scope token: {code} {details}"
@@ -488,6 +524,15 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     # grpc.health.v1 needs no token.
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+    # A file that stops parsing (a short token) keeps the tokens in force, with a warning,
+    # and no reload counted.
+    reloads = s.metric("splitserve_credential_reloads_total", kind="tokens") or 0
+    write_atomically(tokens, f"{new_tok} infer\nshort infer\n")
+    s.wait_log("does not parse; keeping the previous tokens")
+    assert infer(bearer(infer_tok))[0] == grpc.StatusCode.OK, "a broken token file cleared the tokens"
+    assert infer(bearer(new_tok))[0] == grpc.StatusCode.UNAUTHENTICATED, "a broken token file was half applied"
+    assert (s.metric("splitserve_credential_reloads_total", kind="tokens") or 0) == reloads
 
     # The file is re-read: a new token works, a removed one no longer does.
     write_atomically(tokens, f"{new_tok} infer\n{train_tok} infer,train\n")
@@ -571,7 +616,8 @@ def test_parameters_change_only_on_models_opted_in_with_trainable(pb, server_fac
 
 def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     pb2, _ = pb
-    s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10")
+    s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10",
+                        "--max-accumulation-steps", "4")
     # No --learning-rate: unchanged clients' backwards would never step; the start says so.
     assert "--learning-rate m=F" in s.wait_log("is trainable but has no --learning-rate")
     before = inference(stub, pb2)
@@ -620,6 +666,16 @@ def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     assert code == grpc.StatusCode.OK, reply
     trained = inference(stub, pb2)
     assert trained != before and np.isfinite(decode(trained, [3, 4])).all()
+
+    # --max-accumulation-steps 4: an accumulation of 5 is refused and counted, of 4 accepted.
+    code, details = step(np.ones((2, 4)), learning_rate=0.01, accumulation_step=5)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max-accumulation-steps 4" in details, (code, details)
+    metrics = http_get(f"{s.metrics_url}/metrics")[1]
+    assert metric_sum(metrics, "splitserve_limit_rejections_total", limit="accumulation_steps") == 1
+    # Accumulating up to the limit is allowed; the step waits for its 4 backwards, so
+    # this one leaves the weights as they are.
+    code, details = step(np.ones((2, 4)), learning_rate=0.01, accumulation_step=4)
+    assert code == grpc.StatusCode.OK, (code, details)
 
 
 # --- limits -------------------------------------------------------------------

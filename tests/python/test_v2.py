@@ -22,7 +22,7 @@ import tritonclient.http as thttp
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from conftest import Server, fixture_path
+from conftest import Server, fixture_path, wait_until
 
 TIMEOUT = 30  # seconds, for every call
 
@@ -674,3 +674,138 @@ def test_tokens_guard_both_ports(pb, tmp_path):
         assert status == 401 and isinstance(reply.get("error"), str), (status, reply)
     finally:
         assert s.terminate() == 0
+
+
+# --- edges of the protocol, one server ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge_server(pb):
+    """One worker, a 1 s model with a two-request queue, and the any-dtype identity."""
+    s = start(pb, "--model", "slow=builtin:delay:1000", "--model", "id=builtin:identity",
+              "--workers", "1", "--intra-op-threads", "1", "--queue-capacity", "2")
+    yield s
+    assert s.terminate() == 0
+
+
+def post_json(s: Server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON reply) of a POST with http.client: the headers exactly as given."""
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=TIMEOUT)
+    try:
+        c.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        c.close()
+
+
+def rpc_refused(call) -> tuple[str, str]:
+    """(status, details) of a raw gRPC call that must fail, as refused() gives them."""
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return str(e.value.code()), e.value.details() or ""
+
+
+SLOW = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()
+
+
+def hold_the_worker(pb, s: Server, extra_queued: int = 0):
+    """Starts a slow request (and `extra_queued` more behind it) and waits until the
+    worker has it (and the queue holds the others); returns (threads, answers)."""
+    import threading
+
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(post_json(s, "/v2/models/slow/infer", SLOW)))
+               for _ in range(1 + extra_queued)]
+
+    def info():
+        return stub.GetServiceInfo(pb2.ServiceInfoRequest(), timeout=TIMEOUT).custom_info
+
+    threads[0].start()
+    wait_until(lambda: info()["workers_busy"] == "1", 30, "the slow request to reach the worker")
+    for t in threads[1:]:
+        t.start()
+    wait_until(lambda: info()["queue_depth"] == str(extra_queued), 30, f"{extra_queued} requests queued")
+    return threads, answers
+
+
+def test_request_edges_on_both_protocols(edge_server):
+    """A JSON-only body whose Inference-Header-Content-Length is its whole length is
+    served; UINT16/32/64 and an input given twice are refused; ModelStreamInfer is
+    UNIMPLEMENTED."""
+    s = edge_server
+    g = grpc_client(s)
+    x = {"name": "INPUT__0", "datatype": "FP32", "shape": [2], "data": [1.5, -2.0]}
+    body = json.dumps({"inputs": [x]}).encode()
+    # The JSON is the whole body: the header may say so (a binary section of 0 bytes).
+    status, reply = post_json(s, "/v2/models/id/infer", body, {"Inference-Header-Content-Length": str(len(body))})
+    assert status == 200 and reply["outputs"][0]["data"] == [1.5, -2.0], (status, reply)
+    status, reply = post_json(s, "/v2/models/id/infer", body,
+                              {"Inference-Header-Content-Length": str(len(body) + 1)})
+    assert status == 400 and "Inference-Header-Content-Length" in reply["error"], (status, reply)
+
+    for datatype in ("UINT16", "UINT32", "UINT64"):
+        status, reply = http_call(s, "POST", "/v2/models/id/infer", {
+            "inputs": [{"name": "INPUT__0", "datatype": datatype, "shape": [1], "data": [1]}]})
+        assert status == 400 and f"datatype {datatype} is not supported" in reply["error"], (status, reply)
+        req = service_pb2.ModelInferRequest(model_name="id")
+        req.inputs.add(name="INPUT__0", datatype=datatype, shape=[1])
+        req.raw_input_contents.append(b"\0" * 8)
+        status, msg = rpc_refused(lambda: service_pb2_grpc.GRPCInferenceServiceStub(s.channel()).ModelInfer(
+            req, timeout=TIMEOUT))
+        assert status == "StatusCode.INVALID_ARGUMENT" and "not supported" in msg, (status, msg)
+
+    status, reply = http_call(s, "POST", "/v2/models/id/infer", {"inputs": [x, x]})
+    assert status == 400 and "given twice" in reply["error"], (status, reply)
+    status, msg = refused(lambda: g.infer("id", [grpc_input("INPUT__0", sample("FP32"))] * 2))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "given twice" in msg, (status, msg)
+
+    stream = s.channel().stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    status, msg = rpc_refused(lambda: next(iter(stream(iter([b""]), timeout=TIMEOUT))))
+    assert status == "StatusCode.UNIMPLEMENTED", (status, msg)
+
+
+#: The `timeout` parameter: 50 ms in microseconds; each client's own deadline is 30 s.
+TIMED = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1], "data": [1]}],
+                    "parameters": {"timeout": 50_000}}).encode()
+
+
+def test_the_timeout_parameter_ends_a_queued_http_request_with_504(pb, edge_server):
+    threads, answers = hold_the_worker(pb, edge_server)
+    status, reply = post_json(edge_server, "/v2/models/slow/infer", TIMED)
+    assert status == 504, (status, reply)
+    for t in threads:
+        t.join(timeout=60)
+    assert [a[0] for a in answers] == [200], answers
+
+
+def test_the_earlier_of_grpc_timeout_and_the_timeout_parameter_wins(pb, edge_server):
+    threads, answers = hold_the_worker(pb, edge_server)
+    req = service_pb2.ModelInferRequest(model_name="slow")
+    req.inputs.add(name="INPUT__0", datatype="FP32", shape=[1])
+    req.raw_input_contents.append(np.ones(1, np.float32).tobytes())
+    req.parameters["timeout"].int64_param = 50_000
+    status, msg = rpc_refused(lambda: service_pb2_grpc.GRPCInferenceServiceStub(edge_server.channel()).ModelInfer(
+        req, timeout=TIMEOUT))
+    assert status == "StatusCode.DEADLINE_EXCEEDED", (status, msg)
+    for t in threads:
+        t.join(timeout=60)
+    assert [a[0] for a in answers] == [200], answers
+
+
+def test_a_full_queue_answers_429_and_resource_exhausted(pb, edge_server):
+    # One running, two waiting: the queue of two is full.
+    threads, answers = hold_the_worker(pb, edge_server, extra_queued=2)
+    status, reply = post_json(edge_server, "/v2/models/slow/infer", SLOW)
+    assert status == 429 and "full" in reply["error"], (status, reply)
+    status, msg = refused(lambda: grpc_client(edge_server).infer(
+        "slow", [grpc_input("INPUT__0", np.ones(1, np.float32))]))
+    assert status == "StatusCode.RESOURCE_EXHAUSTED", (status, msg)
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(a[0] for a in answers) == [200, 200, 200], answers
