@@ -131,6 +131,8 @@ pub mod reason {
     pub const CANCELLED: &str = "cancelled";
     pub const INVALID: &str = "invalid";
     pub const DRAINING: &str = "draining";
+    /// The device (or host) ran out of memory for the forward: RESOURCE_EXHAUSTED.
+    pub const OUT_OF_MEMORY: &str = "out_of_memory";
 }
 
 /// Names of limits, as the `limit` label of `splitserve_limit_rejections_total`
@@ -227,8 +229,8 @@ impl Metrics {
             rejected: IntCounterVec::new(
                 Opts::new(
                     "splitserve_rejected_requests_total",
-                    "Requests refused or dropped without compute, by reason \
-                     (queue_full, deadline, cancelled, invalid, draining).",
+                    "Requests refused or dropped without an answer, by reason \
+                     (queue_full, deadline, cancelled, invalid, draining, out_of_memory).",
                 ),
                 &["model", "reason"],
             )?,
