@@ -80,8 +80,10 @@ class BatchProbe(nn.Module):
 class DeviceFault(nn.Module):
     """Raises libtorch's texts for device failures so that CPU tests see what a
     GPU raises, chosen by the first input value: 1 CUDA out of memory, 2 a
-    cuBLAS failure, 3 a device-side assert (which poisons a CUDA context);
-    anything else: x * 2."""
+    cuBLAS failure, 3 a device-side assert (which poisons a CUDA context).
+    On a GPU (make gpu-check) the real ones: 4 allocates 1 TiB on the input's
+    device, 5 looks up an embedding row past the table's end (on CUDA a
+    device-side assert). Anything else: x * 2."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = x.reshape(-1)[0]
@@ -101,6 +103,11 @@ class DeviceFault(nn.Module):
                 "asynchronously reported at some other API call, so the stacktrace below "
                 "might be incorrect."
             )
+        if bool(first == 4.0):
+            return x + torch.empty(1 << 40, dtype=torch.uint8, device=x.device)[:1].zero_()
+        if bool(first == 5.0):
+            ids = torch.full([1], 1000, dtype=torch.long, device=x.device)
+            return x + torch.nn.functional.embedding(ids, torch.zeros(10, 1, device=x.device)).sum()
         return x * 2.0
 
 

@@ -280,7 +280,25 @@ pub fn resolve_device(arg: DeviceRequest) -> Result<Device, ModelError> {
         DeviceRequest::Auto => Ok(if tch::Cuda::is_available() {
             Device::Cuda(0)
         } else {
+            // Once per process: every model resolves its device.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let reason =
+                    crate::telemetry::system::cuda_unavailable_reason(tch::utils::has_cuda());
+                if tch::utils::has_cuda() {
+                    tracing::warn!(%reason, "--device auto: CUDA cannot start; serving on the CPU");
+                } else {
+                    tracing::info!(%reason, "--device auto: serving on the CPU");
+                }
+            });
             Device::Cpu
+        }),
+        DeviceRequest::Cuda(n) if !tch::Cuda::is_available() => Err(ModelError::Device {
+            requested: format!("cuda:{n}"),
+            reason: format!(
+                "CUDA cannot start: {}",
+                crate::telemetry::system::cuda_unavailable_reason(tch::utils::has_cuda())
+            ),
         }),
         DeviceRequest::Cuda(n) => {
             let count = tch::Cuda::device_count();
@@ -1277,10 +1295,19 @@ mod tests {
         let err = resolve_device(DeviceRequest::Cuda(count as usize)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains(&format!("cuda:{count}")), "{msg}");
-        assert!(
-            msg.contains(&format!("sees {count} CUDA device(s)")),
-            "{msg}"
-        );
+        if count > 0 {
+            assert!(
+                msg.contains(&format!("sees {count} CUDA device(s)")),
+                "{msg}"
+            );
+        } else {
+            // Where CUDA cannot start, the refusal says why, not "0 devices".
+            assert!(msg.contains("CUDA cannot start: "), "{msg}");
+            assert!(
+                msg.contains("driver") || msg.contains("without CUDA"),
+                "{msg}"
+            );
+        }
         let auto = if tch::Cuda::is_available() {
             Device::Cuda(0)
         } else {

@@ -484,12 +484,18 @@ fn spawn_stall_watchdog(
             if not_live.is_some() != was_stalled {
                 was_stalled = not_live.is_some();
                 if was_stalled {
-                    tracing::error!(
-                        reason = not_live.as_deref().unwrap_or_default(),
-                        limit_s = limit.as_secs_f64(),
-                        "not live (a worker busy on one job past --stall-timeout, or the device \
-                         failed); liveness NOT_SERVING"
-                    );
+                    if engine.device_lost() {
+                        tracing::error!(
+                            reason = not_live.as_deref().unwrap_or_default(),
+                            "the device failed for good; liveness and readiness NOT_SERVING"
+                        );
+                    } else {
+                        tracing::error!(
+                            stalled = engine.stalled_workers(limit),
+                            limit_s = limit.as_secs_f64(),
+                            "worker stalled: busy on one job past --stall-timeout; liveness NOT_SERVING"
+                        );
+                    }
                     health
                         .set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing)
                         .await;

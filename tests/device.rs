@@ -81,11 +81,11 @@ async fn device_failures_get_their_statuses_and_a_poisoned_device_fails_liveness
 
     // Recoverable: still live, still serving, right answers.
     let r = c
-        .compute(request("fault", &[5.0, 0.5], &[1, 2]))
+        .compute(request("fault", &[7.0, 0.5], &[1, 2]))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(f32_values(&r.data), vec![10.0, 1.0]);
+    assert_eq!(f32_values(&r.data), vec![14.0, 1.0]);
     assert_eq!(
         health(server.addr, "liveness").await,
         ServingStatus::Serving as i32
@@ -103,7 +103,7 @@ async fn device_failures_get_their_statuses_and_a_poisoned_device_fails_liveness
     );
     // The next request is refused without running: the device is gone.
     let e = c
-        .compute(request("fault", &[5.0, 0.5], &[1, 2]))
+        .compute(request("fault", &[7.0, 0.5], &[1, 2]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
@@ -195,7 +195,7 @@ async fn livez_and_readyz_fail_after_a_fatal_device_error() {
             StatusCode::SERVICE_UNAVAILABLE
         );
         let r = engine
-            .infer("", RawTensor::from_f32(&[5.0], &[1]), enc, None)
+            .infer("", RawTensor::from_f32(&[7.0], &[1]), enc, None)
             .await;
         assert!(matches!(r, Err(EngineError::DeviceLost(_))), "{r:?}");
         assert!(engine.drain(Duration::from_secs(5)).await);

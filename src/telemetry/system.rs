@@ -38,6 +38,42 @@ fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
         .as_ref()
 }
 
+/// Why CUDA cannot start in this process, for a log line or a refusal:
+/// `cuda_build` says whether libtorch was built with CUDA; the rest comes from
+/// the environment and the NVIDIA driver as NVML sees it.
+pub fn cuda_unavailable_reason(cuda_build: bool) -> String {
+    if !cuda_build {
+        return "this libtorch is built without CUDA (a CPU build)".into();
+    }
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let hidden = match visible.as_deref() {
+        Some(v) if v.trim().is_empty() || v.trim() == "-1" || v.eq_ignore_ascii_case("none") => {
+            format!("; CUDA_VISIBLE_DEVICES={v:?} hides every GPU")
+        }
+        Some(v) => format!("; CUDA_VISIBLE_DEVICES={v:?}"),
+        None => String::new(),
+    };
+    let Some(nvml) = nvml() else {
+        return format!(
+            "no NVIDIA driver is visible (NVML cannot load): not a GPU node, or the container \
+             runs without the NVIDIA container runtime{hidden}"
+        );
+    };
+    let driver = nvml.sys_driver_version().unwrap_or_else(|_| "?".into());
+    let cuda = nvml.sys_cuda_driver_version().map_or_else(
+        |_| "?".into(),
+        |v| format!("{}.{}", v / 1000, v % 1000 / 10),
+    );
+    match nvml.device_count() {
+        Ok(0) | Err(_) => format!("the NVIDIA driver {driver} sees no GPU{hidden}"),
+        Ok(n) => format!(
+            "the NVIDIA driver {driver} (CUDA {cuda} at most) sees {n} GPU(s) but CUDA does not \
+             start: a driver older than this build's CUDA runtime needs (see the image's \
+             requirements), or a device the container may not open{hidden}"
+        ),
+    }
+}
+
 /// Every GPU NVML sees, with this process's memory on each.
 pub fn gpu_readings() -> Vec<GpuReading> {
     let Some(nvml) = nvml() else {
