@@ -868,10 +868,11 @@ impl Model {
             source_desc: file.display().to_string(),
             message,
         };
-        let device = self.device;
         match &mut self.inner {
             Inner::Script(m) => {
-                let saved = CModule::load_on_device(file, device)
+                // Through the host: the saved copy never takes device memory
+                // beside the live parameters; copy_ moves each one across.
+                let saved = CModule::load_on_device(file, Device::Cpu)
                     .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
                 let saved: std::collections::HashMap<String, Tensor> = saved
                     .named_parameters()
