@@ -283,9 +283,10 @@ pub fn resolve_device(arg: DeviceRequest) -> Result<Device, ModelError> {
             // Once per process: every model resolves its device.
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
-                let reason =
-                    crate::telemetry::system::cuda_unavailable_reason(tch::utils::has_cuda());
-                if tch::utils::has_cuda() {
+                let reason = crate::telemetry::system::cuda_unavailable_reason(
+                    crate::telemetry::system::cuda_build(),
+                );
+                if crate::telemetry::system::cuda_build() {
                     tracing::warn!(%reason, "--device auto: CUDA cannot start; serving on the CPU");
                 } else {
                     tracing::info!(%reason, "--device auto: serving on the CPU");
@@ -297,7 +298,9 @@ pub fn resolve_device(arg: DeviceRequest) -> Result<Device, ModelError> {
             requested: format!("cuda:{n}"),
             reason: format!(
                 "CUDA cannot start: {}",
-                crate::telemetry::system::cuda_unavailable_reason(tch::utils::has_cuda())
+                crate::telemetry::system::cuda_unavailable_reason(
+                    crate::telemetry::system::cuda_build()
+                )
             ),
         }),
         DeviceRequest::Cuda(n) => {

@@ -50,7 +50,17 @@ pub struct PlanRequest {
     pub inter_op_threads: usize,
     /// Start even when workers x intra-op threads exceeds the budget.
     pub allow_oversubscription: bool,
+    /// Models run on a CUDA device (`--device cuda`): automatic workers are
+    /// at most [`CUDA_WORKERS`].
+    #[serde(default)]
+    pub cuda: bool,
 }
+
+/// Automatic workers on a CUDA device: every worker's forwards share one CUDA
+/// stream, so more workers only queue there (each with its own cuBLAS
+/// workspace and activations in device memory); two keep the GPU fed while
+/// one worker converts and copies.
+pub const CUDA_WORKERS: usize = 2;
 
 impl Default for PlanRequest {
     fn default() -> Self {
@@ -61,6 +71,7 @@ impl Default for PlanRequest {
             intra_op_threads: Auto::Auto,
             inter_op_threads: 1,
             allow_oversubscription: false,
+            cuda: false,
         }
     }
 }
@@ -354,10 +365,14 @@ impl ThreadPlan {
 
     /// The plan for a request, in this process's CPU budget.
     pub fn from_request(r: &PlanRequest) -> Result<ThreadPlan, PlanError> {
+        let budget = CpuBudget::of_this_process(r.cpu_limit);
         ThreadPlan::new(
-            CpuBudget::of_this_process(r.cpu_limit),
+            budget,
             r.io_threads,
-            r.workers,
+            match r.workers {
+                Auto::Auto if r.cuda => Auto::Count(CUDA_WORKERS.min(budget.cores).max(1)),
+                w => w,
+            },
             r.intra_op_threads,
             r.inter_op_threads,
             r.allow_oversubscription,
@@ -610,5 +625,22 @@ mod tests {
         );
         let p = ThreadPlan::new(budget(2), 2, Auto::Count(4), Auto::Count(8), 1, true).unwrap();
         assert!(p.oversubscribed);
+    }
+
+    #[test]
+    fn auto_workers_on_cuda_are_few() {
+        let r = |workers, cuda| PlanRequest {
+            cpu_limit: Some(16.0),
+            workers,
+            cuda,
+            ..PlanRequest::default()
+        };
+        let cores = ThreadPlan::from_request(&r(Auto::Auto, false)).unwrap();
+        let cuda = ThreadPlan::from_request(&r(Auto::Auto, true)).unwrap();
+        assert_eq!(cuda.workers, CUDA_WORKERS.min(cores.budget.cores));
+        // The CPU threads go to each worker's host-side work instead.
+        assert!(cuda.workers * cuda.intra_op_threads <= cores.budget.cores);
+        let asked = ThreadPlan::from_request(&r(Auto::Count(1), true)).unwrap();
+        assert_eq!(asked.workers, 1, "an explicit --workers wins");
     }
 }

@@ -21,7 +21,9 @@ fn require_cuda() {
     if !tch::Cuda::is_available() {
         panic!(
             "needs a CUDA device: {}",
-            splitserve::telemetry::system::cuda_unavailable_reason(tch::utils::has_cuda())
+            splitserve::telemetry::system::cuda_unavailable_reason(
+                splitserve::telemetry::system::cuda_build()
+            )
         );
     }
 }

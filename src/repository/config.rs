@@ -658,7 +658,11 @@ fn instances(config: &ModelConfig) -> Result<(Option<usize>, Option<DeviceReques
         return Err(format!(
             "instance_group places instances on several devices (gpus {gpus:?}{}): a model \
              version runs on one device here; list one GPU, or serve one replica per GPU",
-            if kinds(GroupKind::Cpu) { " and the CPU" } else { "" }
+            if kinds(GroupKind::Cpu) {
+                " and the CPU"
+            } else {
+                ""
+            }
         ));
     }
     let device = match GroupKind::try_from(first.kind).unwrap_or(GroupKind::Auto) {

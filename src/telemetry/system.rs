@@ -38,9 +38,15 @@ fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
         .as_ref()
 }
 
+/// Whether libtorch's CUDA library is loaded in this process: a CUDA build
+/// (libtorch's own `hasCUDA` is false on a CUDA build without a device).
+pub fn cuda_build() -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains("libtorch_cuda"))
+}
+
 /// Why CUDA cannot start in this process, for a log line or a refusal:
-/// `cuda_build` says whether libtorch was built with CUDA; the rest comes from
-/// the environment and the NVIDIA driver as NVML sees it.
+/// `cuda_build` says whether libtorch was built with CUDA ([`cuda_build`]); the
+/// rest comes from the environment and the NVIDIA driver as NVML sees it.
 pub fn cuda_unavailable_reason(cuda_build: bool) -> String {
     if !cuda_build {
         return "this libtorch is built without CUDA (a CPU build)".into();
