@@ -365,7 +365,11 @@ impl ThreadPlan {
 
     /// The plan for a request, in this process's CPU budget.
     pub fn from_request(r: &PlanRequest) -> Result<ThreadPlan, PlanError> {
-        let budget = CpuBudget::of_this_process(r.cpu_limit);
+        ThreadPlan::fit(r, CpuBudget::of_this_process(r.cpu_limit))
+    }
+
+    /// The plan for a request in a given budget.
+    fn fit(r: &PlanRequest, budget: CpuBudget) -> Result<ThreadPlan, PlanError> {
         ThreadPlan::new(
             budget,
             r.io_threads,
@@ -630,17 +634,18 @@ mod tests {
     #[test]
     fn auto_workers_on_cuda_are_few() {
         let r = |workers, cuda| PlanRequest {
-            cpu_limit: Some(16.0),
             workers,
             cuda,
             ..PlanRequest::default()
         };
-        let cores = ThreadPlan::from_request(&r(Auto::Auto, false)).unwrap();
-        let cuda = ThreadPlan::from_request(&r(Auto::Auto, true)).unwrap();
-        assert_eq!(cuda.workers, CUDA_WORKERS.min(cores.budget.cores));
-        // The CPU threads go to each worker's host-side work instead.
-        assert!(cuda.workers * cuda.intra_op_threads <= cores.budget.cores);
-        let asked = ThreadPlan::from_request(&r(Auto::Count(1), true)).unwrap();
-        assert_eq!(asked.workers, 1, "an explicit --workers wins");
+        let cpu = ThreadPlan::fit(&r(Auto::Auto, false), budget(8)).unwrap();
+        assert_eq!((cpu.workers, cpu.intra_op_threads), (8, 1));
+        // The cores go to each worker's intra-op threads instead.
+        let cuda = ThreadPlan::fit(&r(Auto::Auto, true), budget(8)).unwrap();
+        assert_eq!((cuda.workers, cuda.intra_op_threads), (CUDA_WORKERS, 4));
+        let one_core = ThreadPlan::fit(&r(Auto::Auto, true), budget(1)).unwrap();
+        assert_eq!(one_core.workers, 1);
+        let asked = ThreadPlan::fit(&r(Auto::Count(3), true), budget(8)).unwrap();
+        assert_eq!(asked.workers, 3, "an explicit --workers wins");
     }
 }
