@@ -287,7 +287,7 @@ pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
         memory_percent: s.memory_percent,
         gpu_available: s.gpu_available,
         // Percent, like cpu_percent and memory_percent.
-        gpu_utilization: s.gpu.map(|g| g.utilization * 100.0),
+        gpu_utilization: s.gpu.and_then(|g| g.utilization).map(|u| u * 100.0),
         gpu_memory_used_mb: s.gpu.map(|g| g.memory_used_bytes as f32 / MIB),
         gpu_memory_total_mb: s.gpu.map(|g| g.memory_total_bytes as f32 / MIB),
     }

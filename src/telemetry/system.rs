@@ -23,8 +23,9 @@ pub struct ResourceSnapshot {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GpuReading {
     pub index: u32,
-    /// 0..1 of the last sample period with a kernel running.
-    pub utilization: f32,
+    /// 0..1 of the last sample period with a kernel running; None where NVML
+    /// cannot say (a MIG instance, an unsupported board): absent, not 0.
+    pub utilization: Option<f32>,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
     /// This process's own GPU memory, where the driver reports it.
@@ -91,9 +92,7 @@ pub fn gpu_readings() -> Vec<GpuReading> {
         .filter_map(|index| {
             let dev = nvml.device_by_index(index).ok()?;
             let mem = dev.memory_info().ok()?;
-            let utilization = dev
-                .utilization_rates()
-                .map_or(0.0, |u| u.gpu as f32 / 100.0);
+            let utilization = dev.utilization_rates().ok().map(|u| u.gpu as f32 / 100.0);
             let process_memory_bytes = dev.running_compute_processes().ok().and_then(|ps| {
                 ps.iter()
                     .find(|p| p.pid == pid)
