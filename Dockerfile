@@ -5,19 +5,18 @@
 #   docker build -t splitserve:0.1.0-cpu .
 #   docker build --build-arg VARIANT=cuda -t splitserve:0.1.0-cuda .
 #
-# VARIANT=cpu|cuda. Both build the same binary against the torch wheel that
-# scripts/setup.sh installs (requirements.txt: torch==2.13.0). The binary links
-# libtorch_cuda whenever the wheel has it (build.rs), so the runtime stage keeps
-# every library the binary needs in both variants; the cuda variant additionally
-# sets the NVIDIA container runtime variables. PyPI's torch wheel is a CUDA build
-# whose libtorch_cpu itself needs libcudart, so with it the cpu image carries the
-# nvidia/ libraries too (several GB). For a small CPU-only image, point
-# TORCH_INDEX_URL at a package index that serves the CPU-only torch 2.13.0 wheel:
+# VARIANT=cpu|cuda. Both build against the torch wheel that scripts/setup.sh
+# installs (requirements.txt: torch==2.13.0, PyPI's CUDA build). The cuda
+# variant links libtorch_cuda (build.rs) and ships all of torch/lib and the
+# wheel's nvidia/ libraries; it also sets the NVIDIA container runtime
+# variables. The cpu variant builds with SPLITSERVE_LINK_CUDA=0, so the binary
+# never loads libtorch_cuda, and ships only the libraries it loads
+# (scripts/image/stage-libs.sh): libtorch_cpu, libc10, libgomp, and the two
+# nvidia/ libraries libtorch_cpu itself needs (libcudart, libcupti), about
+# 425 MB instead of 3.6 GB. TORCH_INDEX_URL may still point at an index that
+# serves the CPU-only torch 2.13.0 wheel:
 #
 #   docker build --build-arg TORCH_INDEX_URL=<cpu wheel index> -t splitserve:0.1.0-cpu .
-#
-# (pip then prefers torch==2.13.0+cpu; nothing links libtorch_cuda and no
-# nvidia/ libraries are copied.)
 #
 # Behind a TLS-intercepting proxy, give pip and cargo its CA as the build secret
 # build_ca (a PEM file; it is added to the system's CAs for the downloads of the
@@ -64,7 +63,7 @@ RUN --mount=type=cache,id=splitserve-pip-${VARIANT},target=/root/.cache/pip \
       cat /etc/ssl/certs/ca-certificates.crt /run/secrets/build_ca >/tmp/build-ca.pem; \
       export PIP_CERT=/tmp/build-ca.pem; \
     fi \
- && bash scripts/setup.sh \
+ && SPLITSERVE_CACHE= bash scripts/setup.sh \
  && rm -f /tmp/build-ca.pem
 
 # torch-sys asks the venv's python where torch is (LIBTORCH_USE_PYTORCH=1).
@@ -84,7 +83,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
       cat /etc/ssl/certs/ca-certificates.crt /run/secrets/build_ca >/tmp/build-ca.pem; \
       export CARGO_HTTP_CAINFO=/tmp/build-ca.pem; \
     fi; \
-    cargo build --release --locked; \
+    # The cpu variant's binary leaves libtorch_cuda out (build.rs).
+    if [ "${VARIANT}" = cuda ]; then link_cuda=1; else link_cuda=0; fi; \
+    SPLITSERVE_LINK_CUDA="${link_cuda}" cargo build --release --locked; \
     rm -f /tmp/build-ca.pem; \
     site=/opt/splitserve/.venv/lib/python3.11/site-packages; \
     torch_lib="${site}/torch/lib"; \
@@ -99,15 +100,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     # probe and bench without libtorch: the HEALTHCHECK and the Helm test.
     install -D -m 0755 target/release/splitserve-client /staging/usr/local/bin/splitserve-client; \
     mkdir -p "/staging${torch_lib}"; \
-    cp -a "${torch_lib}/." "/staging${torch_lib}/"; \
-    # A CUDA wheel's libraries find cuDNN, cuBLAS, NCCL, ... through
-    # $ORIGIN/../../nvidia/*/lib: keep them beside torch/, without headers or
-    # static archives.
-    if [ -f "${torch_lib}/libtorch_cuda.so" ] && [ -d "${site}/nvidia" ]; then \
-      cp -a "${site}/nvidia" "/staging${site}/nvidia"; \
-      find "/staging${site}/nvidia" -type d -name include -prune -exec rm -rf {} +; \
-      find "/staging${site}/nvidia" -type f -name '*.a' -delete; \
-    fi
+    # cuda: all of torch/lib and nvidia/ (found through $ORIGIN/../../nvidia/*/lib),
+    # without headers or static archives; cpu: only the libraries the binary loads.
+    bash scripts/image/stage-libs.sh target/release/splitserve "${site}" /staging "${VARIANT}"
 
 # ---------------------------------------------------------------- runtime
 FROM debian:${DEBIAN_SUITE}-slim AS runtime-base

@@ -16,7 +16,7 @@ export CARGO_INCREMENTAL ?= 0
 endif
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run gpu-check test test-rust test-rust-build test-python test-deploy fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test
+.PHONY: all setup tools build run gpu-check test test-rust test-rust-build test-python test-deploy fixtures bench-fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test
 
 all: build
 
@@ -26,6 +26,7 @@ $(VENV)/.requirements.sha256: requirements.txt scripts/setup.sh scripts/export/p
 	bash scripts/setup.sh
 
 build: setup
+	bash scripts/build-cache.sh restore
 	cargo build --release
 
 ## Serves the built-in default model (an MLP) on 0.0.0.0:50051. Extra flags: make run ARGS="--model ..."
@@ -34,9 +35,16 @@ run: build
 
 fixtures: $(FIXTURES)/.stamp
 
-$(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
+## TorchScript models, and PyTorch 2 packages (.pt2: about a minute each to compile, cached by
+## torch version under ~/.cache/splitserve/pt2, so a second clone copies them).
+$(FIXTURES)/.stamp: scripts/make_fixtures.py scripts/make_pt2_fixtures.py | setup
 	$(PY) scripts/make_fixtures.py $(FIXTURES)
+	$(PY) scripts/make_pt2_fixtures.py $(FIXTURES)
 	touch $@
+
+## The .pt2 twins of the benchmark models (never in make test).
+bench-fixtures: fixtures
+	$(PY) scripts/make_pt2_fixtures.py $(FIXTURES) --bench
 
 ## Every test. Set-up and tests overlap on the 2 cores a fresh clone has: the deploy tools install
 ## and the fixtures are written while cargo builds; then the Python tests (mostly waiting on the
@@ -46,6 +54,7 @@ $(FIXTURES)/.stamp: scripts/make_fixtures.py | setup
 test: setup
 	$(MAKE) -j3 build fixtures tools
 	$(MAKE) -j3 -Otarget test-python test-rust test-deploy
+	bash scripts/build-cache.sh save
 
 test-rust-build: build
 	cargo test --release --no-run
@@ -72,7 +81,7 @@ test-deploy: tools
 
 ## Side-by-side benchmarks, both written to docs/benchmarks.md: against the Python servers
 ## (run.py), then over the Open Inference Protocol against MLServer and Triton (bench-v2).
-bench: build fixtures bench-setup
+bench: build fixtures bench-fixtures bench-setup
 	$(PY) scripts/bench/run.py
 	$(PY) scripts/bench/v2.py
 

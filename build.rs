@@ -32,11 +32,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
             // The linker's --as-needed would drop libtorch_cuda (nothing references it
             // by symbol); keep it so the same binary sees CUDA devices where they exist.
-            if Path::new(&lib).join("libtorch_cuda.so").exists() {
+            // SPLITSERVE_LINK_CUDA=0 leaves it out: a CPU-only binary that loads
+            // neither libtorch_cuda nor the CUDA libraries behind it (the CPU image).
+            println!("cargo:rerun-if-env-changed=SPLITSERVE_LINK_CUDA");
+            let link_cuda = env::var("SPLITSERVE_LINK_CUDA").map_or(true, |v| v != "0");
+            if link_cuda && Path::new(&lib).join("libtorch_cuda.so").exists() {
                 println!(
                     "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
                 );
             }
+            // An AOTInductor package's library needs libtorch.so (by name, without a
+            // path): kept loaded, the loader finds it when a package is opened.
+            println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch,--pop-state");
+            compile_aoti_shim(Path::new(&lib));
             torch_version_near(Path::new(&lib)).unwrap_or_else(|| "unknown".into())
         }
         Err(_) => "unknown".into(),
@@ -63,6 +71,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=SPLITSERVE_GIT_COMMIT={commit}");
     Ok(())
+}
+
+/// Compiles the C++ shim over AOTInductor's package loader (src/aoti.rs) against
+/// the libtorch torch-sys linked: its headers sit beside `lib/`, and the C++ ABI
+/// flag is decided as torch-sys decides it (the wheel's own
+/// `torch._C._GLIBCXX_USE_CXX11_ABI` with LIBTORCH_USE_PYTORCH, else
+/// LIBTORCH_CXX11_ABI, default 1), so that std::string and std::vector mean
+/// the same on both sides.
+fn compile_aoti_shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=csrc/aoti_shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let root = lib.parent().unwrap_or(lib);
+    let abi = if env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        let python = if env::var_os("VIRTUAL_ENV").is_some() {
+            "python"
+        } else {
+            "python3"
+        };
+        let out = std::process::Command::new(python)
+            .args([
+                "-c",
+                "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok());
+        out.map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "1".into())
+    } else {
+        env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
+    };
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/aoti_shim.cpp")
+        .compile("splitserve_aoti");
 }
 
 /// The PyTorch wheel keeps `version.py` one level above `lib/`; a plain libtorch

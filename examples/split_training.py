@@ -47,16 +47,23 @@ def splitlearn_comm_stubs():
     return None
 
 
-def load_stubs():
-    """(pb2, pb2_grpc): splitlearn_comm's when installed, else compiled from
-    the project's proto with grpcio-tools."""
+def load_stubs(proto: Path | None = None):
+    """(pb2, pb2_grpc): splitlearn_comm's when installed, else compiled with
+    grpcio-tools from `proto` (default: the proto/ of the checkout this file is in)."""
     installed = splitlearn_comm_stubs()
     if installed is not None:
         return installed
     from grpc_tools import protoc
 
+    proto = Path(proto) if proto else ROOT / "proto"
+    wanted = proto / "splitlearn" / "comm" / "compute_service.proto"
+    if not wanted.is_file():
+        raise SystemExit(
+            f"split_training.py: {wanted} does not exist. Pass --proto DIR (the proto/ directory "
+            "of a splitserve checkout), or install splitlearn_comm, whose generated stubs are used "
+            "instead (README.md, \"The client side stays as it is\")."
+        )
     out = tempfile.mkdtemp(prefix="splitserve-stubs-")
-    proto = ROOT / "proto"
     rc = protoc.main(
         [
             "protoc",
@@ -131,8 +138,11 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--server-lr", action="store_true",
                         help="send no learning_rate (the server's --learning-rate applies)")
+    parser.add_argument("--proto", type=Path, default=None,
+                        help="the proto/ directory of a splitserve checkout (default: ../proto from this "
+                             "file); not needed when splitlearn_comm is installed")
     args = parser.parse_args()
-    pb2, pb2_grpc = load_stubs()
+    pb2, pb2_grpc = load_stubs(args.proto)
     stub = pb2_grpc.ComputeServiceStub(grpc.insecure_channel(args.addr))
     losses = train(stub, pb2, steps=args.steps, lr=args.lr, model_id=args.model_id,
                    server_lr=args.server_lr)

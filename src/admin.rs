@@ -51,6 +51,12 @@ impl AdminState {
                 .with_label_values(&[&name])
                 .set(capacity as i64);
         }
+        for (name, version, depth) in self.engine.queue_depths_by_version() {
+            m.triton
+                .pending_request_count
+                .with_label_values(&[&name, &version.to_string()])
+                .set(depth as i64);
+        }
         let plan = self.plan();
         m.cpu_budget.set(plan.budget.cores as i64);
         if let Some(n) = thread_count() {

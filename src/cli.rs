@@ -96,8 +96,11 @@ pub struct ServeArgs {
     /// `builtin:mlp:INxHIDDEN...xOUT` (e.g. builtin:mlp:512x1024x512; append
     /// `@FILE` to start from weights that --checkpoint-dir saved),
     /// `builtin:scale:K` (multiplies any tensor by K),
-    /// `builtin:delay:MILLIS` (identity after sleeping, for tests).
-    /// Without any, serves `mlp=builtin:mlp:512x1024x512`.
+    /// `builtin:delay:MILLIS` (identity after sleeping, for tests),
+    /// `builtin:identity` (answers its input unchanged).
+    /// Without any, serves `mlp=builtin:mlp:512x1024x512`. Commas separate
+    /// several (`a=a.pt,b=b.pt`, also in SPLITSERVE_MODEL), so a path with a
+    /// comma cannot be named: rename or symlink it.
     #[arg(
         long = "model",
         env = "SPLITSERVE_MODEL",
@@ -577,6 +580,17 @@ impl ServeArgs {
         let plan =
             ThreadPlan::from_request(&threads).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let specs = self.model_specs();
+        for name in &self.trainable {
+            if PerModel::resolve(&self.learning_rate, name).is_none() {
+                tracing::warn!(
+                    model = %name,
+                    "model {name:?} is trainable but has no --learning-rate: a ComputeBackward \
+                     without learning_rate (every unchanged splitlearn_comm client) returns \
+                     gradients and never steps its parameters; set --learning-rate {name}=F \
+                     to train it"
+                );
+            }
+        }
         let training = TrainingConfig {
             names: specs.iter().map(|m| m.name.clone()).collect(),
             cache_bytes: self.activation_cache_bytes,

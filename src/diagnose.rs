@@ -541,6 +541,7 @@ fn measure_together(
         addr: addr.to_string(),
         service: crate::grpc::SERVICE_NAME.into(),
         timeout: Duration::from_secs(1),
+        tls: None,
     };
     let ready_by = Instant::now() + Duration::from_secs(60);
     while rt.block_on(crate::client::probe(&probe)).as_deref() != Ok("SERVING") {

@@ -22,6 +22,7 @@ use crate::plan::ThreadPlan;
 use crate::proto::inference::ModelConfig;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::reason;
+use crate::telemetry::triton::{RequestTimes, TritonModel};
 use crate::training::{Step, Training, TrainingConfig, TrainingError};
 
 /// Lifecycle of the engine, published to health checks.
@@ -61,10 +62,18 @@ pub enum EngineError {
     Draining,
     #[error("queue for model {model:?} is full ({capacity} requests waiting); retry with backoff")]
     QueueFull { model: String, capacity: usize },
+    /// `computing`: a worker had taken the request when the deadline passed (its
+    /// result is discarded); otherwise it was still queued and never computed.
     #[error(
-        "deadline exceeded after {waited_ms} ms waiting in the queue; the request was not computed"
+        "deadline exceeded after {waited_ms} ms {}",
+        if *computing {
+            "while the model was computing the request (its result is discarded): allow the \
+             model's run time in the deadline"
+        } else {
+            "waiting in the queue; the request was not computed"
+        }
     )]
-    DeadlineExceeded { waited_ms: u128 },
+    DeadlineExceeded { waited_ms: u128, computing: bool },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -141,6 +150,8 @@ pub struct LoadedModel {
     pub device: String,
     pub description: String,
     pub signature: Option<model::Signature>,
+    /// What its metadata lists (never empty; see `Model::listed`).
+    pub listed: model::Signature,
     pub slot: ModelSlot,
 }
 
@@ -181,21 +192,44 @@ pub struct Output {
 /// One model's metric handles, resolved once so workers never look labels up.
 struct ModelMetrics {
     computed: IntCounter,
+    computed_rows: IntCounter,
     forwards: IntCounter,
-    queue_full: IntCounter,
-    deadline: IntCounter,
-    cancelled: IntCounter,
-    draining: IntCounter,
+    queue_full: Refusal,
+    deadline: Refusal,
+    cancelled: Refusal,
+    draining: Refusal,
     queue_time: Histogram,
     inference_time: Histogram,
     batch_size: Histogram,
+    /// Triton's families of this model version.
+    triton: TritonModel,
+}
+
+/// A request refused without an answer: counted by reason, and as one of
+/// Triton's failed requests.
+struct Refusal {
+    reason: IntCounter,
+    failure: IntCounter,
+}
+
+impl Refusal {
+    fn inc(&self) {
+        self.reason.inc();
+        self.failure.inc();
+    }
 }
 
 impl ModelMetrics {
-    fn new(m: &Metrics, model: &str) -> ModelMetrics {
-        let rejected = |r: &str| m.rejected.with_label_values(&[model, r]);
+    fn new(m: &Metrics, model: &str, version: u64) -> ModelMetrics {
+        let triton = m.triton.model(model, version);
+        let rejected = |r: &str| Refusal {
+            reason: m.rejected.with_label_values(&[model, r]),
+            failure: triton.failure.clone(),
+        };
         ModelMetrics {
+            triton: triton.clone(),
             computed: m.computed.with_label_values(&[model]),
+            computed_rows: m.computed_rows.with_label_values(&[model]),
             forwards: m.forwards.with_label_values(&[model]),
             queue_full: rejected(reason::QUEUE_FULL),
             deadline: rejected(reason::DEADLINE),
@@ -226,6 +260,9 @@ struct Job {
     /// The model's queue timeout (config.pbtxt's default_queue_policy).
     queue_deadline: Option<Instant>,
     enqueued: Instant,
+    /// Set when a worker takes the job: a deadline that passes later passed
+    /// while it was being computed.
+    taken: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Output, EngineError>>,
     /// The RPC's span: the forward span is its child.
     rpc_span: tracing::Span,
@@ -630,6 +667,18 @@ impl Engine {
         mark_device_lost(&self.shared, reason);
     }
 
+    /// Requests waiting per model version: (name, version, depth).
+    pub fn queue_depths_by_version(&self) -> Vec<(String, u64, usize)> {
+        let q = lock(&self.shared.queues);
+        q.entries
+            .iter()
+            .map(|e| {
+                let slot = e.unit.slot();
+                (slot.spec.name.clone(), slot.version, e.queue.len())
+            })
+            .collect()
+    }
+
     /// Workers in the middle of a forward right now.
     pub fn busy_workers(&self) -> usize {
         busy_count(&self.shared)
@@ -768,12 +817,19 @@ impl Engine {
                         .rejected
                         .with_label_values(&[&m.name, reason::DRAINING])
                         .inc();
+                    self.shared
+                        .metrics
+                        .triton
+                        .request_failure
+                        .with_label_values(&[&m.name, &m.version.to_string()])
+                        .inc();
                 }
                 return Err(EngineError::Draining);
             }
         }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
+        let taken = Arc::new(AtomicBool::new(false));
         let wake = {
             let mut q = lock(&self.shared.queues);
             let index = q.resolve(model, version)?;
@@ -784,7 +840,18 @@ impl Engine {
                 unit.metrics.draining.inc();
                 return Err(EngineError::Draining);
             }
+            if matches!(step, None | Some(Step::Forward { .. })) {
+                unit.model.check_input_shape(&input.shape)?;
+            }
             let needs_training = step.as_ref().is_some_and(|s| !s.is_plain_kv());
+            if needs_training && unit.model.package().is_some() {
+                return Err(EngineError::Unsupported(format!(
+                    "model {:?} is an AOTInductor package (.pt2), which is inference-only: \
+                     training_mode forwards, backward and KV sessions need its TorchScript \
+                     export (torch.jit.script(model).save(path))",
+                    unit.slot().spec.name
+                )));
+            }
             if needs_training && unit.training.is_none() {
                 return Err(EngineError::Unsupported(format!(
                     "model {:?} was loaded from the model repository at run time: training_mode \
@@ -815,6 +882,7 @@ impl Engine {
                 deadline,
                 queue_deadline: unit.slot().queue_timeout.map(|t| now + t),
                 enqueued: now,
+                taken: taken.clone(),
                 reply: tx,
                 rpc_span,
                 queue_span,
@@ -830,6 +898,7 @@ impl Engine {
                 Err(_) => {
                     return Err(EngineError::DeadlineExceeded {
                         waited_ms: now.elapsed().as_millis(),
+                        computing: taken.load(Ordering::Acquire),
                     });
                 }
             },
@@ -928,7 +997,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// and warms the model up.
 fn build_unit(
     shared: &Shared,
-    slot: ModelSlot,
+    mut slot: ModelSlot,
     training: Option<usize>,
 ) -> Result<Unit, ModelError> {
     let device = match slot.device {
@@ -939,7 +1008,12 @@ fn build_unit(
         },
     };
     let started = Instant::now();
-    let m = Model::load(&slot.spec, device)?;
+    let workers = shared.config.plan.workers;
+    let runners = slot.instances.unwrap_or(workers).clamp(1, workers.max(1));
+    let m = Model::load_with_runners(&slot.spec, device, runners)?;
+    if let Some(package) = m.package() {
+        fit_package(&mut slot, &m, &package)?;
+    }
     tracing::info!(
         model = %m.name,
         version = slot.version,
@@ -949,13 +1023,13 @@ fn build_unit(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    let workers = shared.config.plan.workers;
     let info = Arc::new(LoadedModel {
         name: slot.spec.name.clone(),
         version: slot.version,
         device: model::device_name(m.device),
         description: m.description.clone(),
         signature: m.signature.clone(),
+        listed: m.listed.clone(),
         slot,
     });
     Ok(Unit {
@@ -967,11 +1041,54 @@ fn build_unit(
             .clamp(1, workers.max(1)),
         running: AtomicUsize::new(0),
         retired: AtomicBool::new(false),
-        metrics: ModelMetrics::new(&shared.metrics, &info.name),
+        metrics: ModelMetrics::new(&shared.metrics, &info.name, info.version),
         info,
         model: m,
         training,
     })
+}
+
+/// Fits an AOTInductor package's slot to the package: batching only along a
+/// dynamic batch dimension and within its bounds, and its model configuration
+/// (names, dtypes, dims) filled from the package where not configured.
+fn fit_package(
+    slot: &mut ModelSlot,
+    m: &Model,
+    package: &model::PackageInfo,
+) -> Result<(), ModelError> {
+    let max_rows = match package.batch {
+        model::PackageBatch::Dynamic { max, .. } => max.unwrap_or(i64::MAX),
+        model::PackageBatch::Static(_) | model::PackageBatch::Unknown => 1,
+    };
+    let rows = usize::try_from(max_rows).unwrap_or(usize::MAX).max(1);
+    if slot.max_batch > rows {
+        tracing::warn!(
+            model = %slot.spec.name,
+            max_batch = slot.max_batch,
+            "the package takes batches of at most {rows} rows (a static or unknown batch \
+             dimension takes one request at a time): batching up to {rows}"
+        );
+        slot.max_batch = rows;
+    }
+    let base = slot.config.as_deref();
+    let mut cfg = model::package_config(&slot.spec.name, package, m.signature.as_ref(), base)
+        .map_err(|message| ModelError::Load {
+            name: slot.spec.name.clone(),
+            source_desc: m.description.clone(),
+            message,
+        })?;
+    if base.is_none() && slot.max_batch > 1 {
+        cfg.scheduling_choice = Some(
+            crate::proto::inference::model_config::SchedulingChoice::DynamicBatching(
+                crate::proto::inference::ModelDynamicBatching {
+                    max_queue_delay_microseconds: slot.batch_timeout.as_micros() as u64,
+                    ..Default::default()
+                },
+            ),
+        );
+    }
+    slot.config = Some(Arc::new(cfg));
+    Ok(())
 }
 
 /// Routes requests for (name, version) to a new unit; retires the one it replaces.
@@ -1101,7 +1218,8 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
     let mut units = match loaded {
         Ok(units) => units,
         Err(e) => {
-            tracing::error!(error = %e, "model loading failed");
+            // run() returns it as RunError::Startup, which the caller logs once.
+            tracing::debug!(error = %e, "model loading failed");
             shared
                 .status
                 .send_replace(EngineStatus::Failed(e.to_string()));
@@ -1317,6 +1435,7 @@ fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, 
             if let Some(job) = queue.remove(i) {
                 let _ = job.reply.send(Err(EngineError::DeadlineExceeded {
                     waited_ms: job.enqueued.elapsed().as_millis(),
+                    computing: false,
                 }));
             }
             continue;
@@ -1337,6 +1456,7 @@ fn take_compatible(unit: &Unit, queue: &mut VecDeque<Job>, jobs: &mut Vec<Job>, 
         };
         if fits {
             if let Some(job) = queue.remove(i) {
+                job.taken.store(true, Ordering::Release);
                 jobs.push(job);
             }
         } else {
@@ -1377,6 +1497,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         [job] => job.step.as_ref().map(|s| (s, job)),
         _ => None,
     };
+    convert_time::reset();
     let computed = catch_unwind(AssertUnwindSafe(|| match (step, unit.training) {
         (Some((s, job)), Some(index)) => vec![
             shared
@@ -1397,6 +1518,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
             .collect(),
     }));
     let compute_time = started.elapsed();
+    let (input_time, output_time) = convert_time::take();
     busy.store(0, Ordering::Relaxed);
     let results = match computed {
         Ok(r) => r,
@@ -1420,13 +1542,39 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
     let batch_size = jobs.len();
     let m = &unit.metrics;
     m.forwards.inc();
+    m.triton.executions.inc();
     m.batch_size.observe(batch_size as f64);
+    // Triton's batch size of a request: its first dimension, unless the
+    // model's config says it has none (max_batch_size 0).
+    let unbatched = unit
+        .slot()
+        .config
+        .as_ref()
+        .is_some_and(|c| c.max_batch_size == 0);
     for (job, result) in jobs.into_iter().zip(results) {
         let queue_time = started.saturating_duration_since(job.enqueued);
         if result.is_ok() {
             m.computed.inc();
+            m.computed_rows
+                .inc_by(job.input.shape.first().map_or(1, |&r| r.max(0) as u64));
             m.queue_time.observe(queue_time.as_secs_f64());
             m.inference_time.observe(compute_time.as_secs_f64());
+            let rows = match (unbatched, job.input.shape.first()) {
+                (false, Some(&r)) => r.max(1) as u64,
+                _ => 1,
+            };
+            m.triton.succeeded(
+                rows,
+                RequestTimes {
+                    request: job.enqueued.elapsed(),
+                    queue: queue_time,
+                    input: input_time,
+                    infer: compute_time.saturating_sub(input_time + output_time),
+                    output: output_time,
+                },
+            );
+        } else {
+            m.triton.failure.inc();
         }
         let _ = job
             .reply
@@ -1497,7 +1645,7 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<Vec<RawTensor>, EngineErro
                 .f_split_with_sizes(&sizes, 0)
                 .map_err(|e| internal(model, e))?;
             for ((p, j), out) in parts.iter().zip(jobs).zip(&mut per_job) {
-                out.push(model::from_tensor(model, p, j.enc)?);
+                out.push(from_tensor(model, p, j.enc)?);
             }
         }
         Ok(per_job)
@@ -1512,16 +1660,18 @@ fn compute_one(model: &Model, job: &Job) -> Result<Vec<RawTensor>, EngineError> 
     if !job.all_outputs {
         let x = to_tensor(model, job)?;
         let y = model.forward(&x)?;
-        return Ok(vec![model::from_tensor(model, &y, job.enc)?]);
+        return Ok(vec![from_tensor(model, &y, job.enc)?]);
     }
     let mut xs = vec![to_tensor(model, job)?];
     for raw in &job.more {
-        xs.push(model::raw_to_tensor(model, raw, job.enc)?);
+        xs.push(convert_time::input(|| {
+            model::raw_to_tensor(model, raw, job.enc)
+        })?);
     }
     model
         .forward_all(&xs)?
         .iter()
-        .map(|y| Ok(model::from_tensor(model, y, job.enc)?))
+        .map(|y| Ok(from_tensor(model, y, job.enc)?))
         .collect()
 }
 
@@ -1530,5 +1680,53 @@ fn internal(model: &Model, e: tch::TchError) -> EngineError {
 }
 
 fn to_tensor(model: &Model, job: &Job) -> Result<Tensor, EngineError> {
-    Ok(model::raw_to_tensor(model, &job.input, job.enc)?)
+    Ok(convert_time::input(|| {
+        model::raw_to_tensor(model, &job.input, job.enc)
+    })?)
+}
+
+/// [`model::from_tensor`], its time counted as output conversion.
+fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, ModelError> {
+    convert_time::output(|| model::from_tensor(model, t, enc))
+}
+
+/// Time a worker spent turning wire bytes into tensors and back during one
+/// batch: Triton's compute input and compute output durations (the rest of
+/// the batch's compute time is its infer duration).
+mod convert_time {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    thread_local! {
+        static SPENT: Cell<(Duration, Duration)> = const { Cell::new((Duration::ZERO, Duration::ZERO)) };
+    }
+
+    pub fn reset() {
+        SPENT.set((Duration::ZERO, Duration::ZERO));
+    }
+
+    /// (input, output) since the last reset.
+    pub fn take() -> (Duration, Duration) {
+        SPENT.replace((Duration::ZERO, Duration::ZERO))
+    }
+
+    pub fn input<T>(f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        SPENT.set({
+            let (i, o) = SPENT.get();
+            (i + start.elapsed(), o)
+        });
+        out
+    }
+
+    pub fn output<T>(f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        SPENT.set({
+            let (i, o) = SPENT.get();
+            (i, o + start.elapsed())
+        });
+        out
+    }
 }

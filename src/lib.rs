@@ -10,7 +10,10 @@
 //! - [`plan`]: the CPU budget from cgroup v1/v2, cpuset and the OS; the thread plan;
 //!   libtorch's thread settings, applied once.
 //! - [`codec`]: wire bytes <-> raw tensors: dtype, shape, size checks, float16 and zlib.
-//! - [`model`]: TorchScript and built-in models: loading, device placement, warm-up, forward.
+//! - [`model`]: TorchScript, PyTorch 2 AOTInductor packages (.pt2, through a C++
+//!   shim: `model::aoti`) and built-in models: loading, device placement, warm-up, forward.
+//! - [`torchscript`]: what a TorchScript file declares about `forward` (its
+//!   tensors in and out), read from the file's code without libtorch, for metadata.
 //! - [`engine`]: per-model-version bounded queues, batcher, dedicated inference
 //!   workers (a model's instances capped from the pool), deadlines, cancellation,
 //!   drain, and loads and unloads at run time on its loader thread (switched in
@@ -71,6 +74,7 @@ pub mod proto;
 pub mod repository;
 pub mod server;
 pub mod telemetry;
+pub mod torchscript;
 pub mod training;
 pub mod v2;
 

@@ -798,6 +798,7 @@ pub fn incoming(
         rejected(limit::IDLE_CONNECTION),
         rejected(limit::WRITE_STALL),
     );
+    let tls_warning = Arc::new(Throttle::new(Duration::from_secs(10)));
     tokio::spawn(async move {
         let mut last_warning: Option<Instant> = None;
         loop {
@@ -845,11 +846,42 @@ pub fn incoming(
                 handshake_closed: handshake_closed.clone(),
                 idle_closed: idle_closed.clone(),
                 stall_closed: stall_closed.clone(),
+                tls_warning: tls_warning.clone(),
             };
             tokio::spawn(task.run(tcp, addr, tls, id, evict));
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// One warning per `every` for a failure many clients can repeat (a misissued
+/// client certificate fails every connection of that client): the first is
+/// logged with its reason, the rest are counted into the next one.
+struct Throttle {
+    every: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Some(number suppressed since the last warning) when this one may be logged.
+    fn allow(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < self.every) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
 }
 
 /// What a socket's handshake task needs to turn it into a [`Conn`].
@@ -867,6 +899,8 @@ struct Handshake {
     handshake_closed: prometheus::IntCounter,
     idle_closed: prometheus::IntCounter,
     stall_closed: prometheus::IntCounter,
+    /// Failed TLS handshakes are warned about at most every 10 s per port.
+    tls_warning: Arc<Throttle>,
 }
 
 impl Handshake {
@@ -890,7 +924,22 @@ impl Handshake {
                             .tls_handshake_failures
                             .with_label_values(&[port])
                             .inc();
-                        tracing::debug!(port, peer = %addr, error = %e, "TLS handshake failed");
+                        // A TCP check that connects and closes (EOF, reset) is
+                        // no TLS problem; a protocol or certificate error is.
+                        let warn = e.kind() == io::ErrorKind::InvalidData;
+                        match warn.then(|| self.tls_warning.allow()).flatten() {
+                            Some(more) => tracing::warn!(
+                                port,
+                                peer = %addr,
+                                "TLS handshake failed: {e} (client certificates must be X.509 v3 and chain \
+                                 to --tls-client-ca; clients must speak TLS and trust --tls-cert's CA); \
+                                 {more} more failure(s) since the last warning, counted in \
+                                 splitserve_tls_handshake_failures_total"
+                            ),
+                            None => {
+                                tracing::debug!(port, peer = %addr, error = %e, "TLS handshake failed")
+                            }
+                        }
                         return None;
                     }
                 },

@@ -113,13 +113,13 @@ fn serve_with_telemetry(config: ServerConfig) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The log (stderr) has it once; printing it again would say it twice.
         Err(e) if matches!(e.downcast_ref(), Some(splitserve::RunError::Config(_))) => {
             tracing::error!("{e:#}");
-            config_error(e)
+            ExitCode::from(EXIT_CONFIG as u8)
         }
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("splitserve: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -14,6 +14,10 @@ use tch::{CModule, Device, IValue, Kind, Tensor, nn};
 
 use crate::codec::{Encoding, RawTensor, WireDtype};
 
+pub mod aoti;
+mod pt2;
+pub use pt2::{PLATFORM as PT2_PLATFORM, PackageBatch, PackageInfo, package_config};
+
 /// Where models run, as configured; resolved against the hardware at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,11 +55,49 @@ pub struct ModelSpec {
     pub warmup: Option<Vec<Vec<i64>>>,
     /// The warm-up inputs' dtypes, one per shape; empty: float32 for all.
     pub warmup_kinds: Vec<Kind>,
+    /// config.pbtxt's model_warmup samples, each run at load after the warm-up above.
+    pub warmup_samples: Vec<WarmupSample>,
+}
+
+/// One of Triton's model_warmup samples: its inputs in forward's order, run
+/// `count` times at load (a failure fails the load).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmupSample {
+    /// Its name in the config, for messages.
+    pub name: String,
+    pub inputs: Vec<WarmupInput>,
+    /// Forwards of this sample (at least 1).
+    pub count: u32,
+}
+
+/// One input of a [`WarmupSample`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmupInput {
+    /// Its full shape, the batch dimension (`rows`) first when the model batches.
+    pub shape: Vec<i64>,
+    /// Rows of the batch dimension, 1 when there is none: a data file holds one row.
+    pub rows: i64,
+    pub kind: Kind,
+    pub data: WarmupData,
+}
+
+/// Where a warm-up input's values come from, as Triton's model_warmup defines them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmupData {
+    /// `zero_data`.
+    Zero,
+    /// `random_data`: uniform in [0, 1) for floats, integers in [0, 100), booleans.
+    Random,
+    /// `input_data_file`: the file's bytes (little-endian, row-major) for one
+    /// row, repeated for each row of the batch.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
     TorchScript(PathBuf),
+    /// A PyTorch 2 AOTInductor package (`.pt2`): inference only.
+    Pt2(PathBuf),
     Builtin(Builtin),
 }
 
@@ -81,6 +123,7 @@ impl ModelSpec {
             source: ModelSource::Builtin(Builtin::Mlp(vec![512, 1024, 512], None)),
             warmup: None,
             warmup_kinds: Vec::new(),
+            warmup_samples: Vec::new(),
         }
     }
 }
@@ -107,6 +150,7 @@ impl FromStr for ModelSpec {
             source: source.parse()?,
             warmup: None,
             warmup_kinds: Vec::new(),
+            warmup_samples: Vec::new(),
         })
     }
 }
@@ -119,6 +163,9 @@ impl FromStr for ModelSource {
         let Some(rest) = s.strip_prefix("builtin:") else {
             if s.is_empty() {
                 return Err("empty model path".into());
+            }
+            if s.ends_with(".pt2") {
+                return Ok(ModelSource::Pt2(PathBuf::from(s)));
             }
             return Ok(ModelSource::TorchScript(PathBuf::from(s)));
         };
@@ -356,6 +403,20 @@ impl Signature {
             outputs: outputs.iter().map(sig).collect::<Option<_>>()?,
         })
     }
+
+    /// `inputs` and `outputs` tensors of which nothing is known yet: float32
+    /// (what splitlearn_comm clients compute in), a batch dimension and one
+    /// more, each -1.
+    pub fn unknown(inputs: usize, outputs: usize) -> Signature {
+        let any = || TensorSig {
+            dtype: WireDtype::F32,
+            shape: vec![-1, -1],
+        };
+        Signature {
+            inputs: (0..inputs).map(|_| any()).collect(),
+            outputs: (0..outputs).map(|_| any()).collect(),
+        }
+    }
 }
 
 /// A loaded model, shared by every worker thread.
@@ -366,6 +427,10 @@ pub struct Model {
     pub description: String,
     /// Inputs and outputs, learnt at warm-up; None when unknown or any.
     pub signature: Option<Signature>,
+    /// What metadata lists: the signature when known, else the warm-up's
+    /// tensors, else `forward`'s declaration in the file (names and counts,
+    /// with [`Signature::unknown`] tensors). Never checked against requests.
+    pub listed: Signature,
     /// A TorchScript model with the KV signature `forward(hidden, past)`,
     /// learnt at warm-up: a plain or training forward runs it with an empty
     /// past, so one file decodes and trains.
@@ -380,6 +445,7 @@ pub struct Model {
 
 enum Inner {
     Script(CModule),
+    Pt2(Box<pt2::Pt2>),
     Mlp(Mlp),
     Scale(f64),
     Delay(Duration),
@@ -421,17 +487,31 @@ unsafe impl Sync for Mlp {}
 impl Model {
     /// Loads (or builds) a model on a device and runs the warm-up forward.
     pub fn load(spec: &ModelSpec, device: Device) -> Result<Model, ModelError> {
+        Model::load_with_runners(spec, device, 1)
+    }
+
+    /// [`Model::load`], for up to `runners` forwards at once: an AOTInductor
+    /// package keeps one model instance per concurrent run.
+    pub fn load_with_runners(
+        spec: &ModelSpec,
+        device: Device,
+        runners: usize,
+    ) -> Result<Model, ModelError> {
+        let mut device = device;
         let load_err = |source_desc: String, message: String| ModelError::Load {
             name: spec.name.clone(),
             source_desc,
             message,
         };
+        // forward's declaration, read from a TorchScript file's code.
+        let mut declared = None;
         let (inner, description, default_warmup) = match &spec.source {
             ModelSource::TorchScript(path) => {
                 let shown = path.display().to_string();
                 let file = open_model_file(path).map_err(|e| load_err(shown.clone(), e))?;
                 let digest =
                     file_sha256(&file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                declared = declared_forward(&file);
                 // libtorch opens the file that was checked, not whatever the
                 // path names by now.
                 let mut m = CModule::load_on_device(opened_path(&file, path), device)
@@ -441,6 +521,20 @@ impl Model {
                 (
                     Inner::Script(m),
                     format!("torchscript sha256:{digest}"),
+                    None,
+                )
+            }
+            ModelSource::Pt2(path) => {
+                let shown = path.display().to_string();
+                let file = open_model_file(path).map_err(|e| load_err(shown.clone(), e))?;
+                let digest =
+                    file_sha256(&file).map_err(|e| load_err(shown.clone(), e.to_string()))?;
+                let (p, on) = pt2::load(&opened_path(&file, path), device, runners)
+                    .map_err(|e| load_err(shown.clone(), e))?;
+                device = on;
+                (
+                    Inner::Pt2(Box::new(p)),
+                    format!("torch_aoti sha256:{digest}"),
                     None,
                 )
             }
@@ -514,14 +608,43 @@ impl Model {
             device,
             description,
             signature: None,
+            listed: Signature::default(),
             kv: false,
             inner,
             params: RwLock::new(0),
         };
+        if let Inner::Pt2(p) = &model.inner {
+            // A package warms up on the sizes it was exported for (twice, one
+            // row apart, to tell which output dimensions follow the batch).
+            let _guard = tch::no_grad_guard();
+            if let Some(a) = p.warmup_inputs(device, 0) {
+                let failed = |e: ModelError| {
+                    load_err(
+                        model.description.clone(),
+                        format!("warm-up run failed: {e}"),
+                    )
+                };
+                let ya = model.forward_all(&a).map_err(failed)?;
+                let b = p
+                    .warmup_inputs(device, 1)
+                    .filter(|b| b.iter().zip(&a).any(|(x, y)| x.size() != y.size()));
+                let yb = match &b {
+                    Some(b) => Some(model.forward_all(b).map_err(failed)?),
+                    None => None,
+                };
+                model.signature = p.signature(&ya, yb.as_deref());
+            }
+            return Ok(model);
+        }
+        // Warm-up failures are the operator's to fix: name the file, not its digest.
+        let shown = match &spec.source {
+            ModelSource::TorchScript(path) | ModelSource::Pt2(path) => path.display().to_string(),
+            ModelSource::Builtin(_) => model.description.clone(),
+        };
         if let Some(shapes) = spec.warmup.clone().or(default_warmup) {
             let _guard = tch::no_grad_guard();
             for shape in &shapes {
-                check_warmup_shape(shape).map_err(|e| load_err(model.description.clone(), e))?;
+                check_warmup_shape(shape).map_err(|e| load_err(shown.clone(), e))?;
             }
             let inputs: Vec<Tensor> = shapes
                 .iter()
@@ -533,7 +656,7 @@ impl Model {
                 .collect::<Result<_, _>>()
                 .map_err(|e| {
                     load_err(
-                        model.description.clone(),
+                        shown.clone(),
                         format!(
                             "cannot allocate the warm-up input {shapes:?}: {}",
                             torch_text(&e.to_string(), true)
@@ -542,7 +665,7 @@ impl Model {
                 })?;
             let failed = |e: ModelError| {
                 load_err(
-                    model.description.clone(),
+                    shown.clone(),
                     format!("warm-up forward on shapes {shapes:?} failed: {e}"),
                 )
             };
@@ -566,8 +689,61 @@ impl Model {
             if matches!(model.inner, Inner::Script(_) | Inner::Mlp(_)) {
                 model.signature = Signature::of(&inputs, &outputs);
             }
+            if spec.warmup.is_some() {
+                model.listed = Signature::of(&inputs, &outputs).unwrap_or_default();
+            }
         }
+        for sample in &spec.warmup_samples {
+            let _guard = tch::no_grad_guard();
+            let failed = |e: String| {
+                load_err(
+                    model.description.clone(),
+                    format!(
+                        "model_warmup sample {:?}: {e}",
+                        crate::codec::clip(&sample.name)
+                    ),
+                )
+            };
+            let inputs = sample
+                .inputs
+                .iter()
+                .map(|i| warmup_tensor(i, device))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(failed)?;
+            for _ in 0..sample.count.max(1) {
+                model
+                    .forward_all(&inputs)
+                    .map_err(|e| failed(format!("forward failed: {e}")))?;
+            }
+        }
+        model.listed = match (&model.signature, &declared) {
+            (Some(sig), _) => sig.clone(),
+            (None, _) if !model.listed.inputs.is_empty() => model.listed.clone(),
+            (None, Some(f)) => Signature::unknown(f.tensor_inputs().max(1), f.tensor_outputs()),
+            (None, None) => Signature::unknown(1, 1),
+        };
         Ok(model)
+    }
+
+    /// Refuses, before any queueing, an input the model's definition cannot take:
+    /// the built-in MLP's input width is fixed (the first of its widths), so a
+    /// different last dimension gets the shape it expects, as the v2 path says it.
+    pub fn check_input_shape(&self, shape: &[i64]) -> Result<(), ModelError> {
+        if let Inner::Mlp(mlp) = &self.inner {
+            let width = mlp.layers.first().map(|(w, _)| w.size()[1]);
+            if let Some(width) = width {
+                if shape.last() != Some(&width) {
+                    return Err(ModelError::InvalidInput {
+                        model: self.name.clone(),
+                        message: format!(
+                            "input shape {shape:?}; model {:?} ({}) expects [-1, {width}]",
+                            self.name, self.description
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the model on one (possibly batched) input already on the model's device.
@@ -595,6 +771,20 @@ impl Model {
                             message: format!(
                                 "forward returned {}, expected a single tensor",
                                 ivalue_kind(&other)
+                            ),
+                        }),
+                    }
+                }
+                Inner::Pt2(p) => {
+                    let mut ys = p.run(&self.name, std::slice::from_ref(input))?;
+                    match ys.len() {
+                        1 => Ok(ys.remove(0)),
+                        n => Err(ModelError::InvalidInput {
+                            model: self.name.clone(),
+                            message: format!(
+                                "the package returns {n} outputs ({}); ask for them by name \
+                                 over the Open Inference Protocol",
+                                p.output_names.join(", ")
                             ),
                         }),
                     }
@@ -631,6 +821,15 @@ impl Model {
     pub fn forward_all(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
         if let (true, [x]) = (self.kv, inputs) {
             return Ok(vec![self.forward(x)?]);
+        }
+        if let Inner::Pt2(p) = &self.inner {
+            let run = || p.run(&self.name, inputs);
+            return catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+                Err(ModelError::Internal {
+                    model: self.name.clone(),
+                    message: panic_message(panic.as_ref()),
+                })
+            });
         }
         let Inner::Script(m) = &self.inner else {
             return match (&self.inner, inputs) {
@@ -725,7 +924,7 @@ impl Model {
                 .iter()
                 .flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()])
                 .collect(),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Vec::new(),
         })
     }
 
@@ -832,7 +1031,7 @@ impl Model {
         match &self.inner {
             Inner::Script(_) => Some("model.pt"),
             Inner::Mlp(_) => Some("model.safetensors"),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => None,
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => None,
         }
     }
 
@@ -850,7 +1049,7 @@ impl Model {
                     .collect();
                 Tensor::write_safetensors(&named, file)
             }
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
         }
         .map_err(|e| ModelError::Internal {
             model: self.name.clone(),
@@ -900,7 +1099,7 @@ impl Model {
                 .vs
                 .load(file)
                 .map_err(|e| fail(clean_torch_message(&e.to_string()))),
-            Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
+            Inner::Pt2(_) | Inner::Scale(_) | Inner::Delay(_) | Inner::Identity => Ok(()),
         }
     }
 
@@ -913,6 +1112,16 @@ impl Model {
                 format!("{}={base}@{}", self.name, file.display())
             }
             _ => format!("{}={}", self.name, file.display()),
+        }
+    }
+}
+
+impl Model {
+    /// What an AOTInductor package says about itself; None for other models.
+    pub fn package(&self) -> Option<PackageInfo> {
+        match &self.inner {
+            Inner::Pt2(p) => Some(p.info()),
+            _ => None,
         }
     }
 }
@@ -969,9 +1178,10 @@ fn not_torchscript_hint(raw: &str) -> String {
     .any(|k| raw.contains(k));
     if looks_wrong {
         format!(
-            "{msg}. This file is not TorchScript: a torch.save() pickle or a torch.export \
-             (.pt2) archive cannot be served. Save the module with \
-             torch.jit.script(model).save(path) (or torch.jit.trace(model, example).save(path))"
+            "{msg}. This file is not TorchScript: a torch.save() pickle cannot be served. \
+             Save the module with torch.jit.script(model).save(path) (or \
+             torch.jit.trace(model, example).save(path)), or compile a torch.export program \
+             with torch._inductor.aoti_compile_and_package into a file named *.pt2"
         )
     } else {
         msg
@@ -1049,6 +1259,60 @@ pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, std::fs::Met
         ));
     }
     Ok((file, meta))
+}
+
+/// The tensor of a model_warmup input, on `device`.
+fn warmup_tensor(i: &WarmupInput, device: Device) -> Result<Tensor, String> {
+    use std::io::Read;
+    check_warmup_shape(&i.shape)?;
+    let torch = |e: tch::TchError| torch_text(&e.to_string(), true);
+    let opts = (i.kind, device);
+    match &i.data {
+        WarmupData::Zero => Tensor::f_zeros(&i.shape, opts).map_err(torch),
+        WarmupData::Random => match i.kind {
+            Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
+                Tensor::f_rand(&i.shape, opts).map_err(torch)
+            }
+            Kind::Bool => Tensor::f_randint(2, &i.shape, (Kind::Int64, device))
+                .and_then(|t| t.f_to_kind(Kind::Bool))
+                .map_err(torch),
+            _ => Tensor::f_randint(100, &i.shape, opts).map_err(torch),
+        },
+        WarmupData::File(path) => {
+            let rows = i.rows.max(1);
+            let numel: i64 = i.shape.iter().product();
+            let need = (numel / rows) as usize * i.kind.elt_size_in_bytes();
+            let shown = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let (file, _) = open_regular(path).map_err(|e| format!("warmup/{shown}: {e}"))?;
+            let mut row = Vec::with_capacity(need);
+            file.take(need as u64)
+                .read_to_end(&mut row)
+                .map_err(|e| format!("warmup/{shown}: {e}"))?;
+            if row.len() < need {
+                return Err(format!(
+                    "warmup/{shown} holds {} bytes; the input needs {need} per row",
+                    row.len()
+                ));
+            }
+            let data = row.repeat(rows as usize);
+            Tensor::f_from_data_size(&data, &i.shape, i.kind)
+                .and_then(|t| t.f_to_device(device))
+                .map_err(torch)
+        }
+    }
+}
+
+/// forward's declaration in an opened TorchScript file (read from its start
+/// through a second handle; the file's offset does not matter to libtorch,
+/// which opens it by path).
+fn declared_forward(file: &std::fs::File) -> Option<crate::torchscript::Forward> {
+    use std::io::Seek;
+    let mut f = file.try_clone().ok()?;
+    f.rewind().ok()?;
+    crate::torchscript::read_forward(std::io::BufReader::new(f))
 }
 
 /// [`open_regular`] for a model file, with its size checked: an error for the

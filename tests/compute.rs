@@ -278,11 +278,12 @@ async fn bad_requests_get_clear_statuses_and_the_server_keeps_serving() {
         Code::NotFound,
         "\"nope\"",
     );
-    // libtorch rejects the input (wrong width): its message comes through.
+    // The built-in MLP's input width is fixed: a wrong width is refused before
+    // it queues, with the shape it expects (as the v2 path says it).
     expect(
         c.compute(request("mlp", &[1.0; 5], &[1, 5])).await,
         Code::InvalidArgument,
-        "shapes cannot be multiplied",
+        "input shape [1, 5]; model \"mlp\" (builtin:mlp:4x8x2) expects [-1, 4]",
     );
     // The TorchScript model raises.
     expect(

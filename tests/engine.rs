@@ -59,6 +59,12 @@ fn spawn_call(c: &Client, req: pb::ComputeRequest) -> JoinHandle<Reply> {
     tokio::spawn(async move { c.compute(req).await.map(|r| r.into_inner()) })
 }
 
+/// Sends a request with its own metadata (a deadline) in the background.
+fn spawn_request(c: &Client, req: tonic::Request<pb::ComputeRequest>) -> JoinHandle<Reply> {
+    let mut c = c.clone();
+    tokio::spawn(async move { c.compute(req).await.map(|r| r.into_inner()) })
+}
+
 /// Waits until `depth` requests are queued while exactly `busy` workers run:
 /// both read from one GetServiceInfo answer.
 async fn wait_queued(c: &mut Client, depth: u64, busy: u64) {
@@ -194,7 +200,14 @@ async fn expired_and_abandoned_requests_are_never_computed() {
     ))
     .await;
     let mut c = server.client().await;
-    let gate = close_gate(&mut c).await;
+    // The gate carries a deadline shorter than its run: it passes while the
+    // model computes, and the answer says so (not "not computed").
+    let mut gate_req = tonic::Request::new(request("gate", &[0.0], &[1]));
+    gate_req
+        .metadata_mut()
+        .insert("grpc-timeout", "1500m".parse().unwrap());
+    let gate = spawn_request(&c, gate_req);
+    wait_for(&mut c, "workers_busy", 1).await;
 
     // Queued behind the busy worker with a 100 ms gRPC deadline. The header
     // alone (no client-side timer, which would race the server's answer with
@@ -213,7 +226,13 @@ async fn expired_and_abandoned_requests_are_never_computed() {
     abandoned.abort();
     assert!(abandoned.await.unwrap_err().is_cancelled());
 
-    gate.await.unwrap().unwrap();
+    let err = gate.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("while the model was computing"),
+        "a request whose deadline passed during its forward: {}",
+        err.message()
+    );
     wait_queued(&mut c, 0, 0).await;
     // The model itself says it has run no forward before this one.
     let r = c

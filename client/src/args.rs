@@ -2,13 +2,14 @@
 //! binary and `splitserve` itself: clap structs that convert into the plain
 //! configs of [`crate::probe`] and [`crate::bench`].
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
 
 use crate::bench::BenchConfig;
-use crate::probe::ProbeConfig;
+use crate::probe::{ProbeConfig, ProbeTls};
 
 /// A tensor shape on the command line, `1x64x256`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +66,7 @@ pub struct BenchArgs {
     #[arg(long, env = "SPLITSERVE_BENCH_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
 
-    /// HTTP/2 connections the clients share (round-robin).
+    /// HTTP/2 connections the clients share (round-robin); at most one per client.
     #[arg(long, env = "SPLITSERVE_BENCH_CONNECTIONS", default_value_t = 4)]
     pub connections: usize,
 
@@ -142,14 +143,37 @@ pub struct ProbeArgs {
     /// Give up after this long (connect plus check).
     #[arg(long, env = "SPLITSERVE_PROBE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Connect with TLS, trusting this PEM CA bundle (for a server run with --tls-cert).
+    #[arg(long, env = "SPLITSERVE_PROBE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The name the server's certificate must carry (default: the host of --addr);
+    /// e.g. the Service's DNS name when probing 127.0.0.1.
+    #[arg(long, env = "SPLITSERVE_PROBE_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+
+    /// Client certificate (PEM) to present, for a server run with --tls-client-ca.
+    #[arg(long, env = "SPLITSERVE_PROBE_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "SPLITSERVE_PROBE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ProbeArgs {
     pub fn into_config(self) -> ProbeConfig {
+        let identity = self.tls_cert.zip(self.tls_key);
         ProbeConfig {
             addr: self.addr,
             service: self.service,
             timeout: self.timeout,
+            tls: self.tls_ca.map(|ca| ProbeTls {
+                ca,
+                server_name: self.tls_server_name,
+                identity,
+            }),
         }
     }
 }

@@ -193,8 +193,10 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
     };
     let endpoint = crate::probe::endpoint(&args.addr).map_err(BenchError::Address)?;
     let uri = endpoint.uri().to_string();
-    let mut channels: Vec<Channel> = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
+    // A connection without a client would carry nothing: at most one per client.
+    let connections = args.connections.min(args.concurrency);
+    let mut channels: Vec<Channel> = Vec::with_capacity(connections);
+    for _ in 0..connections {
         channels.push(
             endpoint
                 .connect()
@@ -286,7 +288,7 @@ pub async fn run(args: &BenchConfig) -> Result<BenchReport, BenchError> {
         shape: args.shape.clone(),
         dtype: dtype.name().into(),
         concurrency: args.concurrency,
-        connections: args.connections,
+        connections,
         duration_s: measured.as_secs_f64(),
         ok,
         errors,

@@ -21,7 +21,7 @@ Files appear atomically: a new version directory is written under a hidden
 name and renamed into place, an existing model.pt is replaced by a rename, so
 a server polling the repository never reads half a file.
 
---configmap NAME prints the `kubectl create configmap` command and the Helm
+--configmap NAME [--namespace NS] prints the `kubectl create configmap` command and the Helm
 values (modelRepository.configMap) that serve the written repository from a
 ConfigMap (model.pt lands in binaryData).
 """
@@ -133,12 +133,13 @@ def configmap_key(rel: str) -> str:
     return rel.replace("/", ".")
 
 
-def print_configmap(name: str, out: Path, files: list[Path]) -> None:
+def print_configmap(name: str, out: Path, files: list[Path], namespace: str | None = None) -> None:
     rels = sorted(p.relative_to(out).as_posix() for p in files)
     size = sum(p.stat().st_size for p in files)
     print(f"\n# {len(rels)} files, {size} bytes (a ConfigMap holds at most 1 MiB):")
     args = " \\\n  ".join(f"--from-file={configmap_key(r)}={out / r}" for r in rels)
-    print(f"kubectl create configmap {name} \\\n  {args}\n")
+    ns = f"-n {namespace} " if namespace else ""
+    print(f"kubectl {ns}create configmap {name} \\\n  {args}\n")
     print("# Helm values:")
     print("modelRepository:\n  enabled: true\n  source: configMap\n  configMap:")
     print(f"    name: {name}\n    items:")
@@ -153,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", type=int, default=1, help="version directory to write (default: 1)")
     parser.add_argument("--configmap", metavar="NAME", help="print how to serve the repository from ConfigMap NAME")
+    parser.add_argument("--namespace", metavar="NS", help="the namespace the printed kubectl command creates it in")
     args = parser.parse_args(argv)
     if args.version < 1:
         parser.error("--version must be a positive integer (Triton's version directories)")
     print(f"make_models: writing version {args.version} into {args.out.resolve()}")
     files = write_repository(args.out, args.version)
     if args.configmap:
-        print_configmap(args.configmap, args.out.resolve(), files)
+        print_configmap(args.configmap, args.out.resolve(), files, args.namespace)
     return 0
 
 

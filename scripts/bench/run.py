@@ -70,6 +70,9 @@ class Model:
     # instead of many GEMVs); a compute-bound layer gains little and larger
     # batches only make latency uneven.
     max_batch: int
+    # Its PyTorch 2 twin: the same module exported and compiled by AOTInductor
+    # (scripts/make_pt2_fixtures.py --bench), served by the splitserve-pt2 servers.
+    pt2_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,10 @@ class Server:
 MODELS = {
     m.name: m
     for m in (
-        Model("mlp512", "tests/fixtures/generated/mlp512.pt", "1x512", max_batch=64),
-        Model("encoder", "tests/fixtures/generated/encoder.pt", "1x64x256", max_batch=8),
+        Model("mlp512", "tests/fixtures/generated/mlp512.pt", "1x512", max_batch=64,
+              pt2_path="tests/fixtures/generated/pt2/mlp512.pt2"),
+        Model("encoder", "tests/fixtures/generated/encoder.pt", "1x64x256", max_batch=8,
+              pt2_path="tests/fixtures/generated/pt2/encoder.pt2"),
     )
 }
 
@@ -103,6 +108,18 @@ SERVERS = {
             "splitserve batched",
             "`splitserve serve --max-batch-size N "
             f"--batch-timeout-us {BATCH_TIMEOUT_US}` (N: 64 for the MLP, 8 for the encoder)",
+        ),
+        Server(
+            "splitserve-pt2",
+            "splitserve",
+            "splitserve .pt2 unbatched",
+            "`splitserve serve` on the model's AOTInductor package (.pt2), no batching",
+        ),
+        Server(
+            "splitserve-pt2-batched",
+            "splitserve",
+            "splitserve .pt2 batched",
+            "as splitserve batched, on the model's AOTInductor package (.pt2)",
         ),
         Server(
             "py-threadpool",
@@ -252,15 +269,16 @@ def server_argv(server: Server, model: Model, port: int) -> list:
             "--mode", mode,
             "--warmup-shape", model.shape,
         ]  # fmt: skip
+    path = model.pt2_path if server.name.startswith("splitserve-pt2") else model.path
     argv = [
         str(BIN), "serve",
         "--grpc-addr", f"127.0.0.1:{port}",
         "--metrics-addr", "127.0.0.1:0",
         "--http-addr", "127.0.0.1:0",
-        "--model", f"m={model.path}",
+        "--model", f"m={path}",
         "--warmup-shape", f"m={model.shape}",
     ]  # fmt: skip
-    if server.name == "splitserve-batched":
+    if server.name in ("splitserve-batched", "splitserve-pt2-batched"):
         argv += ["--max-batch-size", str(model.max_batch), "--batch-timeout-us", str(BATCH_TIMEOUT_US)]
     return argv
 
@@ -540,6 +558,17 @@ def thread_flatness(model_result: dict, low: int, high: int) -> dict:
     return flat
 
 
+def pt2_ratios(cells: dict, concurrency: list) -> list:
+    """Each .pt2 server against its TorchScript counterpart, at every client count."""
+    out = []
+    for n in concurrency:
+        for pt2, ts in (("splitserve-pt2", "splitserve"), ("splitserve-pt2-batched", "splitserve-batched")):
+            c = compare(cells, pt2, ts, n)
+            if c:
+                out.append({**c, "concurrency": n})
+    return out
+
+
 def compute_ratios(model_result: dict, concurrency: list) -> dict:
     cells = cells_by_key(model_result)
     at = RATIO_CONCURRENCY if RATIO_CONCURRENCY in concurrency else max(concurrency)
@@ -551,6 +580,8 @@ def compute_ratios(model_result: dict, concurrency: list) -> dict:
         "unbatched_vs_python": compare(cells, "splitserve", py, at),
         "batched_vs_python": compare(cells, "splitserve-batched", py, at),
         "unbatched_vs_ceiling": ceiling_ratio(cells, model_result["ceilings"], at),
+        # The .pt2 twin against the TorchScript model, at every client count.
+        "pt2_vs_torchscript": pt2_ratios(cells, concurrency),
         "threads": {"low_concurrency": low, "high_concurrency": high,
                     "servers": thread_flatness(model_result, low, high)},
     }  # fmt: skip
@@ -662,6 +693,9 @@ def ratio_lines(results: dict) -> list:
         py = label(r["best_python"])
         lines.append(comparison_row(name, f"unbatched vs best Python ({py})", r["unbatched_vs_python"]))
         lines.append(comparison_row(name, f"batched vs best Python ({py})", r["batched_vs_python"]))
+        for c in r.get("pt2_vs_torchscript", []):
+            mode = "batched" if c["server"].endswith("batched") else "unbatched"
+            lines.append(comparison_row(name, f".pt2 vs TorchScript, {mode}, {clients(c['concurrency'])}", c))
     lines += ["", "| Model | splitserve unbatched rps | Ceiling | Ceiling rps | Fraction of ceiling |",
               "|---|---:|---|---:|---:|"]  # fmt: skip
     for name, m in results["models"].items():
@@ -801,17 +835,20 @@ def run_model(model: Model, args, results: dict, out: Path, logdir: Path) -> Non
     m["ratios"] = compute_ratios(m, args.concurrency)
 
 
-def check_inputs(models: list) -> None:
+def check_inputs(models: list, servers: list) -> None:
     if not BIN.is_file():
         sys.exit(f"{display_path(BIN)} is missing: run `make build`")
+    pt2 = any(s.startswith("splitserve-pt2") for s in servers)
     for model in models:
         if not (ROOT / model.path).is_file():
             sys.exit(f"{model.path} is missing: run `make fixtures`")
+        if pt2 and not (ROOT / model.pt2_path).is_file():
+            sys.exit(f"{model.pt2_path} is missing: run `make bench-fixtures`")
 
 
 def run_all(args) -> dict:
     models = [MODELS[n] for n in args.models]
-    check_inputs(models)
+    check_inputs(models, args.servers)
     out = Path(args.out)
     results = {
         "schema": SCHEMA_VERSION,

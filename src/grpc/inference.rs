@@ -224,7 +224,8 @@ impl InferenceApi {
                     .collect(),
             });
         }
-        let sig = model.signature.clone().unwrap_or_default();
+        // Never empty: what is known, else forward's declaration (docs/inference-protocol.md).
+        let sig = &model.listed;
         let tensors = |list: &[crate::model::TensorSig], name: fn(usize) -> String| {
             list.iter()
                 .enumerate()
@@ -252,7 +253,7 @@ impl InferenceApi {
         if let Some(cfg) = &model.slot.config {
             return Ok((**cfg).clone());
         }
-        let sig = model.signature.clone().unwrap_or_default();
+        let sig = &model.listed;
         let (max_batch, batch_timeout) = (model.slot.max_batch, model.slot.batch_timeout);
         let dims = |shape: &[i64]| shape.iter().skip(1).copied().collect::<Vec<_>>();
         let gpu = model.device.starts_with("cuda");
@@ -351,7 +352,12 @@ impl InferenceApi {
                     name: model.clone(),
                     version: version.clone(),
                     last_inference: 0,
-                    inference_count: computed,
+                    // Triton's meaning: a batch of n counts n (nv_inference_count).
+                    inference_count: m
+                        .triton
+                        .inference_count
+                        .with_label_values(&[model, version])
+                        .get(),
                     execution_count: m.total(&m.forwards, &[("model", model)]),
                     inference_stats: Some(pb::InferStatistics {
                         success: Some(pb::StatisticDuration {

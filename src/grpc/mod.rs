@@ -196,11 +196,11 @@ pub fn finish<T>(
         }
         Status::from(e)
     });
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(s) => s.code(),
+    let (code, error) = match &result {
+        Ok(_) => (tonic::Code::Ok, None),
+        Err(s) => (s.code(), Some(s.message())),
     };
-    observe(metrics, protocol, model, method, arrival, code);
+    observe(metrics, protocol, model, method, arrival, code, error);
     result
 }
 
@@ -212,6 +212,7 @@ pub fn observe(
     method: &str,
     arrival: std::time::Instant,
     code: tonic::Code,
+    error: Option<&str>,
 ) {
     metrics
         .requests
@@ -225,18 +226,38 @@ pub fn observe(
     // Off unless --access-log (or RUST_LOG) turns this target on.
     if tracing::enabled!(target: "splitserve::access", tracing::Level::INFO) {
         let (bytes_in, bytes_out) = layers::payload();
-        tracing::info!(
-            target: "splitserve::access",
-            model,
-            protocol,
-            method,
-            code = code_name(code),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            bytes_in,
-            bytes_out,
-            trace_id = crate::telemetry::otel::trace_id(&tracing::Span::current()).unwrap_or_default(),
-            "request"
-        );
+        // Whole microseconds: 30.995, not 30.994999999999997.
+        let duration_ms = elapsed.as_micros() as f64 / 1e3;
+        let trace_id =
+            crate::telemetry::otel::trace_id(&tracing::Span::current()).unwrap_or_default();
+        match error {
+            None => tracing::info!(
+                target: "splitserve::access",
+                model,
+                protocol,
+                method,
+                code = code_name(code),
+                duration_ms,
+                bytes_in,
+                bytes_out,
+                trace_id,
+                "request"
+            ),
+            // The answer's message names what was wrong (the shape, the limit).
+            Some(error) => tracing::info!(
+                target: "splitserve::access",
+                model,
+                protocol,
+                method,
+                code = code_name(code),
+                duration_ms,
+                bytes_in,
+                bytes_out,
+                trace_id,
+                error = %crate::codec::clip(error),
+                "request"
+            ),
+        }
     }
 }
 

@@ -24,6 +24,9 @@ pub const PLATFORM: &str = "pytorch_libtorch";
 pub const BACKEND: &str = "pytorch";
 /// The model file in each version directory unless `default_model_filename` says otherwise.
 pub const DEFAULT_MODEL_FILENAME: &str = "model.pt";
+/// Triton's platform for AOTInductor packages, and their default file name.
+pub const PT2_PLATFORM: &str = crate::model::PT2_PLATFORM;
+pub const PT2_FILENAME: &str = "model.pt2";
 /// Largest config.pbtxt read, in bytes.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -59,7 +62,7 @@ pub mod keys {
 }
 
 /// Fields splitserve applies. A path covers everything below it.
-const APPLIED: [&str; 21] = [
+const APPLIED: [&str; 22] = [
     "name",
     "platform",
     "backend",
@@ -81,6 +84,7 @@ const APPLIED: [&str; 21] = [
     "instance_group.kind",
     "instance_group.gpus",
     "default_model_filename",
+    "model_warmup",
 ];
 
 /// Fields that are checked rather than applied: they either cannot work here
@@ -126,6 +130,11 @@ pub struct Settings {
     pub learning_rate: Option<f64>,
     /// Warm-up input shapes and dtypes, one per input.
     pub warmup: Option<Vec<(Vec<i64>, Kind)>>,
+    /// model_warmup's samples, run at load; a data file's path is relative to
+    /// the model directory's `warmup/` until the repository resolves it.
+    pub warmup_samples: Vec<crate::model::WarmupSample>,
+    /// model_warmup samples skipped, and why: for the load warning.
+    pub warmup_warnings: Vec<String>,
 }
 
 fn pool() -> Result<&'static DescriptorPool, String> {
@@ -386,19 +395,26 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             crate::codec::clip(&config.name)
         ));
     }
-    match (config.platform.as_str(), config.backend.as_str()) {
-        (PLATFORM | "", BACKEND | "") => {}
+    // An AOTInductor package: Triton's platform "torch_aoti", or the PyTorch
+    // backend with a .pt2 model file.
+    let pt2 = match (config.platform.as_str(), config.backend.as_str()) {
+        (PT2_PLATFORM, BACKEND | "") => true,
+        (PLATFORM | "", BACKEND | "") => config.default_model_filename.ends_with(".pt2"),
         (p, b) => {
             return Err(format!(
                 "platform {:?} / backend {:?}: splitserve runs TorchScript models \
-                 (platform \"{PLATFORM}\" or backend \"{BACKEND}\")",
+                 (platform \"{PLATFORM}\" or backend \"{BACKEND}\") and AOTInductor \
+                 packages (platform \"{PT2_PLATFORM}\")",
                 crate::codec::clip(p),
                 crate::codec::clip(b)
             ));
         }
-    }
-    config.platform = PLATFORM.into();
+    };
+    config.platform = if pt2 { PT2_PLATFORM } else { PLATFORM }.into();
     config.backend = BACKEND.into();
+    if pt2 && config.default_model_filename.is_empty() {
+        config.default_model_filename = PT2_FILENAME.into();
+    }
     match &config.scheduling_choice {
         Some(SchedulingChoice::SequenceBatching(_)) => {
             return Err("sequence_batching (stateful sequences) is not supported".into());
@@ -421,7 +437,8 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             config.max_batch_size
         ));
     }
-    if config.input.is_empty() {
+    // A package names its own inputs and outputs (its call spec) when the config does not.
+    if config.input.is_empty() && !pt2 {
         return Err("no input: list the model's inputs (name, data_type, dims)".into());
     }
     let mut names = BTreeSet::new();
@@ -550,6 +567,7 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
             .map_err(|e| format!("parameter {}: {e}", keys::ADAM_BETAS))?;
     }
     let learning_rate = number(keys::LEARNING_RATE)?;
+    let (warmup_samples, warmup_warnings) = model_warmup(config)?;
     let warmup: Option<Vec<(Vec<i64>, Kind)>> = match param(keys::WARMUP_SHAPE) {
         Some(text) => {
             let shapes = text
@@ -573,6 +591,14 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
                     .collect(),
             )
         }
+        // The first model_warmup sample's shapes, when there is one.
+        None if !warmup_samples.is_empty() => Some(
+            warmup_samples[0]
+                .inputs
+                .iter()
+                .map(|i| (i.shape.clone(), i.kind))
+                .collect(),
+        ),
         // The config's own dims, one row when batched, 1 for each -1.
         None => Some(
             config
@@ -611,7 +637,115 @@ pub fn check(config: &mut ModelConfig, dir_name: &str) -> Result<Settings, Strin
         optimizer,
         learning_rate,
         warmup,
+        warmup_samples,
+        warmup_warnings,
     })
+}
+
+/// Most forwards one model_warmup sample may ask for (`count`).
+pub const MAX_WARMUP_COUNT: u32 = 1000;
+
+/// model_warmup as Triton defines it: each sample gives every input (by
+/// name) its data_type, dims (without the batch dimension, which is
+/// `batch_size` rows when the model batches) and zero_data, random_data or
+/// input_data_file (a file in the model's `warmup/` directory). A sample that
+/// asks for what splitserve cannot make (TYPE_STRING, no data) is skipped with a
+/// warning; one that cannot fit the model is an error.
+fn model_warmup(
+    config: &ModelConfig,
+) -> Result<(Vec<crate::model::WarmupSample>, Vec<String>), String> {
+    use crate::model::{WarmupData, WarmupInput, WarmupSample};
+    use pb::model_warmup::input::InputDataType;
+    let (mut samples, mut warnings) = (Vec::new(), Vec::new());
+    'samples: for (n, w) in config.model_warmup.iter().enumerate() {
+        let shown = if w.name.is_empty() {
+            format!("#{n}")
+        } else {
+            crate::codec::clip(&w.name)
+        };
+        let err = |m: String| format!("model_warmup sample {shown:?}: {m}");
+        if let Some(name) = w
+            .inputs
+            .keys()
+            .find(|k| !config.input.iter().any(|i| &i.name == *k))
+        {
+            return Err(err(format!(
+                "no input is named {:?}",
+                crate::codec::clip(name)
+            )));
+        }
+        if w.count > MAX_WARMUP_COUNT {
+            return Err(err(format!(
+                "count {} is above {MAX_WARMUP_COUNT}",
+                w.count
+            )));
+        }
+        let rows = i64::from(w.batch_size.max(1));
+        let mut inputs = Vec::with_capacity(config.input.len());
+        for input in &config.input {
+            let Some(wi) = w.inputs.get(&input.name) else {
+                return Err(err(format!(
+                    "input {:?} has no data",
+                    crate::codec::clip(&input.name)
+                )));
+            };
+            let name = crate::codec::clip(&input.name);
+            let dtype = match DataType::try_from(wi.data_type) {
+                Ok(DataType::TypeInvalid) => DataType::try_from(input.data_type).ok(),
+                other => other.ok(),
+            };
+            let Some(kind) = dtype.and_then(kind_of) else {
+                warnings.push(format!(
+                    "model_warmup sample {shown:?}: input {name:?} has data_type {}, which                      splitserve cannot make; the sample is skipped",
+                    dtype.map_or("unknown", |d| d.as_str_name())
+                ));
+                continue 'samples;
+            };
+            let data = match &wi.input_data_type {
+                Some(InputDataType::ZeroData(_)) => WarmupData::Zero,
+                Some(InputDataType::RandomData(_)) => WarmupData::Random,
+                Some(InputDataType::InputDataFile(f)) => {
+                    if f.is_empty() || f.contains('/') || f.contains("..") {
+                        return Err(err(format!(
+                            "input {name:?}: input_data_file {:?} must be a file name in the                              model's warmup/ directory",
+                            crate::codec::clip(f)
+                        )));
+                    }
+                    WarmupData::File(f.into())
+                }
+                None => {
+                    warnings.push(format!(
+                        "model_warmup sample {shown:?}: input {name:?} sets none of zero_data,                          random_data, input_data_file; the sample is skipped"
+                    ));
+                    continue 'samples;
+                }
+            };
+            if wi.dims.iter().any(|&d| d < 1) {
+                return Err(err(format!(
+                    "input {name:?}: dims {:?} must all be > 0",
+                    wi.dims
+                )));
+            }
+            let mut shape = Vec::with_capacity(wi.dims.len() + 1);
+            if config.max_batch_size > 0 {
+                shape.push(rows);
+            }
+            shape.extend_from_slice(&wi.dims);
+            crate::model::check_warmup_shape(&shape).map_err(&err)?;
+            inputs.push(WarmupInput {
+                shape,
+                rows: if config.max_batch_size > 0 { rows } else { 1 },
+                kind,
+                data,
+            });
+        }
+        samples.push(WarmupSample {
+            name: shown.clone(),
+            inputs,
+            count: w.count.max(1),
+        });
+    }
+    Ok((samples, warnings))
 }
 
 fn input_kind(i: &pb::ModelInput) -> Kind {
@@ -897,5 +1031,80 @@ parameters: { key: "splitserve.warmup_shape" value: { string_value: "1000000x100
         let s = check(&mut p.config, "m").unwrap();
         assert_eq!((s.max_batch, s.instances, s.device), (1, None, None));
         assert_eq!(s.warmup, Some(vec![(vec![1, 1], Kind::Int64)]));
+    }
+
+    #[test]
+    fn model_warmup_samples_are_read_as_triton_defines_them() {
+        let base = r#"
+max_batch_size: 4
+input [ { name: "a" data_type: TYPE_FP32 dims: [ 3 ] }, { name: "b" data_type: TYPE_INT64 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
+"#;
+        let with = |warmup: &str| -> Result<Settings, String> {
+            let mut p = parse(&format!("{base}model_warmup [ {warmup} ]")).unwrap();
+            assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+            check(&mut p.config, "m")
+        };
+        let s = with(
+            r#"{ name: "w" batch_size: 2 count: 3
+                 inputs { key: "b" value: { data_type: TYPE_INT64 dims: [ 2 ] random_data: true } }
+                 inputs { key: "a" value: { data_type: TYPE_FP32 dims: [ 3 ] input_data_file: "a.bin" } } },
+               { name: "s"
+                 inputs { key: "a" value: { data_type: TYPE_STRING dims: [ 3 ] zero_data: true } }
+                 inputs { key: "b" value: { data_type: TYPE_INT64 dims: [ 2 ] zero_data: true } } }"#,
+        )
+        .unwrap();
+        let [w] = s.warmup_samples.as_slice() else {
+            panic!("{:?}", s.warmup_samples)
+        };
+        // In the config's input order, the batch first.
+        assert_eq!((w.name.as_str(), w.count), ("w", 3));
+        assert_eq!(w.inputs[0].shape, [2, 3]);
+        assert_eq!(
+            w.inputs[0].data,
+            crate::model::WarmupData::File("a.bin".into())
+        );
+        assert_eq!(
+            (w.inputs[1].kind, &w.inputs[1].data),
+            (Kind::Int64, &crate::model::WarmupData::Random)
+        );
+        assert_eq!(
+            s.warmup,
+            Some(vec![(vec![2, 3], Kind::Float), (vec![2, 2], Kind::Int64)])
+        );
+        assert!(
+            s.warmup_warnings.len() == 1
+                && s.warmup_warnings[0].contains("\"s\"")
+                && s.warmup_warnings[0].contains("TYPE_STRING"),
+            "{:?}",
+            s.warmup_warnings
+        );
+        for (bad, says) in [
+            (
+                r#"{ name: "x" inputs { key: "a" value: { dims: [ 3 ] zero_data: true } } }"#,
+                "input \"b\" has no data",
+            ),
+            (
+                r#"{ name: "x" inputs { key: "c" value: { dims: [ 3 ] zero_data: true } } }"#,
+                "no input is named \"c\"",
+            ),
+            (r#"{ name: "x" count: 5000 }"#, "count 5000 is above 1000"),
+            (
+                r#"{ name: "x" inputs { key: "a" value: { dims: [ 3 ] input_data_file: "../etc/passwd" } }
+                   inputs { key: "b" value: { dims: [ 2 ] zero_data: true } } }"#,
+                "must be a file name",
+            ),
+            (
+                r#"{ name: "x" inputs { key: "a" value: { dims: [ 1000000, 1000000 ] zero_data: true } }
+                   inputs { key: "b" value: { dims: [ 2 ] zero_data: true } } }"#,
+                "at most 268435456 elements",
+            ),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.contains(says) && e.contains("model_warmup sample \"x\""),
+                "{e}"
+            );
+        }
     }
 }

@@ -90,9 +90,14 @@ impl ModelDir {
         ModelSlot {
             spec: ModelSpec {
                 name: self.name.clone(),
-                source: ModelSource::TorchScript(v.file.clone()),
+                source: if self.config.platform == config::PT2_PLATFORM {
+                    ModelSource::Pt2(v.file.clone())
+                } else {
+                    ModelSource::TorchScript(v.file.clone())
+                },
                 warmup: (!shapes.is_empty()).then_some(shapes),
                 warmup_kinds: kinds,
+                warmup_samples: s.warmup_samples.clone(),
             },
             version: v.number,
             trainable: s.trainable,
@@ -148,7 +153,15 @@ pub fn read_model(root: &Path, name: &str) -> Result<ModelDir, String> {
         format!("config.pbtxt is not UTF-8 text: line {line}, column {column}")
     })?;
     let mut parsed = config::parse(&text)?;
-    let settings = config::check(&mut parsed.config, name)?;
+    let mut settings = config::check(&mut parsed.config, name)?;
+    // model_warmup's data files live in the model directory's warmup/.
+    for sample in &mut settings.warmup_samples {
+        for input in &mut sample.inputs {
+            if let crate::model::WarmupData::File(f) = &mut input.data {
+                *f = dir.join("warmup").join(&*f);
+            }
+        }
+    }
     let filename = if parsed.config.default_model_filename.is_empty() {
         config::DEFAULT_MODEL_FILENAME.to_string()
     } else {
@@ -162,6 +175,7 @@ pub fn read_model(root: &Path, name: &str) -> Result<ModelDir, String> {
     }
     let mut present = BTreeMap::new();
     let mut warnings = parsed.warnings;
+    warnings.extend(settings.warmup_warnings.iter().cloned());
     for entry in std::fs::read_dir(&dir).map_err(|e| format!("{name}: {e}"))? {
         let Ok(entry) = entry else { continue };
         let Some(number) = entry
@@ -808,6 +822,20 @@ impl Repository {
     }
 
     fn bump(&self) {
+        let failed = lock(&self.inner.models)
+            .values()
+            .filter(|m| {
+                m.error.is_some()
+                    || m.versions
+                        .values()
+                        .any(|(s, r)| *s == "UNAVAILABLE" && !r.starts_with("unloaded"))
+            })
+            .count();
+        self.inner
+            .engine
+            .metrics()
+            .repository_failed_models
+            .set(failed as i64);
         self.inner.changed.send_modify(|n| *n += 1);
     }
 

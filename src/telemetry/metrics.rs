@@ -115,6 +115,15 @@ pub struct Metrics {
     gpu_memory_total: GaugeVec,
     gpu_utilization: GaugeVec,
     gpu_process_memory: GaugeVec,
+    /// Triton's `nv_*` families, beside these (docs/observability.md).
+    pub triton: super::triton::TritonMetrics,
+    /// Rows computed (dimension 0 of each request's input, 1 for a scalar):
+    /// Triton's inference_count, which counts each row of a batch.
+    pub computed_rows: IntCounterVec,
+    /// Repository models whose newest load failed (unreadable directory or
+    /// config.pbtxt, a version that did not load): the alert's signal while the
+    /// pod stays Ready with what it already serves.
+    pub repository_failed_models: IntGauge,
 }
 
 /// Names of the protocols, as the `protocol` label spells them.
@@ -421,6 +430,18 @@ impl Metrics {
                 "splitserve_gpu_process_memory_bytes",
                 "GPU memory this process holds on the device.",
             )?,
+            triton: super::triton::TritonMetrics::new()?,
+            computed_rows: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_computed_rows_total",
+                    "Rows computed (dimension 0 of each request's input).",
+                ),
+                &["model"],
+            )?,
+            repository_failed_models: IntGauge::new(
+                "splitserve_repository_failed_models",
+                "Model repository models whose newest load failed.",
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -443,6 +464,8 @@ impl Metrics {
         r.register(Box::new(m.inflight.clone()))?;
         r.register(Box::new(m.rejected.clone()))?;
         r.register(Box::new(m.computed.clone()))?;
+        r.register(Box::new(m.computed_rows.clone()))?;
+        r.register(Box::new(m.repository_failed_models.clone()))?;
         r.register(Box::new(m.forwards.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
         r.register(Box::new(m.queue_capacity.clone()))?;
@@ -479,6 +502,7 @@ impl Metrics {
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        m.triton.register(r)?;
         Ok(Arc::new(m))
     }
 
@@ -511,7 +535,9 @@ impl Metrics {
                 periods,
             );
         }
-        self.record_gpus(&system::gpu_readings());
+        let gpus = system::gpu_readings();
+        self.triton.refresh_system(&gpus);
+        self.record_gpus(&gpus);
     }
 
     /// Sets the GPU gauges from NVML's readings; a field NVML could not read
@@ -646,6 +672,7 @@ mod tests {
         m.inflight.set(1);
         m.rejected.with_label_values(&["m", "r"]).inc();
         m.computed.with_label_values(&["m"]).inc();
+        m.computed_rows.with_label_values(&["m"]).inc();
         m.forwards.with_label_values(&["m"]).inc();
         m.queue_depth.with_label_values(&["m"]).set(1);
         m.queue_capacity.with_label_values(&["m"]).set(1);

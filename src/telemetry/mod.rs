@@ -5,6 +5,7 @@
 pub mod metrics;
 pub mod otel;
 pub mod system;
+pub mod triton;
 
 pub use metrics::Metrics;
 pub use system::{

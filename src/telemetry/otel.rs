@@ -3,7 +3,8 @@
 //! `traceparent` extraction that lets a caller's trace continue here.
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
@@ -67,6 +68,10 @@ pub enum TelemetryError {
 struct ExporterOnOwnRuntime {
     inner: opentelemetry_otlp::SpanExporter,
     runtime: tokio::runtime::Runtime,
+    endpoint: String,
+    /// When the last failed export was logged, and how many failed since: a
+    /// collector that is down or misnamed is one warning a minute, not silence.
+    failures: Mutex<(Option<Instant>, u64)>,
 }
 
 impl fmt::Debug for ExporterOnOwnRuntime {
@@ -82,6 +87,24 @@ impl SpanExporter for ExporterOnOwnRuntime {
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let result = self.runtime.block_on(self.inner.export(batch));
+        if let Err(e) = &result {
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            failures.1 += 1;
+            if failures
+                .0
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+            {
+                tracing::warn!(
+                    endpoint = %self.endpoint,
+                    failed_exports = failures.1,
+                    "exporting traces over OTLP/gRPC to {} failed: {e} (check --otlp-endpoint or \
+                     OTEL_EXPORTER_OTLP_ENDPOINT, and that the collector listens there); next \
+                     warning in a minute at the earliest",
+                    self.endpoint
+                );
+                *failures = (Some(Instant::now()), 0);
+            }
+        }
         std::future::ready(result)
     }
 
@@ -117,7 +140,12 @@ fn exporter(endpoint: &str) -> Result<ExporterOnOwnRuntime, TelemetryError> {
             .build()
             .map_err(|e| err(e.to_string()))?
     };
-    Ok(ExporterOnOwnRuntime { inner, runtime })
+    Ok(ExporterOnOwnRuntime {
+        inner,
+        runtime,
+        endpoint: endpoint.to_string(),
+        failures: Mutex::new((None, 0)),
+    })
 }
 
 /// The OTLP endpoint: the flag, else the standard OpenTelemetry variable.
@@ -179,6 +207,13 @@ pub fn init(
         .with(fmt_layer)
         .with(otel_layer)
         .try_init();
+    match otlp_endpoint {
+        Some(endpoint) => tracing::info!(
+            endpoint,
+            "traces: spans are exported over OTLP/gRPC to {endpoint}; failed exports are logged"
+        ),
+        None => tracing::debug!("traces: off (no --otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)"),
+    }
     Ok(TelemetryGuard { provider })
 }
 

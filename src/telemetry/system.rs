@@ -304,6 +304,11 @@ impl SnapshotCache {
     }
 }
 
+/// The UUID NVML gives GPU `index` ("GPU-..."), as Triton labels its GPU families.
+pub fn gpu_uuid(index: u32) -> Option<String> {
+    nvml()?.device_by_index(index).ok()?.uuid().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

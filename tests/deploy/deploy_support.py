@@ -56,6 +56,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "all-pvc": deep_merge(values_file("values-all.yaml"), {"modelSource": {"type": "pvc"}}),
     # Training runs one pod without HPA and PDB: every training setting.
     "training": values_file("values-training.yaml"),
+    # KEDA scales the Deployment instead of the HPA.
+    "keda": values_file("values-keda.yaml"),
     # A model repository and no config.models, once per source (each with another control mode).
     "repository-pvc": values_file("values-repository.yaml"),
     "repository-configmap": deep_merge(

@@ -79,6 +79,11 @@ class Reader:
             if not ok:
                 self.errors.append(f"{path}: expected {type_name}, got {type(data).__name__} {data!r}")
             return data
+        # A Kubernetes quantity ("8", "500m"), which the SDK names but does not define.
+        if type_name == "V1beta1MetricQuantity":
+            if not isinstance(data, (str, int, float)) or isinstance(data, bool):
+                self.errors.append(f"{path}: expected a quantity, got {type(data).__name__} {data!r}")
+            return data
         if type_name in ("date", "datetime"):
             return data if isinstance(data, (str, datetime.date)) else None
         return self.model(data, resolve(type_name), path)

@@ -53,6 +53,7 @@ CRD_KINDS = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
     "ServingRuntime": "serving.kserve.io/v1alpha1",
+    "ScaledObject": "keda.sh/v1alpha1",
 }
 ALL_SETS = sorted(VALUE_SETS)
 
@@ -215,7 +216,7 @@ def test_default_env_configures_the_server() -> None:
     assert env["SPLITSERVE_INTRA_OP_THREADS"] == "auto"
     assert env["SPLITSERVE_LOG_FORMAT"] == "json"
     assert env["SPLITSERVE_SHUTDOWN_GRACE"] == "30s"
-    assert "SPLITSERVE_OTLP_ENDPOINT" not in env
+    assert "SPLITSERVE_OTLP_ENDPOINT" not in env and "SPLITSERVE_ACCESS_LOG" not in env
     # Inference: connections are aged out, so clients reconnect and spread over new pods.
     assert env["SPLITSERVE_MAX_CONNECTION_AGE"] == "5m"
     assert env["SPLITSERVE_MAX_CONNECTION_AGE_GRACE"] == "30s"
@@ -242,6 +243,7 @@ def test_all_options_env() -> None:
     assert value["SPLITSERVE_MAX_MESSAGE_BYTES"] == "104857600"
     assert value["SPLITSERVE_WORKERS"] == "2"
     assert value["SPLITSERVE_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert value["SPLITSERVE_ACCESS_LOG"] == "true"  # config.accessLog (docs/runbooks.md, `invalid`)
     assert value["RUST_LOG"] == "info,splitserve=debug"
     assert "fieldRef" in env["OTEL_SERVICE_NAME"]["valueFrom"]
     # extraEnv replaces the chart's own value instead of duplicating it.
@@ -684,6 +686,24 @@ def test_notes_show_how_to_reach_both_ports(key: str) -> None:
         assert 'authorization: Bearer $TOKEN' in health
 
 
+def test_notes_say_what_keeps_prometheus_from_scraping(chart) -> None:
+    """The defaults a Prometheus elsewhere trips on are named with their fix."""
+    values = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+    notes = chart.render(values, name="splitserve", namespace="ml")["splitserve/templates/NOTES.txt"]
+    assert "a Prometheus in another namespace cannot scrape them, and SplitserveTargetDown fires" in notes
+    assert "serviceMonitorSelector matches serviceMonitor.labels (now {}" in notes
+    assert "scrapes them every" not in notes  # a promise nobody can keep without a matching Prometheus
+    assert "prometheusRule.runbookUrl to where docs/runbooks.md is served" in notes
+    values = {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        "prometheusRule": {"enabled": True, "runbookUrl": "https://git.example.com/splitserve/docs/runbooks.md"},
+        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+    }
+    notes = chart.render(values, name="splitserve", namespace="ml")["splitserve/templates/NOTES.txt"]
+    assert "another namespace" not in notes and "runbookUrl to where" not in notes
+    assert '(now {"release":"kps"})' in notes
+
+
 def test_pdb_selects_the_server_pods() -> None:
     for key in ("default", "all"):
         objs = objects(key)
@@ -944,8 +964,7 @@ def test_kserve_runtime_never_trains(chart) -> None:
         ({"training": {"enabled": True, "models": ["mlp"], "checkpointKeep": 0}}, "/training/checkpointKeep"),
         ({"training": {"checkpoints": {"claimName": "x"}}}, "claimName"),
         ({"training": {"checkpoints": {"accessModes": ["ReadOnlyMany"]}}}, "/training/checkpoints/accessModes/0"),
-        # One pod when training: neither more replicas nor an autoscaler.
-        ({"training": {"enabled": True, "models": ["mlp"]}, "replicaCount": 2}, "/replicaCount"),
+        # One pod when training: no autoscaler (more replicas: the templates say why).
         (
             {"training": {"enabled": True, "models": ["mlp"]}, "hpa": {"enabled": True}},
             "/hpa/enabled",
@@ -993,6 +1012,11 @@ def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str
         ({"hpa": {"enabled": True, "cpu": {"enabled": False}}}, "hpa.cpu.enabled or hpa.queueDepth.enabled"),
         ({"pdb": {"minAvailable": 1}}, "exactly one of maxUnavailable and minAvailable"),
         ({"training": {"enabled": True, "models": ["mlp", "top"]}}, 'training.models names model "top"'),
+        # The schema would only say "maximum: got 2, want 1"; the template says why.
+        (
+            {"training": {"enabled": True, "models": ["mlp"]}, "replicaCount": 2},
+            "training.enabled runs exactly one pod (a backward must reach the pod that holds its forward",
+        ),
         (
             {"training": {"enabled": True, "models": ["mlp"], "learningRate": {"top": 0.1}}},
             'training.learningRate names model "top", which training.models does not list',

@@ -97,3 +97,51 @@ def test_dockerignore_keeps_build_outputs_out() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {"target", ".venv", ".venv-kserve", ".git"} <= patterns
+
+
+STAGE_LIBS = ROOT / "scripts" / "image" / "stage-libs.sh"
+
+
+def _torch_site() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        pytest.fail("torch is missing from the venv: run make setup")
+    return Path(spec.origin).resolve().parent.parent
+
+
+def test_cpu_staging_takes_only_what_libtorch_cpu_loads(tmp_path: Path) -> None:
+    """The CPU image's libraries (scripts/image/stage-libs.sh) for what the
+    CPU-only binary needs, libtorch_cpu and libc10: their dependencies, found
+    where the wheel keeps them, at the same paths; of the wheel's nvidia/ only
+    what libtorch_cpu names, and nothing of libtorch_cuda."""
+    site = _torch_site()
+    torch_lib = site / "torch" / "lib"
+    staging = tmp_path / "staging"
+    r = subprocess.run(["bash", str(STAGE_LIBS), str(torch_lib / "libtorch_cpu.so"), str(site), str(staging), "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    staged = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+    names = {p.name for p in staged}
+    assert {"libc10.so", "libgomp.so.1"} <= names, names
+    assert not any("cuda" in n and "cudart" not in n for n in names), names
+    if (torch_lib / "libtorch_cuda.so").exists():  # PyPI's CUDA wheel
+        nvidia = {p.name.split(".so")[0] for p in staged if "nvidia" in p.parts}
+        assert nvidia == {"libcudart", "libcupti"}, nvidia
+        assert sum((staging / p).stat().st_size for p in staged) < 50 * 2**20, "more than libtorch_cpu's needs"
+    for p in staged:
+        assert (Path("/") / p).exists(), f"{p} is not at the path the loader looks for"
+
+
+def test_cpu_staging_refuses_a_binary_that_needs_libtorch_cuda(tmp_path: Path) -> None:
+    site = _torch_site()
+    torch_lib = site / "torch" / "lib"
+    if not (torch_lib / "libtorch_cuda.so").exists():
+        pytest.skip("a CPU-only torch wheel: nothing links libtorch_cuda")
+    # libtorch_cuda_linalg names libtorch_cuda, as a binary built without
+    # SPLITSERVE_LINK_CUDA=0 does.
+    needy = torch_lib / "libtorch_cuda_linalg.so"
+    r = subprocess.run(["bash", str(STAGE_LIBS), str(needy), str(site), str(tmp_path / "s"), "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "SPLITSERVE_LINK_CUDA=0" in r.stderr, r.stderr

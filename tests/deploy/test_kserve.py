@@ -242,6 +242,7 @@ def test_kustomization_applies_only_the_runtime() -> None:
     (got,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
     assert got == _load("servingruntime.yaml")
     assert sorted(p.name for p in KSERVE_DIR.iterdir()) == [
+        "inferenceservice-keda.yaml",
         "inferenceservice.yaml",
         "kustomization.yaml",
         "servingruntime.yaml",
@@ -319,3 +320,35 @@ def test_docs_describe_the_runtime() -> None:
     for needle in ("deploy/kserve", "kserve.servingRuntime.enabled", "/mnt/models/model.pt", "8080", "8081", "grpc-v2"):
         assert needle in doc, needle
     assert "docs/kserve.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_keda_example_is_a_kserve_sdk_inference_service_scaled_on_queue_depth() -> None:
+    """deploy/kserve/inferenceservice-keda.yaml: KServe's KEDA autoscaler class in
+    Standard mode, a Prometheus metric on the queue depth, every field one the
+    SDK knows, and otherwise the plain example."""
+    isvc = _load("inferenceservice-keda.yaml")
+    answer = _typed(
+        isvc,
+        "spec.predictor.min_replicas",
+        "spec.predictor.max_replicas",
+        "spec.predictor.auto_scaling.metrics[0].type",
+        "spec.predictor.auto_scaling.metrics[0].external.metric.backend",
+        "spec.predictor.auto_scaling.metrics[0].external.metric.query",
+        "spec.predictor.auto_scaling.metrics[0].external.target.type",
+    )
+    assert answer["class"] == "V1beta1InferenceService"
+    got = answer["get"]
+    assert isvc["metadata"]["annotations"] == {
+        "serving.kserve.io/deploymentMode": "RawDeployment",
+        "serving.kserve.io/autoscalerClass": "keda",
+    }
+    assert (got["spec.predictor.min_replicas"], got["spec.predictor.max_replicas"]) == (1, 10)
+    assert got["spec.predictor.auto_scaling.metrics[0].type"] == "External"
+    assert got["spec.predictor.auto_scaling.metrics[0].external.metric.backend"] == "prometheus"
+    assert "nv_inference_pending_request_count" in got["spec.predictor.auto_scaling.metrics[0].external.metric.query"]
+    assert got["spec.predictor.auto_scaling.metrics[0].external.target.type"] == "AverageValue"
+    plain = _load("inferenceservice.yaml")
+    assert isvc["spec"]["predictor"]["model"] == plain["spec"]["predictor"]["model"]
+    # The runtime is scraped where the query looks.
+    annotations = _load("servingruntime.yaml")["spec"]["annotations"]
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"

@@ -30,6 +30,7 @@ EXPECTED_ALERTS = {
     "SplitserveTargetDown",
     "SplitservePodsNotReady",
     "SplitserveWorkerStalled",
+    "SplitserveRepositoryLoadFailed",
     "SplitserveThreadsAboveCpuBudget",
     "SplitserveCpuThrottled",
 }

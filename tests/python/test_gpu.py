@@ -177,6 +177,22 @@ def test_a_repository_model_runs_where_its_instance_group_says(tmp_path, server_
     assert s.terminate() == 0
 
 
+@needs_cuda
+def test_triton_gpu_families_are_labelled_by_gpu_uuid(cuda_server):
+    """Triton's GPU families (nv_gpu_*), one series per GPU labelled as Triton
+    labels them, carrying the same NVML readings as splitserve's own."""
+    import re
+    text = cuda_server.metrics()
+    uuids = re.findall(r'^nv_gpu_memory_total_bytes\{gpu_uuid="(GPU-[0-9a-fA-F-]+)"\} ', text, re.M)
+    assert len(uuids) == torch.cuda.device_count(), text[-3000:]
+    for family in ("nv_gpu_utilization", "nv_gpu_memory_used_bytes"):
+        assert all(metric_value(text, family, gpu_uuid=u) is not None for u in uuids), family
+    totals = sorted(metric_value(text, "nv_gpu_memory_total_bytes", gpu_uuid=u) for u in uuids)
+    ours = sorted(metric_value(text, "splitserve_gpu_memory_total_bytes", device=f"cuda:{i}")
+                  for i in range(len(uuids)))
+    assert totals == ours
+
+
 def _answers(pb, server, requests):
     """Compute's answers to `requests` (model, tensor), all in flight at once so
     that a batching server batches them."""

@@ -23,8 +23,9 @@ def test_bench_names_each_error_and_fails_when_requests_fail(pb, server_factory)
     r = run("bench", "--addr", s.addr, "--duration", "500ms", "--warmup", "0s",
             "--concurrency", "2", "--shape", "1x100")
     assert r.returncode != 0, r.stdout
+    assert "2 clients on 2 connections" in r.stdout, r.stdout  # never more connections than clients
     assert "100.0% of requests failed" in r.stdout
-    assert "shapes cannot be multiplied" in r.stdout, r.stdout
+    assert "expects [-1, 512]" in r.stdout, r.stdout
     assert "--max-error-rate" in r.stderr
     # Tolerated failures: exit 0 again.
     r = run("bench", "--addr", s.addr, "--duration", "300ms", "--warmup", "0s",
@@ -62,13 +63,23 @@ def test_text_logs_carry_no_escape_codes_into_a_pipe_and_the_access_log_has_each
     pb2, pb2_grpc = pb
     stub = pb2_grpc.ComputeServiceStub(s.channel())
     stub.Compute(pb2.ComputeRequest(data=b"\0" * 2048, shape=[1, 512]), timeout=30)
+    # A rejected request's line says why, with the shape it sent (runbooks.md, `invalid`).
+    try:
+        stub.Compute(pb2.ComputeRequest(data=b"\0" * 400, shape=[1, 100]), timeout=30)
+    except Exception:
+        pass
     assert s.terminate() == 0
     log = s.output()
     assert "\x1b[" not in log
     lines = [l for l in log.splitlines() if "splitserve::access" in l and 'method="Compute"' in l]
-    assert lines, log[-2000:]
-    assert 'code="OK"' in lines[-1] and "bytes_in=2048" in lines[-1] and "bytes_out=2048" in lines[-1]
-    assert 'model="mlp"' in lines[-1] and "duration_ms=" in lines[-1]
+    assert len(lines) == 2, log[-2000:]
+    assert 'code="OK"' in lines[0] and "bytes_in=2048" in lines[0] and "bytes_out=2048" in lines[0]
+    assert 'model="mlp"' in lines[0] and "duration_ms=" in lines[0] and "error=" not in lines[0]
+    assert 'code="INVALID_ARGUMENT"' in lines[1] and "error=" in lines[1] and "[1, 100]" in lines[1], lines[1]
+    # Durations in whole microseconds, no float noise (0.030994999999999998).
+    for line in lines:
+        duration = line.split("duration_ms=")[1].split()[0]
+        assert len(duration.partition(".")[2]) <= 3, line
 
 
 def test_a_file_that_is_not_torchscript_says_how_to_fix_it(tmp_path):
@@ -97,3 +108,14 @@ def test_dashboards_find_model_info_payload_sizes_and_training_by_model(pb, serv
     assert 'splitserve_request_bytes_count{encoding="float32",protocol="splitlearn"}' in text
     assert 'splitserve_training_events_total{event="backward",model="top"} 1' in text
     assert s.terminate() == 0
+
+
+def test_a_failed_warm_up_names_the_file_once():
+    """The operator's error: the model's path (not its digest), printed once."""
+    top = fixture_path("top.pt")
+    r = run("serve", "--model", f"top={top}", "--warmup-shape", "top=1x5", "--grpc-addr", "127.0.0.1:0",
+            "--metrics-addr", "off", "--http-addr", "off")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "warm-up forward" in line]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert str(top) in errors[0] and "sha256" not in errors[0], errors[0]

@@ -113,3 +113,18 @@ def test_no_endpoint_exports_nothing(pb, server_factory, receivers):
     traced_call(pb, s)
     assert s.terminate() == 0
     assert receiver.spans == []
+
+
+def test_a_wrong_endpoint_is_named_at_start_and_when_exports_fail(pb, server_factory):
+    """A collector that is not there: the start-up line names the endpoint, and the
+    first failed export says so (the server keeps serving)."""
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    s = server_factory("--model", "k=builtin:scale:2", "--otlp-endpoint", endpoint,
+                       env=env_without_otlp(OTEL_BSP_SCHEDULE_DELAY="100"))
+    s.wait_ok(pb)
+    assert endpoint in s.wait_log("traces: spans are exported over OTLP/gRPC")
+    traced_call(pb, s)
+    line = s.wait_log("exporting traces over OTLP/gRPC")
+    assert endpoint in line and "failed" in line, line
+    traced_call(pb, s)
+    assert s.terminate() == 0

@@ -319,6 +319,8 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
     assert broken[0] == "UNAVAILABLE" and "line 3, column 11" in broken[1], broken
     assert "unknown field" in broken[1] and "nme" not in broken[1], broken
     assert states[("onnx", "")][0] == "UNAVAILABLE" and "onnxruntime_onnx" in states[("onnx", "")][1]
+    # The pod stays Ready with "good": a gauge tells the alert two models failed.
+    assert s.metric("splitserve_repository_failed_models") == 2
     # A request for the failed model says why.
     with pytest.raises(InferenceServerException, match="failed to load"):
         grpc_infer(g, "onnx", [np.ones((1, 2), np.float32)])

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import fixture_path, wait_until
+from conftest import CLIENT, fixture_path, probe, wait_until
 
 SERVICE = "splitlearn.comm.ComputeService"
 RELOAD = ("--credentials-reload-interval", "200ms")
@@ -305,6 +305,7 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
         stub = pb2_grpc.ComputeServiceStub(s.channel(credentials=credentials))
         return outcome(lambda: stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT))
 
+    began = time.monotonic()
     for who, creds in (
         ("no client certificate", tls(pki)),
         ("a certificate from another CA", tls(pki, pki.foreign_client)),
@@ -313,9 +314,29 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pb, server_factory, pk
         code, details = compute(creds)
         assert code == grpc.StatusCode.UNAVAILABLE, f"{who}: {code} {details}"
 
+    # The operator learns why from the log, once per 10 s however many clients fail.
+    first = s.wait_log("TLS handshake failed:")
+    assert "no certificates" in first and "X.509 v3" in first, first
+    failures = metric_sum(s.metrics(), "splitserve_tls_handshake_failures_total")
+    warned = s.log_so_far().count("TLS handshake failed:")
+    # Three clients failed (grpcio may retry each): one warning per 10 s, not one each.
+    allowed = 1 + int((time.monotonic() - began) / 10)
+    assert failures >= 3 and 1 <= warned <= allowed, f"{warned} warnings for {failures} failed handshakes"
+
     code, reply = compute(tls(pki, pki.client))
     assert code == grpc.StatusCode.OK, reply
     assert np.array_equal(decode(reply.data, reply.shape), x * 2)
+
+    # The exec probe / HEALTHCHECK: plaintext says what to pass; with the CA and a
+    # client certificate (and the name the certificate carries) it answers SERVING.
+    client_crt, client_key = pki.client.write(pki.dir, "probe-client")
+    r = probe(CLIENT, s.addr)
+    assert r.returncode == 1 and "--tls-ca" in r.stderr, r.stderr
+    r = probe(CLIENT, f"localhost:{s.port}", "--tls-ca", str(pki.ca_path))
+    assert r.returncode == 1, r  # mTLS: no client certificate
+    r = probe(CLIENT, s.addr, "--tls-ca", str(pki.ca_path), "--tls-server-name", "localhost",
+              "--tls-cert", str(client_crt), "--tls-key", str(client_key))
+    assert r.returncode == 0 and r.stdout.strip().endswith("SERVING"), r
 
 
 # --- rotation -----------------------------------------------------------------
@@ -551,6 +572,8 @@ def test_parameters_change_only_on_models_opted_in_with_trainable(pb, server_fac
 def test_trainable_model_rejects_steps_that_would_break_it(pb, server_factory):
     pb2, _ = pb
     s, stub = start_mlp(pb, server_factory, "--trainable", "m", "--max-learning-rate", "10")
+    # No --learning-rate: unchanged clients' backwards would never step; the start says so.
+    assert "--learning-rate m=F" in s.wait_log("is trainable but has no --learning-rate")
     before = inference(stub, pb2)
     x = np.ones((2, 4))
 

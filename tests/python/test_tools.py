@@ -82,6 +82,8 @@ def test_probe_exit_codes(pb, server_factory):
     assert s.terminate() == 0
     r = run("probe", "--addr", s.addr, "--timeout", "500ms")
     assert r.returncode == 1 and "cannot connect" in r.stderr
+    # The cause, not only "transport error".
+    assert "Connection refused" in r.stderr and "is the server running" in r.stderr, r.stderr
 
 
 def test_diagnose_measures_plans_and_recommends_one_within_budget():

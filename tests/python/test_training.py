@@ -275,3 +275,18 @@ def test_kv_cache_decodes_token_by_token_like_the_full_sequence(pb, server_facto
     for (k, v), (fk, fv) in zip(past, full_present):
         torch.testing.assert_close(k, fk, **TOL)
         torch.testing.assert_close(v, fv, **TOL)
+
+
+def test_the_example_copied_elsewhere_names_the_proto_it_looked_for(tmp_path):
+    """Outside the checkout there is no ../proto: the example says where it looked
+    and how to point it at one (or at splitlearn_comm's own stubs)."""
+    import shutil
+    import subprocess
+
+    copy = tmp_path / "split_training.py"
+    shutil.copy(ROOT / "examples" / "split_training.py", copy)
+    r = subprocess.run([sys.executable, str(copy), "--addr", "127.0.0.1:1", "--steps", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert str(tmp_path.parent / "proto" / "splitlearn" / "comm" / "compute_service.proto") in r.stderr, r.stderr
+    assert "--proto DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr

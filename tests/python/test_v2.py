@@ -230,8 +230,15 @@ def test_default_mlp_metadata_and_config(default_server):
         x = tgrpc.InferInput("INPUT__0", [1, 512], "FP32")
         x.set_data_from_numpy(np.zeros((1, 512), dtype=np.float32))
         g.infer("mlp", [x])
+        before = g.get_inference_statistics("mlp").model_stats[0]
+        assert before.inference_count >= 1 and before.execution_count >= 1
+        # A request of 3 rows is 3 inferences and one execution, as Triton counts.
+        x3 = tgrpc.InferInput("INPUT__0", [3, 512], "FP32")
+        x3.set_data_from_numpy(np.zeros((3, 512), dtype=np.float32))
+        g.infer("mlp", [x3])
         st = g.get_inference_statistics("mlp").model_stats[0]
-        assert st.inference_count >= 1 and st.execution_count >= 1
+        assert st.inference_count - before.inference_count == 3, st
+        assert st.execution_count - before.execution_count == 1, st
         i = st.inference_stats
         assert i.compute_infer.count >= 1
         assert i.compute_input.count == i.compute_infer.count == i.compute_output.count

@@ -152,6 +152,21 @@ groups:
             have been busy on a single job for longer than the stall timeout.
           runbook_url: {{ printf "%s#splitserveworkerstalled" $runbook }}
 
+      - alert: SplitserveRepositoryLoadFailed
+        # A model of the repository whose newest load failed: the pod stays Ready
+        # with what it already serves, so neither probes nor PodsNotReady see it.
+        expr: max by (namespace, pod) (splitserve_repository_failed_models) > 0
+        for: 5m
+        labels:
+          severity: warning
+        annotations:
+          summary: splitserve cannot load {{`{{ $value }}`}} model(s) of its repository in {{`{{ $labels.namespace }}/{{ $labels.pod }}`}}
+          description: >-
+            Pod {{`{{ $labels.namespace }}/{{ $labels.pod }}`}} has failed to load the newest
+            version of {{`{{ $value }}`}} repository model(s) for 5 minutes; requests for them
+            fail or reach an older version.
+          runbook_url: {{ printf "%s#splitserverepositoryloadfailed" $runbook }}
+
   - name: splitserve-cpu
     rules:
       - alert: SplitserveThreadsAboveCpuBudget

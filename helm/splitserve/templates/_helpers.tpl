@@ -340,6 +340,9 @@ Both of the above: (dict "root" $ "kserve" bool).
 {{- if $c.otlpEndpoint }}
 {{- $env = append $env (dict "name" "SPLITSERVE_OTLP_ENDPOINT" "value" $c.otlpEndpoint) }}
 {{- end }}
+{{- if $c.accessLog }}
+{{- $env = append $env (dict "name" "SPLITSERVE_ACCESS_LOG" "value" "true") }}
+{{- end }}
 {{- $t := $root.Values.training }}
 {{- /* KServe's predictors never train: the inference default applies to them. */}}
 {{- $age := include "splitserve.maxConnectionAge" (dict "root" $root "training" (and $t.enabled (not $kserve))) }}
