@@ -144,10 +144,12 @@ ENV SPLITSERVE_DEVICE=cpu
 
 FROM runtime-base AS runtime-cuda
 # Read by the NVIDIA container runtime; Kubernetes' device plugin narrows
-# NVIDIA_VISIBLE_DEVICES to the GPUs it allocates.
+# NVIDIA_VISIBLE_DEVICES to the GPUs it allocates. SPLITSERVE_DEVICE=cuda: a
+# pod that cannot start CUDA (no NVIDIA runtime, a driver older than CUDA 13
+# needs) exits at start saying why, rather than serving on its CPU.
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    SPLITSERVE_DEVICE=auto
+    SPLITSERVE_DEVICE=cuda
 
 # The image that `docker build` produces: runtime-cpu or runtime-cuda (a stage
 # of this file, not an image to pin).

@@ -16,7 +16,7 @@ export CARGO_INCREMENTAL ?= 0
 endif
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all setup tools build run test test-rust test-rust-build test-python test-deploy fixtures bench-fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test mutants
+.PHONY: all setup tools build run gpu-check test test-rust test-rust-build test-python test-deploy fixtures bench-fixtures bench bench-v2 bench-llm bench-setup reliability fmt lint clean image image-test mutants
 
 all: build
 
@@ -61,6 +61,11 @@ test-rust-build: build
 
 test-rust: build fixtures test-rust-build
 	cargo test --release -- --test-threads 2
+
+## On a machine with an NVIDIA GPU: every GPU test (a missing GPU fails them), CUDA vs CPU
+## answers, GPU metrics, a real out of memory and device-side assert, CPU vs CUDA benchmark.
+gpu-check: build fixtures
+	bash scripts/gpu-check.sh
 
 ## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators,
 ## the KServe SDK (in .venv-kserve: it pins protobuf<7).

@@ -77,6 +77,40 @@ class BatchProbe(nn.Module):
         return torch.cat([zero + self.forwards.to(x.dtype), zero + rows], dim=1)
 
 
+class DeviceFault(nn.Module):
+    """Raises libtorch's texts for device failures so that CPU tests see what a
+    GPU raises, chosen by the first input value: 1 CUDA out of memory, 2 a
+    cuBLAS failure, 3 a device-side assert (which poisons a CUDA context).
+    On a GPU (make gpu-check) the real ones: 4 allocates 1 TiB on the input's
+    device, 5 looks up an embedding row past the table's end (on CUDA a
+    device-side assert). Anything else: x * 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x.reshape(-1)[0]
+        if bool(first == 1.0):
+            raise RuntimeError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                "capacity of 79.19 GiB of which 1.06 GiB is free."
+            )
+        if bool(first == 2.0):
+            raise RuntimeError(
+                "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, "
+                "opa, opb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc)`"
+            )
+        if bool(first == 3.0):
+            raise RuntimeError(
+                "CUDA error: device-side assert triggered\nCUDA kernel errors might be "
+                "asynchronously reported at some other API call, so the stacktrace below "
+                "might be incorrect."
+            )
+        if bool(first == 4.0):
+            return x + torch.empty(1 << 40, dtype=torch.uint8, device=x.device)[:1].zero_()
+        if bool(first == 5.0):
+            ids = torch.full([1], 1000, dtype=torch.long, device=x.device)
+            return x + torch.nn.functional.embedding(ids, torch.zeros(10, 1, device=x.device)).sum()
+        return x * 2.0
+
+
 class CausalAttention(nn.Module):
     """One causal self-attention layer that extends a (key, value) cache."""
 
@@ -158,6 +192,7 @@ def main() -> None:
         "attn_kv.pt": CausalBlockKV(),
         # Added last: the models above keep their seeded weights.
         "batch_probe.pt": BatchProbe(),
+        "device_fault.pt": DeviceFault(),
     }
     for name, module in models.items():
         module.eval()

@@ -152,19 +152,20 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn livez(State(s): State<AdminState>) -> Response {
-    match s.engine.stalled_workers(s.stall_timeout) {
-        0 => (StatusCode::OK, "ok\n").into_response(),
-        n => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{n} worker(s) stalled past --stall-timeout\n"),
-        )
-            .into_response(),
+    match s.engine.not_live(s.stall_timeout) {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
     let status = s.engine.status().borrow().clone();
     match status {
+        EngineStatus::Ready if s.engine.device_lost() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the device failed; waiting for a restart\n".to_string(),
+        )
+            .into_response(),
         EngineStatus::Ready if *s.ready.borrow() => {
             (StatusCode::OK, "ready\n".to_string()).into_response()
         }

@@ -574,6 +574,7 @@ impl ServeArgs {
             intra_op_threads: self.intra_op_threads,
             inter_op_threads: self.inter_op_threads,
             allow_oversubscription: self.allow_oversubscription,
+            cuda: matches!(self.device, DeviceRequest::Cuda(_)),
         }
     }
 

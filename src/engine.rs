@@ -82,6 +82,10 @@ pub enum EngineError {
     Training(TrainingError),
     #[error("{0}")]
     Internal(String),
+    /// A fatal device error (a poisoned CUDA context) earlier: nothing more
+    /// can run in this process, which reports itself not live.
+    #[error("the device failed ({0}); this server must restart, retry on another replica")]
+    DeviceLost(String),
 }
 
 impl From<TrainingError> for EngineError {
@@ -481,6 +485,9 @@ struct Shared {
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
     exited_workers: AtomicUsize,
+    /// Set once by the first fatal device error (a poisoned CUDA context): new
+    /// work is refused and liveness fails, so the orchestrator restarts the process.
+    device_lost: OnceLock<String>,
     /// Stored activations and optimizer state; touched by workers only, except
     /// for the plain-Rust lookups and counters io threads read.
     training: Training,
@@ -521,6 +528,7 @@ impl Engine {
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             exited_workers: AtomicUsize::new(0),
+            device_lost: OnceLock::new(),
             training,
         });
         let loader_shared = shared.clone();
@@ -655,6 +663,29 @@ impl Engine {
                 (n, depth)
             })
             .collect()
+    }
+
+    /// Why the process is not live: a worker stuck on one job past `stall_limit`,
+    /// or a fatal device error. What `/livez` and the `liveness` health service report.
+    pub fn not_live(&self, stall_limit: Duration) -> Option<String> {
+        if let Some(m) = self.shared.device_lost.get() {
+            return Some(format!("the device failed: {m}"));
+        }
+        match self.stalled_workers(stall_limit) {
+            0 => None,
+            n => Some(format!("{n} worker(s) stalled past --stall-timeout")),
+        }
+    }
+
+    /// Whether a fatal device error happened: the process must restart.
+    pub fn device_lost(&self) -> bool {
+        self.shared.device_lost.get().is_some()
+    }
+
+    /// Marks the device lost (the first reason stays); see [`Engine::not_live`].
+    /// Called by the workers on a fatal device error; public for fault-injection tests.
+    pub fn mark_device_lost(&self, reason: &str) {
+        mark_device_lost(&self.shared, reason);
     }
 
     /// Requests waiting per model version: (name, version, depth).
@@ -793,6 +824,9 @@ impl Engine {
         deadline: Option<Instant>,
         step: Option<Step>,
     ) -> Result<Output, EngineError> {
+        if let Some(m) = self.shared.device_lost.get() {
+            return Err(EngineError::DeviceLost(m.clone()));
+        }
         match &*self.shared.status.borrow() {
             EngineStatus::Ready => {}
             EngineStatus::Loading => return Err(EngineError::Loading),
@@ -1596,17 +1630,22 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
     let results = match computed {
         Ok(r) => r,
         Err(panic) => {
-            let msg = model::panic_message(panic.as_ref());
+            let e = model::run_error(&model.name, &model::panic_text(panic.as_ref()), false);
             jobs.iter()
-                .map(|_| {
-                    Err(EngineError::Model(ModelError::Internal {
-                        model: model.name.clone(),
-                        message: msg.clone(),
-                    }))
-                })
+                .map(|_| Err(EngineError::Model(e.clone())))
                 .collect()
         }
     };
+    for r in &results {
+        if let Err(EngineError::Model(ModelError::DeviceFailed {
+            message,
+            fatal: true,
+            ..
+        })) = r
+        {
+            mark_device_lost(shared, message);
+        }
+    }
     let batch_size = jobs.len();
     m.forwards.inc();
     m.triton.executions.inc();
@@ -1662,6 +1701,16 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
                     present_key_values,
                 })
             }));
+    }
+}
+
+fn mark_device_lost(shared: &Shared, reason: &str) {
+    if shared.device_lost.set(reason.to_string()).is_ok() {
+        tracing::error!(
+            reason,
+            "fatal device error: the CUDA context is unusable; refusing new work, \
+             liveness NOT_SERVING so that the orchestrator restarts the process"
+        );
     }
 }
 

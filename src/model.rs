@@ -226,6 +226,98 @@ pub enum ModelError {
     /// The model misbehaved on valid input: the operator's to fix.
     #[error("model {model:?} failed: {message}")]
     Internal { model: String, message: String },
+    /// The device (or host) ran out of memory for this forward: retryable,
+    /// perhaps with a smaller batch or on a less busy replica.
+    #[error("model {model:?} ran out of memory: {message}")]
+    OutOfMemory { model: String, message: String },
+    /// CUDA, cuBLAS or cuDNN failed: the operator's to fix. `fatal`: the error
+    /// poisons the process's CUDA context (a device-side assert, an illegal
+    /// address, ...), so every later CUDA call fails and only a restart helps.
+    #[error("model {model:?}: the device failed: {message}")]
+    DeviceFailed {
+        model: String,
+        message: String,
+        fatal: bool,
+    },
+}
+
+/// What a libtorch error says about the device it ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFault {
+    OutOfMemory,
+    /// A CUDA, cuBLAS or cuDNN error that leaves the context usable.
+    Error,
+    /// A sticky CUDA error: the context is unusable until the process exits.
+    Fatal,
+}
+
+/// Classifies libtorch's text. None: not a device failure (a shape, dtype or
+/// value the model refused, or the model's own exception).
+pub fn device_fault(raw: &str) -> Option<DeviceFault> {
+    // CUDA's sticky errors (cudaGetErrorString's texts): the context is lost.
+    const FATAL: [&str; 9] = [
+        "device-side assert triggered",
+        "an illegal memory access was encountered",
+        "an illegal instruction was encountered",
+        "misaligned address",
+        "unspecified launch failure",
+        "the launch timed out and was terminated",
+        "uncorrectable ECC error encountered",
+        "hardware stack error",
+        "invalid program counter",
+    ];
+    const OOM: [&str; 5] = [
+        "CUDA out of memory",
+        "CUDA error: out of memory",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "CUDNN_STATUS_ALLOC_FAILED",
+        "DefaultCPUAllocator: can't allocate memory",
+    ];
+    const DEVICE: [&str; 8] = [
+        "CUDA error",
+        "CUDA driver error",
+        "CUBLAS_STATUS_",
+        "cuDNN error",
+        "CUDNN_STATUS_",
+        "NVRTC error",
+        "CUFFT_",
+        "cusolver",
+    ];
+    if FATAL.iter().any(|m| raw.contains(m)) {
+        Some(DeviceFault::Fatal)
+    } else if OOM.iter().any(|m| raw.contains(m)) {
+        Some(DeviceFault::OutOfMemory)
+    } else if DEVICE.iter().any(|m| raw.contains(m)) {
+        Some(DeviceFault::Error)
+    } else {
+        None
+    }
+}
+
+/// A libtorch error from running `model`: a device failure as such, otherwise
+/// the client's input (`client`: libtorch refused what was passed) or the
+/// operator's model.
+pub fn run_error(model: &str, raw: &str, client: bool) -> ModelError {
+    let model = model.to_string();
+    match device_fault(raw) {
+        Some(DeviceFault::OutOfMemory) => ModelError::OutOfMemory {
+            model,
+            message: torch_text(raw, true),
+        },
+        Some(fault) => ModelError::DeviceFailed {
+            model,
+            message: torch_text(raw, true),
+            fatal: fault == DeviceFault::Fatal,
+        },
+        None if client => ModelError::InvalidInput {
+            model,
+            message: torch_text(raw, false),
+        },
+        None => ModelError::Internal {
+            model,
+            message: torch_text(raw, true),
+        },
+    }
 }
 
 /// Resolves `--device` against the hardware. Calls libtorch.
@@ -235,7 +327,28 @@ pub fn resolve_device(arg: DeviceRequest) -> Result<Device, ModelError> {
         DeviceRequest::Auto => Ok(if tch::Cuda::is_available() {
             Device::Cuda(0)
         } else {
+            // Once per process: every model resolves its device.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let reason = crate::telemetry::system::cuda_unavailable_reason(
+                    crate::telemetry::system::cuda_build(),
+                );
+                if crate::telemetry::system::cuda_build() {
+                    tracing::warn!(%reason, "--device auto: CUDA cannot start; serving on the CPU");
+                } else {
+                    tracing::info!(%reason, "--device auto: serving on the CPU");
+                }
+            });
             Device::Cpu
+        }),
+        DeviceRequest::Cuda(n) if !tch::Cuda::is_available() => Err(ModelError::Device {
+            requested: format!("cuda:{n}"),
+            reason: format!(
+                "CUDA cannot start: {}",
+                crate::telemetry::system::cuda_unavailable_reason(
+                    crate::telemetry::system::cuda_build()
+                )
+            ),
         }),
         DeviceRequest::Cuda(n) => {
             let count = tch::Cuda::device_count();
@@ -649,10 +762,7 @@ impl Model {
     /// [`Model::forward`] for a caller that already holds [`Model::read_params`]
     /// (a training forward, which records the graph and the parameter version).
     pub fn forward_params_held(&self, input: &Tensor) -> Result<Tensor, ModelError> {
-        let invalid = |e: tch::TchError| ModelError::InvalidInput {
-            model: self.name.clone(),
-            message: torch_text(&e.to_string(), false),
-        };
+        let invalid = |e: tch::TchError| run_error(&self.name, &e.to_string(), true);
         let run = || -> Result<Tensor, ModelError> {
             match &self.inner {
                 Inner::Script(m) if self.kv => Ok(self.call_kv(m, input, Vec::new())?.0),
@@ -705,12 +815,8 @@ impl Model {
             }
         };
         // A panic inside tch (it panics on some errors) must not kill a worker.
-        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
-            Err(ModelError::Internal {
-                model: self.name.clone(),
-                message: panic_message(panic.as_ref()),
-            })
-        })
+        catch_unwind(AssertUnwindSafe(run))
+            .unwrap_or_else(|panic| Err(run_error(&self.name, &panic_text(panic.as_ref()), false)))
     }
 }
 
@@ -747,10 +853,9 @@ impl Model {
                 .iter()
                 .map(|t| IValue::Tensor(t.shallow_clone()))
                 .collect();
-            let out = m.forward_is(&args).map_err(|e| ModelError::InvalidInput {
-                model: self.name.clone(),
-                message: torch_text(&e.to_string(), false),
-            })?;
+            let out = m
+                .forward_is(&args)
+                .map_err(|e| run_error(&self.name, &e.to_string(), true))?;
             match out {
                 IValue::Tensor(t) => Ok(vec![t]),
                 other => {
@@ -764,12 +869,8 @@ impl Model {
                 }
             }
         };
-        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
-            Err(ModelError::Internal {
-                model: self.name.clone(),
-                message: panic_message(panic.as_ref()),
-            })
-        })
+        catch_unwind(AssertUnwindSafe(run))
+            .unwrap_or_else(|panic| Err(run_error(&self.name, &panic_text(panic.as_ref()), false)))
     }
 
     /// Shared access to the parameters, and their version (optimizer steps so far).
@@ -857,12 +958,8 @@ impl Model {
             let _params = self.read_params();
             self.call_kv(m, hidden, past)
         };
-        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
-            Err(ModelError::Internal {
-                model: self.name.clone(),
-                message: panic_message(panic.as_ref()),
-            })
-        })
+        catch_unwind(AssertUnwindSafe(run))
+            .unwrap_or_else(|panic| Err(run_error(&self.name, &panic_text(panic.as_ref()), false)))
     }
 
     /// A KV warm-up: a prefill of `x` with an empty past, then one decode step
@@ -998,10 +1095,7 @@ impl Model {
                 IValue::Tensor(hidden.shallow_clone()),
                 IValue::TensorList(past),
             ])
-            .map_err(|e| ModelError::InvalidInput {
-                model: self.name.clone(),
-                message: torch_text(&e.to_string(), false),
-            })?;
+            .map_err(|e| run_error(&self.name, &e.to_string(), true))?;
         let expected = "expected (hidden, present key/values)";
         let IValue::Tuple(mut parts) = out else {
             return Err(internal(format!(
@@ -1081,10 +1175,11 @@ impl Model {
             source_desc: file.display().to_string(),
             message,
         };
-        let device = self.device;
         match &mut self.inner {
             Inner::Script(m) => {
-                let saved = CModule::load_on_device(file, device)
+                // Through the host: the saved copy never takes device memory
+                // beside the live parameters; copy_ moves each one across.
+                let saved = CModule::load_on_device(file, Device::Cpu)
                     .map_err(|e| fail(clean_torch_message(&e.to_string())))?;
                 let saved: std::collections::HashMap<String, Tensor> = saved
                     .named_parameters()
@@ -1385,10 +1480,7 @@ fn file_sha256(file: &std::fs::File) -> std::io::Result<String> {
 
 /// A libtorch failure on valid input: the operator's to fix.
 pub fn internal(model: &Model, e: tch::TchError) -> ModelError {
-    ModelError::Internal {
-        model: model.name.clone(),
-        message: torch_text(&e.to_string(), true),
-    }
+    run_error(&model.name, &e.to_string(), false)
 }
 
 /// The dtype a request is computed in: splitlearn_comm's float codecs always
@@ -1446,10 +1538,15 @@ pub fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor
 
 /// The text of a panic payload.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    torch_text(&panic_text(panic), true)
+}
+
+/// The raw text of a panic payload (tch panics on some libtorch errors).
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
-        torch_text(s, true)
+        s.to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
-        torch_text(s, true)
+        s.clone()
     } else {
         "panic without a message".into()
     }
@@ -1571,10 +1668,19 @@ mod tests {
         let err = resolve_device(DeviceRequest::Cuda(count as usize)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains(&format!("cuda:{count}")), "{msg}");
-        assert!(
-            msg.contains(&format!("sees {count} CUDA device(s)")),
-            "{msg}"
-        );
+        if count > 0 {
+            assert!(
+                msg.contains(&format!("sees {count} CUDA device(s)")),
+                "{msg}"
+            );
+        } else {
+            // Where CUDA cannot start, the refusal says why, not "0 devices".
+            assert!(msg.contains("CUDA cannot start: "), "{msg}");
+            assert!(
+                msg.contains("driver") || msg.contains("without CUDA"),
+                "{msg}"
+            );
+        }
         let auto = if tch::Cuda::is_available() {
             Device::Cuda(0)
         } else {
@@ -1690,5 +1796,65 @@ mod tests {
             clean_torch_message(raw),
             "mat1 and mat2 shapes cannot be multiplied (1x5 and 4x8)"
         );
+    }
+
+    #[test]
+    fn device_failures_are_told_from_bad_input() {
+        // libtorch's texts as a CUDA forward raises them (c10::Error, or
+        // c10::AcceleratorError in torch 2.8+), and through TorchScript.
+        let cases = [
+            (
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.",
+                Some(DeviceFault::OutOfMemory),
+            ),
+            (
+                "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                Some(DeviceFault::OutOfMemory),
+            ),
+            (
+                "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc)`",
+                Some(DeviceFault::Error),
+            ),
+            (
+                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+                Some(DeviceFault::Error),
+            ),
+            (
+                "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\nRuntimeError: CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported at some other API call",
+                Some(DeviceFault::Fatal),
+            ),
+            (
+                "CUDA error: an illegal memory access was encountered\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.",
+                Some(DeviceFault::Fatal),
+            ),
+            (
+                "index out of range in self\nException raised from operator() at /pytorch/aten/src/ATen/native/TensorAdvancedIndexing.cpp:1234",
+                None,
+            ),
+            (
+                "mat1 and mat2 shapes cannot be multiplied (1x5 and 4x8)",
+                None,
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(device_fault(raw), want, "{raw}");
+        }
+        assert!(matches!(
+            run_error("m", cases[0].0, true),
+            ModelError::OutOfMemory { .. }
+        ));
+        assert!(matches!(
+            run_error("m", cases[4].0, true),
+            ModelError::DeviceFailed { fatal: true, ref message, .. }
+                if message == "RuntimeError: CUDA error: device-side assert triggered"
+        ));
+        assert!(matches!(
+            run_error("m", cases[7].0, true),
+            ModelError::InvalidInput { .. }
+        ));
+        assert!(matches!(
+            run_error("m", cases[7].0, false),
+            ModelError::Internal { .. }
+        ));
     }
 }

@@ -50,7 +50,17 @@ pub struct PlanRequest {
     pub inter_op_threads: usize,
     /// Start even when workers x intra-op threads exceeds the budget.
     pub allow_oversubscription: bool,
+    /// Models run on a CUDA device (`--device cuda`): automatic workers are
+    /// at most [`CUDA_WORKERS`].
+    #[serde(default)]
+    pub cuda: bool,
 }
+
+/// Automatic workers on a CUDA device: every worker's forwards share one CUDA
+/// stream, so more workers only queue there (each with its own cuBLAS
+/// workspace and activations in device memory); two keep the GPU fed while
+/// one worker converts and copies.
+pub const CUDA_WORKERS: usize = 2;
 
 impl Default for PlanRequest {
     fn default() -> Self {
@@ -61,6 +71,7 @@ impl Default for PlanRequest {
             intra_op_threads: Auto::Auto,
             inter_op_threads: 1,
             allow_oversubscription: false,
+            cuda: false,
         }
     }
 }
@@ -354,10 +365,18 @@ impl ThreadPlan {
 
     /// The plan for a request, in this process's CPU budget.
     pub fn from_request(r: &PlanRequest) -> Result<ThreadPlan, PlanError> {
+        ThreadPlan::fit(r, CpuBudget::of_this_process(r.cpu_limit))
+    }
+
+    /// The plan for a request in a given budget.
+    fn fit(r: &PlanRequest, budget: CpuBudget) -> Result<ThreadPlan, PlanError> {
         ThreadPlan::new(
-            CpuBudget::of_this_process(r.cpu_limit),
+            budget,
             r.io_threads,
-            r.workers,
+            match r.workers {
+                Auto::Auto if r.cuda => Auto::Count(CUDA_WORKERS.min(budget.cores).max(1)),
+                w => w,
+            },
             r.intra_op_threads,
             r.inter_op_threads,
             r.allow_oversubscription,
@@ -610,5 +629,23 @@ mod tests {
         );
         let p = ThreadPlan::new(budget(2), 2, Auto::Count(4), Auto::Count(8), 1, true).unwrap();
         assert!(p.oversubscribed);
+    }
+
+    #[test]
+    fn auto_workers_on_cuda_are_few() {
+        let r = |workers, cuda| PlanRequest {
+            workers,
+            cuda,
+            ..PlanRequest::default()
+        };
+        let cpu = ThreadPlan::fit(&r(Auto::Auto, false), budget(8)).unwrap();
+        assert_eq!((cpu.workers, cpu.intra_op_threads), (8, 1));
+        // The cores go to each worker's intra-op threads instead.
+        let cuda = ThreadPlan::fit(&r(Auto::Auto, true), budget(8)).unwrap();
+        assert_eq!((cuda.workers, cuda.intra_op_threads), (CUDA_WORKERS, 4));
+        let one_core = ThreadPlan::fit(&r(Auto::Auto, true), budget(1)).unwrap();
+        assert_eq!(one_core.workers, 1);
+        let asked = ThreadPlan::fit(&r(Auto::Count(3), true), budget(8)).unwrap();
+        assert_eq!(asked.workers, 3, "an explicit --workers wins");
     }
 }

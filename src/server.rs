@@ -463,7 +463,8 @@ pub async fn run(
 }
 
 /// Marks the process not live while a worker is stuck on one job for longer than
-/// `--stall-timeout`, so a Kubernetes liveness probe on `liveness` restarts it.
+/// `--stall-timeout`, or for good after a fatal device error (then not ready
+/// either), so a Kubernetes liveness probe on `liveness` restarts it.
 fn spawn_stall_watchdog(
     engine: Engine,
     health: tonic_health::server::HealthReporter,
@@ -479,18 +480,33 @@ fn spawn_stall_watchdog(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let stalled = engine.stalled_workers(limit);
-            if (stalled > 0) != was_stalled {
-                was_stalled = stalled > 0;
+            let not_live = engine.not_live(limit);
+            if not_live.is_some() != was_stalled {
+                was_stalled = not_live.is_some();
                 if was_stalled {
-                    tracing::error!(
-                        stalled,
-                        limit_s = limit.as_secs_f64(),
-                        "worker stalled: busy on one job past --stall-timeout; liveness NOT_SERVING"
-                    );
+                    if engine.device_lost() {
+                        tracing::error!(
+                            reason = not_live.as_deref().unwrap_or_default(),
+                            "the device failed for good; liveness and readiness NOT_SERVING"
+                        );
+                    } else {
+                        tracing::error!(
+                            stalled = engine.stalled_workers(limit),
+                            limit_s = limit.as_secs_f64(),
+                            "worker stalled: busy on one job past --stall-timeout; liveness NOT_SERVING"
+                        );
+                    }
                     health
                         .set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing)
                         .await;
+                    if engine.device_lost() {
+                        // For good: no traffic until the restart.
+                        for name in READINESS_SERVICES {
+                            health
+                                .set_service_status(name, ServingStatus::NotServing)
+                                .await;
+                        }
+                    }
                 } else {
                     tracing::warn!("stalled worker finished its job; liveness SERVING again");
                     health

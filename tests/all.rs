@@ -12,6 +12,8 @@ mod admin;
 mod architecture;
 #[path = "compute.rs"]
 mod compute;
+#[path = "device.rs"]
+mod device;
 #[path = "engine.rs"]
 mod engine;
 #[path = "gpu.rs"]

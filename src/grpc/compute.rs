@@ -663,6 +663,7 @@ impl ComputeService for ComputeApi {
             reason::CANCELLED,
             reason::INVALID,
             reason::DRAINING,
+            reason::OUT_OF_MEMORY,
         ] {
             custom.insert(
                 format!("rejected_{r}"),

@@ -102,11 +102,12 @@ impl InferenceApi {
     }
 
     pub fn live(&self) -> bool {
-        self.engine.stalled_workers(self.stall_timeout) == 0
+        self.engine.not_live(self.stall_timeout).is_none()
     }
 
     pub fn ready(&self) -> bool {
         *self.engine.status().borrow() == EngineStatus::Ready
+            && !self.engine.device_lost()
             && self.started.as_ref().is_none_or(|r| *r.borrow())
     }
 

@@ -97,9 +97,10 @@ impl From<ServeError> for Status {
                     Status::not_found(msg)
                 }
                 EngineError::Unsupported(_) => Status::failed_precondition(msg),
-                EngineError::Loading | EngineError::Draining | EngineError::Failed(_) => {
-                    Status::unavailable(msg)
-                }
+                EngineError::Loading
+                | EngineError::Draining
+                | EngineError::Failed(_)
+                | EngineError::DeviceLost(_) => Status::unavailable(msg),
                 EngineError::QueueFull { .. } => Status::resource_exhausted(msg),
                 EngineError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
                 EngineError::Model(m) => model_status(&m, msg),
@@ -144,9 +145,12 @@ impl From<ServeError> for Status {
 fn model_status(m: &ModelError, msg: String) -> Status {
     match m {
         ModelError::InvalidInput { .. } => Status::invalid_argument(msg),
-        ModelError::Internal { .. } | ModelError::Load { .. } | ModelError::Device { .. } => {
-            Status::internal(msg)
-        }
+        ModelError::Internal { .. }
+        | ModelError::Load { .. }
+        | ModelError::Device { .. }
+        | ModelError::DeviceFailed { .. } => Status::internal(msg),
+        // Memory frees as other forwards end: worth a retry (with backoff).
+        ModelError::OutOfMemory { .. } => Status::resource_exhausted(msg),
     }
 }
 
@@ -165,7 +169,9 @@ pub fn finish<T>(
         let internal = matches!(
             &e,
             ServeError::Engine(EngineError::Internal(_))
-                | ServeError::Engine(EngineError::Model(ModelError::Internal { .. }))
+                | ServeError::Engine(EngineError::Model(
+                    ModelError::Internal { .. } | ModelError::DeviceFailed { .. }
+                ))
         );
         if internal {
             tracing::warn!(error = %e, method, "request failed with INTERNAL");
@@ -176,6 +182,16 @@ pub fn finish<T>(
             metrics
                 .rejected
                 .with_label_values(&[model, crate::telemetry::metrics::reason::INVALID])
+                .inc();
+        }
+        if matches!(
+            &e,
+            ServeError::Engine(EngineError::Model(ModelError::OutOfMemory { .. }))
+        ) {
+            tracing::warn!(error = %e, method, "request failed: out of memory");
+            metrics
+                .rejected
+                .with_label_values(&[model, crate::telemetry::metrics::reason::OUT_OF_MEMORY])
                 .inc();
         }
         Status::from(e)
@@ -292,7 +308,7 @@ pub fn snapshot_to_pb(s: ResourceSnapshot) -> pb::MonitoringSnapshot {
         memory_percent: s.memory_percent,
         gpu_available: s.gpu_available,
         // Percent, like cpu_percent and memory_percent.
-        gpu_utilization: s.gpu.map(|g| g.utilization * 100.0),
+        gpu_utilization: s.gpu.and_then(|g| g.utilization).map(|u| u * 100.0),
         gpu_memory_used_mb: s.gpu.map(|g| g.memory_used_bytes as f32 / MIB),
         gpu_memory_total_mb: s.gpu.map(|g| g.memory_total_bytes as f32 / MIB),
     }

@@ -773,6 +773,32 @@ fn instances(config: &ModelConfig) -> Result<(Option<usize>, Option<DeviceReques
         let per = (g.count.max(1)) as usize;
         total = total.saturating_add(per.saturating_mul(g.gpus.len().max(1)));
     }
+    // One model version runs on one device here: Triton's instances spread
+    // over several GPUs are refused rather than all placed on the first.
+    let mut gpus: Vec<i32> = config
+        .instance_group
+        .iter()
+        .flat_map(|g| g.gpus.iter().copied())
+        .collect();
+    gpus.sort_unstable();
+    gpus.dedup();
+    let kinds = |k: GroupKind| {
+        config
+            .instance_group
+            .iter()
+            .any(|g| GroupKind::try_from(g.kind).unwrap_or(GroupKind::Auto) == k)
+    };
+    if gpus.len() > 1 || (kinds(GroupKind::Cpu) && (kinds(GroupKind::Gpu) || !gpus.is_empty())) {
+        return Err(format!(
+            "instance_group places instances on several devices (gpus {gpus:?}{}): a model \
+             version runs on one device here; list one GPU, or serve one replica per GPU",
+            if kinds(GroupKind::Cpu) {
+                " and the CPU"
+            } else {
+                ""
+            }
+        ));
+    }
     let device = match GroupKind::try_from(first.kind).unwrap_or(GroupKind::Auto) {
         GroupKind::Cpu => Some(DeviceRequest::Cpu),
         GroupKind::Gpu => Some(DeviceRequest::Cuda(
@@ -916,6 +942,16 @@ parameters: { key: "splitserve.warmup_shape" value: { string_value: "2x8" } }
         fails(
             &format!("{io} instance_group [ {{ kind: KIND_CPU gpus: [ 0 ] }} ]"),
             "KIND_CPU",
+        );
+        fails(
+            &format!("{io} instance_group [ {{ kind: KIND_GPU gpus: [ 0, 1 ] }} ]"),
+            "several devices (gpus [0, 1])",
+        );
+        fails(
+            &format!(
+                "{io} instance_group [ {{ kind: KIND_GPU gpus: [ 1 ] }}, {{ kind: KIND_CPU }} ]"
+            ),
+            "several devices (gpus [1] and the CPU)",
         );
     }
 

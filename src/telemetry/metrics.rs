@@ -148,6 +148,8 @@ pub mod reason {
     pub const CANCELLED: &str = "cancelled";
     pub const INVALID: &str = "invalid";
     pub const DRAINING: &str = "draining";
+    /// The device (or host) ran out of memory for the forward: RESOURCE_EXHAUSTED.
+    pub const OUT_OF_MEMORY: &str = "out_of_memory";
 }
 
 /// Names of limits, as the `limit` label of `splitserve_limit_rejections_total`
@@ -244,8 +246,8 @@ impl Metrics {
             rejected: IntCounterVec::new(
                 Opts::new(
                     "splitserve_rejected_requests_total",
-                    "Requests refused or dropped without compute, by reason \
-                     (queue_full, deadline, cancelled, invalid, draining).",
+                    "Requests refused or dropped without an answer, by reason \
+                     (queue_full, deadline, cancelled, invalid, draining, out_of_memory).",
                 ),
                 &["model", "reason"],
             )?,
@@ -574,7 +576,13 @@ impl Metrics {
         }
         let gpus = system::gpu_readings();
         self.triton.refresh_system(&gpus);
-        for g in gpus {
+        self.record_gpus(&gpus);
+    }
+
+    /// Sets the GPU gauges from NVML's readings; a field NVML could not read
+    /// leaves its series absent rather than 0.
+    pub fn record_gpus(&self, readings: &[system::GpuReading]) {
+        for g in readings {
             let d = format!("cuda:{}", g.index);
             let d = [d.as_str()];
             self.gpu_memory_used
@@ -583,9 +591,9 @@ impl Metrics {
             self.gpu_memory_total
                 .with_label_values(&d)
                 .set(g.memory_total_bytes as f64);
-            self.gpu_utilization
-                .with_label_values(&d)
-                .set(f64::from(g.utilization));
+            if let Some(u) = g.utilization {
+                self.gpu_utilization.with_label_values(&d).set(f64::from(u));
+            }
             if let Some(b) = g.process_memory_bytes {
                 self.gpu_process_memory.with_label_values(&d).set(b as f64);
             }
@@ -795,5 +803,41 @@ mod tests {
                 "splitserve_{name} is not in docs/observability.md"
             );
         }
+    }
+
+    #[test]
+    fn gpu_series_from_a_fake_nvml_reading_leave_unreadable_fields_absent() {
+        let m = Metrics::new("2.13.0+cu130").unwrap();
+        let full = system::GpuReading {
+            index: 0,
+            utilization: Some(0.25),
+            memory_used_bytes: 3 << 30,
+            memory_total_bytes: 80 << 30,
+            process_memory_bytes: Some(1 << 30),
+        };
+        // A MIG instance: NVML reads no utilization and no per-process memory.
+        let mig = system::GpuReading {
+            index: 1,
+            utilization: None,
+            process_memory_bytes: None,
+            ..full
+        };
+        m.record_gpus(&[full, mig]);
+        let text = m.render();
+        for line in [
+            "splitserve_gpu_utilization_ratio{device=\"cuda:0\"} 0.25",
+            "splitserve_gpu_memory_total_bytes{device=\"cuda:1\"} 85899345920",
+            "splitserve_gpu_memory_used_bytes{device=\"cuda:1\"} 3221225472",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        assert!(
+            !text.contains("splitserve_gpu_utilization_ratio{device=\"cuda:1\"}"),
+            "an unreadable utilization must be absent, not 0:\n{text}"
+        );
+        assert!(
+            !text.contains("splitserve_gpu_process_memory_bytes{device=\"cuda:1\"}"),
+            "{text}"
+        );
     }
 }

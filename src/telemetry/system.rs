@@ -23,8 +23,9 @@ pub struct ResourceSnapshot {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GpuReading {
     pub index: u32,
-    /// 0..1 of the last sample period with a kernel running.
-    pub utilization: f32,
+    /// 0..1 of the last sample period with a kernel running; None where NVML
+    /// cannot say (a MIG instance, an unsupported board): absent, not 0.
+    pub utilization: Option<f32>,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
     /// This process's own GPU memory, where the driver reports it.
@@ -38,6 +39,48 @@ fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
         .as_ref()
 }
 
+/// Whether libtorch's CUDA library is loaded in this process: a CUDA build
+/// (libtorch's own `hasCUDA` is false on a CUDA build without a device).
+pub fn cuda_build() -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains("libtorch_cuda"))
+}
+
+/// Why CUDA cannot start in this process, for a log line or a refusal:
+/// `cuda_build` says whether libtorch was built with CUDA ([`cuda_build`]); the
+/// rest comes from the environment and the NVIDIA driver as NVML sees it.
+pub fn cuda_unavailable_reason(cuda_build: bool) -> String {
+    if !cuda_build {
+        return "this libtorch is built without CUDA (a CPU build)".into();
+    }
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let hidden = match visible.as_deref() {
+        Some(v) if v.trim().is_empty() || v.trim() == "-1" || v.eq_ignore_ascii_case("none") => {
+            format!("; CUDA_VISIBLE_DEVICES={v:?} hides every GPU")
+        }
+        Some(v) => format!("; CUDA_VISIBLE_DEVICES={v:?}"),
+        None => String::new(),
+    };
+    let Some(nvml) = nvml() else {
+        return format!(
+            "no NVIDIA driver is visible (NVML cannot load): not a GPU node, or the container \
+             runs without the NVIDIA container runtime{hidden}"
+        );
+    };
+    let driver = nvml.sys_driver_version().unwrap_or_else(|_| "?".into());
+    let cuda = nvml.sys_cuda_driver_version().map_or_else(
+        |_| "?".into(),
+        |v| format!("{}.{}", v / 1000, v % 1000 / 10),
+    );
+    match nvml.device_count() {
+        Ok(0) | Err(_) => format!("the NVIDIA driver {driver} sees no GPU{hidden}"),
+        Ok(n) => format!(
+            "the NVIDIA driver {driver} (CUDA {cuda} at most) sees {n} GPU(s) but CUDA does not \
+             start: a driver older than this build's CUDA runtime needs (see the image's \
+             requirements), or a device the container may not open{hidden}"
+        ),
+    }
+}
+
 /// Every GPU NVML sees, with this process's memory on each.
 pub fn gpu_readings() -> Vec<GpuReading> {
     let Some(nvml) = nvml() else {
@@ -49,9 +92,7 @@ pub fn gpu_readings() -> Vec<GpuReading> {
         .filter_map(|index| {
             let dev = nvml.device_by_index(index).ok()?;
             let mem = dev.memory_info().ok()?;
-            let utilization = dev
-                .utilization_rates()
-                .map_or(0.0, |u| u.gpu as f32 / 100.0);
+            let utilization = dev.utilization_rates().ok().map(|u| u.gpu as f32 / 100.0);
             let process_memory_bytes = dev.running_compute_processes().ok().and_then(|ps| {
                 ps.iter()
                     .find(|p| p.pid == pid)

@@ -265,9 +265,10 @@ impl TritonMetrics {
             let uuid =
                 super::system::gpu_uuid(g.index).unwrap_or_else(|| format!("GPU-{}", g.index));
             let l = [uuid.as_str()];
-            self.gpu_utilization
-                .with_label_values(&l)
-                .set(f64::from(g.utilization));
+            // Absent, not 0, where NVML cannot read it (a MIG instance).
+            if let Some(u) = g.utilization {
+                self.gpu_utilization.with_label_values(&l).set(f64::from(u));
+            }
             self.gpu_memory_total
                 .with_label_values(&l)
                 .set(g.memory_total_bytes as f64);

@@ -1052,19 +1052,20 @@ impl Training {
                     OptimizerKind::Adam => adam_step(p, &g, &mut adam[i], lr, &settings)?,
                 }
             }
-            for p in params.iter() {
-                if !all_finite(p)? {
-                    return Ok(Some(Refusal::Parameters));
-                }
-            }
-            for t in momentum
-                .iter()
-                .flatten()
-                .chain(adam.iter().flatten().flat_map(|(m, v, _)| [m, v]))
-            {
-                if !all_finite(t)? {
-                    return Ok(Some(Refusal::OptimizerState));
-                }
+            // One reduction (one device synchronisation) for everything the
+            // step wrote; which part went non-finite only on the rare refusal.
+            let state = || {
+                momentum
+                    .iter()
+                    .flatten()
+                    .chain(adam.iter().flatten().flat_map(|(m, v, _)| [m, v]))
+            };
+            if !all_finite_each(params.iter().chain(state()))? {
+                return Ok(Some(if all_finite_each(params.iter())? {
+                    Refusal::OptimizerState
+                } else {
+                    Refusal::Parameters
+                }));
             }
             if check_probe && !probe_finite(model)? {
                 return Ok(Some(Refusal::Outputs));
@@ -1293,15 +1294,25 @@ impl StepError {
     }
 }
 
+/// True when every element of every tensor is finite: one reduction and one
+/// device synchronisation for all of them, not one per tensor (on a GPU each
+/// read of a flag waits for the device).
+fn all_finite_each<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Result<bool, tch::TchError> {
+    let flags = ts
+        .into_iter()
+        .filter(|t| t.defined())
+        .map(|t| t.f_isfinite()?.f_all())
+        .collect::<Result<Vec<_>, _>>()?;
+    if flags.is_empty() {
+        return Ok(true);
+    }
+    Ok(Tensor::f_stack(&flags, 0)?.f_all()?.int64_value(&[]) != 0)
+}
+
 /// True when every accumulated gradient is finite.
 fn grads_finite(params: &[Tensor]) -> Result<bool, tch::TchError> {
-    for p in params {
-        let g = p.grad();
-        if g.defined() && !all_finite(&g)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+    all_finite_each(&grads)
 }
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: when the total L2 norm

@@ -992,6 +992,8 @@ def test_kserve_runtime_never_trains(chart) -> None:
         ({"prometheusRule": {"thresholds": {"rejectionRatio": -0.1}}}, "/prometheusRule/thresholds/rejectionRatio"),
         ({"prometheusRule": {"runbookUrl": "docs/run books.md"}}, "/prometheusRule/runbookUrl"),
         ({"prometheusRule": {"runbook": "docs/runbooks.md"}}, "runbook"),
+        # One GPU per pod: more would sit idle (a model version runs on one device).
+        ({"gpu": {"enabled": True, "count": 2}}, "/gpu/count"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values: dict[str, Any], complaint: str) -> None:

@@ -52,6 +52,8 @@ def test_variants_select_the_final_stage(commands) -> None:
     assert final.value == ("runtime-${VARIANT}",)
     cuda_env = " ".join(" ".join(c.value) for c in st["runtime-cuda"] if c.cmd == "ENV")
     assert "NVIDIA_VISIBLE_DEVICES" in cuda_env and "NVIDIA_DRIVER_CAPABILITIES" in cuda_env
+    # The CUDA image fails fast where CUDA cannot start instead of serving on the CPU.
+    assert "SPLITSERVE_DEVICE=cuda" in cuda_env.replace(" ", "=") or "SPLITSERVE_DEVICE cuda" in cuda_env, cuda_env
 
 
 def test_builder_uses_the_shared_setup_and_a_release_build(commands) -> None:

@@ -1,5 +1,6 @@
 """Shared fixtures: protos compiled with grpcio-tools, the real splitserve binary."""
 
+import functools
 import os
 import signal
 import socket
@@ -63,6 +64,44 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why torch cannot use CUDA here (None where it can): a CPU-only build, or
+    CUDA's own error (no driver, a driver too old for this build, no device)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001: any reason CUDA gives is the answer
+        return f"CUDA {torch.version.cuda} cannot start: {str(e).splitlines()[0]}"
+    if torch.cuda.device_count() == 0:
+        return "CUDA sees no device"
+    return None
+
+
+#: `make gpu-check` sets it: a GPU test without a GPU fails instead of skipping.
+REQUIRE_CUDA = os.environ.get("SPLITSERVE_REQUIRE_CUDA") == "1"
+
+
+def needs_cuda(test):
+    """Marks a test that needs a CUDA device: skipped, with the reason, where
+    there is none, or failed with it under SPLITSERVE_REQUIRE_CUDA=1."""
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return test
+    if REQUIRE_CUDA:
+        return pytest.mark.usefixtures("cuda_required")(test)
+    return pytest.mark.skip(reason=f"needs a GPU: {reason}")(test)
+
+
+@pytest.fixture(scope="session")
+def cuda_required():
+    # Session-scoped: it fails before any module-scoped server starts.
+    pytest.fail(f"SPLITSERVE_REQUIRE_CUDA=1 but {cuda_unavailable_reason()}", pytrace=False)
+
+
 def wait_until(condition, timeout: float, what: str, every: float = 0.05):
     """Polls condition() until it returns something truthy, which it returns; fails
     naming `what` (and the last value) after `timeout` seconds. Tests wait on what
@@ -124,6 +163,11 @@ class Server:
         self.http_url = f"http://{self.http_addr}"
         full_env = dict(os.environ)
         full_env.update(env or {})
+        # The CPU unless the test is about devices: on a GPU host `auto` would
+        # move every test onto CUDA, where answers differ by rounding.
+        if not any(a == "--device" or a.startswith("--device=") for a in args) \
+                and "SPLITSERVE_DEVICE" not in (env or {}):
+            args = (*args, "--device", "cpu")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--grpc-addr", self.addr,

@@ -1,20 +1,17 @@
 """On a machine with a CUDA device: `--device cuda` answers what torch answers on
 CUDA, `--device auto` picks the GPU, and /metrics exports the NVML series.
-Skipped, with the reason, where torch sees no CUDA device; a CUDA device the
-process does not have is refused everywhere."""
+Skipped, with the reason, where torch cannot use CUDA, and failed instead under
+SPLITSERVE_REQUIRE_CUDA=1 (`make gpu-check`); a CUDA device the process does
+not have is refused everywhere."""
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_path, metric_value
+from conftest import fixture_path, metric_value, needs_cuda
 from test_interop import CODECS, TensorCodec
 
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA device: torch.cuda.is_available() is false (this test needs a GPU)",
-)
 
 NVML_FAMILIES = [
     "splitserve_gpu_memory_used_bytes",
@@ -92,20 +89,35 @@ def test_builtin_mlp_on_cuda_equals_its_cpu_answer(pb, cuda_server, server_facto
 @needs_cuda
 def test_auto_picks_the_gpu(pb, server_factory):
     pb2, pb2_grpc = pb
-    s = server_factory("--model", "k=builtin:scale:2")  # --device auto, the default
+    s = server_factory("--model", "k=builtin:scale:2", "--device", "auto")
     s.wait_ok(pb)
     info = pb2_grpc.ComputeServiceStub(s.channel()).GetServiceInfo(pb2.ServiceInfoRequest())
     assert info.device == "cuda:0", info.device
     assert s.terminate() == 0
 
 
-def test_a_missing_cuda_device_is_refused_with_the_count(server_factory):
-    """Runs everywhere: on a machine without a GPU, cuda:0 is the missing one."""
+def test_a_missing_cuda_device_is_refused_with_the_reason(server_factory):
+    """Runs everywhere: on a machine without a GPU, cuda:0 is the missing one and
+    the refusal says why CUDA cannot start, not that it counts 0 devices."""
     n = torch.cuda.device_count()
     s = server_factory("--model", "k=builtin:scale:2", "--device", f"cuda:{n}")
     assert s.proc.wait(timeout=60) == 1
     out = s.output()
-    assert f"device cuda:{n} is not available: this process sees {n} CUDA device(s)" in out, out[-2000:]
+    if n > 0:
+        assert f"device cuda:{n} is not available: this process sees {n} CUDA device(s)" in out, out[-2000:]
+    else:
+        assert "device cuda:0 is not available: CUDA cannot start: " in out, out[-2000:]
+        assert "0 CUDA device" not in out, out[-2000:]
+
+
+def test_auto_without_cuda_says_why_it_serves_on_the_cpu(pb, server_factory):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: auto picks it (test_auto_picks_the_gpu)")
+    s = server_factory("--model", "k=builtin:scale:2", "--device", "auto")
+    s.wait_ok(pb)
+    line = s.wait_log("serving on the CPU")
+    assert "reason=" in line and ("driver" in line or "without CUDA" in line), line
+    assert s.terminate() == 0
 
 
 @needs_cuda
@@ -179,3 +191,90 @@ def test_triton_gpu_families_are_labelled_by_gpu_uuid(cuda_server):
     ours = sorted(metric_value(text, "splitserve_gpu_memory_total_bytes", device=f"cuda:{i}")
                   for i in range(len(uuids)))
     assert totals == ours
+
+
+def _answers(pb, server, requests):
+    """Compute's answers to `requests` (model, tensor), all in flight at once so
+    that a batching server batches them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(server.channel())
+
+    def one(req):
+        model, x = req
+        r = stub.Compute(pb2.ComputeRequest(data=x.numpy().tobytes(), shape=list(x.shape), model_id=model),
+                         timeout=60)
+        return torch.from_numpy(np.frombuffer(r.data, dtype=np.float32).copy()).reshape(tuple(r.shape))
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+@needs_cuda
+def test_batched_kv_and_adam_training_on_cuda_equal_the_cpu(pb, server_factory, tmp_path):
+    """One server per device with batching, a KV model and Adam training with
+    checkpoints; the same requests give the same answers, and a checkpoint
+    written on the GPU resumes on the GPU with the same parameters."""
+    from test_durable import train_step
+
+    def start(device, ckpt):
+        s = server_factory(
+            "--model", f"mlp={fixture_path('mlp.pt')}", "--model", f"top={fixture_path('top.pt')}",
+            "--model", f"attn={fixture_path('attn_kv.pt')}",
+            "--max-batch-size", "mlp=8", "--batch-timeout-us", "mlp=20000",
+            "--trainable", "top", "--optimizer", "adam", "--checkpoint-dir", str(ckpt),
+            "--checkpoint-every", "2", "--device", device)
+        s.wait_ok(pb)
+        return s
+
+    cpu, gpu = start("cpu", tmp_path / "cpu"), start("cuda", tmp_path / "gpu")
+    torch.manual_seed(3)
+    batch = [("mlp", torch.randn(1, 16)) for _ in range(8)] + [("attn", torch.randn(2, 5, 16))]
+    for a, b in zip(_answers(pb, cpu, batch), _answers(pb, gpu, batch)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    pb2, pb2_grpc = pb
+    for s in (cpu, gpu):
+        stub = pb2_grpc.ComputeServiceStub(s.channel())
+        for k in range(4):
+            train_step(stub, pb2, k)
+    probe = [("top", torch.randn(3, 8))]
+    trained = [_answers(pb, s, probe)[0] for s in (cpu, gpu)]
+    torch.testing.assert_close(trained[1], trained[0], atol=1e-4, rtol=1e-4)
+    assert gpu.terminate() == 0 and cpu.terminate() == 0
+    resumed = start("cuda", tmp_path / "gpu")
+    torch.testing.assert_close(_answers(pb, resumed, probe)[0], trained[1], atol=1e-5, rtol=1e-5)
+    assert resumed.terminate() == 0
+
+
+@needs_cuda
+def test_real_oom_and_device_side_assert_on_cuda(pb, server_factory):
+    """A real CUDA out of memory answers RESOURCE_EXHAUSTED and the server keeps
+    serving; a real device-side assert answers INTERNAL, then UNAVAILABLE, and
+    /livez fails: the restart signal."""
+    from conftest import http_status, wait_until
+
+    pb2, pb2_grpc = pb
+    s = server_factory("--model", f"fault={fixture_path('device_fault.pt')}", "--device", "cuda",
+                       "--stall-timeout", "1s")
+    s.wait_ok(pb)
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+
+    def call(first):
+        x = np.array([[first, 1.0]], dtype=np.float32)
+        return stub.Compute(pb2.ComputeRequest(data=x.tobytes(), shape=[1, 2]), timeout=60)
+
+    with pytest.raises(grpc.RpcError) as e:
+        call(4.0)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert s.metric("splitserve_rejected_requests_total", model="fault", reason="out_of_memory") == 1
+    assert list(call(7.0).shape) == [1, 2]
+    assert http_status(f"{s.metrics_url}/livez")[0] == 200
+    with pytest.raises(grpc.RpcError) as e:
+        call(5.0)
+    assert e.value.code() == grpc.StatusCode.INTERNAL, e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        call(7.0)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    wait_until(lambda: http_status(f"{s.metrics_url}/livez")[0] == 503, 10, "/livez 503")
+    s.terminate()

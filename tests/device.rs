@@ -1,0 +1,203 @@
+//! Device failures as a client and an orchestrator see them, on the CPU: a
+//! TorchScript fixture raises libtorch's own texts for CUDA out of memory, a
+//! cuBLAS failure and a device-side assert (device_fault.pt), which a GPU would
+//! raise from the same forwards.
+#![allow(clippy::unwrap_used)]
+
+use crate::common;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{TestServer, WAIT, args, counter, f32_values, fixture, request};
+use splitserve::admin::{AdminState, router};
+use splitserve::codec::{Encoding, RawTensor, WireDtype};
+use splitserve::engine::{Engine, EngineError, EngineStatus};
+use splitserve::grpc::inference_pb::ServerLiveRequest;
+use splitserve::grpc::inference_pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use splitserve::plan::{Auto, CpuBudget, ThreadPlan};
+use splitserve::telemetry::Metrics;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tower::ServiceExt;
+
+fn fault_model() -> String {
+    format!("fault={}", fixture("device_fault.pt").display())
+}
+
+async fn health(addr: std::net::SocketAddr, service: &str) -> i32 {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Out of memory is RESOURCE_EXHAUSTED (retryable) and counted under its own
+/// reason; other device errors are INTERNAL; neither touches liveness. A
+/// device-side assert poisons the context: liveness and readiness go
+/// NOT_SERVING (the orchestrator restarts the pod) and new requests are
+/// answered UNAVAILABLE instead of failing one by one on a dead device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_failures_get_their_statuses_and_a_poisoned_device_fails_liveness() {
+    let server = TestServer::start(args(&[&fault_model()], &["--stall-timeout", "1s"])).await;
+    let mut c = server.client().await;
+
+    let e = c
+        .compute(request("fault", &[1.0, 0.0], &[1, 2]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("CUDA out of memory"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(counter(&mut c, "rejected_out_of_memory").await, 1);
+    assert_eq!(counter(&mut c, "rejected_invalid").await, 0);
+
+    let e = c
+        .compute(request("fault", &[2.0, 0.0], &[1, 2]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(
+        e.message().contains("CUBLAS_STATUS_EXECUTION_FAILED"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(counter(&mut c, "rejected_invalid").await, 0);
+
+    // Recoverable: still live, still serving, right answers.
+    let r = c
+        .compute(request("fault", &[7.0, 0.5], &[1, 2]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f32_values(&r.data), vec![14.0, 1.0]);
+    assert_eq!(
+        health(server.addr, "liveness").await,
+        ServingStatus::Serving as i32
+    );
+
+    let e = c
+        .compute(request("fault", &[3.0, 0.0], &[1, 2]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(
+        e.message().contains("device-side assert triggered"),
+        "{}",
+        e.message()
+    );
+    // The next request is refused without running: the device is gone.
+    let e = c
+        .compute(request("fault", &[7.0, 0.5], &[1, 2]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("must restart"), "{}", e.message());
+    let mut v2 = GrpcInferenceServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let live = v2.server_live(ServerLiveRequest {}).await.unwrap();
+    assert!(
+        !live.into_inner().live,
+        "ServerLive after a poisoned device"
+    );
+    // grpc.health.v1 follows (the watchdog's tick: a quarter of --stall-timeout).
+    let deadline = Instant::now() + WAIT;
+    while health(server.addr, "liveness").await != ServingStatus::NotServing as i32 {
+        assert!(Instant::now() < deadline, "liveness never went NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        health(server.addr, "").await,
+        ServingStatus::NotServing as i32
+    );
+    server.stop().await.unwrap();
+}
+
+async fn get(state: &AdminState, path: &str) -> (StatusCode, String) {
+    let res = router(state.clone())
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// The HTTP probes: `/livez` and `/readyz` answer 503 and say why once the
+/// device is lost, from the forward's error (`infer`) or a fault injected
+/// through the engine's hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livez_and_readyz_fail_after_a_fatal_device_error() {
+    for inject in [false, true] {
+        let mut a = args(&[&fault_model()], &[]);
+        let plan = ThreadPlan::new(
+            CpuBudget::of_this_process(None),
+            2,
+            Auto::Count(1),
+            Auto::Count(1),
+            1,
+            true,
+        )
+        .unwrap();
+        a.engine.plan = plan;
+        let metrics = Metrics::new(splitserve::TORCH_VERSION).unwrap();
+        let engine = Engine::start(a.engine.clone(), metrics.clone());
+        let (_ready, ready_rx) = tokio::sync::watch::channel(true);
+        let state = AdminState {
+            engine: engine.clone(),
+            metrics,
+            plan,
+            stall_timeout: a.stall_timeout,
+            ready: ready_rx,
+        };
+        let mut status = engine.status();
+        while *status.borrow_and_update() != EngineStatus::Ready {
+            status.changed().await.unwrap();
+        }
+        assert_eq!(get(&state, "/livez").await.0, StatusCode::OK);
+        assert_eq!(get(&state, "/readyz").await.0, StatusCode::OK);
+        let enc = Encoding {
+            dtype: WireDtype::F32,
+            compressed: false,
+            explicit: false,
+        };
+        if inject {
+            engine.mark_device_lost("injected: an illegal memory access was encountered");
+        } else {
+            let r = engine
+                .infer("", RawTensor::from_f32(&[3.0], &[1]), enc, None)
+                .await;
+            assert!(matches!(r, Err(EngineError::Model(_))), "{r:?}");
+        }
+        let (code, body) = get(&state, "/livez").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("the device failed"), "{body}");
+        assert_eq!(
+            get(&state, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let r = engine
+            .infer("", RawTensor::from_f32(&[7.0], &[1]), enc, None)
+            .await;
+        assert!(matches!(r, Err(EngineError::DeviceLost(_))), "{r:?}");
+        assert!(engine.drain(Duration::from_secs(5)).await);
+    }
+}
