@@ -53,8 +53,8 @@ bench-fixtures: fixtures
 ## every suite also passed on a machine loaded several times over).
 test: setup
 	$(MAKE) -j3 build fixtures tools
-	$(MAKE) -j3 -Otarget test-python test-rust test-deploy
-	bash scripts/build-cache.sh save
+	$(MAKE) -j3 -Otarget test-python test-rust test-deploy; status=$$?; \
+	  bash scripts/build-cache.sh save; exit $$status
 
 test-rust-build: build
 	cargo test --release --no-run

@@ -4,7 +4,7 @@
 #   bash scripts/build-cache.sh restore   # before a build: a checkout without target/release
 #                                         # starts from the cached one (tch's C++ and the
 #                                         # dependency tree: most of a cold build)
-#   bash scripts/build-cache.sh save      # after a green `make test`: keeps target/release
+#   bash scripts/build-cache.sh save      # after `make test`'s suites: keeps target/release
 #                                         # (without incremental state) if none is cached yet
 #
 # The key is everything the compiled dependencies depend on: Cargo.lock, the manifests,

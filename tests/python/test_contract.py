@@ -69,8 +69,9 @@ def test_messages_fields_and_rpcs_match_splitlearn_comm(pb):
 
 
 def test_binary_finds_libtorch_alone_and_links_libtorch_cuda():
-    lib = ROOT / ".venv" / "lib"
-    torch_lib = next(lib.glob("python3*/site-packages/torch/lib"))
+    import torch  # the venv's torch: where the build found libtorch
+
+    torch_lib = Path(torch.__file__).parent / "lib"
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     ldd = subprocess.run(["ldd", str(BIN)], capture_output=True, text=True, env=env, check=True).stdout
     assert "not found" not in ldd, ldd
