@@ -25,7 +25,9 @@
 //!   its descriptor set, shared by the front-ends and the repository.
 //! - [`training`]: split training and KV-cache steps: activations stored by forward_id,
 //!   backward, optimizer steps, checkpoints, and KV sessions (decoding caches kept
-//!   on the server behind a handle, `training::sessions`). Runs on the engine's workers.
+//!   on the server behind a handle, `training::sessions`; decode steps of many
+//!   sessions batched into one forward and long prompts run in chunks,
+//!   `training::decode`). Runs on the engine's workers.
 //! - [`grpc`]: generated protos (`pb`), one file per service (ComputeService), the
 //!   error -> `Status` mapping, and the tower layers every service shares (limits,
 //!   authentication); ComputeService and the Open Inference Protocol
@@ -40,7 +42,8 @@
 //!   against a model's signature), shared by its gRPC and HTTP front-ends.
 //! - [`http`]: the Open Inference Protocol over HTTP/REST (axum), same engine.
 //! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
-//!   process/cgroup/GPU readings behind metrics and monitoring snapshots.
+//!   process/cgroup/GPU readings behind metrics and monitoring snapshots; Triton's
+//!   `nv_*` families beside splitserve's (`telemetry::triton`).
 //! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
 //! - [`client`], [`bench`]: `probe` (grpc.health.v1 check) and the closed-loop
 //!   load generator, from the `splitserve-client` crate (no libtorch; it also
