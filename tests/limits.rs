@@ -247,8 +247,10 @@ async fn health_checks_answer_while_the_budget_is_full() {
     ))
     .await;
     let addr = server.addr;
-    // 65536 + 5 bytes: the whole budget, held until the body timeout. On a loaded
-    // machine the window can pass before a call lands in it: claim again then.
+    // 65536 + 5 bytes: the whole budget, held until the body timeout. The claim
+    // itself is refused (8) if it lands while a probe call holds its few bytes,
+    // and on a loaded machine its window can pass before a call lands in it
+    // (then it was timed out, 4): claim again in both cases.
     let mut holder = tokio::spawn(claim_answer(addr, 65536));
     let mut c = server.client().await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -261,7 +263,8 @@ async fn health_checks_answer_while_the_budget_is_full() {
             ),
         }
         if holder.is_finished() {
-            assert_eq!(holder.await.unwrap().0, "4", "the claim is timed out");
+            let (code, message) = holder.await.unwrap();
+            assert!(code == "4" || code == "8", "the claim: {code} {message}");
             holder = tokio::spawn(claim_answer(addr, 65536));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
