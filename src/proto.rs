@@ -17,3 +17,22 @@ pub mod comm {
 pub mod inference {
     tonic::include_proto!("inference");
 }
+
+/// Triton's model-configuration datatype for a wire dtype (ModelConfig's `data_type`).
+impl From<crate::codec::WireDtype> for inference::DataType {
+    fn from(d: crate::codec::WireDtype) -> Self {
+        use crate::codec::WireDtype as D;
+        match d {
+            D::Bool => Self::TypeBool,
+            D::U8 => Self::TypeUint8,
+            D::I8 => Self::TypeInt8,
+            D::I16 => Self::TypeInt16,
+            D::I32 => Self::TypeInt32,
+            D::I64 => Self::TypeInt64,
+            D::F16 => Self::TypeFp16,
+            D::BF16 => Self::TypeBf16,
+            D::F32 => Self::TypeFp32,
+            D::F64 => Self::TypeFp64,
+        }
+    }
+}

@@ -275,7 +275,7 @@ impl InferenceApi {
                 .enumerate()
                 .map(|(i, t)| pb::ModelInput {
                     name: v2::input_name(i),
-                    data_type: data_type(t.dtype) as i32,
+                    data_type: pb::DataType::from(t.dtype) as i32,
                     dims: dims(&t.shape),
                     ..Default::default()
                 })
@@ -286,7 +286,7 @@ impl InferenceApi {
                 .enumerate()
                 .map(|(i, t)| pb::ModelOutput {
                     name: v2::output_name(i),
-                    data_type: data_type(t.dtype) as i32,
+                    data_type: pb::DataType::from(t.dtype) as i32,
                     dims: dims(&t.shape),
                     ..Default::default()
                 })
@@ -530,23 +530,6 @@ impl InferenceApi {
             Some(m) if !name.is_empty() => m.to_string(),
             _ => "unknown".into(),
         }
-    }
-}
-
-/// The model configuration's datatype enum for a dtype.
-fn data_type(d: codec::WireDtype) -> pb::DataType {
-    use codec::WireDtype as D;
-    match d {
-        D::Bool => pb::DataType::TypeBool,
-        D::U8 => pb::DataType::TypeUint8,
-        D::I8 => pb::DataType::TypeInt8,
-        D::I16 => pb::DataType::TypeInt16,
-        D::I32 => pb::DataType::TypeInt32,
-        D::I64 => pb::DataType::TypeInt64,
-        D::F16 => pb::DataType::TypeFp16,
-        D::BF16 => pb::DataType::TypeBf16,
-        D::F32 => pb::DataType::TypeFp32,
-        D::F64 => pb::DataType::TypeFp64,
     }
 }
 

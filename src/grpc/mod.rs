@@ -230,34 +230,21 @@ pub fn observe(
         let duration_ms = elapsed.as_micros() as f64 / 1e3;
         let trace_id =
             crate::telemetry::otel::trace_id(&tracing::Span::current()).unwrap_or_default();
-        match error {
-            None => tracing::info!(
-                target: "splitserve::access",
-                model,
-                protocol,
-                method,
-                code = code_name(code),
-                duration_ms,
-                bytes_in,
-                bytes_out,
-                trace_id,
-                "request"
-            ),
-            // The answer's message names what was wrong (the shape, the limit).
-            Some(error) => tracing::info!(
-                target: "splitserve::access",
-                model,
-                protocol,
-                method,
-                code = code_name(code),
-                duration_ms,
-                bytes_in,
-                bytes_out,
-                trace_id,
-                error = %crate::codec::clip(error),
-                "request"
-            ),
-        }
+        // A failed answer's message names what was wrong (the shape, the limit).
+        let error = error.map(crate::codec::clip);
+        tracing::info!(
+            target: "splitserve::access",
+            model,
+            protocol,
+            method,
+            code = code_name(code),
+            duration_ms,
+            bytes_in,
+            bytes_out,
+            trace_id,
+            error = error.as_deref(),
+            "request"
+        );
     }
 }
 

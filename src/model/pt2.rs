@@ -413,21 +413,7 @@ pub fn package_config(
     let batched = cfg.max_batch_size > 0;
     let dims =
         |shape: &[i64]| -> Vec<i64> { shape.iter().skip(usize::from(batched)).copied().collect() };
-    let data_type = |d: WireDtype| -> i32 {
-        use WireDtype as D;
-        (match d {
-            D::Bool => pb::DataType::TypeBool,
-            D::U8 => pb::DataType::TypeUint8,
-            D::I8 => pb::DataType::TypeInt8,
-            D::I16 => pb::DataType::TypeInt16,
-            D::I32 => pb::DataType::TypeInt32,
-            D::I64 => pb::DataType::TypeInt64,
-            D::F16 => pb::DataType::TypeFp16,
-            D::BF16 => pb::DataType::TypeBf16,
-            D::F32 => pb::DataType::TypeFp32,
-            D::F64 => pb::DataType::TypeFp64,
-        }) as i32
-    };
+    let data_type = |d: WireDtype| pb::DataType::from(d) as i32;
     let unknown = || {
         "the package carries no input checks splitserve can read: list its inputs and \
          outputs (name, data_type, dims) in config.pbtxt"
