@@ -407,12 +407,29 @@ def test_gpu_values_request_a_gpu() -> None:
     pod = dep["spec"]["template"]["spec"]
     c = server_container(dep)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # A GPU pod's host memory is gpu.memory, not resources' CPU-sized one.
+    assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"] == "16Gi"
+    assert c["resources"]["limits"]["cpu"] == "4"
     assert c["image"].endswith(":0.1.0-cuda")
     assert env_of(c)["SPLITSERVE_DEVICE"]["value"] == "cuda"
     assert env_of(c)["CUDA_CACHE_PATH"]["value"].startswith("/tmp/")
     assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["runtimeClassName"] == "nvidia"
+
+
+def test_gpu_memory_follows_gpu_values(chart) -> None:
+    """gpu.memory sets a GPU pod's memory request and limit (default 16Gi
+    over the CPU-sized 2Gi); empty keeps resources' own; CPU pods never
+    see it."""
+    def memory(values: dict) -> tuple[str, str]:
+        res = server_container(one(render_values(chart, values), "Deployment"))["resources"]
+        return res["requests"]["memory"], res["limits"]["memory"]
+
+    assert memory({"gpu": {"enabled": True}}) == ("16Gi", "16Gi")
+    assert memory({"gpu": {"enabled": True, "memory": "40Gi"}}) == ("40Gi", "40Gi")
+    assert memory({"gpu": {"enabled": True, "memory": ""}}) == ("2Gi", "2Gi")
+    assert memory({"gpu": {"memory": "40Gi"}}) == ("2Gi", "2Gi")
 
 
 def test_default_values_request_no_gpu() -> None:

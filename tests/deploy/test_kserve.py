@@ -307,6 +307,7 @@ def test_chart_serving_runtime_on_gpus(chart) -> None:
     c = _container(runtime)
     assert c["image"].endswith(":0.1.0-cuda")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"] == "16Gi"
     env = _env_values(c)
     assert env["SPLITSERVE_DEVICE"] == "cuda" and env["CUDA_CACHE_PATH"].startswith("/tmp/")
     assert runtime["spec"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
