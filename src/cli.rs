@@ -575,6 +575,7 @@ impl ServeArgs {
             inter_op_threads: self.inter_op_threads,
             allow_oversubscription: self.allow_oversubscription,
             cuda: matches!(self.device, DeviceRequest::Cuda(_)),
+            auto_device: matches!(self.device, DeviceRequest::Auto),
         }
     }
 

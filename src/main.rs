@@ -57,14 +57,12 @@ fn serve_with_telemetry(config: ServerConfig) -> ExitCode {
         tracing::warn!(%plan, "thread plan oversubscribes the CPU budget (--allow-oversubscription)");
     }
     tracing::info!(%plan, planned_threads = plan.planned_threads(), "thread plan");
-    if matches!(
-        config.engine.device,
-        splitserve::model::DeviceRequest::Cuda(_)
-    ) && config.threads.workers == splitserve::plan::Auto::Auto
+    if let Some(why) =
+        splitserve::plan::cuda_workers_reason(&config.threads, splitserve::plan::cuda_starts)
     {
         tracing::info!(
             workers = plan.workers,
-            "--device cuda: automatic workers are at most {} (their forwards share one CUDA \
+            "{why}: automatic workers are at most {} (their forwards share one CUDA \
              stream; more would only queue there, each holding its own device memory)",
             splitserve::plan::CUDA_WORKERS
         );

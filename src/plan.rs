@@ -54,6 +54,10 @@ pub struct PlanRequest {
     /// at most [`CUDA_WORKERS`].
     #[serde(default)]
     pub cuda: bool,
+    /// `--device auto`: the models run on CUDA where it starts, and then
+    /// automatic workers are capped as for `--device cuda`.
+    #[serde(default)]
+    pub auto_device: bool,
 }
 
 /// Automatic workers on a CUDA device: every worker's forwards share one CUDA
@@ -61,6 +65,30 @@ pub struct PlanRequest {
 /// workspace and activations in device memory); two keep the GPU fed while
 /// one worker converts and copies.
 pub const CUDA_WORKERS: usize = 2;
+
+/// Why automatic workers are capped at [`CUDA_WORKERS`], or None: with
+/// `--workers auto`, `--device cuda`, or `--device auto` where CUDA starts
+/// (`cuda_starts` is asked only then). What the start-up log line says.
+pub fn cuda_workers_reason(
+    r: &PlanRequest,
+    cuda_starts: impl FnOnce() -> bool,
+) -> Option<&'static str> {
+    if r.workers != Auto::Auto {
+        None
+    } else if r.cuda {
+        Some("--device cuda")
+    } else if r.auto_device && cuda_starts() {
+        Some("--device auto found a CUDA device")
+    } else {
+        None
+    }
+}
+
+/// Whether libtorch can start CUDA in this process (the answer `--device
+/// auto` gets).
+pub fn cuda_starts() -> bool {
+    tch::Cuda::is_available()
+}
 
 impl Default for PlanRequest {
     fn default() -> Self {
@@ -72,6 +100,7 @@ impl Default for PlanRequest {
             inter_op_threads: 1,
             allow_oversubscription: false,
             cuda: false,
+            auto_device: false,
         }
     }
 }
@@ -365,17 +394,21 @@ impl ThreadPlan {
 
     /// The plan for a request, in this process's CPU budget.
     pub fn from_request(r: &PlanRequest) -> Result<ThreadPlan, PlanError> {
-        ThreadPlan::fit(r, CpuBudget::of_this_process(r.cpu_limit))
+        ThreadPlan::fit(r, CpuBudget::of_this_process(r.cpu_limit), cuda_starts)
     }
 
     /// The plan for a request in a given budget.
-    fn fit(r: &PlanRequest, budget: CpuBudget) -> Result<ThreadPlan, PlanError> {
+    fn fit(
+        r: &PlanRequest,
+        budget: CpuBudget,
+        cuda_starts: impl FnOnce() -> bool,
+    ) -> Result<ThreadPlan, PlanError> {
         ThreadPlan::new(
             budget,
             r.io_threads,
-            match r.workers {
-                Auto::Auto if r.cuda => Auto::Count(CUDA_WORKERS.min(budget.cores).max(1)),
-                w => w,
+            match cuda_workers_reason(r, cuda_starts) {
+                Some(_) => Auto::Count(CUDA_WORKERS.min(budget.cores).max(1)),
+                None => r.workers,
             },
             r.intra_op_threads,
             r.inter_op_threads,
@@ -638,14 +671,53 @@ mod tests {
             cuda,
             ..PlanRequest::default()
         };
-        let cpu = ThreadPlan::fit(&r(Auto::Auto, false), budget(8)).unwrap();
+        let no_gpu = || false;
+        let cpu = ThreadPlan::fit(&r(Auto::Auto, false), budget(8), no_gpu).unwrap();
         assert_eq!((cpu.workers, cpu.intra_op_threads), (8, 1));
         // The cores go to each worker's intra-op threads instead.
-        let cuda = ThreadPlan::fit(&r(Auto::Auto, true), budget(8)).unwrap();
+        let cuda = ThreadPlan::fit(&r(Auto::Auto, true), budget(8), no_gpu).unwrap();
         assert_eq!((cuda.workers, cuda.intra_op_threads), (CUDA_WORKERS, 4));
-        let one_core = ThreadPlan::fit(&r(Auto::Auto, true), budget(1)).unwrap();
+        let one_core = ThreadPlan::fit(&r(Auto::Auto, true), budget(1), no_gpu).unwrap();
         assert_eq!(one_core.workers, 1);
-        let asked = ThreadPlan::fit(&r(Auto::Count(3), true), budget(8)).unwrap();
+        let asked = ThreadPlan::fit(&r(Auto::Count(3), true), budget(8), no_gpu).unwrap();
         assert_eq!(asked.workers, 3, "an explicit --workers wins");
+    }
+
+    /// `--device auto` plans for the device it will get: few workers where
+    /// CUDA starts, one per core where it does not; and says why.
+    #[test]
+    fn auto_device_on_a_cuda_host_gets_few_workers_and_a_reason() {
+        let auto = |workers| PlanRequest {
+            workers,
+            auto_device: true,
+            ..PlanRequest::default()
+        };
+        let gpu_host = ThreadPlan::fit(&auto(Auto::Auto), budget(16), || true).unwrap();
+        assert_eq!(
+            (gpu_host.workers, gpu_host.intra_op_threads),
+            (CUDA_WORKERS, 8)
+        );
+        assert_eq!(
+            cuda_workers_reason(&auto(Auto::Auto), || true),
+            Some("--device auto found a CUDA device")
+        );
+        let cpu_host = ThreadPlan::fit(&auto(Auto::Auto), budget(16), || false).unwrap();
+        assert_eq!((cpu_host.workers, cpu_host.intra_op_threads), (16, 1));
+        assert_eq!(cuda_workers_reason(&auto(Auto::Auto), || false), None);
+        // An explicit --workers wins, and CUDA is not even asked.
+        let asked = ThreadPlan::fit(&auto(Auto::Count(6)), budget(16), || {
+            panic!("CUDA asked about for an explicit --workers")
+        })
+        .unwrap();
+        assert_eq!(asked.workers, 6);
+        // --device cpu never asks either.
+        let cpu = PlanRequest {
+            workers: Auto::Auto,
+            ..PlanRequest::default()
+        };
+        assert_eq!(
+            cuda_workers_reason(&cpu, || panic!("CUDA asked about for --device cpu")),
+            None
+        );
     }
 }
