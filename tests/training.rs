@@ -1510,3 +1510,54 @@ async fn checkpoints_that_do_not_load_are_refused_never_silently_replaced() {
     server.stop().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A refused step leaves no trace: a model that took an ordinary Adam step,
+/// had one refused (its second moment would overflow) and then took another
+/// ordinary step answers bit for bit as one that never saw the refused step,
+/// so the parameters and Adam's moments and step count were all restored
+/// exactly (the moments are stepped out of place and kept only when a step
+/// is accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_step_is_undone_exactly_parameters_and_optimizer_state() {
+    let x = values(5 * 4, 11);
+    let mut answers = Vec::new();
+    for with_refusal in [true, false] {
+        let server = TestServer::start(args(
+            &["m=builtin:mlp:4x8x3"],
+            &[
+                "--trainable",
+                "m",
+                "--optimizer",
+                "adam",
+                "--max-grad-norm",
+                "1e30",
+            ],
+        ))
+        .await;
+        let mut c = server.client().await;
+        for k in 0..2u32 {
+            if with_refusal && k == 1 {
+                let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+                let e = c
+                    .compute_backward(backward(&id, &[1e20; 15], &[5, 3], Some(10.0)))
+                    .await
+                    .unwrap_err();
+                assert!(e.message().contains("optimizer state"), "{}", e.message());
+            }
+            let (id, _) = train_forward(&mut c, "", &x, &[5, 4]).await;
+            c.compute_backward(backward(&id, &values(15, 30 + k), &[5, 3], Some(0.05)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            counter(&mut c, "optimizer_steps_rejected").await,
+            u64::from(with_refusal)
+        );
+        answers.push(infer(&mut c, "", &x, &[5, 4]).await);
+        server.stop().await.unwrap();
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "a refused step changed what later steps compute"
+    );
+}

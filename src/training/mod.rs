@@ -1030,13 +1030,19 @@ impl Training {
         let params = params.as_mut().map(Vec::as_mut_slice).unwrap_or_default();
         let clipped = tch::no_grad(|| clip_grad_norm(params, self.config.max_grad_norm))
             .map_err(|e| internal(model, e))?;
-        // What the step changes, kept so that a refused step can be undone.
-        let saved = tch::no_grad(|| Snapshot::take(params, momentum, adam))
-            .map_err(|e| internal(model, e))?;
+        // What a refused step must undo: the values of the parameters it
+        // writes (those with a gradient), copied only once the gradients are
+        // known to be finite. The optimizer state is stepped out of place into
+        // `next_*` and replaces the old only when the step is accepted, so it
+        // is never copied and a refusal just drops the new.
+        let mut saved = Snapshot::default();
+        let mut next_momentum: Vec<Option<Tensor>> = momentum.iter().map(|_| None).collect();
+        let mut next_adam: Vec<Option<(Tensor, Tensor, u64)>> = adam.iter().map(|_| None).collect();
         let stepped = tch::no_grad(|| -> Result<Option<Refusal>, StepError> {
             let Some(_) = clipped else {
                 return Ok(Some(Refusal::Gradient));
             };
+            saved = Snapshot::take(params)?;
             for (i, p) in params.iter_mut().enumerate() {
                 let g = p.grad();
                 if !g.defined() {
@@ -1048,17 +1054,21 @@ impl Training {
                     g
                 };
                 match settings.kind {
-                    OptimizerKind::Sgd => sgd(p, g, &mut momentum[i], lr, settings.momentum)?,
-                    OptimizerKind::Adam => adam_step(p, &g, &mut adam[i], lr, &settings)?,
+                    OptimizerKind::Sgd => {
+                        next_momentum[i] = sgd(p, g, momentum[i].as_ref(), lr, settings.momentum)?;
+                    }
+                    OptimizerKind::Adam => {
+                        next_adam[i] = Some(adam_step(p, &g, adam[i].as_ref(), lr, &settings)?);
+                    }
                 }
             }
             // One reduction (one device synchronisation) for everything the
             // step wrote; which part went non-finite only on the rare refusal.
             let state = || {
-                momentum
+                next_momentum
                     .iter()
                     .flatten()
-                    .chain(adam.iter().flatten().flat_map(|(m, v, _)| [m, v]))
+                    .chain(next_adam.iter().flatten().flat_map(|(m, v, _)| [m, v]))
             };
             if !all_finite_each(params.iter().chain(state()))? {
                 return Ok(Some(if all_finite_each(params.iter())? {
@@ -1085,23 +1095,32 @@ impl Training {
             Ok(None) => None,
             Ok(Some(why)) => Some(why),
             Err(e) => {
-                // A failed update may have changed some tensors: undo it too.
+                // A failed update may have changed some parameters: undo it too.
                 let params = state.params.as_deref_mut().unwrap_or_default();
-                tch::no_grad(|| saved.restore(params, &mut state.momentum, &mut state.adam))
-                    .map_err(|e| internal(model, e))?;
+                tch::no_grad(|| saved.restore(params)).map_err(|e| internal(model, e))?;
                 return Err(e.into_error(model));
             }
         };
         if let Some(why) = refused {
             let params = state.params.as_deref_mut().unwrap_or_default();
-            tch::no_grad(|| saved.restore(params, &mut state.momentum, &mut state.adam))
-                .map_err(|e| internal(model, e))?;
+            tch::no_grad(|| saved.restore(params)).map_err(|e| internal(model, e))?;
             drop(version);
             self.refuse(index, model, state, why, lr);
             return Err(TrainingError::StepRejected {
                 model: model.name.clone(),
                 why,
             });
+        }
+        // Accepted: the stepped optimizer state replaces the old.
+        for (old, new) in state.momentum.iter_mut().zip(next_momentum) {
+            if new.is_some() {
+                *old = new;
+            }
+        }
+        for (old, new) in state.adam.iter_mut().zip(next_adam) {
+            if new.is_some() {
+                *old = new;
+            }
         }
         if clipped == Some(true) {
             self.stats.grads_clipped.fetch_add(1, Ordering::Relaxed);
@@ -1362,110 +1381,89 @@ fn probe_finite(model: &Model) -> Result<bool, StepError> {
     Ok(!y.is_floating_point() || all_finite(&y)?)
 }
 
-/// Copies of the parameters and optimizer state one step changes.
+/// Copies of the parameters one step writes (those with a gradient): all a
+/// refused step needs to undo, since the optimizer state is stepped out of
+/// place and kept only when the step is accepted.
+#[derive(Default)]
 struct Snapshot {
-    params: Vec<Tensor>,
-    momentum: Vec<Option<Tensor>>,
-    adam: Vec<Option<(Tensor, Tensor, u64)>>,
+    /// Per parameter: its values before the step, or None when the step
+    /// does not write it (no gradient).
+    params: Vec<Option<Tensor>>,
 }
 
 impl Snapshot {
-    fn take(
-        params: &[Tensor],
-        momentum: &[Option<Tensor>],
-        adam: &[Option<(Tensor, Tensor, u64)>],
-    ) -> Result<Snapshot, tch::TchError> {
+    fn take(params: &[Tensor]) -> Result<Snapshot, tch::TchError> {
         Ok(Snapshot {
             params: params
                 .iter()
-                .map(|p| p.f_detach_copy())
-                .collect::<Result<_, _>>()?,
-            momentum: momentum
-                .iter()
-                .map(|b| b.as_ref().map(Tensor::f_detach_copy).transpose())
-                .collect::<Result<_, _>>()?,
-            adam: adam
-                .iter()
-                .map(|s| {
-                    s.as_ref()
-                        .map(|(m, v, t)| Ok((m.f_detach_copy()?, v.f_detach_copy()?, *t)))
-                        .transpose()
+                .map(|p| {
+                    if p.grad().defined() {
+                        p.f_detach_copy().map(Some)
+                    } else {
+                        Ok(None)
+                    }
                 })
-                .collect::<Result<_, tch::TchError>>()?,
+                .collect::<Result<_, _>>()?,
         })
     }
 
     /// Writes the saved values back in place (the tensors the model holds).
-    fn restore(
-        self,
-        params: &mut [Tensor],
-        momentum: &mut [Option<Tensor>],
-        adam: &mut [Option<(Tensor, Tensor, u64)>],
-    ) -> Result<(), tch::TchError> {
+    fn restore(self, params: &mut [Tensor]) -> Result<(), tch::TchError> {
         for (p, saved) in params.iter_mut().zip(&self.params) {
-            p.f_copy_(saved)?;
-        }
-        for (b, saved) in momentum.iter_mut().zip(self.momentum) {
-            *b = saved;
-        }
-        for (s, saved) in adam.iter_mut().zip(self.adam) {
-            *s = saved;
+            if let Some(saved) = saved {
+                p.f_copy_(saved)?;
+            }
         }
         Ok(())
     }
 }
 
-/// `torch.optim.SGD` (no dampening, no Nesterov): weight decay is already in `g`.
+/// `torch.optim.SGD` (no dampening, no Nesterov): weight decay is already in
+/// `g`. Writes `p` in place; returns the new momentum buffer (computed out of
+/// place from `buf`, which stays as it was), None without momentum.
 fn sgd(
     p: &mut Tensor,
     g: Tensor,
-    buf: &mut Option<Tensor>,
+    buf: Option<&Tensor>,
     lr: f64,
     momentum: f64,
-) -> Result<(), tch::TchError> {
-    let d = if momentum != 0.0 {
-        match buf {
-            Some(b) => {
-                let _ = b.f_mul_scalar_(momentum)?.f_add_(&g)?;
-                b.shallow_clone()
-            }
-            None => {
-                let b = g.f_detach_copy()?;
-                *buf = Some(b.shallow_clone());
-                b
-            }
-        }
+) -> Result<Option<Tensor>, tch::TchError> {
+    let (d, next) = if momentum != 0.0 {
+        let b = match buf {
+            Some(b) => b.f_mul_scalar(momentum)?.f_add(&g)?,
+            None => g.f_detach_copy()?,
+        };
+        (b.shallow_clone(), Some(b))
     } else {
-        g
+        (g, None)
     };
     let _ = p.f_sub_(&d.f_mul_scalar(lr)?)?;
-    Ok(())
+    Ok(next)
 }
 
 /// `torch.optim.Adam` (no AMSGrad), as its single-tensor implementation computes
-/// it; weight decay is already in `g`.
+/// it; weight decay is already in `g`. Writes `p` in place; returns the new
+/// moments and step count (computed out of place: `state` stays as it was).
 fn adam_step(
     p: &mut Tensor,
     g: &Tensor,
-    state: &mut Option<(Tensor, Tensor, u64)>,
+    state: Option<&(Tensor, Tensor, u64)>,
     lr: f64,
     settings: &OptimizerSettings,
-) -> Result<(), tch::TchError> {
+) -> Result<(Tensor, Tensor, u64), tch::TchError> {
     let (b1, b2) = (settings.betas.0, settings.betas.1);
-    if state.is_none() {
-        *state = Some((p.f_zeros_like()?, p.f_zeros_like()?, 0));
-    }
-    let Some((m, v, t)) = state.as_mut() else {
-        return Ok(());
+    let (m0, v0, t0) = match state {
+        Some((m, v, t)) => (m.shallow_clone(), v.shallow_clone(), *t),
+        None => (p.f_zeros_like()?, p.f_zeros_like()?, 0),
     };
     // Saturates: a count restored near 2^64 must never wrap to 0.
-    *t = t.saturating_add(1);
-    let _ = m.f_lerp_(g, 1.0 - b1)?;
-    let _ = v
-        .f_mul_scalar_(b2)?
-        .f_add_(&g.f_mul(g)?.f_mul_scalar(1.0 - b2)?)?;
+    let t = t0.saturating_add(1);
+    let m = m0.f_lerp(g, 1.0 - b1)?;
+    let v = v0
+        .f_mul_scalar(b2)?
+        .f_add(&g.f_mul(g)?.f_mul_scalar(1.0 - b2)?)?;
     // b^t for b in [0, 1); past i32::MAX steps it is 0 in any float.
-    let pow = |b: f64| i32::try_from(*t).map_or(0.0, |t| b.powi(t));
+    let pow = |b: f64| i32::try_from(t).map_or(0.0, |t| b.powi(t));
     let bias_correction1 = 1.0 - pow(b1);
     let bias_correction2 = 1.0 - pow(b2);
     let step_size = lr / bias_correction1;
@@ -1474,7 +1472,7 @@ fn adam_step(
         .f_div_scalar(bias_correction2.sqrt())?
         .f_add_scalar(settings.eps)?;
     let _ = p.f_sub_(&m.f_div(&denom)?.f_mul_scalar(step_size)?)?;
-    Ok(())
+    Ok((m, v, t))
 }
 
 /// One incremental-decoding step (no_grad, like any inference).
@@ -1526,15 +1524,14 @@ mod tests {
     fn sgd_with_momentum_matches_the_pytorch_formula() {
         let _g = tch::no_grad_guard();
         let mut p = params();
-        let mut buf = None;
         // Step 1: buf = g; p -= lr * buf.  Step 2: buf = 0.9 buf + g.
         set_grad(&p, &[1.0, 2.0, -1.0]);
         let g = p.grad().copy();
-        sgd(&mut p, g, &mut buf, 0.1, 0.9).unwrap();
+        let buf = sgd(&mut p, g, None, 0.1, 0.9).unwrap();
         p.zero_grad();
         set_grad(&p, &[1.0, 0.0, 0.0]);
         let g = p.grad().copy();
-        sgd(&mut p, g, &mut buf, 0.1, 0.9).unwrap();
+        let _ = sgd(&mut p, g, buf.as_ref(), 0.1, 0.9).unwrap();
         let want = [
             0.5 - 0.1 - 0.1 * 1.9,
             -1.0 - 0.2 - 0.1 * 1.8,
@@ -1555,15 +1552,14 @@ mod tests {
             betas: AdamBetas(0.9, 0.999),
             ..Default::default()
         };
-        let mut state = None;
         let g = p.grad().copy();
-        adam_step(&mut p, &g, &mut state, 0.01, &settings).unwrap();
+        let state = adam_step(&mut p, &g, None, 0.01, &settings).unwrap();
         // Bias-corrected first step: m/sqrt(v) = sign(g), so p -= lr * sign(g).
         let got = values(&p);
         assert!((got[0] - 0.49).abs() < 1e-6, "{got:?}");
         assert!((got[1] + 0.99).abs() < 1e-6, "{got:?}");
         assert_eq!(got[2], 2.0, "a zero gradient leaves the parameter alone");
-        assert_eq!(state.unwrap().2, 1);
+        assert_eq!(state.2, 1);
     }
 
     fn training(cache_bytes: u64) -> Training {
