@@ -411,6 +411,17 @@ pub async fn run(
                     Some(tch::Device::Cuda(n)) => Some(n as u32),
                     _ => None,
                 });
+                // GPU metrics cover the CUDA devices the models run on.
+                let cuda: Vec<u32> = engine
+                    .loaded()
+                    .iter()
+                    .filter_map(|m| m.device.strip_prefix("cuda:")?.parse().ok())
+                    .chain(match engine.device() {
+                        Some(tch::Device::Cuda(n)) => Some(n as u32),
+                        _ => None,
+                    })
+                    .collect();
+                telemetry::system::use_gpus(&cuda);
                 tracing::info!(addr = ?config.grpc_addr, "serving");
             }
             // Checkpoints that exist but do not load are the operator's to fix.

@@ -187,8 +187,11 @@ pub mod limit {
 #[error("metrics registry: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
+/// A gauge per GPU: `device` is the CUDA device as this process names it
+/// (`cuda:N`); `gpu_uuid` and `pci_bus_id` name the GPU across processes and
+/// hosts (empty where NVML does not say).
 fn gauge_per_device(name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
-    GaugeVec::new(Opts::new(name, help), &["device"])
+    GaugeVec::new(Opts::new(name, help), &["device", "gpu_uuid", "pci_bus_id"])
 }
 
 fn histogram(
@@ -574,17 +577,24 @@ impl Metrics {
                 periods,
             );
         }
-        let gpus = system::gpu_readings();
-        self.triton.refresh_system(&gpus);
-        self.record_gpus(&gpus);
+        // The GPU sampler thread's latest readings: no NVML call here.
+        self.triton.refresh_system();
+        self.record_gpus(&system::gpu_samples());
     }
 
-    /// Sets the GPU gauges from NVML's readings; a field NVML could not read
-    /// leaves its series absent rather than 0.
-    pub fn record_gpus(&self, readings: &[system::GpuReading]) {
-        for g in readings {
-            let d = format!("cuda:{}", g.index);
-            let d = [d.as_str()];
+    /// Sets the GPU gauges from NVML's readings of the GPUs this process uses;
+    /// a field NVML could not read leaves its series absent rather than 0.
+    /// Triton's `nv_gpu_*` too.
+    pub fn record_gpus(&self, samples: &[system::GpuSample]) {
+        self.triton.record_gpus(samples);
+        for s in samples {
+            let g = &s.reading;
+            let device = format!("cuda:{}", g.device);
+            let d = [
+                device.as_str(),
+                s.uuid.as_deref().unwrap_or_default(),
+                s.pci_bus_id.as_deref().unwrap_or_default(),
+            ];
             self.gpu_memory_used
                 .with_label_values(&d)
                 .set(g.memory_used_bytes as f64);
@@ -758,7 +768,8 @@ mod tests {
             &m.gpu_utilization,
             &m.gpu_process_memory,
         ] {
-            g.with_label_values(&["cuda:0"]).set(1.0);
+            g.with_label_values(&["cuda:0", "GPU-0", "00000000:01:00.0"])
+                .set(1.0);
         }
         let text = m.render();
 
@@ -805,38 +816,109 @@ mod tests {
         }
     }
 
+    /// GPU series from a fake NVML reading: only the GPUs this process uses,
+    /// found through CUDA_VISIBLE_DEVICES, labelled with the CUDA device, the
+    /// UUID and the PCI bus id; utilization absent (not 0) on MIG, and any
+    /// field NVML cannot read absent.
     #[test]
-    fn gpu_series_from_a_fake_nvml_reading_leave_unreadable_fields_absent() {
-        let m = Metrics::new("2.13.0+cu130").unwrap();
-        let full = system::GpuReading {
-            index: 0,
-            utilization: Some(0.25),
-            memory_used_bytes: 3 << 30,
-            memory_total_bytes: 80 << 30,
+    fn gpu_series_from_a_fake_nvml_reading_are_labelled_and_leave_unreadable_fields_absent() {
+        let gpu = |index: u32| system::NvmlDevice {
+            index,
+            uuid: Some(format!("GPU-{index}aaa-{index}")),
+            pci_bus_id: Some(format!("00000000:0{index}:00.0")),
+            utilization: Some(0.25 * index as f32),
+            memory_used_bytes: Some(u64::from(index) << 30),
+            memory_total_bytes: Some(80 << 30),
             process_memory_bytes: Some(1 << 30),
+            ..Default::default()
         };
-        // A MIG instance: NVML reads no utilization and no per-process memory.
-        let mig = system::GpuReading {
-            index: 1,
-            utilization: None,
+        // Four GPUs; 2 is in MIG mode with one instance; 3's memory is unreadable.
+        let mut devices: Vec<_> = (0..4).map(gpu).collect();
+        devices[2].mig_mode = true;
+        devices[2].utilization = Some(0.0);
+        devices[3].memory_used_bytes = None;
+        devices.push(system::NvmlDevice {
+            index: 2,
+            uuid: Some("MIG-77".into()),
+            pci_bus_id: Some("00000000:02:00.0".into()),
+            mig_instance: true,
+            utilization: Some(0.0),
+            memory_used_bytes: Some(1 << 30),
+            memory_total_bytes: Some(10 << 30),
             process_memory_bytes: None,
-            ..full
-        };
-        m.record_gpus(&[full, mig]);
+            ..Default::default()
+        });
+
+        // CUDA_VISIBLE_DEVICES=1,3: cuda:0 is GPU 1; this process uses cuda:0 only.
+        let m = Metrics::new("2.13.0+cu130").unwrap();
+        m.record_gpus(&system::select_gpus(&devices, &[0], Some("1,3")));
         let text = m.render();
+        let labels = r#"{device="cuda:0",gpu_uuid="GPU-1aaa-1",pci_bus_id="00000000:01:00.0"}"#;
         for line in [
-            "splitserve_gpu_utilization_ratio{device=\"cuda:0\"} 0.25",
-            "splitserve_gpu_memory_total_bytes{device=\"cuda:1\"} 85899345920",
-            "splitserve_gpu_memory_used_bytes{device=\"cuda:1\"} 3221225472",
+            format!("splitserve_gpu_utilization_ratio{labels} 0.25"),
+            format!("splitserve_gpu_memory_used_bytes{labels} 1073741824"),
+            format!("splitserve_gpu_memory_total_bytes{labels} 85899345920"),
+            format!("splitserve_gpu_process_memory_bytes{labels} 1073741824"),
+            r#"nv_gpu_memory_used_bytes{gpu_uuid="GPU-1aaa-1"} 1073741824"#.to_string(),
         ] {
-            assert!(text.contains(line), "missing {line}:\n{text}");
+            assert!(text.contains(&line), "missing {line}:\n{text}");
         }
+        for other in ["GPU-0aaa", "GPU-2aaa", "GPU-3aaa", "MIG-77"] {
+            assert!(
+                !text.contains(other),
+                "a GPU this process does not use is exported: {other}:\n{text}"
+            );
+        }
+        assert_eq!(
+            text.matches("splitserve_gpu_memory_total_bytes{").count(),
+            1,
+            "{text}"
+        );
+
+        // Unset, cuda:N is GPU N; cuda:1 by UUID prefix; a MIG instance by UUID.
+        let pick = |ordinal, visible| {
+            system::select_gpus(&devices, &[ordinal], visible)
+                .first()
+                .and_then(|s| s.uuid.clone())
+        };
+        assert_eq!(pick(2, None).as_deref(), Some("GPU-2aaa-2"));
+        assert_eq!(
+            pick(1, Some("GPU-0aaa,GPU-1aaa")).as_deref(),
+            Some("GPU-1aaa-1")
+        );
+        assert_eq!(pick(0, Some("GPU-")), None, "a prefix naming several GPUs");
+        assert_eq!(pick(0, Some("MIG-77")).as_deref(), Some("MIG-77"));
+        assert_eq!(
+            pick(1, Some("0,bogus,1")),
+            None,
+            "CUDA stops at an unreadable entry"
+        );
+        assert_eq!(pick(0, Some("")), None, "an empty list hides every GPU");
+
+        // MIG (the instance, and the whole GPU in MIG mode): utilization
+        // absent, not 0; memory still read. GPU 3: its unreadable memory
+        // leaves it out rather than exporting 0.
+        let m = Metrics::new("2.13.0+cu130").unwrap();
+        let mig = system::select_gpus(&devices, &[0], Some("MIG-77"));
+        let mig_mode = system::select_gpus(&devices, &[0], Some("2"));
+        let unreadable = system::select_gpus(&devices, &[0], Some("3"));
+        assert!(unreadable.is_empty(), "{unreadable:?}");
+        assert_eq!(mig_mode[0].reading.utilization, None);
+        m.record_gpus(&mig);
+        let text = m.render();
         assert!(
-            !text.contains("splitserve_gpu_utilization_ratio{device=\"cuda:1\"}"),
-            "an unreadable utilization must be absent, not 0:\n{text}"
+            text.contains(
+                r#"splitserve_gpu_memory_total_bytes{device="cuda:0",gpu_uuid="MIG-77",pci_bus_id="00000000:02:00.0"} 10737418240"#
+            ),
+            "{text}"
         );
         assert!(
-            !text.contains("splitserve_gpu_process_memory_bytes{device=\"cuda:1\"}"),
+            !text.contains("splitserve_gpu_utilization_ratio{"),
+            "a MIG utilization must be absent, not 0:\n{text}"
+        );
+        assert!(!text.contains("nv_gpu_utilization{"), "{text}");
+        assert!(
+            !text.contains("splitserve_gpu_process_memory_bytes{"),
             "{text}"
         );
     }

@@ -1,8 +1,10 @@
 //! Readings of the process, its cgroup and the GPUs: /proc, cgroup v1/v2 files,
 //! and NVML loaded at run time (no NVML: no GPU readings, no error). Plus the
-//! sampler and cache behind `monitoring_data` and StreamMonitoring.
+//! sampler and cache behind `monitoring_data` and StreamMonitoring, and the
+//! GPU sampler thread: NVML is initialised and read there only, into a cache
+//! that scrapes and handlers read.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// One resource reading, in the units splitlearn_comm's MonitoringSnapshot uses.
@@ -19,17 +21,117 @@ pub struct ResourceSnapshot {
     pub gpu: Option<GpuReading>,
 }
 
-/// One GPU's state from NVML.
+/// One GPU's state from NVML, for the CUDA device this process knows it as.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GpuReading {
-    pub index: u32,
+    /// The CUDA ordinal (`cuda:N`) in this process, under `CUDA_VISIBLE_DEVICES`.
+    pub device: u32,
     /// 0..1 of the last sample period with a kernel running; None where NVML
-    /// cannot say (a MIG instance, an unsupported board): absent, not 0.
+    /// cannot say (a MIG instance or a GPU in MIG mode, an unsupported board):
+    /// absent, not 0.
     pub utilization: Option<f32>,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
-    /// This process's own GPU memory, where the driver reports it.
+    /// This process's own GPU memory, where the driver reports it (not inside
+    /// a container whose PIDs the driver does not see).
     pub process_memory_bytes: Option<u64>,
+}
+
+/// A [`GpuReading`] with the names that identify the GPU across processes
+/// and hosts: what the metrics are labelled with.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuSample {
+    /// NVML's UUID: `GPU-...`, or `MIG-...` for a MIG instance.
+    pub uuid: Option<String>,
+    /// `domain:bus:device.function`, as `nvidia-smi` and the kubelet show it.
+    pub pci_bus_id: Option<String>,
+    pub reading: GpuReading,
+}
+
+/// What NVML says about one device it sees: a whole GPU (`index` is NVML's
+/// index) or a MIG instance of GPU `index`. What the sampler thread fills from
+/// NVML, and tests by hand.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NvmlDevice {
+    pub index: u32,
+    pub uuid: Option<String>,
+    pub pci_bus_id: Option<String>,
+    /// A MIG instance rather than a whole GPU.
+    pub mig_instance: bool,
+    /// A whole GPU in MIG mode: its utilization is not any instance's.
+    pub mig_mode: bool,
+    pub utilization: Option<f32>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub process_memory_bytes: Option<u64>,
+}
+
+/// Which device NVML shows is CUDA ordinal `ordinal` of this process:
+/// `CUDA_VISIBLE_DEVICES` (`visible`) lists indices, `GPU-` UUIDs (or their
+/// prefixes) or `MIG-` UUIDs, and CUDA numbers what it lists from 0, stopping
+/// at the first entry it cannot read; unset, ordinal N is GPU N. (CUDA orders
+/// unlisted GPUs fastest first: on a host with different GPU models set
+/// `CUDA_DEVICE_ORDER=PCI_BUS_ID`, which is NVML's order.)
+pub fn nvml_device_of<'a>(
+    devices: &'a [NvmlDevice],
+    ordinal: u32,
+    visible: Option<&str>,
+) -> Option<&'a NvmlDevice> {
+    let whole = |i: u32| devices.iter().find(|d| d.index == i && !d.mig_instance);
+    let Some(list) = visible else {
+        return whole(ordinal);
+    };
+    let entry = list.split(',').map(str::trim).nth(ordinal as usize)?;
+    // CUDA ignores every entry from the first it cannot read.
+    let readable =
+        |e: &str| e.parse::<u32>().is_ok() || e.starts_with("GPU-") || e.starts_with("MIG-");
+    if !list
+        .split(',')
+        .map(str::trim)
+        .take(ordinal as usize + 1)
+        .all(readable)
+    {
+        return None;
+    }
+    if let Ok(i) = entry.parse::<u32>() {
+        return whole(i);
+    }
+    let mut matching = devices.iter().filter(|d| {
+        d.uuid.as_deref().is_some_and(|u| u.starts_with(entry))
+            && d.mig_instance == entry.starts_with("MIG-")
+    });
+    // A prefix must name one device.
+    match (matching.next(), matching.next()) {
+        (Some(d), None) => Some(d),
+        _ => None,
+    }
+}
+
+/// The samples of the CUDA devices this process uses (`ordinals`), from what
+/// NVML shows: nothing for a GPU it does not use, utilization absent on MIG,
+/// and a device NVML cannot read the memory of left out.
+pub fn select_gpus(
+    devices: &[NvmlDevice],
+    ordinals: &[u32],
+    visible: Option<&str>,
+) -> Vec<GpuSample> {
+    ordinals
+        .iter()
+        .filter_map(|&ordinal| {
+            let d = nvml_device_of(devices, ordinal, visible)?;
+            Some(GpuSample {
+                uuid: d.uuid.clone(),
+                pci_bus_id: d.pci_bus_id.clone(),
+                reading: GpuReading {
+                    device: ordinal,
+                    utilization: d.utilization.filter(|_| !d.mig_instance && !d.mig_mode),
+                    memory_used_bytes: d.memory_used_bytes?,
+                    memory_total_bytes: d.memory_total_bytes?,
+                    process_memory_bytes: d.process_memory_bytes,
+                },
+            })
+        })
+        .collect()
 }
 
 /// NVML, initialised once on first use; None where there is no NVIDIA driver.
@@ -81,35 +183,123 @@ pub fn cuda_unavailable_reason(cuda_build: bool) -> String {
     }
 }
 
-/// Every GPU NVML sees, with this process's memory on each.
-pub fn gpu_readings() -> Vec<GpuReading> {
+/// Every device NVML sees (GPUs, and the MIG instances of GPUs in MIG mode),
+/// with this process's memory on each. Blocks on NVML: the sampler thread's.
+fn nvml_devices() -> Vec<NvmlDevice> {
+    use nvml_wrapper::enums::device::UsedGpuMemory;
     let Some(nvml) = nvml() else {
         return Vec::new();
     };
     let pid = std::process::id();
-    let count = nvml.device_count().unwrap_or(0);
-    (0..count)
-        .filter_map(|index| {
-            let dev = nvml.device_by_index(index).ok()?;
-            let mem = dev.memory_info().ok()?;
-            let utilization = dev.utilization_rates().ok().map(|u| u.gpu as f32 / 100.0);
-            let process_memory_bytes = dev.running_compute_processes().ok().and_then(|ps| {
+    let read = |index: u32, dev: &nvml_wrapper::Device<'_>, mig_instance: bool| {
+        let mem = dev.memory_info().ok();
+        let mig_mode = !mig_instance && dev.mig_mode().is_ok_and(|m| m.current == 1);
+        NvmlDevice {
+            index,
+            uuid: dev.uuid().ok(),
+            pci_bus_id: dev.pci_info().ok().map(|p| p.bus_id),
+            mig_instance,
+            mig_mode,
+            utilization: dev.utilization_rates().ok().map(|u| u.gpu as f32 / 100.0),
+            memory_used_bytes: mem.as_ref().map(|m| m.used),
+            memory_total_bytes: mem.as_ref().map(|m| m.total),
+            process_memory_bytes: dev.running_compute_processes().ok().and_then(|ps| {
                 ps.iter()
                     .find(|p| p.pid == pid)
                     .and_then(|p| match p.used_gpu_memory {
-                        nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
-                        nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                        UsedGpuMemory::Used(b) => Some(b),
+                        UsedGpuMemory::Unavailable => None,
                     })
+            }),
+        }
+    };
+    let mut out = Vec::new();
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let Ok(dev) = nvml.device_by_index(index) else {
+            continue;
+        };
+        let gpu = read(index, &dev, false);
+        if gpu.mig_mode {
+            for i in 0..dev.mig_device_count().unwrap_or(0) {
+                if let Ok(mig) = dev.mig_device_by_index(i) {
+                    let mut m = read(index, &mig, true);
+                    m.pci_bus_id = gpu.pci_bus_id.clone();
+                    out.push(m);
+                }
+            }
+        }
+        out.push(gpu);
+    }
+    out
+}
+
+/// The GPU readings scrapes and handlers see, refreshed by the sampler thread.
+#[derive(Default)]
+struct GpuCache {
+    /// CUDA ordinals this process runs models on.
+    used: Mutex<Vec<u32>>,
+    samples: RwLock<Vec<GpuSample>>,
+}
+
+fn gpu_cache() -> &'static GpuCache {
+    static CACHE: OnceLock<GpuCache> = OnceLock::new();
+    CACHE.get_or_init(GpuCache::default)
+}
+
+/// How often the sampler thread reads NVML.
+pub const GPU_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Records that this process runs models on these CUDA ordinals, and starts
+/// the GPU sampler thread (once per process): it initialises NVML and reads
+/// it every [`GPU_SAMPLE_EVERY`] into the cache [`gpu_samples`] reads, so no
+/// I/O thread ever waits on NVML.
+pub fn use_gpus(ordinals: &[u32]) {
+    if ordinals.is_empty() {
+        return;
+    }
+    {
+        let mut used = gpu_cache().used.lock().unwrap_or_else(|p| p.into_inner());
+        for o in ordinals {
+            if !used.contains(o) {
+                used.push(*o);
+            }
+        }
+        used.sort_unstable();
+    }
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("splitserve-gpu-sampler".into())
+            .spawn(|| {
+                let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+                loop {
+                    let used = gpu_cache()
+                        .used
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let samples = select_gpus(&nvml_devices(), &used, visible.as_deref());
+                    *gpu_cache()
+                        .samples
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = samples;
+                    std::thread::sleep(GPU_SAMPLE_EVERY);
+                }
             });
-            Some(GpuReading {
-                index,
-                utilization,
-                memory_used_bytes: mem.used,
-                memory_total_bytes: mem.total,
-                process_memory_bytes,
-            })
-        })
-        .collect()
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the GPU sampler thread: no GPU metrics");
+        }
+    });
+}
+
+/// The latest samples of the GPUs this process uses (empty before the
+/// sampler's first reading, and without NVML). Never calls NVML.
+pub fn gpu_samples() -> Vec<GpuSample> {
+    gpu_cache()
+        .samples
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 /// Sum of a `Key: value` counter over every thread of a process (`pid` is a
@@ -256,9 +446,12 @@ impl Sampler {
                 0.0
             },
             gpu_available: self.gpu_device.is_some(),
-            gpu: self
-                .gpu_device
-                .and_then(|d| gpu_readings().into_iter().find(|g| g.index == d)),
+            gpu: self.gpu_device.and_then(|d| {
+                gpu_samples()
+                    .into_iter()
+                    .map(|g| g.reading)
+                    .find(|g| g.device == d)
+            }),
         }
     }
 }
@@ -302,11 +495,6 @@ impl SnapshotCache {
             }
         });
     }
-}
-
-/// The UUID NVML gives GPU `index` ("GPU-..."), as Triton labels its GPU families.
-pub fn gpu_uuid(index: u32) -> Option<String> {
-    nvml()?.device_by_index(index).ok()?.uuid().ok()
 }
 
 #[cfg(test)]

@@ -244,8 +244,8 @@ impl TritonMetrics {
         }
     }
 
-    /// Takes the CPU readings (/proc/stat, /proc/meminfo) and the GPUs'.
-    pub fn refresh_system(&self, gpus: &[super::system::GpuReading]) {
+    /// Takes the CPU readings (/proc/stat, /proc/meminfo).
+    pub fn refresh_system(&self) {
         if let Some((busy, total)) = read_cpu_jiffies() {
             let mut last = self.last_cpu.lock().unwrap_or_else(|p| p.into_inner());
             let (b0, t0) = last.unwrap_or((0, 0));
@@ -261,9 +261,16 @@ impl TritonMetrics {
             self.cpu_memory_used
                 .set(total.saturating_sub(available) as i64);
         }
-        for g in gpus {
-            let uuid =
-                super::system::gpu_uuid(g.index).unwrap_or_else(|| format!("GPU-{}", g.index));
+    }
+
+    /// Sets the GPU gauges, labelled by UUID, from the GPU sampler's readings.
+    pub fn record_gpus(&self, gpus: &[super::system::GpuSample]) {
+        for s in gpus {
+            let g = &s.reading;
+            let uuid = s
+                .uuid
+                .clone()
+                .unwrap_or_else(|| format!("cuda:{}", g.device));
             let l = [uuid.as_str()];
             // Absent, not 0, where NVML cannot read it (a MIG instance).
             if let Some(u) = g.utilization {
