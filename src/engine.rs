@@ -210,6 +210,8 @@ struct ModelMetrics {
     kv_prefill_chunks: IntCounter,
     /// Triton's families of this model version.
     triton: TritonModel,
+    /// Warm-ups run by workers on their own threads.
+    warmups: IntCounter,
 }
 
 /// A request refused without an answer: counted by reason, and as one of
@@ -249,6 +251,7 @@ impl ModelMetrics {
             kv_decoded_tokens: m.kv_decoded_tokens.with_label_values(&[model]),
             kv_mixed_batches: m.kv_decode_mixed_batches.with_label_values(&[model]),
             kv_prefill_chunks: m.kv_prefill_chunks.with_label_values(&[model]),
+            warmups: m.worker_warmups.with_label_values(&[model]),
         }
     }
 }
@@ -329,6 +332,8 @@ struct Unit {
     /// Replaced or unloaded: takes no new request, finishes its queue, then goes.
     /// Set under the queue lock.
     retired: AtomicBool,
+    /// Per worker: it has run this model's warm-up on its own thread.
+    warmed: Vec<AtomicBool>,
 }
 
 /// A unit and its queue.
@@ -1073,6 +1078,7 @@ fn build_unit(
             .clamp(1, workers.max(1)),
         running: AtomicUsize::new(0),
         retired: AtomicBool::new(false),
+        warmed: (0..workers).map(|_| AtomicBool::new(false)).collect(),
         metrics: ModelMetrics::new(&shared.metrics, &info.name, info.version),
         info,
         model: m,
@@ -1272,11 +1278,14 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
     for unit in units {
         drop(install(shared, unit));
     }
+    let warming = Instant::now();
+    let (warmed_tx, warmed) = std::sync::mpsc::channel();
     for i in 0..shared.config.plan.workers {
         let s = shared.clone();
+        let warmed_tx = warmed_tx.clone();
         match std::thread::Builder::new()
             .name(format!("splitserve-worker-{i}"))
-            .spawn(move || worker_loop(s, i))
+            .spawn(move || worker_loop(s, i, warmed_tx))
         {
             Ok(_) => {}
             Err(e) => {
@@ -1287,6 +1296,19 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
             }
         }
     }
+    drop(warmed_tx);
+    // Ready once every worker has run every model on its own thread; a worker
+    // that died meanwhile ends the wait early (recv fails once all are gone).
+    for _ in 0..shared.config.plan.workers {
+        if warmed.recv().is_err() {
+            break;
+        }
+    }
+    tracing::info!(
+        workers = shared.config.plan.workers,
+        elapsed_ms = warming.elapsed().as_millis() as u64,
+        "every worker warmed the models up"
+    );
     shared.status.send_if_modified(|s| {
         if *s == EngineStatus::Loading {
             *s = EngineStatus::Ready;
@@ -1301,17 +1323,31 @@ fn load_then_start_workers(shared: &Arc<Shared>) -> bool {
     true
 }
 
-fn worker_loop(shared: Arc<Shared>, index: usize) {
+fn worker_loop(shared: Arc<Shared>, index: usize, warmed: std::sync::mpsc::Sender<()>) {
     if let Some(plan) = shared.applied_plan.get() {
         ThreadPlan::pin_this_thread(plan);
     }
     let _grad = tch::no_grad_guard();
+    // The start-up models, on this thread, before the engine reports ready.
+    let units: Vec<Arc<Unit>> = lock(&shared.queues)
+        .entries
+        .iter()
+        .map(|e| e.unit.clone())
+        .collect();
+    for unit in &units {
+        warm_up_on_worker(&shared, unit, index);
+    }
+    drop(units);
+    let _ = warmed.send(());
+    drop(warmed);
     while let Some((unit, jobs)) = next_batch(&shared) {
         // Busy workers release expired activations too, at most once per period.
         shared.training.sweep();
         let started = Instant::now();
         let since = shared.epoch.elapsed().as_nanos().max(1) as u64;
         shared.busy_since[index].store(since, Ordering::Relaxed);
+        // A model loaded at run time: this worker warms it before its first batch.
+        warm_up_on_worker(&shared, &unit, index);
         run_batch(&shared, &unit, jobs, started, &shared.busy_since[index]);
         let was = unit.running.fetch_sub(1, Ordering::SeqCst);
         // The lock only when this batch's end changes something for others: a
@@ -1349,6 +1385,94 @@ fn worker_loop(shared: Arc<Shared>, index: usize) {
         // Every queue is empty: save trained parameters, release activations.
         shared.training.shutdown(&models);
         shared.status.send_replace(EngineStatus::Stopped);
+    }
+}
+
+/// The batch sizes a worker warms a model up at (None: the warm-up shape as
+/// configured). On the CPU once, as configured. On CUDA a TorchScript model
+/// that batches also runs every size batching settles on without waiting (its
+/// preferred sizes and its maximum), each twice: its executor profiles a new
+/// shape on the first run and compiles the fused kernels on the second.
+pub fn warmup_rows(
+    cuda: bool,
+    torchscript: bool,
+    one_input: bool,
+    max_batch: usize,
+    preferred: &[usize],
+) -> Vec<Option<i64>> {
+    if !cuda {
+        return vec![None];
+    }
+    if !torchscript {
+        return vec![None];
+    }
+    let mut rows = vec![None, None];
+    if one_input && max_batch > 1 {
+        let mut sizes: Vec<usize> = preferred
+            .iter()
+            .copied()
+            .filter(|&p| p > 1 && p <= max_batch)
+            .chain([max_batch])
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        for n in sizes {
+            rows.extend([Some(n as i64), Some(n as i64)]);
+        }
+    }
+    rows
+}
+
+/// Runs a model's warm-up on this worker's thread, once per worker and model.
+/// A failure is logged and left to the requests (which report it); a fatal
+/// device error marks the device lost.
+fn warm_up_on_worker(shared: &Shared, unit: &Unit, index: usize) {
+    match unit.warmed.get(index) {
+        Some(done) if !done.swap(true, Ordering::Relaxed) => {}
+        _ => return,
+    }
+    let model = &unit.model;
+    let slot = unit.slot();
+    let rows = warmup_rows(
+        model.device.is_cuda(),
+        model.is_torchscript(),
+        model.warms_one_input(),
+        slot.max_batch,
+        &slot.preferred_batch,
+    );
+    let started = Instant::now();
+    let result =
+        catch_unwind(AssertUnwindSafe(|| model.warm_up_here(&rows))).unwrap_or_else(|panic| {
+            Err(model::run_error(
+                &model.name,
+                &model::panic_text(panic.as_ref()),
+                false,
+            ))
+        });
+    match result {
+        Ok(0) => {}
+        Ok(forwards) => {
+            unit.metrics.warmups.inc();
+            tracing::debug!(
+                worker = index,
+                model = %model.name,
+                version = slot.version,
+                forwards,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "worker warmed up"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(worker = index, model = %model.name, error = %e, "worker warm-up failed");
+            if let ModelError::DeviceFailed {
+                message,
+                fatal: true,
+                ..
+            } = &e
+            {
+                mark_device_lost(shared, message);
+            }
+        }
     }
 }
 

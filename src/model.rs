@@ -440,6 +440,10 @@ pub struct Model {
     /// first KV step of a model without one: [`Model::learn_kv_batch`]).
     kv_batch: OnceLock<bool>,
     inner: Inner,
+    /// The warm-up inputs that ran at load, as (shape, dtype): each inference
+    /// worker runs them again on its own thread before it serves the model
+    /// ([`Model::warm_up_here`]). Empty: the model had no warm-up.
+    warm: Vec<(Vec<i64>, Kind)>,
     /// The parameters' version: optimizer steps applied so far. Every forward
     /// and backward holds the read side while it uses the parameters; an
     /// optimizer step holds the write side, so nothing ever computes with
@@ -616,6 +620,7 @@ impl Model {
             kv: false,
             kv_batch: OnceLock::new(),
             inner,
+            warm: Vec::new(),
             params: RwLock::new(0),
         };
         if let Inner::Pt2(p) = &model.inner {
@@ -638,6 +643,7 @@ impl Model {
                     None => None,
                 };
                 model.signature = p.signature(&ya, yb.as_deref());
+                model.warm = a.iter().map(|t| (t.size(), t.kind())).collect();
             }
             return Ok(model);
         }
@@ -698,6 +704,7 @@ impl Model {
             if spec.warmup.is_some() {
                 model.listed = Signature::of(&inputs, &outputs).unwrap_or_default();
             }
+            model.warm = inputs.iter().map(|t| (t.size(), t.kind())).collect();
         }
         for sample in &spec.warmup_samples {
             let _guard = tch::no_grad_guard();
@@ -750,6 +757,47 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// Runs the load-time warm-up again on the calling thread (an inference
+    /// worker, before it serves the model): once per entry of `rows`, with the
+    /// inputs' first dimension set to it (None: as loaded). On CUDA this
+    /// creates the thread's cuBLAS handle and workspace and lets TorchScript
+    /// compile its plans for those batch sizes before a client waits on them.
+    /// Returns the forwards run: 0 for a model without a warm-up. The caller
+    /// holds a no_grad guard.
+    pub fn warm_up_here(&self, rows: &[Option<i64>]) -> Result<usize, ModelError> {
+        if self.warm.is_empty() {
+            return Ok(0);
+        }
+        for r in rows {
+            let inputs = self
+                .warm
+                .iter()
+                .map(|(shape, kind)| {
+                    let mut shape = shape.clone();
+                    if let (Some(r), Some(d)) = (r, shape.first_mut()) {
+                        *d = *r;
+                    }
+                    Tensor::f_zeros(&shape, (*kind, self.device))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| internal(self, e))?;
+            self.forward_all(&inputs)?;
+        }
+        Ok(rows.len())
+    }
+
+    /// Whether the warm-up batches along dimension 0: one input, as batched
+    /// requests are.
+    pub fn warms_one_input(&self) -> bool {
+        self.warm.len() == 1
+    }
+
+    /// Whether the model is TorchScript, whose executor plans (and on CUDA
+    /// compiles fused kernels) per input shape.
+    pub fn is_torchscript(&self) -> bool {
+        matches!(self.inner, Inner::Script(_))
     }
 
     /// Runs the model on one (possibly batched) input already on the model's device.

@@ -201,3 +201,90 @@ async fn livez_and_readyz_fail_after_a_fatal_device_error() {
         assert!(engine.drain(Duration::from_secs(5)).await);
     }
 }
+
+/// Starts an engine on the CPU with `workers` single-threaded workers and its
+/// own metrics; returns once it reports ready.
+async fn ready_engine(
+    models: &[&str],
+    extra: &[&str],
+    workers: usize,
+) -> (Engine, std::sync::Arc<Metrics>) {
+    let mut a = args(models, extra);
+    a.engine.plan = ThreadPlan::new(
+        CpuBudget::of_this_process(None),
+        2,
+        Auto::Count(workers),
+        Auto::Count(1),
+        1,
+        true,
+    )
+    .unwrap();
+    let metrics = Metrics::new(splitserve::TORCH_VERSION).unwrap();
+    let engine = Engine::start(a.engine.clone(), metrics.clone());
+    let mut status = engine.status();
+    while *status.borrow_and_update() != EngineStatus::Ready {
+        status.changed().await.unwrap();
+    }
+    (engine, metrics)
+}
+
+/// Every worker runs each start-up model once on its own thread before the
+/// engine reports ready (on CUDA each worker's first forward creates its
+/// cuBLAS handle and TorchScript compiles per batch size), not only the
+/// loader thread. A 300 ms warm-up shows whether ready waited for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_warms_the_models_up_before_ready() {
+    const WORKERS: u64 = 3;
+    let (engine, metrics) = ready_engine(
+        &["slow=builtin:delay:300", "scale=builtin:scale:2"],
+        &["--warmup-shape", "slow=1x2"],
+        WORKERS as usize,
+    )
+    .await;
+    // Read as soon as it is ready.
+    for model in ["slow", "scale"] {
+        assert_eq!(
+            metrics.worker_warmups.with_label_values(&[model]).get(),
+            WORKERS,
+            "{model}: one warm-up per worker before ready"
+        );
+    }
+    // Serving warms nothing again.
+    let enc = Encoding {
+        dtype: WireDtype::F32,
+        compressed: false,
+        explicit: false,
+    };
+    for _ in 0..4 {
+        let r = engine
+            .infer("scale", RawTensor::from_f32(&[1.5], &[1, 1]), enc, None)
+            .await
+            .unwrap();
+        assert_eq!(r.tensor.data.as_ref(), 3.0f32.to_le_bytes());
+    }
+    assert_eq!(
+        metrics.worker_warmups.with_label_values(&["scale"]).get(),
+        WORKERS
+    );
+    assert!(engine.drain(Duration::from_secs(5)).await);
+}
+
+/// The batch sizes a worker warms up at: once as configured on the CPU; on
+/// CUDA a batching TorchScript model also at its preferred sizes and its
+/// maximum, twice each (profile, then compile).
+#[test]
+fn workers_warm_cuda_torchscript_at_the_batch_sizes_batching_forms() {
+    use splitserve::engine::warmup_rows;
+    assert_eq!(warmup_rows(false, true, true, 8, &[4]), vec![None]);
+    assert_eq!(warmup_rows(true, false, true, 8, &[4]), vec![None]);
+    assert_eq!(warmup_rows(true, true, true, 1, &[]), vec![None, None]);
+    assert_eq!(
+        warmup_rows(true, true, true, 8, &[4, 8, 16, 1]),
+        vec![None, None, Some(4), Some(4), Some(8), Some(8)]
+    );
+    assert_eq!(
+        warmup_rows(true, true, false, 8, &[4]),
+        vec![None, None],
+        "several inputs never batch"
+    );
+}

@@ -132,6 +132,10 @@ pub struct Metrics {
     /// config.pbtxt, a version that did not load): the alert's signal while the
     /// pod stays Ready with what it already serves.
     pub repository_failed_models: IntGauge,
+    /// Warm-ups the inference workers ran on their own threads, per model: each
+    /// worker runs each model once before it serves it (cuBLAS handles and
+    /// TorchScript's plans are per thread and per batch size on CUDA).
+    pub worker_warmups: IntCounterVec,
 }
 
 /// Names of the protocols, as the `protocol` label spells them.
@@ -480,6 +484,13 @@ impl Metrics {
                 "splitserve_repository_failed_models",
                 "Model repository models whose newest load failed.",
             )?,
+            worker_warmups: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_worker_warmups_total",
+                    "Warm-ups of a model run by an inference worker on its own thread.",
+                ),
+                &["model"],
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -504,6 +515,7 @@ impl Metrics {
         r.register(Box::new(m.computed.clone()))?;
         r.register(Box::new(m.computed_rows.clone()))?;
         r.register(Box::new(m.repository_failed_models.clone()))?;
+        r.register(Box::new(m.worker_warmups.clone()))?;
         r.register(Box::new(m.forwards.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
         r.register(Box::new(m.queue_capacity.clone()))?;
@@ -771,6 +783,7 @@ mod tests {
             g.with_label_values(&["cuda:0", "GPU-0", "00000000:01:00.0"])
                 .set(1.0);
         }
+        m.worker_warmups.with_label_values(&["m"]).inc();
         let text = m.render();
 
         let documented = documented_families();
