@@ -212,6 +212,9 @@ struct ModelMetrics {
     triton: TritonModel,
     /// Warm-ups run by workers on their own threads.
     warmups: IntCounter,
+    /// Host <-> device tensor copies of plain forwards.
+    to_device: IntCounter,
+    to_host: IntCounter,
 }
 
 /// A request refused without an answer: counted by reason, and as one of
@@ -252,6 +255,8 @@ impl ModelMetrics {
             kv_mixed_batches: m.kv_decode_mixed_batches.with_label_values(&[model]),
             kv_prefill_chunks: m.kv_prefill_chunks.with_label_values(&[model]),
             warmups: m.worker_warmups.with_label_values(&[model]),
+            to_device: m.device_copies.with_label_values(&[model, "to_device"]),
+            to_host: m.device_copies.with_label_values(&[model, "to_host"]),
         }
     }
 }
@@ -1710,7 +1715,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
                 .map(|(t, present)| (vec![t], present))
                 .map_err(EngineError::from),
         ],
-        (None, _) => compute(model, &jobs)
+        (None, _) => compute(model, &jobs, &unit.metrics)
             .into_iter()
             .map(|r| r.map(|ts| (ts, Vec::new())))
             .collect(),
@@ -1839,20 +1844,24 @@ fn mark_device_lost(shared: &Shared, reason: &str) {
 }
 
 /// Runs one forward for the jobs (one, or a compatible batch) and splits the
-/// outputs back. A failed batch is retried one by one, so one bad request
-/// cannot fail its neighbours.
-fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<Vec<RawTensor>, EngineError>> {
+/// outputs back. A batch is joined on the host and copied to the device once,
+/// and each output copied back once and split on the host. A failed batch is
+/// retried one by one, so one bad request cannot fail its neighbours.
+fn compute(
+    model: &Model,
+    jobs: &[Job],
+    m: &ModelMetrics,
+) -> Vec<Result<Vec<RawTensor>, EngineError>> {
     if jobs.len() == 1 {
-        return vec![compute_one(model, &jobs[0])];
+        return vec![compute_one(model, &jobs[0], m)];
     }
     let batched = (|| -> Result<Vec<Vec<RawTensor>>, EngineError> {
-        let inputs = jobs
-            .iter()
-            .map(|j| to_tensor(model, j))
-            .collect::<Result<Vec<_>, _>>()?;
+        let raws: Vec<&RawTensor> = jobs.iter().map(|j| &j.input).collect();
+        let kind = model::input_kind(&jobs[0].input, jobs[0].enc);
+        let x = convert_time::input(|| model::batch_to_device(model, &raws, kind))?;
+        m.to_device.inc();
         let sizes: Vec<i64> = jobs.iter().map(|j| j.input.shape[0]).collect();
         let total: i64 = sizes.iter().sum();
-        let x = Tensor::f_cat(&inputs, 0).map_err(|e| internal(model, e))?;
         // Jobs batch only with jobs that want the same outputs (batch_key).
         let ys = if jobs[0].all_outputs {
             model.forward_all(std::slice::from_ref(&x))?
@@ -1871,7 +1880,19 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<Vec<RawTensor>, EngineErro
                     ),
                 }));
             }
-            let parts = y
+            // One dtype for every reply: narrowed on the device when that
+            // shrinks the copy; otherwise each part is converted on the host.
+            let dtypes = jobs
+                .iter()
+                .map(|j| model::reply_dtype(model, y.kind(), j.enc))
+                .collect::<Result<Vec<_>, _>>()?;
+            let shared_dtype = dtypes
+                .first()
+                .copied()
+                .filter(|d| dtypes.iter().all(|e| e == d));
+            let host = convert_time::output(|| model::to_host(model, y, shared_dtype))?;
+            m.to_host.inc();
+            let parts = host
                 .f_split_with_sizes(&sizes, 0)
                 .map_err(|e| internal(model, e))?;
             for ((p, j), out) in parts.iter().zip(jobs).zip(&mut per_job) {
@@ -1882,14 +1903,16 @@ fn compute(model: &Model, jobs: &[Job]) -> Vec<Result<Vec<RawTensor>, EngineErro
     })();
     match batched {
         Ok(outs) => outs.into_iter().map(Ok).collect(),
-        Err(_) => jobs.iter().map(|j| compute_one(model, j)).collect(),
+        Err(_) => jobs.iter().map(|j| compute_one(model, j, m)).collect(),
     }
 }
 
-fn compute_one(model: &Model, job: &Job) -> Result<Vec<RawTensor>, EngineError> {
+fn compute_one(model: &Model, job: &Job, m: &ModelMetrics) -> Result<Vec<RawTensor>, EngineError> {
     if !job.all_outputs {
         let x = to_tensor(model, job)?;
+        m.to_device.inc();
         let y = model.forward(&x)?;
+        m.to_host.inc();
         return Ok(vec![from_tensor(model, &y, job.enc)?]);
     }
     let mut xs = vec![to_tensor(model, job)?];
@@ -1898,9 +1921,10 @@ fn compute_one(model: &Model, job: &Job) -> Result<Vec<RawTensor>, EngineError> 
             model::raw_to_tensor(model, raw, job.enc)
         })?);
     }
-    model
-        .forward_all(&xs)?
-        .iter()
+    m.to_device.inc_by(xs.len() as u64);
+    let ys = model.forward_all(&xs)?;
+    m.to_host.inc_by(ys.len() as u64);
+    ys.iter()
         .map(|y| Ok(from_tensor(model, y, job.enc)?))
         .collect()
 }

@@ -1541,36 +1541,122 @@ pub fn input_kind(t: &RawTensor, enc: Encoding) -> Kind {
     }
 }
 
-/// Wire bytes to a tensor on the model's device, in the dtype it is computed in.
+/// Wire bytes to a tensor on the model's device, in the dtype it is computed in:
+/// copied in the wire's dtype and converted on the device ([`on_device`]).
 pub fn raw_to_tensor(model: &Model, raw: &RawTensor, enc: Encoding) -> Result<Tensor, ModelError> {
     let t = Tensor::f_from_data_size(&raw.data, &raw.shape, raw.dtype.to_kind())
         .map_err(|e| internal(model, e))?;
-    let kind = input_kind(raw, enc);
-    let t = if t.kind() != kind {
-        t.f_to_kind(kind).map_err(|e| internal(model, e))?
-    } else {
-        t
-    };
-    if model.device != Device::Cpu {
-        return t.f_to_device(model.device).map_err(|e| internal(model, e));
-    }
-    Ok(t)
+    on_device(model, t, input_kind(raw, enc))
 }
 
-/// A tensor back to wire bytes in the reply's dtype: the request's float encoding,
-/// or with an explicit dtype, the output's own.
-pub fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, ModelError> {
-    let dtype = if enc.explicit {
-        WireDtype::from_kind(t.kind()).ok_or_else(|| ModelError::Internal {
-            model: model.name.clone(),
-            message: format!("output dtype {:?} has no wire encoding", t.kind()),
-        })?
+/// Host tensors at least this large cross to a GPU from pinned memory (libtorch's
+/// caching host allocator keeps the pinned blocks): below it, staging through
+/// pinned memory costs more than the pageable copy it saves.
+pub const PIN_FROM_BYTES: usize = 1 << 20;
+
+/// A host tensor onto the model's device in one copy (from pinned memory when
+/// it is at least [`PIN_FROM_BYTES`]), then converted to `kind` there: a
+/// float16 request crosses as float16, not widened first.
+pub fn on_device(model: &Model, t: Tensor, kind: Kind) -> Result<Tensor, ModelError> {
+    let t = if model.device == Device::Cpu {
+        t
     } else {
-        enc.dtype
+        let pinned = t.numel() * t.kind().elt_size_in_bytes() >= PIN_FROM_BYTES;
+        let t = if pinned {
+            t.f_pin_memory(model.device)
+                .map_err(|e| internal(model, e))?
+        } else {
+            t
+        };
+        // Non-blocking only from pinned memory, which the allocator keeps
+        // until the copy on the stream is done.
+        t.f_to_device_(model.device, t.kind(), pinned, false)
+            .map_err(|e| internal(model, e))?
     };
-    let t = t
-        .f_to_device(Device::Cpu)
-        .and_then(|t| t.f_to_kind(dtype.to_kind()))
+    if t.kind() == kind {
+        Ok(t)
+    } else {
+        t.f_to_kind(kind).map_err(|e| internal(model, e))
+    }
+}
+
+/// Several requests' inputs as one batch on the model's device: their wire
+/// bytes joined on the host, copied once ([`on_device`]) and converted to
+/// `kind` (the dtype they are computed in) on the device. `raws` share their
+/// trailing shape; wire dtypes that differ (float16 and float32 codecs in one
+/// batch) are converted to `kind` on the host before they are joined.
+pub fn batch_to_device(
+    model: &Model,
+    raws: &[&RawTensor],
+    kind: Kind,
+) -> Result<Tensor, ModelError> {
+    let Some(first) = raws.first() else {
+        return Err(ModelError::Internal {
+            model: model.name.clone(),
+            message: "an empty batch".into(),
+        });
+    };
+    let mut shape = first.shape.clone();
+    if let Some(d) = shape.first_mut() {
+        *d = raws
+            .iter()
+            .map(|r| r.shape.first().copied().unwrap_or(1))
+            .sum();
+    }
+    let host = if raws.iter().all(|r| r.dtype == first.dtype) {
+        let mut bytes = Vec::with_capacity(raws.iter().map(|r| r.data.len()).sum());
+        for r in raws {
+            bytes.extend_from_slice(&r.data);
+        }
+        Tensor::f_from_data_size(&bytes, &shape, first.dtype.to_kind())
+    } else {
+        raws.iter()
+            .map(|r| {
+                Tensor::f_from_data_size(&r.data, &r.shape, r.dtype.to_kind())
+                    .and_then(|t| t.f_to_kind(kind))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|parts| Tensor::f_cat(&parts, 0))
+    }
+    .map_err(|e| internal(model, e))?;
+    on_device(model, host, kind)
+}
+
+/// The dtype a reply carries: the request's float encoding, or with an
+/// explicit dtype, the output's own.
+pub fn reply_dtype(model: &Model, kind: Kind, enc: Encoding) -> Result<WireDtype, ModelError> {
+    if enc.explicit {
+        WireDtype::from_kind(kind).ok_or_else(|| ModelError::Internal {
+            model: model.name.clone(),
+            message: format!("output dtype {kind:?} has no wire encoding"),
+        })
+    } else {
+        Ok(enc.dtype)
+    }
+}
+
+/// A model output onto the host in one copy: converted to `dtype` on the
+/// device first when that makes fewer bytes cross (float32 to float16),
+/// otherwise copied as it is (and converted on the host by [`from_tensor`]).
+pub fn to_host(model: &Model, t: &Tensor, dtype: Option<WireDtype>) -> Result<Tensor, ModelError> {
+    if t.device() == Device::Cpu {
+        return Ok(t.shallow_clone());
+    }
+    let narrower = dtype.filter(|d| d.size() < t.kind().elt_size_in_bytes());
+    match narrower {
+        Some(d) => t.f_to_kind(d.to_kind()),
+        None => Ok(t.shallow_clone()),
+    }
+    .and_then(|t| t.f_to_device(Device::Cpu))
+    .map_err(|e| internal(model, e))
+}
+
+/// A tensor back to wire bytes in the reply's dtype ([`reply_dtype`]), copied
+/// to the host once ([`to_host`]) if it is not there.
+pub fn from_tensor(model: &Model, t: &Tensor, enc: Encoding) -> Result<RawTensor, ModelError> {
+    let dtype = reply_dtype(model, t.kind(), enc)?;
+    let t = to_host(model, t, Some(dtype))?
+        .f_to_kind(dtype.to_kind())
         .and_then(|t| t.f_contiguous())
         .map_err(|e| internal(model, e))?;
     let numel = t.numel();

@@ -288,3 +288,95 @@ fn workers_warm_cuda_torchscript_at_the_batch_sizes_batching_forms() {
         "several inputs never batch"
     );
 }
+
+/// A batch crosses to the device in one copy and its output comes back in
+/// one, however many requests it joins; float16 requests stay float16 until
+/// they are on the device, and each client still gets its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_copied_once_each_way() {
+    const JOBS: usize = 4;
+    let (engine, metrics) = ready_engine(
+        &["gate=builtin:delay:2000", "scale=builtin:scale:2"],
+        &["--max-batch-size", "scale=8"],
+        1,
+    )
+    .await;
+    let f16 = Encoding {
+        dtype: WireDtype::F16,
+        compressed: false,
+        explicit: false,
+    };
+    let f32 = Encoding {
+        dtype: WireDtype::F32,
+        ..f16
+    };
+    let gate = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .infer("gate", RawTensor::from_f32(&[0.0], &[1]), f32, None)
+                .await
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while engine.busy_workers() == 0 {
+        assert!(Instant::now() < deadline, "the gate never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let calls: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let engine = engine.clone();
+            let rows = 1 + i % 2;
+            let values: Vec<f32> = (0..rows).map(|r| (10 * i + r) as f32 + 0.5).collect();
+            let data: Vec<u8> = values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            let raw = RawTensor {
+                data: data.into(),
+                shape: vec![rows as i64, 1],
+                dtype: WireDtype::F16,
+            };
+            let h = tokio::spawn(async move { engine.infer("scale", raw, f16, None).await });
+            (h, values)
+        })
+        .collect();
+    let depth = |e: &Engine| {
+        e.queue_depths()
+            .into_iter()
+            .find(|(n, _)| n == "scale")
+            .map_or(0, |(_, d)| d)
+    };
+    while depth(&engine) < JOBS {
+        assert!(Instant::now() < deadline, "the requests never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.await.unwrap().unwrap();
+    for (h, values) in calls {
+        let out = h.await.unwrap().unwrap();
+        assert_eq!(
+            out.batch_size, JOBS,
+            "the queued requests share one forward"
+        );
+        assert_eq!(out.tensor.dtype, WireDtype::F16);
+        let got: Vec<f32> = out
+            .tensor
+            .data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        let want: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+        assert_eq!(got, want);
+    }
+    let copies = |direction: &str| {
+        metrics
+            .device_copies
+            .with_label_values(&["scale", direction])
+            .get()
+    };
+    let forwards = metrics.forwards.with_label_values(&["scale"]).get();
+    assert_eq!(forwards, 1);
+    assert_eq!(copies("to_device"), 1, "one copy to the device per batch");
+    assert_eq!(copies("to_host"), 1, "one copy back per batch");
+    assert!(engine.drain(Duration::from_secs(5)).await);
+}

@@ -136,6 +136,11 @@ pub struct Metrics {
     /// worker runs each model once before it serves it (cuBLAS handles and
     /// TorchScript's plans are per thread and per batch size on CUDA).
     pub worker_warmups: IntCounterVec,
+    /// Tensor copies between host memory and the model's device issued by
+    /// plain forwards, by model and direction (to_device, to_host): one each
+    /// way per batch and tensor. On the CPU libtorch skips the copy; the count
+    /// is the same as a GPU's.
+    pub device_copies: IntCounterVec,
 }
 
 /// Names of the protocols, as the `protocol` label spells them.
@@ -491,6 +496,13 @@ impl Metrics {
                 ),
                 &["model"],
             )?,
+            device_copies: IntCounterVec::new(
+                Opts::new(
+                    "splitserve_device_copies_total",
+                    "Tensor copies between host memory and the model's device, by direction.",
+                ),
+                &["model", "direction"],
+            )?,
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -516,6 +528,7 @@ impl Metrics {
         r.register(Box::new(m.computed_rows.clone()))?;
         r.register(Box::new(m.repository_failed_models.clone()))?;
         r.register(Box::new(m.worker_warmups.clone()))?;
+        r.register(Box::new(m.device_copies.clone()))?;
         r.register(Box::new(m.forwards.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
         r.register(Box::new(m.queue_capacity.clone()))?;
@@ -784,6 +797,7 @@ mod tests {
                 .set(1.0);
         }
         m.worker_warmups.with_label_values(&["m"]).inc();
+        m.device_copies.with_label_values(&["m", "to_device"]).inc();
         let text = m.render();
 
         let documented = documented_families();
