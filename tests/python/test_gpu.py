@@ -20,6 +20,26 @@ NVML_FAMILIES = [
 ]
 
 
+def gpu_metrics(server, timeout: float = 15.0) -> str:
+    """/metrics once the GPU sampler thread has read NVML (it starts when
+    the server is ready and reads every second)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = server.metrics()
+        if metric_value(text, "splitserve_gpu_memory_total_bytes", device="cuda:0") is not None:
+            return text
+        assert time.monotonic() < deadline, f"no GPU series in {timeout} s:\n{text[-3000:]}"
+        time.sleep(0.2)
+
+
+def nvml_bus_id(index: int) -> str:
+    """CUDA device `index`'s PCI bus id as NVML writes it (domain:bus:device.0)."""
+    p = torch.cuda.get_device_properties(index)
+    return f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
+
+
 @pytest.fixture(scope="module")
 def cuda_server(pb):
     from conftest import Server
@@ -127,7 +147,7 @@ def test_nvml_series_are_exported(pb, cuda_server):
     stub = pb2_grpc.ComputeServiceStub(cuda_server.channel())
     x = np.ones((4, 64), dtype=np.float32)
     stub.Compute(pb2.ComputeRequest(data=x.tobytes(), shape=[4, 64], model_id="wide"), timeout=60)
-    text = cuda_server.metrics()
+    text = gpu_metrics(cuda_server)
     missing = [f for f in NVML_FAMILIES if metric_value(text, f, device="cuda:0") is None]
     assert missing == [], f"NVML series missing from /metrics: {missing}\n{text[-3000:]}"
     total = metric_value(text, "splitserve_gpu_memory_total_bytes", device="cuda:0")
@@ -138,6 +158,12 @@ def test_nvml_series_are_exported(pb, cuda_server):
     assert 0.9 * total <= cuda_total <= total * 1.01, (total, cuda_total)
     assert 0 < used <= total, (used, total)
     assert 0.0 <= utilization <= 1.0, utilization
+    # Labelled with the GPU's PCI bus id (as nvidia-smi names it), the one CUDA calls cuda:0.
+    bus = nvml_bus_id(0).lower()
+    assert metric_value(text, "splitserve_gpu_memory_total_bytes", device="cuda:0") == next(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("splitserve_gpu_memory_total_bytes{") and bus in line.lower()
+    ), text[-3000:]
     # The gRPC monitoring snapshot reports the same device.
     snap = next(iter(stub.StreamMonitoring(pb2.MonitoringStreamRequest(sampling_interval=0.1), timeout=10))).snapshot
     assert snap.gpu_available and snap.gpu_memory_used_mb > 0, snap
@@ -178,19 +204,45 @@ def test_a_repository_model_runs_where_its_instance_group_says(tmp_path, server_
 
 
 @needs_cuda
-def test_triton_gpu_families_are_labelled_by_gpu_uuid(cuda_server):
-    """Triton's GPU families (nv_gpu_*), one series per GPU labelled as Triton
-    labels them, carrying the same NVML readings as splitserve's own."""
-    import re
+def test_every_worker_warmed_up_on_the_gpu_and_batches_copy_once(pb, cuda_server):
+    """Once ready, each inference worker has run each model with a warm-up
+    on its own thread (its cuBLAS handle made before any client waits); plain
+    forwards copy one tensor each way per forward."""
+    pb2, pb2_grpc = pb
     text = cuda_server.metrics()
+    workers = metric_value(text, "splitserve_threads", pool="inference")
+    assert workers and metric_value(text, "splitserve_worker_warmups_total", model="wide") == workers, text[-3000:]
+    stub = pb2_grpc.ComputeServiceStub(cuda_server.channel())
+
+    def counts() -> list[float]:
+        t = cuda_server.metrics()
+        return [metric_value(t, "splitserve_forwards_total", model="wide") or 0.0] + [
+            metric_value(t, "splitserve_device_copies_total", model="wide", direction=d) or 0.0
+            for d in ("to_device", "to_host")
+        ]
+
+    before = counts()
+    x = np.ones((3, 64), dtype=np.float32)
+    for _ in range(3):
+        stub.Compute(pb2.ComputeRequest(data=x.tobytes(), shape=[3, 64], model_id="wide"), timeout=60)
+    forwards, to_device, to_host = (a - b for a, b in zip(counts(), before))
+    assert forwards == to_device == to_host == 3, (forwards, to_device, to_host)
+
+
+@needs_cuda
+def test_triton_gpu_families_are_labelled_by_gpu_uuid(cuda_server):
+    """Triton's GPU families (nv_gpu_*), labelled as Triton labels them, for
+    the one GPU this server runs on (not every GPU of the host), carrying the
+    same NVML readings and UUID as splitserve's own."""
+    import re
+    text = gpu_metrics(cuda_server)
     uuids = re.findall(r'^nv_gpu_memory_total_bytes\{gpu_uuid="(GPU-[0-9a-fA-F-]+)"\} ', text, re.M)
-    assert len(uuids) == torch.cuda.device_count(), text[-3000:]
+    assert len(uuids) == 1, text[-3000:]
     for family in ("nv_gpu_utilization", "nv_gpu_memory_used_bytes"):
-        assert all(metric_value(text, family, gpu_uuid=u) is not None for u in uuids), family
-    totals = sorted(metric_value(text, "nv_gpu_memory_total_bytes", gpu_uuid=u) for u in uuids)
-    ours = sorted(metric_value(text, "splitserve_gpu_memory_total_bytes", device=f"cuda:{i}")
-                  for i in range(len(uuids)))
-    assert totals == ours
+        assert metric_value(text, family, gpu_uuid=uuids[0]) is not None, family
+    assert metric_value(text, "nv_gpu_memory_total_bytes", gpu_uuid=uuids[0]) == metric_value(
+        text, "splitserve_gpu_memory_total_bytes", device="cuda:0", gpu_uuid=uuids[0]
+    )
 
 
 def _answers(pb, server, requests):
