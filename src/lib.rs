@@ -42,7 +42,8 @@
 //!   against a model's signature), shared by its gRPC and HTTP front-ends.
 //! - [`http`]: the Open Inference Protocol over HTTP/REST (axum), same engine.
 //! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
-//!   process/cgroup/GPU readings behind metrics and monitoring snapshots; Triton's
+//!   process/cgroup/GPU readings behind metrics and monitoring snapshots (NVML
+//!   read on its own thread, for the GPUs the models use); Triton's
 //!   `nv_*` families beside splitserve's (`telemetry::triton`).
 //! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
 //! - [`client`], [`bench`]: `probe` (grpc.health.v1 check) and the closed-loop
