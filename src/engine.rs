@@ -1432,8 +1432,9 @@ pub fn warmup_rows(
 /// A failure is logged and left to the requests (which report it); a fatal
 /// device error marks the device lost.
 fn warm_up_on_worker(shared: &Shared, unit: &Unit, index: usize) {
+    // A plain load first: after its first batch a worker only reads its flag.
     match unit.warmed.get(index) {
-        Some(done) if !done.swap(true, Ordering::Relaxed) => {}
+        Some(done) if !done.load(Ordering::Relaxed) && !done.swap(true, Ordering::Relaxed) => {}
         _ => return,
     }
     let model = &unit.model;
