@@ -231,7 +231,8 @@ async fn ready_engine(
 /// Every worker runs each start-up model once on its own thread before the
 /// engine reports ready (on CUDA each worker's first forward creates its
 /// cuBLAS handle and TorchScript compiles per batch size), not only the
-/// loader thread. A 300 ms warm-up shows whether ready waited for them.
+/// loader thread. A 300 ms warm-up shows whether ready waited for them. A
+/// model loaded at run time is warmed by a worker before its first batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_warms_the_models_up_before_ready() {
     const WORKERS: u64 = 3;
@@ -266,6 +267,20 @@ async fn every_worker_warms_the_models_up_before_ready() {
         metrics.worker_warmups.with_label_values(&["scale"]).get(),
         WORKERS
     );
+    // A model loaded at run time: a worker warms it up before its first batch
+    // of it (here one request, so one worker).
+    let late: splitserve::model::ModelSpec = "late=builtin:scale:3".parse().unwrap();
+    engine
+        .load(splitserve::engine::ModelSlot::new(late))
+        .await
+        .unwrap();
+    assert_eq!(metrics.worker_warmups.with_label_values(&["late"]).get(), 0);
+    let r = engine
+        .infer("late", RawTensor::from_f32(&[1.5], &[1, 1]), enc, None)
+        .await
+        .unwrap();
+    assert_eq!(r.tensor.data.as_ref(), 4.5f32.to_le_bytes());
+    assert_eq!(metrics.worker_warmups.with_label_values(&["late"]).get(), 1);
     assert!(engine.drain(Duration::from_secs(5)).await);
 }
 
