@@ -1311,6 +1311,8 @@ async fn streams_beyond_max_concurrent_streams_are_refused_or_queued() {
     .expect("the stream beyond the limit was never answered");
     // REFUSED_STREAM is error code 7; the connection stays open.
     assert_eq!(refused, Some((5, 7u32.to_be_bytes().to_vec())));
+    // Closing it ends its two open streams (else they wait out the body timeout).
+    drop(raw);
 
     // A tonic client on one connection, three calls at once: none refused.
     // (Once it has the server's SETTINGS: streams a client opens before they

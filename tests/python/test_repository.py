@@ -713,10 +713,10 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
     def spin(model, rounds):
         return grpc_infer(tgrpc.InferenceServerClient(s.addr), model, [np.array([[rounds, 0.0]], np.float32)])
 
-    # Rounds for a hold of about a second on this machine.
+    # Rounds for a hold of about 1.5 s on this machine.
     started = time.monotonic()
     spin("reject", 20000)
-    rounds = int(min(2e7, 20000 * 1.0 / max(time.monotonic() - started, 1e-3)))
+    rounds = int(min(2e7, 20000 * 1.5 / max(time.monotonic() - started, 1e-3)))
 
     def info():
         return stub.GetServiceInfo(pb2.ServiceInfoRequest(), timeout=TIMEOUT).custom_info
