@@ -9,7 +9,10 @@ $SPLITSERVE_PT2_CACHE (default ~/.cache/splitserve/pt2), and copied to
 OUT_DIR/pt2/. Each package is written with its module's weights
 (NAME.state.pt, a state_dict) so that tests compare the server's answers with
 torch running the same module eagerly. --bench adds the twins of the benchmark
-models (mlp512, encoder).
+models (mlp512, encoder). The split-LLM exporter's `--format pt2` trunks
+(GPT-2 and Qwen2 layers with random weights, `LLM`) are written to
+OUT_DIR/pt2/llm/NAME/ by this checkout's exporter, cached by the torch version
+and the exporter's source.
 
 Every package but one is made as docs/pt2.md says a user should make one
 (`compile_package`): its batch dimension takes one row, so the server never
@@ -18,9 +21,12 @@ pads. `addmul` is made the older way on purpose (a plain export: AOTInductor's
 covering the padding the server does for such packages.
 """
 
+import hashlib
+import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -114,6 +120,18 @@ def packages(bench: bool, fixtures: Path) -> Dict[str, tuple]:
     return out
 
 
+#: Split-LLM trunks for `splitserve-export --format pt2` (tests/python/test_llm_pt2.py):
+#: name -> (config, layers), weights torch.manual_seed(LLM_SEED) then from_config.
+#: Weights ten times the default make attention sharp enough that a wrong mask shows.
+LLM_SEED = 3
+LLM = {
+    "gpt2": (dict(model_type="gpt2", n_layer=4, n_embd=64, n_head=4, n_positions=128,
+                  vocab_size=256, bos_token_id=0, eos_token_id=0, initializer_range=0.2), "1:2"),
+    "qwen2": (dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   vocab_size=256, initializer_range=0.2), "1:3"),
+}
+
 #: Made with a plain export and compile, as packages were made before
 #: compile_package: compiled for batches of at least 2 rows.
 LEGACY = {"addmul"}
@@ -189,6 +207,39 @@ def build(name: str, spec: tuple, dest: Path) -> Optional[str]:
     return how
 
 
+def llm_trunks(out: Path) -> list:
+    """Writes out/llm/NAME/ (config.pbtxt, 1/model.pt2) for every LLM trunk with
+    this checkout's exporter (`--format pt2`, about a minute each); returns the
+    names compiled now."""
+    exporter = Path(__file__).resolve().parent / "export"
+    key = hashlib.sha256(json.dumps([LLM, LLM_SEED], sort_keys=True).encode())
+    for f in sorted((exporter / "splitserve_export").glob("*.py")):
+        key.update(f.read_bytes())
+    cache = cache_dir().parent / f"torch-{torch.__version__}-llm-{key.hexdigest()[:16]}"
+    made = []
+    for name, (spec, layers) in LLM.items():
+        if not (cache / name / "config.pbtxt").is_file():
+            if str(exporter) not in sys.path:
+                sys.path.insert(0, str(exporter))
+            from splitserve_export.cli import main as export_main
+
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "config.json").write_text(json.dumps(spec))
+                if export_main(["--config", str(Path(d) / "config.json"), "--seed", str(LLM_SEED),
+                                "--layers", layers, "--name", name, "--format", "pt2",
+                                "--out", str(Path(d) / "out")]) != 0:
+                    raise SystemExit(f"splitserve-export --format pt2 failed for {name}")
+                partial = cache / f".{name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(Path(d) / "out" / name, partial)
+                partial.rename(cache / name)
+            made.append(f"llm/{name}")
+        dest = out / "llm" / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(cache / name, dest)
+    return made
+
+
 def main() -> None:
     # As the server does: every package checks its inputs (check_package's
     # one-row run is refused by a package compiled for at least 2 rows).
@@ -205,6 +256,7 @@ def main() -> None:
             made.append(f"{name} ({how})" if how else name)
         for suffix in (".pt2", ".state.pt"):
             shutil.copyfile(cache / f"{name}{suffix}", out / f"{name}{suffix}")
+    made += llm_trunks(out)
     print(f"pt2 packages in {out} (compiled now: {', '.join(made) or 'none'}; cache {cache})")
 
 

@@ -3,11 +3,7 @@ AOTInductor packages, served from a model repository by the real binary, and
 compared with transformers' own layers over splitlearn's ComputeService and the
 Open Inference Protocol."""
 
-import hashlib
-import json
-import os
-import shutil
-from pathlib import Path
+import sys
 
 import grpc
 import numpy as np
@@ -15,12 +11,12 @@ import pytest
 import torch
 import tritonclient.grpc as tgrpc
 
-from conftest import ROOT, Server
-from test_llm_export import GPT2, QWEN2, SEED, TOL, Oracle, export_cli, hf_model
+from conftest import FIXTURES, ROOT, Server
+from test_llm_export import TOL, Oracle, export_cli, hf_model
 from test_training import compute
 
-LAYERS = {"gpt2": "1:2", "qwen2": "1:3"}
-SPECS = {"gpt2": GPT2, "qwen2": QWEN2}
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_pt2_fixtures as pt2  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -29,35 +25,13 @@ pytestmark = [
 ]
 
 
-def cached_entry(name: str, tmp: Path) -> Path:
-    """The exporter's entry for `name`. Compiling a package takes about a
-    minute, so entries are kept, as the .pt2 fixtures are, by torch's version
-    and what made them (the exporter's source, the config, seed and layers)."""
-    key = hashlib.sha256()
-    for f in sorted((ROOT / "scripts" / "export" / "splitserve_export").glob("*.py")):
-        key.update(f.read_bytes())
-    key.update(json.dumps([SPECS[name], SEED, LAYERS[name]], sort_keys=True).encode())
-    root = Path(os.environ.get("SPLITSERVE_PT2_CACHE") or Path.home() / ".cache" / "splitserve" / "pt2")
-    cached = root / f"torch-{torch.__version__}-llm" / f"{name}-{key.hexdigest()[:16]}"
-    if not (cached / "config.pbtxt").is_file():
-        (tmp / f"{name}.json").write_text(json.dumps(SPECS[name]))
-        out = tmp / "export"
-        assert export_cli("--config", str(tmp / f"{name}.json"), "--seed", str(SEED),
-                          "--layers", LAYERS[name], "--name", name, "--format", "pt2",
-                          "--out", str(out)) == 0
-        partial = cached.with_name(cached.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(out / name, partial)
-        partial.rename(cached)
-    return cached
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, pb):
-    tmp = tmp_path_factory.mktemp("llm-pt2")
-    repo = tmp / "repo"
-    for name in SPECS:
-        shutil.copytree(cached_entry(name, tmp), repo / name)
+def served(pb):
+    """The trunks `make fixtures` exported (scripts/make_pt2_fixtures.py: LLM),
+    served from their model repository as the exporter wrote it."""
+    repo = FIXTURES / "pt2" / "llm"
+    for name in pt2.LLM:
+        assert (repo / name / "1" / "model.pt2").is_file(), f"{repo / name} is missing: run `make fixtures`"
     s = Server("--model-repository", str(repo), "--device", "cpu", "--workers", "1")
     s.wait_ok(pb)
     yield s
@@ -70,9 +44,9 @@ def test_pt2_trunks_equal_transformers_layers_through_the_server(pb, served):
     gen = torch.Generator().manual_seed(7)
     with served.channel() as channel:
         stub = pb2_grpc.ComputeServiceStub(channel)
-        for name, spec in SPECS.items():
-            first, end = (int(n) for n in LAYERS[name].split(":"))
-            model = hf_model(spec, SEED)
+        for name, (spec, layers) in pt2.LLM.items():
+            first, end = (int(n) for n in layers.split(":"))
+            model = hf_model(spec, pt2.LLM_SEED)
             oracle = Oracle(model, first, end)
             try:
                 # One row and one position (compiled to take them as they are),
