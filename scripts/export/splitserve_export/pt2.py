@@ -45,16 +45,23 @@ def compile_package(module: nn.Module, example: torch.Tensor, context: int, path
     are taken as they are (docs/pt2.md, "Making a package"); returns how."""
     dynamic = {"hidden_states": {0: Dim("batch", min=1, max=1024),
                                  1: Dim("positions", min=1, max=context)}}
+    from splitserve_export.export import ExportError
+
     kwargs = {"hidden_states": example}
     try:
         with fx_config.patch(backed_size_oblivious=True):
             program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
-    except torch._dynamo.exc.UserError:
+    except Exception:  # the experimental setting refuses: the usual export below
         # A size-1 guard inside an operator (the attention's reshapes ask whether
         # a transposed tensor is contiguous, true for one position only): export
         # as usual, valid for the whole range, and compile without AOTInductor's
         # "at least 2" input check.
-        program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
+        try:
+            program = torch.export.export(module, (), kwargs, dynamic_shapes=dynamic)
+        except Exception as e:
+            raise ExportError(
+                f"torch.export cannot capture this trunk ({str(e).strip().splitlines()[0][:200]}): "
+                "export it as TorchScript (--format torchscript)") from None
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(path),
             inductor_configs={"aot_inductor.check_lowerbound": False})
@@ -77,7 +84,12 @@ def self_check(module: nn.Module, path: Path, width: int, warmup: Tuple[int, int
         x = torch.randn(batch, positions, width, generator=gen)
         with torch.no_grad():
             want = module(x)["hidden_states_out"]
-            got = runner(hidden_states=x)["hidden_states_out"]
+            try:
+                got = runner(hidden_states=x)["hidden_states_out"]
+            except RuntimeError as e:
+                raise ExportError(
+                    f"the compiled package refuses a {batch}x{positions} input "
+                    f"({str(e).strip().splitlines()[0][:200]}; please report this)") from None
         if got.shape != want.shape or not torch.allclose(got, want, atol=tol, rtol=tol):
             raise ExportError(
                 f"the compiled package's answer at {batch}x{positions} differs from the trunk's "
