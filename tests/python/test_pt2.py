@@ -140,6 +140,9 @@ def test_a_one_row_request_runs_on_one_row(pb, server):
     want_sum, want_prod = pt2.AddMul()(torch.from_numpy(a), torch.from_numpy(b))
     close(r.as_numpy("OUTPUT__0"), want_sum)
     close(r.as_numpy("OUTPUT__1"), want_prod)
+    # Its load said so, and only its.
+    padded = [line for line in server.log_so_far().splitlines() if "compiled for batches of at least" in line]
+    assert len(padded) == 1 and "addmul" in padded[0] and "at least 2 rows" in padded[0], padded
 
 
 def test_metadata_and_config_come_from_the_package(server):
