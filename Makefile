@@ -37,7 +37,7 @@ fixtures: $(FIXTURES)/.stamp
 
 ## TorchScript models, and PyTorch 2 packages (.pt2: about a minute each to compile, cached by
 ## torch version under ~/.cache/splitserve/pt2, so a second clone copies them).
-$(FIXTURES)/.stamp: scripts/make_fixtures.py scripts/make_pt2_fixtures.py | setup
+$(FIXTURES)/.stamp: scripts/make_fixtures.py scripts/make_pt2_fixtures.py $(wildcard scripts/export/splitserve_export/*.py) | setup
 	$(PY) scripts/make_fixtures.py $(FIXTURES)
 	$(PY) scripts/make_pt2_fixtures.py $(FIXTURES)
 	touch $@

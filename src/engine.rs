@@ -1131,6 +1131,16 @@ fn fit_package(
         );
         slot.max_batch = rows;
     }
+    if let model::PackageBatch::Dynamic { min, .. } = package.batch
+        && min > 1
+    {
+        tracing::warn!(
+            model = %slot.spec.name,
+            "the package was compiled for batches of at least {min} rows (AOTInductor's 0/1 \
+             specialisation): a smaller batch is padded with zero rows and costs {min} rows' \
+             work; compile it to take one row as docs/pt2.md (\"Making a package\") says"
+        );
+    }
     let base = slot.config.as_deref();
     let mut cfg = model::package_config(&slot.spec.name, package, m.signature.as_ref(), base)
         .map_err(|message| ModelError::Load {
