@@ -71,6 +71,20 @@ def test_builder_uses_the_shared_setup_and_a_release_build(commands) -> None:
     assert ("requirements.txt", "./") in copies and ("scripts/setup.sh", "scripts/setup.sh") in copies
 
 
+def test_both_variants_share_the_builders_venv_and_cargo_target(commands) -> None:
+    """VARIANT is declared in the builder only after the venv step: every RUN
+    after an ARG has it in its environment and so in its cache key, and a cuda
+    build beside a cpu one would download torch again and store a second 5.6 GB
+    venv. The caches of pip and of cargo's target/ are not keyed by it either."""
+    builder = stages(commands)["builder"]
+    setup = next(i for i, c in enumerate(builder) if c.cmd == "RUN" and "scripts/setup.sh" in " ".join(c.value))
+    variant_args = [i for i, c in enumerate(builder) if c.cmd == "ARG" and c.value[0].split("=")[0] == "VARIANT"]
+    assert variant_args and min(variant_args) > setup, (setup, variant_args)
+    mounts = " ".join(f for c in builder if c.cmd == "RUN" for f in c.flags if f.startswith("--mount=type=cache"))
+    assert "splitserve-pip" in mounts and "splitserve-target" in mounts, mounts
+    assert "VARIANT" not in mounts, mounts
+
+
 def test_runtime_stage(commands) -> None:
     rt = stages(commands)["runtime-base"]
     from_ = rt[0]
@@ -96,7 +110,7 @@ def test_dockerignore_keeps_build_outputs_out() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {"target", ".venv", ".venv-kserve", ".git"} <= patterns
+    assert {"target", ".venv", ".venv-kserve", ".git", ".venv-bench", ".venv-peers", ".tools"} <= patterns
 
 
 STAGE_LIBS = ROOT / "scripts" / "image" / "stage-libs.sh"
