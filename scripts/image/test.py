@@ -359,6 +359,7 @@ class Run:
         args += [self.image, *c.get("args", [])]
         self.run_cmd = args
         self.started = True  # cleanup removes it even if it was created but did not start
+        t0 = time.monotonic()  # from `podman run` on: creating and starting the container count too
         self.podman(*args)
 
         def serving():
@@ -366,16 +367,15 @@ class Run:
             assert state == "running", f"container {state}:\n{self.logs()}"
             return self.health("") == "SERVING"
 
-        t0 = time.monotonic()
         try:
-            wait_until(serving, 300, 'grpc.health.v1 "" SERVING', every=0.5)
+            wait_until(serving, 300, 'grpc.health.v1 "" SERVING', every=0.1)
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- container log ---\n{self.logs()}") from None
         took = time.monotonic() - t0
         states = {s or '""': self.health(s) for s in ("", "splitlearn.comm.ComputeService", "liveness")}
         bad = {k: v for k, v in states.items() if v != "SERVING"}
         assert not bad, f"not SERVING: {bad}"
-        return f"SERVING after {took:.1f} s for " + ", ".join(states)
+        return f"SERVING {took:.1f} s after podman run for " + ", ".join(states)
 
     def security(self) -> str:
         def ex(*cmd):
