@@ -11,9 +11,10 @@
 # wheel's nvidia/ libraries; it also sets the NVIDIA container runtime
 # variables. The cpu variant builds with SPLITSERVE_LINK_CUDA=0, so the binary
 # never loads libtorch_cuda, and ships only the libraries it loads
-# (scripts/image/stage-libs.sh): libtorch_cpu, libc10, libgomp, and the two
-# nvidia/ libraries libtorch_cpu itself needs (libcudart, libcupti), about
-# 425 MB instead of 3.6 GB. TORCH_INDEX_URL may still point at an index that
+# (scripts/image/stage-libs.sh): libtorch_cpu, libc10, libgomp, the two
+# nvidia/ libraries libtorch_cpu itself needs (libcudart, libcupti), and an
+# empty libtorch.so of its own (the wheel's names libtorch_cuda): 445 MB instead
+# of 3.88 GB, a 0.56 GB image. TORCH_INDEX_URL may still point at an index that
 # serves the CPU-only torch 2.13.0 wheel:
 #
 #   docker build --build-arg TORCH_INDEX_URL=<cpu wheel index> -t splitserve:0.1.0-cpu .
