@@ -68,7 +68,8 @@ gpu-check: build fixtures
 	bash scripts/gpu-check.sh
 
 ## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators,
-## the KServe SDK (in .venv-kserve: it pins protobuf<7).
+## the KServe SDK (in .venv-kserve: it pins protobuf<7), the libraries perf_analyzer loads
+## (.tools/perf_analyzer, Debian libb64-0d; scripts/perf_analyzer runs it).
 tools: setup
 	bash scripts/setup-deploy-tools.sh
 
