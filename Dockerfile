@@ -11,9 +11,10 @@
 # wheel's nvidia/ libraries; it also sets the NVIDIA container runtime
 # variables. The cpu variant builds with SPLITSERVE_LINK_CUDA=0, so the binary
 # never loads libtorch_cuda, and ships only the libraries it loads
-# (scripts/image/stage-libs.sh): libtorch_cpu, libc10, libgomp, and the two
-# nvidia/ libraries libtorch_cpu itself needs (libcudart, libcupti), about
-# 425 MB instead of 3.6 GB. TORCH_INDEX_URL may still point at an index that
+# (scripts/image/stage-libs.sh): libtorch_cpu, libc10, libgomp, the two
+# nvidia/ libraries libtorch_cpu itself needs (libcudart, libcupti), and an
+# empty libtorch.so of its own (the wheel's names libtorch_cuda): 445 MB instead
+# of 3.88 GB, a 0.56 GB image. TORCH_INDEX_URL may still point at an index that
 # serves the CPU-only torch 2.13.0 wheel:
 #
 #   docker build --build-arg TORCH_INDEX_URL=<cpu wheel index> -t splitserve:0.1.0-cpu .
@@ -34,7 +35,6 @@ ARG DEBIAN_SUITE=bookworm
 
 # ---------------------------------------------------------------- builder
 FROM rust:${RUST_VERSION}-${DEBIAN_SUITE} AS builder
-ARG VARIANT
 ARG TORCH_INDEX_URL=""
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -53,10 +53,14 @@ ENV LIBTORCH_USE_PYTORCH=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The venv (torch is a multi-GB download) in its own layer, rebuilt only when the
-# requirements or the set-up script change.
+# requirements, the set-up script or TORCH_INDEX_URL change. Both variants build
+# on the same venv: VARIANT is declared only after this step, because every RUN
+# after an ARG has it in its environment and so in its cache key. Otherwise a
+# cuda build next to a cpu one downloads torch again and stores a second copy
+# of the same 5.6 GB venv.
 COPY requirements.txt ./
 COPY scripts/setup.sh scripts/setup.sh
-RUN --mount=type=cache,id=splitserve-pip-${VARIANT},target=/root/.cache/pip \
+RUN --mount=type=cache,id=splitserve-pip,target=/root/.cache/pip \
     --mount=type=secret,id=build_ca \
     if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi \
  && if [ -f /run/secrets/build_ca ]; then \
@@ -71,12 +75,17 @@ ENV VIRTUAL_ENV=/opt/splitserve/.venv \
     PATH=/opt/splitserve/.venv/bin:${PATH}
 
 COPY . .
-# target/ is a cache mount (one per variant: build.rs links against that
-# variant's wheel), so the binary is copied out of it in the same step, together
-# with the shared libraries, into /staging: the runtime stage copies exactly that.
+ARG VARIANT
+# target/ is a cache mount, so the binary is copied out of it in the same step,
+# together with the shared libraries, into /staging: the runtime stage copies
+# exactly that. Both variants share it, as they share the wheel the crates were
+# compiled against: switching variants reruns build.rs (SPLITSERVE_LINK_CUDA)
+# and relinks, instead of a cold build of every crate. torch-sys does not notice
+# a different wheel at the same path, so a TORCH_INDEX_URL build gets a target
+# of its own.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
-    --mount=type=cache,id=splitserve-target-${VARIANT},target=/opt/splitserve/target \
+    --mount=type=cache,id=splitserve-target${TORCH_INDEX_URL:+-torch-index},target=/opt/splitserve/target \
     --mount=type=secret,id=build_ca \
     set -eux; \
     if [ -f /run/secrets/build_ca ]; then \

@@ -37,7 +37,7 @@ fixtures: $(FIXTURES)/.stamp
 
 ## TorchScript models, and PyTorch 2 packages (.pt2: about a minute each to compile, cached by
 ## torch version under ~/.cache/splitserve/pt2, so a second clone copies them).
-$(FIXTURES)/.stamp: scripts/make_fixtures.py scripts/make_pt2_fixtures.py | setup
+$(FIXTURES)/.stamp: scripts/make_fixtures.py scripts/make_pt2_fixtures.py $(wildcard scripts/export/splitserve_export/*.py) | setup
 	$(PY) scripts/make_fixtures.py $(FIXTURES)
 	$(PY) scripts/make_pt2_fixtures.py $(FIXTURES)
 	touch $@
@@ -68,7 +68,8 @@ gpu-check: build fixtures
 	bash scripts/gpu-check.sh
 
 ## Test tools beyond the venv: promtool and the Prometheus server (Debian), Helm SDK, validators,
-## the KServe SDK (in .venv-kserve: it pins protobuf<7).
+## the KServe SDK (in .venv-kserve: it pins protobuf<7), the libraries perf_analyzer loads
+## (.tools/perf_analyzer, Debian libb64-0d; scripts/perf_analyzer runs it).
 tools: setup
 	bash scripts/setup-deploy-tools.sh
 

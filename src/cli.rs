@@ -213,7 +213,10 @@ pub struct ServeArgs {
     pub max_batch_size: Vec<PerModel<usize>>,
 
     /// How long a worker holding a partial batch waits for more requests, in
-    /// microseconds; N for every model or NAME=N for one.
+    /// microseconds; N for every model or NAME=N for one. A batch of KV
+    /// session decode steps waits instead for the sessions known to be
+    /// decoding, at most this long or one decode batch's time (docs/llm.md);
+    /// 0 (the default) never waits.
     #[arg(
         long,
         env = "SPLITSERVE_BATCH_TIMEOUT_US",

@@ -23,8 +23,9 @@ use crate::proto::inference::ModelConfig;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::reason;
 use crate::telemetry::triton::{RequestTimes, TritonModel};
+use crate::training::sessions::Handle;
 use crate::training::{
-    Chunked, DecodeBatch, Prefill, Step, Training, TrainingConfig, TrainingError,
+    Chunked, DecodeBatch, Decoders, Prefill, Step, Training, TrainingConfig, TrainingError,
 };
 
 /// Lifecycle of the engine, published to health checks.
@@ -287,8 +288,9 @@ struct Job {
     rpc_span: tracing::Span,
     /// Open while the job waits; closing it records the queue wait.
     queue_span: tracing::Span,
-    /// A KV session decode step that may join a decode batch (set at enqueue).
-    decode: bool,
+    /// A KV session decode step that may join a decode batch: its session
+    /// (set at enqueue).
+    decode: Option<Handle>,
     /// A session prompt computed in chunks: the chunks done so far.
     prefill: Option<Box<Prefill>>,
 }
@@ -297,7 +299,7 @@ impl Job {
     /// Rows along dimension 0 and the batching key, or None if it cannot
     /// batch: steps, and requests with several inputs, run alone.
     fn batch_key(&self) -> Option<(i64, BatchKey<'_>)> {
-        if self.decode {
+        if self.decode.is_some() {
             let rest = self.input.shape.get(1..)?;
             let kind = model::input_kind(&self.input, self.enc);
             return Some((1, (rest, kind, false, true)));
@@ -337,6 +339,12 @@ struct Unit {
     /// Replaced or unloaded: takes no new request, finishes its queue, then goes.
     /// Set under the queue lock.
     retired: AtomicBool,
+    /// Its KV sessions that are decoding: whom a decode batch waits for.
+    /// Locked after the queue lock, never before it.
+    decoders: Mutex<Decoders>,
+    /// A worker is gathering a decode batch of it: other workers leave its
+    /// decode steps to that batch. Set and cleared under the queue lock.
+    forming: AtomicBool,
     /// Per worker: it has run this model's warm-up on its own thread.
     warmed: Vec<AtomicBool>,
 }
@@ -907,11 +915,11 @@ impl Engine {
             }
             let rpc_span = tracing::Span::current();
             let queue_span = tracing::debug_span!("queue", model = %unit.slot().spec.name);
-            let decode = unit.training.zip(step.as_ref()).is_some_and(|(i, s)| {
+            let decode = unit.training.zip(step.as_ref()).and_then(|(i, s)| {
                 self.shared
                     .training
                     .decode_row(i, &unit.model, s, &input, enc)
-                    .is_some()
+                    .map(|r| r.handle)
             });
             entry.queue.push_back(Job {
                 input,
@@ -929,10 +937,22 @@ impl Engine {
                 decode,
                 prefill: None,
             });
-            q.sleeping > 0
+            let forming = decode.is_some_and(|h| {
+                lock(&unit.decoders).arrived(h, now);
+                unit.forming.load(Ordering::Relaxed)
+            });
+            match q.sleeping {
+                0 => Wake::None,
+                // The worker gathering this decode batch may not be the one
+                // notify_one would wake.
+                _ if forming => Wake::All,
+                _ => Wake::One,
+            }
         };
-        if wake {
-            self.shared.work.notify_one();
+        match wake {
+            Wake::None => {}
+            Wake::One => self.shared.work.notify_one(),
+            Wake::All => self.shared.work.notify_all(),
         }
         let received = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), rx).await {
@@ -1029,6 +1049,13 @@ fn check_instances(shared: &Shared, slot: &ModelSlot) -> Result<(), EngineError>
     Ok(())
 }
 
+/// Which sleeping workers a new job wakes.
+enum Wake {
+    None,
+    One,
+    All,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned queue lock means a worker panicked outside catch_unwind; the
     // queue itself is still consistent (every mutation is a single push/pop).
@@ -1083,6 +1110,8 @@ fn build_unit(
             .clamp(1, workers.max(1)),
         running: AtomicUsize::new(0),
         retired: AtomicBool::new(false),
+        decoders: Mutex::default(),
+        forming: AtomicBool::new(false),
         warmed: (0..workers).map(|_| AtomicBool::new(false)).collect(),
         metrics: ModelMetrics::new(&shared.metrics, &info.name, info.version),
         info,
@@ -1112,6 +1141,16 @@ fn fit_package(
              dimension takes one request at a time): batching up to {rows}"
         );
         slot.max_batch = rows;
+    }
+    if let model::PackageBatch::Dynamic { min, .. } = package.batch
+        && min > 1
+    {
+        tracing::warn!(
+            model = %slot.spec.name,
+            "the package was compiled for batches of at least {min} rows (AOTInductor's 0/1 \
+             specialisation): a smaller batch is padded with zero rows and costs {min} rows' \
+             work; compile it to take one row as docs/pt2.md (\"Making a package\") says"
+        );
     }
     let base = slot.config.as_deref();
     let mut cfg = model::package_config(&slot.spec.name, package, m.signature.as_ref(), base)
@@ -1490,8 +1529,12 @@ fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
         let n = q.entries.len();
         let start = q.next.min(n);
         let found = (0..n).map(|k| (start + k) % n).find(|&i| {
-            !q.entries[i].queue.is_empty()
-                && q.entries[i].unit.running.load(Ordering::SeqCst) < q.entries[i].unit.cap
+            let e = &q.entries[i];
+            e.queue.front().is_some_and(|j| {
+                // Decode steps queued while another worker gathers a decode
+                // batch are that batch's.
+                j.decode.is_none() || !e.unit.forming.load(Ordering::Relaxed)
+            }) && e.unit.running.load(Ordering::SeqCst) < e.unit.cap
         });
         if let Some(i) = found {
             q.next = (i + 1) % n;
@@ -1508,14 +1551,51 @@ fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
                 continue; // everything we looked at had expired or been cancelled
             }
             unit.running.fetch_add(1, Ordering::SeqCst);
-            // Wait a little for the batch to fill, if the model allows it and no
-            // other worker is idle: an idle worker would start on new arrivals at
-            // once, so waiting would only add latency.
             if slot.max_batch > 1
                 && !slot.batch_timeout.is_zero()
                 && !full(slot, rows(&jobs))
+                && jobs[0].decode.is_some()
+            {
+                // A decode batch waits for the sessions known to be decoding
+                // (see Decoders), whether or not another worker is idle: one
+                // forward for all of them reads the weights once.
+                unit.forming.store(true, Ordering::Relaxed);
+                loop {
+                    let now = Instant::now();
+                    let until = lock(&unit.decoders).expected_until(now, slot.batch_timeout);
+                    let Some(until) = until.filter(|&u| u > now && !q.draining) else {
+                        break;
+                    };
+                    q.sleeping += 1;
+                    q = shared
+                        .work
+                        .wait_timeout(q, until - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    q.sleeping -= 1;
+                    let Some(i) = q.position(unit.id) else { break };
+                    take_compatible(&unit, &mut q.entries[i].queue, &mut jobs, slot.max_batch);
+                    if full(slot, rows(&jobs)) {
+                        break;
+                    }
+                }
+                unit.forming.store(false, Ordering::Relaxed);
+                // Steps left to another worker while this one gathered.
+                if q.sleeping > 0
+                    && q.position(unit.id)
+                        .is_some_and(|i| !q.entries[i].queue.is_empty())
+                {
+                    shared.work.notify_one();
+                }
+            } else if slot.max_batch > 1
+                && !slot.batch_timeout.is_zero()
+                && jobs[0].batch_key().is_some()
+                && !full(slot, rows(&jobs))
                 && busy_count(shared) + 1 >= shared.busy_since.len()
             {
+                // Wait a little for the batch to fill, if the model allows it and
+                // no other worker is idle: an idle worker would start on new
+                // arrivals at once, so waiting would only add latency.
                 let until = Instant::now() + slot.batch_timeout;
                 loop {
                     let now = Instant::now();
@@ -1656,7 +1736,7 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
     let _entered = span.enter();
     // KV session decode steps batch with each other; any other training or
     // KV-cache step is alone in its batch, and a session prompt runs in chunks.
-    let decode = unit.training.filter(|_| jobs[0].decode);
+    let decode = unit.training.filter(|_| jobs[0].decode.is_some());
     let resume = match &mut jobs[..] {
         [job] => job.prefill.take(),
         _ => None,
@@ -1787,6 +1867,19 @@ fn run_batch(shared: &Shared, unit: &Unit, mut jobs: Vec<Job>, started: Instant,
         .config
         .as_ref()
         .is_some_and(|c| c.max_batch_size == 0);
+    // Sessions that decoded: answered now, and whether each goes on.
+    let sessions: Vec<(Handle, bool)> = jobs
+        .iter()
+        .zip(&results)
+        .filter_map(|(job, r)| {
+            let goes_on = r.as_ref().is_ok_and(|(_, present)| !present.is_empty());
+            job.decode.map(|h| (h, goes_on))
+        })
+        .collect();
+    // Before the replies: a client may send its next step the moment it has one.
+    if !sessions.is_empty() {
+        lock(&unit.decoders).answered(&sessions, started.elapsed(), Instant::now());
+    }
     for (job, result) in jobs.into_iter().zip(results) {
         let queue_time = started.saturating_duration_since(job.enqueued);
         if result.is_ok() {

@@ -1187,3 +1187,425 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// One HTTP/2 frame: its 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one HTTP/2 frame: (type, flags, stream id, payload); None once the
+/// server closed the connection.
+async fn read_h2_frame(s: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+const FRAME_HEADERS: u8 = 1;
+const FRAME_RST_STREAM: u8 = 3;
+const FRAME_SETTINGS: u8 = 4;
+const FRAME_PING: u8 = 6;
+const FRAME_GOAWAY: u8 = 7;
+const FLAG_ACK: u8 = 1;
+const FLAG_END_HEADERS: u8 = 4;
+
+/// A raw HTTP/2 connection that has sent its preface and an empty SETTINGS
+/// frame, read the server's SETTINGS and acknowledged them; returns it and
+/// the server's settings as (id, value) pairs.
+async fn raw_h2(addr: SocketAddr) -> (TcpStream, Vec<(u16, u32)>) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    loop {
+        let (kind, flags, _, payload) = tokio::time::timeout(common::WAIT, read_h2_frame(&mut s))
+            .await
+            .expect("no SETTINGS from the server")
+            .expect("closed before its SETTINGS");
+        if kind == FRAME_SETTINGS && flags & FLAG_ACK == 0 {
+            let settings = payload
+                .chunks_exact(6)
+                .map(|c| {
+                    (
+                        u16::from_be_bytes([c[0], c[1]]),
+                        u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                    )
+                })
+                .collect();
+            s.write_all(&h2_frame(FRAME_SETTINGS, FLAG_ACK, 0, &[]))
+                .await
+                .unwrap();
+            return (s, settings);
+        }
+    }
+}
+
+/// The HPACK block of a Compute request's headers (static-table and literal
+/// fields, no Huffman coding, no dynamic table).
+fn compute_headers() -> Vec<u8> {
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    let literal = |block: &mut Vec<u8>, name: &str, value: &str| {
+        block.push(0x00); // literal without indexing, new name
+        for s in [name, value] {
+            block.push(s.len() as u8);
+            block.extend_from_slice(s.as_bytes());
+        }
+    };
+    literal(
+        &mut block,
+        ":path",
+        "/splitlearn.comm.ComputeService/Compute",
+    );
+    literal(&mut block, ":authority", "test");
+    literal(&mut block, "content-type", "application/grpc");
+    literal(&mut block, "te", "trailers");
+    block
+}
+
+/// --max-concurrent-streams is what the server advertises in its SETTINGS;
+/// a client that ignores it gets the stream beyond it refused
+/// (REFUSED_STREAM) while the others stay open, and a client that honours it
+/// (tonic) queues its extra calls: all of them are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_max_concurrent_streams_are_refused_or_queued() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(args(
+        &["slow=builtin:delay:300"],
+        &["--max-concurrent-streams", "2", "--workers", "3"],
+    ))
+    .await;
+    let (mut raw, settings) = raw_h2(server.addr).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS is setting 3.
+    assert!(settings.contains(&(3, 2)), "{settings:?}");
+    // Streams 1 and 3 open (headers, no body yet), then stream 5 beyond the limit.
+    for id in [1, 3, 5] {
+        raw.write_all(&h2_frame(
+            FRAME_HEADERS,
+            FLAG_END_HEADERS,
+            id,
+            &compute_headers(),
+        ))
+        .await
+        .unwrap();
+    }
+    let refused = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match read_h2_frame(&mut raw).await {
+                Some((FRAME_RST_STREAM, _, id, code)) => break Some((id, code)),
+                Some(_) => continue,
+                None => break None,
+            }
+        }
+    })
+    .await
+    .expect("the stream beyond the limit was never answered");
+    // REFUSED_STREAM is error code 7; the connection stays open.
+    assert_eq!(refused, Some((5, 7u32.to_be_bytes().to_vec())));
+    // Closing it ends its two open streams (else they wait out the body timeout).
+    drop(raw);
+
+    // A tonic client on one connection, three calls at once: none refused.
+    // (Once it has the server's SETTINGS: streams a client opens before they
+    // arrive, right after connecting, count against no limit it knows of.)
+    let mut c = own_connection(server.addr).await.unwrap();
+    let x = values(2, 8);
+    c.compute(request("slow", &x, &[2])).await.unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let (mut c, x) = (c.clone(), x.clone());
+            tokio::spawn(async move { c.compute(request("slow", &x, &[2])).await })
+        })
+        .collect();
+    for call in calls {
+        let y = call.await.unwrap().expect("a queued call was refused");
+        assert_eq!(f32_values(&y.get_ref().data), x);
+    }
+    server.stop().await.unwrap();
+}
+
+/// The server pings an idle connection every --http2-keepalive-interval and
+/// closes one that does not answer within --http2-keepalive-timeout
+/// (splitserve_open_connections drops); a client that answers its pings
+/// keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_answer_keepalive_pings_is_closed() {
+    let server = FullServer::start(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--http2-keepalive-interval",
+            "200ms",
+            "--http2-keepalive-timeout",
+            "300ms",
+        ],
+    ))
+    .await;
+    // A client that answers pings (tonic, through h2), on its own connection.
+    let mut c = own_connection(server.grpc).await.unwrap();
+    let x = values(2, 9);
+    c.compute(request("double", &x, &[2])).await.unwrap();
+    // A client that reads the server's frames and never answers a ping.
+    let (mut raw, _) = raw_h2(server.grpc).await;
+    server
+        .wait_metric(
+            "splitserve_open_connections{port=\"grpc\"}",
+            "both connections open",
+            |v| v == 2.0,
+        )
+        .await;
+    // Closed within 10 s: well past the 200 ms + 300 ms asked for, well before
+    // the default timeout of 20 s.
+    let (mut pinged, mut closed) = (false, false);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match read_h2_frame(&mut raw).await {
+                Some((FRAME_PING, flags, _, _)) if flags & FLAG_ACK == 0 => pinged = true,
+                Some((FRAME_GOAWAY, ..)) | Some(_) => continue,
+                None => {
+                    closed = true;
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(pinged, "the server never pinged the idle connection");
+    assert!(
+        closed,
+        "a connection that did not answer a ping stayed open"
+    );
+    server
+        .wait_metric(
+            "splitserve_open_connections{port=\"grpc\"}",
+            "the unanswering connection is closed, the other kept",
+            |v| v == 1.0,
+        )
+        .await;
+    // The answering client's connection served on: no reconnect was needed.
+    let y = c.compute(request("double", &x, &[2])).await.unwrap();
+    assert_eq!(
+        f32_values(&y.get_ref().data),
+        x.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        server
+            .metric("splitserve_connections_total{port=\"grpc\"}")
+            .await,
+        2.0,
+        "the client that answered its pings had to reconnect"
+    );
+    server.stop().await;
+}
+
+/// The codec thread's queue holds 256 payloads waiting to be inflated or
+/// compressed: while it inflates zlib bombs (each stopped at
+/// --max-decompressed-bytes), a burst of zlib requests past the queue is
+/// refused at once with RESOURCE_EXHAUSTED ("retry with backoff"), counted as
+/// limit="codec_queue"; the others are answered, and once the queue drains
+/// zlib requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zlib_payloads_past_the_codec_queue_are_refused_and_counted() {
+    let server = FullServer::start(args(
+        &["double=builtin:scale:2"],
+        &["--max-decompressed-bytes", "64MiB"],
+    ))
+    .await;
+    // 80 MiB of zeros in about 80 KB: each is inflated up to the limit (twice:
+    // once to read, once to tell a bomb from a stream that is not zlib).
+    let bomb = Bytes::from(common::zlib(&vec![0u8; 80 << 20]));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(own_connection(server.grpc).await.unwrap());
+    }
+    let x = values(4, 11);
+    let doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    let small = {
+        let mut r = request("double", &[], &[4]);
+        r.data = common::zlib(&common::f32_bytes(&x)).into();
+        r
+    };
+    let queue_full = |s: &tonic::Status| {
+        s.code() == tonic::Code::ResourceExhausted
+            && s.message().contains("decompression queue is full")
+            && s.message().contains("retry with backoff")
+    };
+    let (mut refused, mut answered) = (0usize, 0usize);
+    let deadline = Instant::now() + common::WAIT;
+    // The burst is sent while the bombs hold the codec thread; on a machine
+    // busy enough to send it slower than the bombs inflate, it is sent again.
+    while refused == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the codec queue never filled ({answered} answered)"
+        );
+        let bombs: Vec<_> = (0..8)
+            .map(|_| {
+                let mut c = clients[0].clone();
+                let mut r = request("double", &[], &[20 << 20]);
+                r.data = bomb.clone();
+                tokio::spawn(async move { c.compute(r).await })
+            })
+            .collect();
+        let burst: Vec<_> = (0..300)
+            .map(|i| {
+                let (mut c, r) = (clients[1 + i % 3].clone(), small.clone());
+                tokio::spawn(async move { c.compute(r).await })
+            })
+            .collect();
+        for b in bombs {
+            let e = b.await.unwrap().expect_err("a bomb was inflated");
+            if queue_full(&e) {
+                refused += 1;
+            } else {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(e.message().contains("--max-decompressed-bytes"), "{e:?}");
+            }
+        }
+        for call in burst {
+            match call.await.unwrap() {
+                Ok(y) => {
+                    let raw =
+                        splitserve::codec::inflate(&y.get_ref().data, 16).expect("a zlib reply");
+                    assert_eq!(f32_values(&raw), doubled);
+                    answered += 1;
+                }
+                Err(e) if queue_full(&e) => refused += 1,
+                Err(e) => panic!("a zlib request failed otherwise: {e:?}"),
+            }
+        }
+    }
+    assert!(answered > 0, "every zlib request of the burst was refused");
+    server
+        .wait_metric(
+            "splitserve_limit_rejections_total{limit=\"codec_queue\"}",
+            "each refusal counted",
+            |v| v == refused as f64,
+        )
+        .await;
+    let y = clients[1].compute(small.clone()).await.unwrap();
+    let raw = splitserve::codec::inflate(&y.get_ref().data, 16).unwrap();
+    assert_eq!(f32_values(&raw), doubled);
+    server.stop().await;
+}
+
+/// Out of file descriptors, accept fails (EMFILE): the server backs off
+/// 100 ms between tries instead of spinning, logs it and counts each try as
+/// limit="file_descriptors"; the client meanwhile waits in the kernel's
+/// backlog and is served once descriptors are free again. The real binary,
+/// its descriptor limit lowered from outside (prlimit) while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_backs_off_while_out_of_file_descriptors() {
+    let port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a: SocketAddr = l.local_addr().unwrap();
+        a
+    };
+    let (grpc, admin) = (port(), port());
+    let log_path =
+        std::env::temp_dir().join(format!("splitserve-descriptors-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+            .args(["serve", "--grpc-addr", &grpc.to_string()])
+            .args(["--metrics-addr", &admin.to_string(), "--device", "cpu"])
+            .args(["--model", "double=builtin:scale:2"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while grpc_health(grpc).await != Ok(1) {
+        assert!(child.0.try_wait().unwrap().is_none(), "the server exited");
+        assert!(Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.0.id().to_string();
+    let prlimit = |nofile: &str| {
+        let mut prlimit = std::process::Command::new("prlimit");
+        prlimit.args(["--pid", &pid]);
+        match nofile {
+            "" => prlimit.args(["--nofile", "--output=SOFT,HARD", "--noheadings"]),
+            set => prlimit.arg(format!("--nofile={set}")),
+        };
+        let out = prlimit.output().expect("prlimit (util-linux)");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let was = prlimit("");
+    let (soft, hard) = was.split_once(char::is_whitespace).unwrap();
+    let (soft, hard) = (soft.trim().to_string(), hard.trim().to_string());
+    // Descriptors 0, 1 and 2 are open: no new one can be made.
+    prlimit(&format!("3:{hard}"));
+    let exhausted = Instant::now();
+    let waiting = tokio::spawn(async move {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(reply.into_inner().status)
+    });
+    let deadline = Instant::now() + common::WAIT;
+    let warning = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("cannot accept connections"))
+        {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no warning in the log:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        warning.contains("WARN") && warning.contains("backing off"),
+        "{warning}"
+    );
+    prlimit(&format!("{soft}:{hard}"));
+    let out_of_descriptors_for = exhausted.elapsed();
+    // The client that connected meanwhile is served.
+    let served = tokio::time::timeout(common::WAIT, waiting).await;
+    assert_eq!(
+        served
+            .expect("the waiting client was never served")
+            .unwrap(),
+        Ok(1)
+    );
+    let (status, _, body) = http1(admin, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let tries: f64 = String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("splitserve_limit_rejections_total{limit=\"file_descriptors\"} ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    // At most one try per 100 ms back-off (a spinning loop makes thousands).
+    let most = out_of_descriptors_for.as_millis() as f64 / 100.0 + 2.0;
+    assert!(
+        tries >= 1.0 && tries <= most,
+        "{tries} failed accepts counted in {out_of_descriptors_for:?}"
+    );
+    assert!(child.0.try_wait().unwrap().is_none(), "the server died");
+    let _ = std::fs::remove_file(&log_path);
+}

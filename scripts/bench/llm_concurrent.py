@@ -268,6 +268,14 @@ def render_markdown(results: dict) -> str:
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    lines += [
+        "",
+        "How the batches form (docs/llm.md, \"Many sessions at once\"): a worker that takes a",
+        "decode step waits for the sessions it knows are decoding (answered, and due back within",
+        "twice their client's usual turn-around), at most the batch window or one decode batch's",
+        "time, and for nobody else. A lone session never waits; sessions whose clients answer at",
+        "slightly different times merge into one batch instead of alternating in groups.",
+    ]
     return "\n".join(lines) + "\n"
 
 

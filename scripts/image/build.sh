@@ -64,7 +64,7 @@ old_builders=$(
   for id in $(podman images --quiet --no-trunc --filter dangling=true); do
     step=$(podman history --no-trunc --format '{{.CreatedBy}}' "$id" | head -n 1)
     case "$step" in
-      *"VARIANT=$VARIANT "*splitserve-target-*)
+      *"VARIANT=$VARIANT "*splitserve-target*)
         echo "$(podman image inspect --format '{{.Created.Unix}}' "$id") $id" ;;
     esac
   done | sort -rn | tail -n +2 | cut -d' ' -f2

@@ -11,7 +11,11 @@
 # torch/lib and nvidia/*/lib (a CUDA wheel's libtorch_cpu needs libcudart and
 # libcupti and nothing else of nvidia/); the system's own libraries come from the
 # runtime image. The binary must then be built with SPLITSERVE_LINK_CUDA=0, or it
-# names libtorch_cuda and this stops.
+# names libtorch_cuda and this stops. The binary also names libtorch.so (build.rs:
+# AOTInductor packages need it loaded by that name), which in a CUDA wheel is an
+# empty library that names libtorch_cuda and libtorch_cpu, and so would bring
+# all of CUDA along: the CPU image gets an empty libtorch.so of its own instead,
+# naming only libtorch_cpu and libc10, as the CPU-only wheel's is.
 set -euo pipefail
 
 bin=$1 site=$2 staging=$3 variant=$4
@@ -36,6 +40,15 @@ shopt -s nullglob
 dirs=("${torch_lib}" "${site}"/nvidia/*/lib)
 queue=("${bin}")
 declare -A staged=()
+# An empty libtorch.so naming libtorch_cpu and libc10, in the staging tree.
+stub_libtorch() {
+  local dir
+  dir=$(mktemp -d)
+  : >"${dir}/libtorch.c"
+  ${CC:-cc} -shared -o "${staging}${torch_lib}/libtorch.so" "${dir}/libtorch.c" \
+    -Wl,-soname,libtorch.so -Wl,--no-as-needed -L"${torch_lib}" -ltorch_cpu -lc10 -Wl,-rpath,'$ORIGIN'
+  rm -rf "${dir}"
+}
 while [ "${#queue[@]}" -gt 0 ]; do
   file=${queue[0]}
   queue=("${queue[@]:1}")
@@ -45,8 +58,14 @@ while [ "${#queue[@]}" -gt 0 ]; do
         if [ -z "${staged[${dir}/${need}]:-}" ]; then
           staged[${dir}/${need}]=1
           mkdir -p "${staging}${dir}"
-          cp -L "${dir}/${need}" "${staging}${dir}/${need}"
-          queue+=("${dir}/${need}")
+          if [ "${dir}/${need}" = "${torch_lib}/libtorch.so" ] \
+              && readelf -d "${dir}/${need}" | grep -q 'NEEDED.*\[libtorch_cuda'; then
+            stub_libtorch
+            queue+=("${staging}${dir}/${need}")
+          else
+            cp -L "${dir}/${need}" "${staging}${dir}/${need}"
+            queue+=("${dir}/${need}")
+          fi
         fi
         break
       fi

@@ -28,6 +28,13 @@ mounted read-only at /models and served as `mlp` (warm-up shape 1x16), beside
                  NOT_SERVING, the container exits 0 within the pod's
                  terminationGracePeriodSeconds
 
+and, where the CUDA variant (--cuda-image, default splitserve:<version>-cuda)
+has been built, without a GPU:
+
+  cuda-ldd       no shared library missing in it either
+  cuda-no-gpu    its default --device cuda stops the server at once, non-zero,
+                 saying why CUDA cannot start
+
 Prints PASS/FAIL per check and "N passed, N failed"; exits 1 on any failure.
 Needs podman (scripts/image/build.sh installs it) and the project venv (torch,
 grpcio, tritonclient: make setup).
@@ -279,15 +286,37 @@ class Run:
         size = int(cfg["Size"])
         return f"user 10001:10001, HEALTHCHECK {' '.join(self.healthcheck_cmd)}, {size / 1e9:.2f} GB"
 
-    def ldd(self) -> str:
+    def ldd(self, image: str | None = None) -> str:
         out = []
         for binary in ("/usr/local/bin/splitserve", "/usr/local/bin/splitserve-client"):
             p = self.podman("run", "--rm", *self.flags, "--network=none", "--read-only", "--user", "10001:10001",
-                            "--entrypoint", "ldd", self.image, binary)
+                            "--entrypoint", "ldd", image or self.image, binary)
             missing = [line.strip() for line in p.stdout.splitlines() if "not found" in line]
             assert not missing, f"{binary}: {missing}"
             out.append(f"{binary.rsplit('/', 1)[1]}: {len(p.stdout.splitlines())} libraries")
         return ", ".join(out) + ", none missing"
+
+    def cuda_without_gpu(self, image: str) -> str:
+        """The CUDA image as a pod without a GPU gets it (no device, no NVIDIA
+        runtime): its default --device cuda must stop the server at once,
+        saying why, rather than serve on the CPU or wait for a probe to fail."""
+        name = f"{self.name}-cuda"
+        limit = 60
+        t0 = time.monotonic()
+        try:
+            p = self.podman("run", "--rm", "--name", name, *self.flags, "--network=none", "--read-only",
+                            "--user", "10001:10001", image, "serve", check=False, timeout=limit)
+        except subprocess.TimeoutExpired:
+            log = self.podman("logs", "--tail", "20", name, check=False)
+            self.podman("rm", "--force", "--time", "0", name, check=False)
+            raise AssertionError(f"still running {limit} s after podman run (serving without a GPU?):\n"
+                                 f"{(log.stdout + log.stderr)[-2000:]}") from None
+        took = time.monotonic() - t0
+        out = (p.stdout + p.stderr).strip()
+        assert p.returncode != 0, f"exited 0 without a GPU after {took:.1f} s:\n{out[-2000:]}"
+        assert "CUDA cannot start" in out, f"exit {p.returncode}, no reason given:\n{out[-2000:]}"
+        reason = next(line for line in out.splitlines() if "CUDA cannot start" in line)
+        return f"exit {p.returncode} after {took:.1f} s: {reason.strip()[:300]}"
 
     # -- the pod
     def start(self) -> str:
@@ -337,6 +366,7 @@ class Run:
         args += [self.image, *c.get("args", [])]
         self.run_cmd = args
         self.started = True  # cleanup removes it even if it was created but did not start
+        t0 = time.monotonic()  # from `podman run` on: creating and starting the container count too
         self.podman(*args)
 
         def serving():
@@ -344,16 +374,15 @@ class Run:
             assert state == "running", f"container {state}:\n{self.logs()}"
             return self.health("") == "SERVING"
 
-        t0 = time.monotonic()
         try:
-            wait_until(serving, 300, 'grpc.health.v1 "" SERVING', every=0.5)
+            wait_until(serving, 300, 'grpc.health.v1 "" SERVING', every=0.1)
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- container log ---\n{self.logs()}") from None
         took = time.monotonic() - t0
         states = {s or '""': self.health(s) for s in ("", "splitlearn.comm.ComputeService", "liveness")}
         bad = {k: v for k, v in states.items() if v != "SERVING"}
         assert not bad, f"not SERVING: {bad}"
-        return f"SERVING after {took:.1f} s for " + ", ".join(states)
+        return f"SERVING {took:.1f} s after podman run for " + ", ".join(states)
 
     def security(self) -> str:
         def ex(*cmd):
@@ -529,6 +558,8 @@ def main() -> int:
     app_version = re.search(r'^appVersion: *"?([^"\n]+)"?', CHART.read_text(), re.M).group(1)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default=os.environ.get("IMAGE", f"splitserve:{app_version}-cpu"))
+    ap.add_argument("--cuda-image", default=os.environ.get("CUDA_IMAGE", f"splitserve:{app_version}-cuda"),
+                    help="the CUDA variant, checked without a GPU (ldd, start) when it exists")
     ap.add_argument("--keep", action="store_true", help="leave the container and the model directory")
     a = ap.parse_args()
 
@@ -536,6 +567,7 @@ def main() -> int:
         print(f"FAIL  image {a.image} does not exist: run `make image` first")
         return 1
     run = Run(a.image, a.keep)
+    skipped = 0
     print(f"image-test: {a.image}, ports grpc {run.grpc_addr}, http {run.http_addr}, metrics {run.metrics_url}")
     try:
         run.check("image-config", run.image_config)
@@ -550,11 +582,18 @@ def main() -> int:
             run.check("metrics", run.metrics_check)
             run.check("healthcheck", run.healthcheck)
             run.check("sigterm", run.sigterm)
+        if a.cuda_image != a.image:
+            if subprocess.run(["podman", "image", "exists", a.cuda_image]).returncode == 0:
+                run.check("cuda-ldd", lambda: run.ldd(a.cuda_image))
+                run.check("cuda-no-gpu", lambda: run.cuda_without_gpu(a.cuda_image))
+            else:
+                skipped = 2
+                print(f"SKIP  cuda-ldd, cuda-no-gpu: no image {a.cuda_image} (VARIANT=cuda make image builds it)")
     finally:
         run.cleanup()
     passed = sum(1 for _, ok, _ in run.results if ok)
     failed = len(run.results) - passed
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 0 if failed == 0 else 1
 
 

@@ -497,6 +497,16 @@ static bool _check_aoti_runtime_check_inputs_env() {
             ]
         );
         assert_eq!(input_specs("no checks here"), None);
+        // Compiled without the lower-bound check (aot_inductor.check_lowerbound
+        // off): no minimum, so no padding.
+        let no_lower = CHECK.replace("    if (arg4_1_size[0] < 2) {\n", "");
+        assert_eq!(
+            input_specs(&no_lower).unwrap()[0].dims[0],
+            DimSpec::Dynamic {
+                min: 0,
+                max: Some(1024)
+            }
+        );
     }
 
     #[test]

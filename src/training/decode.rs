@@ -526,3 +526,199 @@ impl Training {
         Ok((out, reply))
     }
 }
+
+/// Sessions tracked at most per model version by [`Decoders`]; a full table
+/// forgets the ones idle for [`FORGET_AFTER`], then tracks no more.
+const MAX_TRACKED: usize = 4096;
+/// A session that sent no step for this long is forgotten when room is needed.
+const FORGET_AFTER: Duration = Duration::from_secs(10);
+/// Slack on top of twice a client's usual turn-around before it is given up
+/// on for the batch being formed.
+const TURNAROUND_SLACK: Duration = Duration::from_millis(1);
+
+/// The KV sessions of one model version that are decoding, so that a decode
+/// batch waits for the sessions about to send their next step and for no
+/// one else: a lone session never waits, and many sessions whose clients
+/// answer at slightly different times merge into one batch instead of
+/// settling into groups that alternate.
+///
+/// A session is expected once it has been answered and its client took a
+/// turn-around before (the time from an answer to its next step): it is
+/// expected until twice its usual turn-around (plus 1 ms) has passed since
+/// its last answer. The engine updates it under its queue lock (arrivals)
+/// and after a decode batch (answers).
+#[derive(Debug, Default)]
+pub struct Decoders {
+    sessions: std::collections::HashMap<Handle, Pace>,
+    /// Moving average of a decode batch's duration (forward and replies).
+    batch_time: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// When its last decode step was answered; None while one is queued or computing.
+    answered: Option<Instant>,
+    /// Moving average of its client's turn-around; zero until one was seen.
+    turnaround: Duration,
+}
+
+fn blend(old: Duration, sample: Duration) -> Duration {
+    if old.is_zero() {
+        sample
+    } else {
+        (old * 3 + sample) / 4
+    }
+}
+
+impl Decoders {
+    /// A decode step of `handle` was queued at `now`.
+    pub fn arrived(&mut self, handle: Handle, now: Instant) {
+        if !self.sessions.contains_key(&handle) && self.sessions.len() >= MAX_TRACKED {
+            self.sessions.retain(|_, p| {
+                p.answered
+                    .is_none_or(|t| now.saturating_duration_since(t) < FORGET_AFTER)
+            });
+            if self.sessions.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        let pace = self.sessions.entry(handle).or_insert(Pace {
+            answered: None,
+            turnaround: Duration::ZERO,
+        });
+        if let Some(t) = pace.answered.take() {
+            pace.turnaround = blend(pace.turnaround, now.saturating_duration_since(t));
+        }
+    }
+
+    /// A decode batch that took `took` answered these sessions at `now`:
+    /// `true` for each one that goes on (its cache is kept), `false` for one
+    /// that ended or failed (forgotten).
+    pub fn answered(&mut self, rows: &[(Handle, bool)], took: Duration, now: Instant) {
+        self.batch_time = blend(self.batch_time, took);
+        for &(handle, goes_on) in rows {
+            if !goes_on {
+                self.sessions.remove(&handle);
+            } else if let Some(p) = self.sessions.get_mut(&handle) {
+                p.answered = Some(now);
+            }
+        }
+    }
+
+    /// Until when a decode batch being formed at `now` should wait for the
+    /// sessions expected to send their next step: the latest such expected
+    /// arrival, at most `longest` from now, or at most one decode batch's
+    /// time when that is longer (a session that misses a batch waits for the
+    /// whole next one, so waiting that long for it costs the others no more
+    /// than it saves it). None when no session is expected.
+    pub fn expected_until(&self, now: Instant, longest: Duration) -> Option<Instant> {
+        let cap = now + longest.max(self.batch_time);
+        self.sessions
+            .values()
+            .filter(|p| !p.turnaround.is_zero())
+            .filter_map(|p| {
+                let due = p.answered? + p.turnaround * 2 + TURNAROUND_SLACK;
+                (due > now).then_some(due)
+            })
+            .max()
+            .map(|due| due.min(cap))
+    }
+
+    /// Sessions tracked (for tests and bounds).
+    pub fn tracked(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn handle(i: i32) -> Handle {
+        Handle::of([i, 1, 1, 1])
+    }
+
+    /// One decode round: every session in `arrivals` (handle, ms after t0)
+    /// arrives, then one batch answers them all at `answered_ms`.
+    fn round(d: &mut Decoders, t0: Instant, arrivals: &[(i32, u64)], answered_ms: u64) {
+        for &(h, at) in arrivals {
+            d.arrived(handle(h), t0 + MS * at as u32);
+        }
+        let rows: Vec<_> = arrivals.iter().map(|&(h, _)| (handle(h), true)).collect();
+        d.answered(&rows, MS * 10, t0 + MS * answered_ms as u32);
+    }
+
+    #[test]
+    fn a_lone_session_is_never_waited_for() {
+        let mut d = Decoders::default();
+        let t0 = Instant::now();
+        round(&mut d, t0, &[(1, 0)], 10);
+        round(&mut d, t0, &[(1, 13)], 23);
+        // Its own step is the batch: nobody else is expected.
+        d.arrived(handle(1), t0 + MS * 26);
+        assert_eq!(d.expected_until(t0 + MS * 26, MS * 2), None);
+    }
+
+    #[test]
+    fn a_batch_waits_for_answered_sessions_until_they_arrive() {
+        let mut d = Decoders::default();
+        let t0 = Instant::now();
+        // Sessions 1 and 2 come back 3 and 8 ms after each answer.
+        round(&mut d, t0, &[(1, 0), (2, 0)], 10);
+        round(&mut d, t0, &[(1, 13), (2, 18)], 28);
+        d.arrived(handle(1), t0 + MS * 31);
+        // Session 2 is due 2 x 8 ms + 1 ms after the answer at 28 ms.
+        assert_eq!(d.expected_until(t0 + MS * 31, MS * 20), Some(t0 + MS * 45));
+        d.arrived(handle(2), t0 + MS * 36);
+        assert_eq!(d.expected_until(t0 + MS * 36, MS * 20), None);
+    }
+
+    #[test]
+    fn a_session_that_stopped_is_given_up_once_its_turnaround_passed() {
+        let mut d = Decoders::default();
+        let t0 = Instant::now();
+        round(&mut d, t0, &[(1, 0), (2, 0)], 10);
+        round(&mut d, t0, &[(1, 12), (2, 12)], 20);
+        // Session 2 does not come back: due at 20 + 2 x 2 + 1 ms.
+        d.arrived(handle(1), t0 + MS * 22);
+        assert_eq!(d.expected_until(t0 + MS * 22, MS), Some(t0 + MS * 25));
+        assert_eq!(d.expected_until(t0 + MS * 25, MS), None);
+    }
+
+    #[test]
+    fn the_wait_is_capped_by_the_window_or_one_batch_time() {
+        let mut d = Decoders::default();
+        let t0 = Instant::now();
+        // A slow client: 500 ms from an answer to its next step.
+        round(&mut d, t0, &[(1, 0), (2, 0)], 10);
+        round(&mut d, t0, &[(1, 11), (2, 510)], 520);
+        d.arrived(handle(1), t0 + MS * 521);
+        let now = t0 + MS * 521;
+        // Batches took 10 ms: the window (2 ms) is shorter, so 10 ms.
+        assert_eq!(d.expected_until(now, MS * 2), Some(now + MS * 10));
+        assert_eq!(d.expected_until(now, MS * 50), Some(now + MS * 50));
+    }
+
+    #[test]
+    fn ended_sessions_are_forgotten_and_the_table_is_bounded() {
+        let mut d = Decoders::default();
+        let t0 = Instant::now();
+        round(&mut d, t0, &[(1, 0), (2, 0)], 10);
+        d.answered(&[(handle(2), false)], MS, t0 + MS * 11);
+        assert_eq!(d.tracked(), 1);
+        for i in 0..(MAX_TRACKED as i32 + 10) {
+            d.arrived(handle(100 + i), t0);
+        }
+        assert_eq!(d.tracked(), MAX_TRACKED);
+        // Sessions idle past FORGET_AFTER make room.
+        let later = t0 + FORGET_AFTER + MS;
+        let all: Vec<_> = (0..MAX_TRACKED as i32)
+            .map(|i| (handle(100 + i), true))
+            .collect();
+        d.answered(&all, MS, t0 + MS);
+        d.arrived(handle(99), later);
+        assert!(d.tracked() < MAX_TRACKED);
+    }
+}

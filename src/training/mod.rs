@@ -24,7 +24,7 @@ mod checkpoint;
 mod decode;
 pub mod sessions;
 
-pub use decode::{Chunked, DecodeBatch, DecodeRow, Prefill};
+pub use decode::{Chunked, DecodeBatch, DecodeRow, Decoders, Prefill};
 
 use sessions::{Handle, SessionConfig, SessionError, Sessions};
 

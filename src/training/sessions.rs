@@ -60,6 +60,12 @@ pub struct SessionConfig {
 pub struct Handle([i32; 4]);
 
 impl Handle {
+    /// A handle of chosen values, for tests of what keys on handles.
+    #[cfg(test)]
+    pub(crate) fn of(words: [i32; 4]) -> Handle {
+        Handle(words)
+    }
+
     /// A new random handle (80 bits from the OS generator, via uuid v4).
     pub fn random() -> Handle {
         let b = uuid::Uuid::new_v4().into_bytes();

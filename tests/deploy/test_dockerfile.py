@@ -71,6 +71,20 @@ def test_builder_uses_the_shared_setup_and_a_release_build(commands) -> None:
     assert ("requirements.txt", "./") in copies and ("scripts/setup.sh", "scripts/setup.sh") in copies
 
 
+def test_both_variants_share_the_builders_venv_and_cargo_target(commands) -> None:
+    """VARIANT is declared in the builder only after the venv step: every RUN
+    after an ARG has it in its environment and so in its cache key, and a cuda
+    build beside a cpu one would download torch again and store a second 5.6 GB
+    venv. The caches of pip and of cargo's target/ are not keyed by it either."""
+    builder = stages(commands)["builder"]
+    setup = next(i for i, c in enumerate(builder) if c.cmd == "RUN" and "scripts/setup.sh" in " ".join(c.value))
+    variant_args = [i for i, c in enumerate(builder) if c.cmd == "ARG" and c.value[0].split("=")[0] == "VARIANT"]
+    assert variant_args and min(variant_args) > setup, (setup, variant_args)
+    mounts = " ".join(f for c in builder if c.cmd == "RUN" for f in c.flags if f.startswith("--mount=type=cache"))
+    assert "splitserve-pip" in mounts and "splitserve-target" in mounts, mounts
+    assert "VARIANT" not in mounts, mounts
+
+
 def test_runtime_stage(commands) -> None:
     rt = stages(commands)["runtime-base"]
     from_ = rt[0]
@@ -96,7 +110,7 @@ def test_dockerignore_keeps_build_outputs_out() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {"target", ".venv", ".venv-kserve", ".git"} <= patterns
+    assert {"target", ".venv", ".venv-kserve", ".git", ".venv-bench", ".venv-peers", ".tools"} <= patterns
 
 
 STAGE_LIBS = ROOT / "scripts" / "image" / "stage-libs.sh"
@@ -145,3 +159,31 @@ def test_cpu_staging_refuses_a_binary_that_needs_libtorch_cuda(tmp_path: Path) -
     r = subprocess.run(["bash", str(STAGE_LIBS), str(needy), str(site), str(tmp_path / "s"), "cpu"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "SPLITSERVE_LINK_CUDA=0" in r.stderr, r.stderr
+
+
+def test_cpu_staging_replaces_a_libtorch_so_that_names_libtorch_cuda(tmp_path: Path) -> None:
+    """The server binary names libtorch.so (AOTInductor packages need it loaded);
+    a CUDA wheel's libtorch.so names libtorch_cuda, which would bring every CUDA
+    library into the CPU image (2.95 GB instead of about 0.55). The CPU staging
+    puts an empty libtorch.so there that names only libtorch_cpu and libc10."""
+    site = _torch_site()
+    torch_lib = site / "torch" / "lib"
+    (tmp_path / "empty.c").write_text("")
+    binary = tmp_path / "server"
+    cc = subprocess.run(["cc", "-shared", "-o", str(binary), str(tmp_path / "empty.c"), "-Wl,--no-as-needed",
+                         f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10"], capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    staging = tmp_path / "staging"
+    r = subprocess.run(["bash", str(STAGE_LIBS), str(binary), str(site), str(staging), "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    staged = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+    names = {p.name for p in staged}
+    assert {"libtorch.so", "libtorch_cpu.so", "libc10.so"} <= names, names
+    assert not any("cuda" in n and "cudart" not in n for n in names), names
+    assert not {n for n in names if "nccl" in n or "cudnn" in n or "cublas" in n}, names
+    libtorch = staging / torch_lib.relative_to("/") / "libtorch.so"
+    dynamic = subprocess.run(["readelf", "-d", str(libtorch)], capture_output=True, text=True).stdout
+    needed = set(re.findall(r"\(NEEDED\).*\[(.+)\]", dynamic))
+    assert {"libtorch_cpu.so", "libc10.so"} <= needed and not any("cuda" in n for n in needed), needed
+    assert "[libtorch.so]" in dynamic  # its soname, which the binary names

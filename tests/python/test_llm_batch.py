@@ -228,3 +228,90 @@ def test_the_example_decodes_the_same_tokens_with_sixteen_at_once(exported, serv
     run_concurrently([session(i) for i in range(SESSIONS)])
     assert got == by_itself
     assert metric(server, "splitserve_kv_decode_mixed_batches_total", "g") > mixed
+
+
+#: A batch window far longer than any step here: a decode step that waited
+#: for it shows in the queue-time histogram above 1 s.
+WINDOW_US = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def windowed(exported, pb):
+    """Decode batches of up to 16 with a 2 s batch window: a decode batch waits
+    for the sessions known to be decoding, never for the window itself."""
+    s = Server("--model", f"g={exported / 'repo' / 'gpt2' / '1' / 'model.pt'}",
+               "--kv-sessions", "g", "--max-batch-size", "g=16", "--workers", "1",
+               "--batch-timeout-us", f"g={WINDOW_US}", "--device", "cpu")
+    try:
+        s.wait_ok(pb)
+        yield s
+    finally:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def waits(server: Server) -> tuple[float, float]:
+    """(queue waits of model g, those of at most 1 s) so far."""
+    text = urllib.request.urlopen(server.metrics_url + "/metrics", timeout=10).read().decode()
+    total = short = 0.0
+    for line in text.splitlines():
+        if not line.startswith("splitserve_queue_duration_seconds_") or 'model="g"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("splitserve_queue_duration_seconds_count"):
+            total += value
+        elif 'le="1"' in line:
+            short += value
+    return total, short
+
+
+def test_a_lone_session_does_not_wait_for_the_batch_window(windowed, pb):
+    """One session decoding alone on a server with a 2 s window: no other
+    session is decoding, so no step waits (with the plain window, every step
+    would wait 2 s for rows that never come)."""
+    stub = pb[1].ComputeServiceStub(windowed.channel())
+    gen = torch.Generator().manual_seed(4)
+    before = waits(windowed)
+    past = []
+    for x in [torch.randn(1, 3, 64, generator=gen)] + [torch.randn(1, 1, 64, generator=gen)
+                                                      for _ in range(8)]:
+        _, past = kv_step(stub, pb[0], "g", x, past)
+    total, short = (a - b for a, b in zip(waits(windowed), before))
+    assert total == 9, total
+    assert short == total, f"{total - short} of {total} steps waited over 1 s"
+
+
+def test_sessions_at_different_paces_merge_and_one_that_stops_is_not_awaited(windowed, pb):
+    """Four sessions whose clients take 0, 4, 8 and 12 ms between an answer
+    and their next step (longer than a forward here): their decode steps still
+    run together, since the batch waits for sessions it saw decoding. Then one
+    stops without closing its session: the other three go on with no step
+    waiting for it (nor for the 2 s window)."""
+    import time
+
+    stub = pb[1].ComputeServiceStub(windowed.channel())
+    decoded = metric(windowed, "splitserve_kv_decoded_tokens_total", "g")
+    batches = metric(windowed, "splitserve_kv_decode_batch_size_count", "g")
+    before = waits(windowed)
+    barrier = threading.Barrier(4)
+
+    def session(i):
+        def run():
+            gen = torch.Generator().manual_seed(10 + i)
+            _, past = kv_step(stub, pb[0], "g", torch.randn(1, 2 + i, 64, generator=gen), [])
+            barrier.wait(timeout=60)
+            for step in range(4 if i == 3 else 16):
+                time.sleep(0.004 * i)
+                _, past = kv_step(stub, pb[0], "g", torch.randn(1, 1, 64, generator=gen), past)
+        return run
+
+    run_concurrently([session(i) for i in range(4)])
+    rows = metric(windowed, "splitserve_kv_decoded_tokens_total", "g") - decoded
+    forwards = metric(windowed, "splitserve_kv_decode_batch_size_count", "g") - batches
+    assert rows == 3 * 16 + 4
+    # Unmerged, they would run nearly one row a forward (each client arrives
+    # after the others' forward ended).
+    assert rows / forwards >= 2.5, (rows, forwards)
+    total, short = (a - b for a, b in zip(waits(windowed), before))
+    assert total == rows + 4
+    assert short == total, f"{total - short} of {total} steps waited over 1 s"

@@ -79,13 +79,15 @@ def compute(pb, s: Server, x: np.ndarray, model_id: str, **extra):
 
 @pytest.fixture(scope="module")
 def server(pb):
-    """The three packages and the TorchScript MLP, batching up to 16 rows."""
+    """The four packages and the TorchScript MLP, batching up to 16 rows (rows:
+    one request at a time, its answer depends on the rows it runs on)."""
     s = Server(
         "--model", f"mlp={package('mlp')}",
         "--model", f"addmul={package('addmul')}",
         "--model", f"static={package('static')}",
+        "--model", f"rows={package('rows')}",
         "--model", f"ts={FIXTURES / 'mlp.pt'}",
-        "--max-batch-size", "16", "--batch-timeout-us", "mlp=20000",
+        "--max-batch-size", "16", "--max-batch-size", "rows=1", "--batch-timeout-us", "mlp=20000",
         "--workers", "1",
     )
     s.wait_ok(pb)
@@ -98,7 +100,7 @@ def test_answers_equal_torch_eager_on_every_protocol(pb, server):
     mlp = eager("mlp", pt2.Mlp())
     g = tgrpc.InferenceServerClient(server.addr)
     h = thttp.InferenceServerClient(server.http_addr)
-    for rows in (1, 3, 7):  # 1 is below the package's compiled minimum (2): padded
+    for rows in (1, 3, 7):
         x = np.random.default_rng(rows).standard_normal((rows, 16)).astype(np.float32)
         want = mlp(torch.from_numpy(x))
         close(compute(pb, server, x, "mlp"), want)
@@ -119,6 +121,28 @@ def test_answers_equal_torch_eager_on_every_protocol(pb, server):
     x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
     close(grpc_infer(g, "static", {"INPUT__0": x}).as_numpy("OUTPUT__0"), st(torch.from_numpy(x)))
     close(compute(pb, server, x, "static"), st(torch.from_numpy(x)))
+
+
+def test_a_one_row_request_runs_on_one_row(pb, server):
+    """A package made as docs/pt2.md says takes a one-row batch as it is: `rows`
+    answers x times the rows it ran on, so a request padded to two rows would
+    answer 2x. `addmul`, made the older way (compiled for at least 2 rows),
+    still answers one row right: the server pads it and cuts the answer back."""
+    g = tgrpc.InferenceServerClient(server.addr)
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 4)).astype(np.float32)
+        want = pt2.Rows()(torch.from_numpy(x))
+        close(compute(pb, server, x, "rows"), want)
+        close(grpc_infer(g, "rows", {"INPUT__0": x}).as_numpy("OUTPUT__0"), want)
+    a = np.random.default_rng(4).standard_normal((1, 4)).astype(np.float32)
+    b = np.random.default_rng(5).standard_normal((1, 4)).astype(np.float32)
+    r = grpc_infer(g, "addmul", {"a": a, "b": b})
+    want_sum, want_prod = pt2.AddMul()(torch.from_numpy(a), torch.from_numpy(b))
+    close(r.as_numpy("OUTPUT__0"), want_sum)
+    close(r.as_numpy("OUTPUT__1"), want_prod)
+    # Its load said so, and only its.
+    padded = [line for line in server.log_so_far().splitlines() if "compiled for batches of at least" in line]
+    assert len(padded) == 1 and "addmul" in padded[0] and "at least 2 rows" in padded[0], padded
 
 
 def test_metadata_and_config_come_from_the_package(server):

@@ -393,6 +393,35 @@ def test_poll_mode_loads_new_reloads_changed_and_unloads_removed(tmp_path, serve
     wait_until(lambda: g.is_model_ready("second"), 20, "the new model to be polled in")
     assert model_health(s, "second") == "SERVING"
     assert float(grpc_infer(g, "second", [x]).as_numpy("OUTPUT__0")[0, 0]) == 5.0
+    # Version 1's file replaced in place (renamed over it) while clients send:
+    # the next poll reloads it, no request fails, each client moves from the old
+    # answers to the new ones.
+    stop = threading.Event()
+    failures, seen = [], [[] for _ in range(4)]
+
+    def client(mine):
+        c = tgrpc.InferenceServerClient(s.addr)
+        while not stop.is_set():
+            try:
+                mine.append(float(grpc_infer(c, "second", [x]).as_numpy("OUTPUT__0")[0, 0]))
+            except InferenceServerException as e:
+                failures.append(str(e))
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in seen]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: all(seen), 20, "every client's first answer")
+        write_model(repo, "second", scale_config("second"), {1: Scale(6.0)})
+        wait_until(lambda: all(mine[-1] == 6.0 for mine in seen), 20, "every client on the changed file")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [], failures[:5]
+    for mine in seen:
+        assert set(mine) <= {5.0, 6.0} and mine == sorted(mine), mine
+    assert g.get_model_metadata("second", as_json=True)["versions"] == ["1"]
     write_model(repo, "first", scale_config("first"), {2: Scale(7.0)})
     wait_until(lambda: g.get_model_metadata("first", as_json=True)["versions"] == ["2"], 20,
                "version 2 to replace version 1")
@@ -569,6 +598,8 @@ parameters: {{ key: "splitserve.trainable" value: {{ string_value: "true" }} }}
 parameters: {{ key: "splitserve.optimizer" value: {{ string_value: "adam" }} }}
 parameters: {{ key: "splitserve.learning_rate" value: {{ string_value: "0.01" }} }}
 """)
+    # The same model and config, not loaded at start: loaded at run time below.
+    shutil.copytree(repo / "top", repo / "late")
     s = start(server_factory, repo, "--model-control-mode", "explicit", "--load-model", "top")
     pb2, pb2_grpc = pb
     stub = pb2_grpc.ComputeServiceStub(s.channel())
@@ -581,6 +612,25 @@ parameters: {{ key: "splitserve.learning_rate" value: {{ string_value: "0.01" }}
     with pytest.raises(InferenceServerException, match="loaded at start"):
         g.unload_model("top")
     assert index(g)[("top", "1")][0] == "READY"
+
+    # A model loaded at run time serves inference but is not trained, whatever
+    # its config says: a training forward is FAILED_PRECONDITION, saying why.
+    g.load_model("late")
+    assert index(g)[("late", "1")][0] == "READY"
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    want = torch.jit.load(str(repo / "late" / "1" / "model.pt"))(torch.from_numpy(x)).detach().numpy()
+    request = pb2.ComputeRequest(data=x.tobytes(), shape=list(x.shape), model_id="late")
+    reply = stub.Compute(request, timeout=TIMEOUT)
+    np.testing.assert_allclose(np.frombuffer(reply.data, np.float32).reshape(2, 4), want, rtol=1e-5, atol=1e-6)
+    request.training_mode = True
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Compute(request, timeout=TIMEOUT)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
+    assert "loaded from the model repository at run time" in e.value.details(), e.value.details()
+    assert "model.late.optimizer_steps" not in stub.GetServiceInfo(pb2.ServiceInfoRequest()).custom_info
+    # Unlike a model loaded at start, it can be unloaded.
+    g.unload_model("late")
+    assert not g.is_model_ready("late")
     assert s.terminate() == 0
 
 
@@ -628,4 +678,82 @@ def test_ready_only_once_the_repository_models_are_loaded(tmp_path, server_facto
                 assert not missing, f"{url} said ready with {len(missing)} of {len(names)} models not loaded"
                 pending.remove(url)
         time.sleep(0.005)
+    assert s.terminate() == 0
+
+
+class Spin(torch.nn.Module):
+    """Answers x after x[0, 0] rounds of a tiny op: a request that holds its
+    worker about as long as it asks."""
+
+    def forward(self, x):
+        y = x
+        for _ in range(int(x[0, 0])):
+            y = y + 0.0
+        return y
+
+
+def test_the_queue_policy_rejects_or_delays_and_bounds_the_queue(tmp_path, pb, server_factory):
+    """dynamic_batching.default_queue_policy on a running server: with
+    timeout_action REJECT a request that waited past default_timeout_microseconds
+    is answered DEADLINE_EXCEEDED without being computed; with DELAY the same wait
+    is served; max_queue_size bounds the queue (RESOURCE_EXHAUSTED beyond it).
+    Each model has one instance, held by a request that spins."""
+    repo = tmp_path / "models"
+    for name, action in (("reject", "REJECT"), ("delay", "DELAY")):
+        write_model(repo, name, scale_config(name, f"""
+dynamic_batching {{ default_queue_policy {{
+  max_queue_size: 2 default_timeout_microseconds: 100000 timeout_action: {action} }} }}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""), {1: Spin()})
+    s = start(server_factory, repo, "--workers", "2", "--intra-op-threads", "1")
+    pb2, pb2_grpc = pb
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    g = tgrpc.InferenceServerClient(s.addr)
+
+    def spin(model, rounds):
+        return grpc_infer(tgrpc.InferenceServerClient(s.addr), model, [np.array([[rounds, 0.0]], np.float32)])
+
+    # Rounds for a hold of about 1.5 s on this machine.
+    started = time.monotonic()
+    spin("reject", 20000)
+    rounds = int(min(2e7, 20000 * 1.5 / max(time.monotonic() - started, 1e-3)))
+
+    def info():
+        return stub.GetServiceInfo(pb2.ServiceInfoRequest(), timeout=TIMEOUT).custom_info
+
+    answers = {}
+
+    def call(key, model, rounds=0):
+        try:
+            answers[key] = float(spin(model, rounds).as_numpy("OUTPUT__0")[0, 0])
+        except InferenceServerException as e:
+            answers[key] = e
+
+    holders = [threading.Thread(target=call, args=(m, m, rounds)) for m in ("reject", "delay")]
+    for t in holders:
+        t.start()
+    wait_until(lambda: info()["workers_busy"] == "2", 30, "both models' instances held")
+    queued = [threading.Thread(target=call, args=(f"{m}{i}", m)) for m in ("reject", "delay") for i in (1, 2)]
+    for t in queued:
+        t.start()
+    wait_until(lambda: info()["queue_depth"] == "4", 30, "two requests queued for each model")
+    # max_queue_size 2: a third is refused at once.
+    for model in ("reject", "delay"):
+        with pytest.raises(InferenceServerException) as e:
+            spin(model, 0)
+        assert "RESOURCE_EXHAUSTED" in str(e.value.status()) and "2 requests waiting" in e.value.message(), e.value
+    for t in holders + queued:
+        t.join()
+    assert answers["reject"] == rounds and answers["delay"] == rounds, answers
+    # REJECT: both waited past 100 ms; DELAY: both served after the wait.
+    for key in ("reject1", "reject2"):
+        e = answers[key]
+        assert isinstance(e, InferenceServerException) and "DEADLINE_EXCEEDED" in str(e.status()), answers
+    assert answers["delay1"] == 0.0 and answers["delay2"] == 0.0, answers
+    text = s.metrics()
+    from conftest import metric_value
+    for model, reason, want in (("reject", "deadline", 2), ("reject", "queue_full", 1),
+                                ("delay", "deadline", None), ("delay", "queue_full", 1)):
+        got = metric_value(text, "splitserve_rejected_requests_total", model=model, reason=reason)
+        assert got == want or (want is None and not got), (model, reason, got)
     assert s.terminate() == 0

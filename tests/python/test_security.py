@@ -271,6 +271,50 @@ def test_tls_port_answers_tls_clients_only(pb, server_factory, pki):
     assert list(stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT).shape) == [1, 512]
 
 
+def test_a_tls_handshake_not_done_in_time_is_closed_and_counted(pb, server_factory, pki):
+    """--tls-handshake-timeout (the alias of --handshake-timeout): a client that
+    opens the TLS port and never finishes its handshake, silent or after half a
+    ClientHello, is closed once the timeout passes and counted in
+    splitserve_tls_handshake_failures_total{port="grpc"} and
+    limit="handshake"; TLS clients are served meanwhile."""
+    pb2, pb2_grpc = pb
+    s = server_factory("--model", "m=builtin:scale:2", "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+                       "--tls-handshake-timeout", "1s", credentials=tls(pki))
+    s.wait_serving()
+    stub = pb2_grpc.ComputeServiceStub(s.channel())
+    x = np.arange(4, dtype=np.float32)
+    assert stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT).data == (2 * x).tobytes()
+
+    def counts():
+        text = s.metrics()
+        return (metric_sum(text, "splitserve_tls_handshake_failures_total", port="grpc"),
+                metric_sum(text, "splitserve_limit_rejections_total", limit="handshake"))
+
+    def steady():
+        first = counts()
+        return first if counts() == first else None
+
+    # wait_serving's own port probe (a connect and close) is counted too: settle first.
+    before = wait_until(steady, 10, "steady counts")
+    silent = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    half = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    # A TLS handshake record that announces 512 bytes, and the first 5 of them.
+    half.sendall(bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03]))
+    assert stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT).data == (2 * x).tobytes()
+    for sock in (silent, half):
+        try:
+            got = sock.recv(1)
+        except ConnectionResetError:
+            got = b""
+        except TimeoutError:
+            got = None
+        sock.close()
+        assert got == b"", "an unfinished TLS handshake was kept open"
+    wait_until(lambda: counts() == (before[0] + 2, before[1] + 2), 10,
+               f"both closed handshakes counted (before: {before}, now: {counts()})")
+    assert stub.Compute(pb2.ComputeRequest(**tensor(x)), timeout=TIMEOUT).data == (2 * x).tobytes()
+
+
 def test_admin_port_speaks_tls_when_given_a_certificate(pb, server_factory, pki):
     s = server_factory(
         "--model", "m=builtin:scale:2",

@@ -2,13 +2,12 @@
 HTTP) against `splitserve serve --model m=file.pt` and no other flag: metadata
 that lists the model's inputs and outputs (read from the TorchScript file's
 forward), infer calls built from that metadata the way perf_analyzer builds
-them, and Triton's metric families counting the traffic.
+them, Triton's metric families counting the traffic, and perf_analyzer itself
+(the binary in tritonclient's wheel, through scripts/perf_analyzer) running
+against it over gRPC and HTTP with nothing more than its own `--shape`."""
 
-perf_analyzer itself is not installable here (the package index offers only a
-placeholder release of `perf-analyzer`), so
-`test_a_client_that_reads_only_metadata_and_its_own_shape_can_infer` does
-what perf_analyzer does at start: read metadata and config, take the batch
-dimension from max_batch_size and each other -1 from its `--shape`, infer."""
+import csv
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server, fixture_path, metric_value
+from conftest import ROOT, Server, fixture_path, metric_value
 
 TIMEOUT = 30
 
@@ -193,3 +192,30 @@ def test_model_warmup_runs_at_load_and_its_failures_name_the_sample(tmp_path, se
     # The first sample's shapes are the model's known signature.
     meta = h.get_model_metadata("good")
     assert [t["shape"] for t in meta["inputs"]] == [[-1, 4], [-1, 4]], meta
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_runs_against_a_file_model_with_only_its_own_shape(server, protocol, tmp_path):
+    def counts():
+        text = server.metrics()
+        return tuple(metric_value(text, f, model="m", version="1")
+                     for f in ("nv_inference_request_success", "nv_inference_request_failure"))
+
+    ok_before, failed_before = counts()
+    report = tmp_path / "perf.csv"
+    url = server.addr if protocol == "grpc" else server.http_addr
+    # Three short windows, each accepted as stable: about a second of load.
+    p = subprocess.run(
+        [str(ROOT / "scripts" / "perf_analyzer"), "-m", "m", "-i", protocol, "-u", url,
+         "--shape", "INPUT__0:4", "--shape", "INPUT__1:4",
+         "--measurement-interval", "300", "--stability-percentage", "1000", "--max-trials", "3",
+         "-f", str(report)],
+        capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "error" not in out.lower(), out[-3000:]
+    row = next(csv.DictReader(report.open()))
+    assert float(row["Inferences/Second"]) > 0, row
+    ok_after, failed_after = counts()
+    assert ok_after - ok_before >= 10, (ok_before, ok_after, out[-2000:])
+    assert failed_after == failed_before, out[-2000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from splitserve_export.export import (
-    BUILTINS, DTYPES, ExportError, Lora, Request, export, parse_layers, parse_warmup)
+    BUILTINS, DTYPES, FORMATS, ExportError, Lora, Request, export, parse_layers, parse_warmup)
 
 EPILOG = """examples:
   splitserve-export --model ./gpt2 --layers 2:10 --out models --name gpt2
@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
                         "(default and upper bound: the model's maximum positions)")
     p.add_argument("--warmup", default="1x16", metavar="BATCHxPOSITIONS",
                    help="the warm-up prefill recorded in config.pbtxt (default 1x16)")
+    p.add_argument("--format", default="torchscript", choices=list(FORMATS),
+                   help="torchscript (default): model.pt with the KV-cache signature; pt2: "
+                        "model.pt2, an AOTInductor package of the trunk without a cache "
+                        "(inference only; docs/pt2.md)")
     p.add_argument("--kv-sessions", action="store_true",
                    help="record splitserve.kv_sessions in config.pbtxt: the server keeps each "
                         "sequence's KV cache and clients pass back a small handle (docs/llm.md)")
@@ -83,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_context=args.max_context,
             warmup=parse_warmup(args.warmup),
             kv_sessions=args.kv_sessions,
+            format=args.format,
         )
         path = export(req)
     except ExportError as e:

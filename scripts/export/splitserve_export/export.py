@@ -11,10 +11,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from splitserve_export import trunks
+from splitserve_export import pt2, trunks
 
 #: Architectures (transformers' model_type) and the prefix of their layers' keys.
 LAYER_PREFIX = {"gpt2": "transformer.h.", "llama": "model.layers.", "qwen2": "model.layers."}
+
+#: --format: TorchScript with the KV signature, or an AOTInductor package without a cache.
+FORMATS = ("torchscript", "pt2")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Triton's data_type for each.
@@ -91,6 +94,8 @@ class Request:
     max_context: Optional[int] = None
     warmup: Tuple[int, int] = (1, 16)
     kv_sessions: bool = False
+    #: "torchscript" (model.pt, the KV signature) or "pt2" (model.pt2, no cache).
+    format: str = "torchscript"
 
 
 def parse_layers(text: str) -> Tuple[int, int]:
@@ -203,6 +208,12 @@ def check_request(req: Request, config) -> int:
             f"the warm-up context of {req.warmup[1]} positions is past the maximum of {context}")
     if req.dtype not in DTYPES:
         raise ExportError(f"--dtype {req.dtype!r}: use one of {', '.join(DTYPES)}")
+    if req.format not in FORMATS:
+        raise ExportError(f"--format {req.format[:40]!r}: use one of {', '.join(FORMATS)}")
+    if req.format == "pt2" and req.lora is not None:
+        raise ExportError(pt2.NO_LORA)
+    if req.format == "pt2" and req.kv_sessions:
+        raise ExportError(pt2.NO_KV_SESSIONS)
     if config.model_type == "gpt2":
         if getattr(config, "add_cross_attention", False):
             raise ExportError("GPT-2 with cross-attention (add_cross_attention) is not supported")
@@ -368,9 +379,11 @@ def export(req: Request) -> Path:
         # LoRA trunks train their adapters only; a plain trunk keeps torch's default.
         p.requires_grad_(lora is None or ".lora_" in pname)
     trunk.eval()
-    scripted = torch.jit.script(trunk)
     manifest = make_manifest(req, config, name, context, peft_config, trunk)
     entry = Path(req.out) / name
+    if req.format == "pt2":
+        return pt2.write(trunk, name, entry, req.version, manifest)
+    scripted = torch.jit.script(trunk)
     model_file = entry / str(req.version) / "model.pt"
     model_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_file.with_name("model.pt.tmp")

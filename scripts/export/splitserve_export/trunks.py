@@ -56,7 +56,8 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(nf))
 
     def forward(self, x: Tensor) -> Tensor:
-        size_out = x.size()[:-1] + [self.nf]
+        # list(): in eager Python (torch.export) size() is a tuple, not a List[int].
+        size_out = list(x.size()[:-1]) + [self.nf]
         x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
         return x.view(size_out)
 
