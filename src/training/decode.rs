@@ -533,8 +533,8 @@ const MAX_TRACKED: usize = 4096;
 /// A session that sent no step for this long is forgotten when room is needed.
 const FORGET_AFTER: Duration = Duration::from_secs(10);
 /// Slack on top of twice a client's usual turn-around before it is given up
-/// on for the batch being formed.
-const TURNAROUND_SLACK: Duration = Duration::from_millis(1);
+/// on for the batch being formed (a fast client's scheduling jitter).
+const TURNAROUND_SLACK: Duration = Duration::from_millis(2);
 
 /// The KV sessions of one model version that are decoding, so that a decode
 /// batch waits for the sessions about to send their next step and for no
@@ -544,7 +544,7 @@ const TURNAROUND_SLACK: Duration = Duration::from_millis(1);
 ///
 /// A session is expected once it has been answered and its client took a
 /// turn-around before (the time from an answer to its next step): it is
-/// expected until twice its usual turn-around (plus 1 ms) has passed since
+/// expected until twice its usual turn-around (plus 2 ms) has passed since
 /// its last answer. The engine updates it under its queue lock (arrivals)
 /// and after a decode batch (answers).
 #[derive(Debug, Default)]
@@ -669,8 +669,8 @@ mod tests {
         round(&mut d, t0, &[(1, 0), (2, 0)], 10);
         round(&mut d, t0, &[(1, 13), (2, 18)], 28);
         d.arrived(handle(1), t0 + MS * 31);
-        // Session 2 is due 2 x 8 ms + 1 ms after the answer at 28 ms.
-        assert_eq!(d.expected_until(t0 + MS * 31, MS * 20), Some(t0 + MS * 45));
+        // Session 2 is due 2 x 8 ms + 2 ms after the answer at 28 ms.
+        assert_eq!(d.expected_until(t0 + MS * 31, MS * 20), Some(t0 + MS * 46));
         d.arrived(handle(2), t0 + MS * 36);
         assert_eq!(d.expected_until(t0 + MS * 36, MS * 20), None);
     }
@@ -681,10 +681,10 @@ mod tests {
         let t0 = Instant::now();
         round(&mut d, t0, &[(1, 0), (2, 0)], 10);
         round(&mut d, t0, &[(1, 12), (2, 12)], 20);
-        // Session 2 does not come back: due at 20 + 2 x 2 + 1 ms.
+        // Session 2 does not come back: due at 20 + 2 x 2 + 2 ms.
         d.arrived(handle(1), t0 + MS * 22);
-        assert_eq!(d.expected_until(t0 + MS * 22, MS), Some(t0 + MS * 25));
-        assert_eq!(d.expected_until(t0 + MS * 25, MS), None);
+        assert_eq!(d.expected_until(t0 + MS * 22, MS), Some(t0 + MS * 26));
+        assert_eq!(d.expected_until(t0 + MS * 26, MS), None);
     }
 
     #[test]
