@@ -1645,7 +1645,9 @@ async fn the_pending_pool_closes_its_oldest_socket_and_idle_closes_are_counted()
         "the oldest of 3 silent sockets stayed open under --max-pending-connections 2: {closed:?}"
     );
     server
-        .wait_metric(handshake, "the pending socket closed for room", |v| v >= 1.0)
+        .wait_metric(handshake, "the pending socket closed for room", |v| {
+            v >= 1.0
+        })
         .await;
     assert_eq!(
         server.metric(handshake).await,
