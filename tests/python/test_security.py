@@ -505,10 +505,14 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
 
     code, details = infer()
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"no token: {code} {details}"
+    assert "requires a token" in details, details
     code, details = infer(bearer(unknown_tok))
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"unknown token: {code} {details}"
+    assert "not valid" in details and unknown_tok not in details, details
     code, details = outcome(lambda: stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"HealthCheck without a token: {code} {details}"
+    # Each refusal is counted for the alert on failed authentication.
+    assert s.metric("splitserve_auth_failures_total", reason="unauthenticated") == 3
 
     # infer: inference, HealthCheck and GetServiceInfo; not training.
     code, reply = infer(bearer(infer_tok))
