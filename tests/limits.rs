@@ -1609,3 +1609,61 @@ async fn accept_backs_off_while_out_of_file_descriptors() {
     assert!(child.0.try_wait().unwrap().is_none(), "the server died");
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// `--max-pending-connections` is a pool of that many handshakes: one socket
+/// more closes the oldest at once (long before `--handshake-timeout`), counted
+/// as `limit="handshake"`, and leaves the others waiting. An established
+/// connection closed by `--idle-connection-timeout` is counted as
+/// `limit="idle_connection"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_pool_closes_its_oldest_socket_and_idle_closes_are_counted() {
+    use tokio::io::AsyncReadExt;
+    let server = FullServer::start(args(
+        &["double=builtin:scale:2"],
+        &[
+            "--max-pending-connections",
+            "2",
+            "--handshake-timeout",
+            "120s",
+            "--idle-connection-timeout",
+            "300ms",
+        ],
+    ))
+    .await;
+    let handshake = "splitserve_limit_rejections_total{limit=\"handshake\"}";
+    let idle = "splitserve_limit_rejections_total{limit=\"idle_connection\"}";
+    assert_eq!(server.metric(handshake).await, 0.0);
+    // Two silent sockets fill the pool; the third takes the oldest's place.
+    let mut oldest = TcpStream::connect(server.grpc).await.unwrap();
+    let second = TcpStream::connect(server.grpc).await.unwrap();
+    // The kernel hands connections to accept in the order they were made.
+    let third = TcpStream::connect(server.grpc).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(30), oldest.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the oldest of 3 silent sockets stayed open under --max-pending-connections 2: {closed:?}"
+    );
+    server
+        .wait_metric(handshake, "the pending socket closed for room", |v| {
+            v >= 1.0
+        })
+        .await;
+    assert_eq!(
+        server.metric(handshake).await,
+        1.0,
+        "only the oldest socket is closed to make room for the third"
+    );
+    drop((second, third));
+    // An HTTP/2 connection that sends nothing after its handshake is closed
+    // as idle, and counted.
+    let idle_before = server.metric(idle).await;
+    let tcp = TcpStream::connect(server.grpc).await.unwrap();
+    let (_client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let closed = tokio::time::timeout(common::WAIT, conn).await;
+    assert!(closed.is_ok(), "an idle connection stayed open");
+    server
+        .wait_metric(idle, "the idle connection closed", |v| v > idle_before)
+        .await;
+    server.stop().await;
+}

@@ -1435,16 +1435,26 @@ async fn checkpoints_that_do_not_load_are_refused_never_silently_replaced() {
     step(&mut c, 1).await;
     let after_one = infer(&mut c, "", &probe, &[2, 4]).await;
     step(&mut c, 2).await;
+    step(&mut c, 3).await;
     server.stop().await.unwrap();
 
-    // NaN weights in the newest: resumed from the one before, the newest set aside.
+    // The newest records another number of parameters than the model has (a
+    // checkpoint of another model under this name), the one before holds NaN
+    // weights: resumed from step 1, both newer ones set aside.
+    let state = ckpt.join("step-0000000003/state.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    json["params"] = 7.into();
+    std::fs::write(&state, serde_json::to_vec(&json).unwrap()).unwrap();
     poison(&ckpt.join("step-0000000002/model.safetensors"));
     let server = TestServer::start(args(&[SPEC], &flags)).await;
     let mut c = server.client().await;
     assert_eq!(counter(&mut c, "model.m.optimizer_steps").await, 1);
     assert_eq!(infer(&mut c, "", &probe, &[2, 4]).await, after_one);
-    assert!(ckpt.join("unloadable-step-0000000002").is_dir());
-    assert!(!ckpt.join("step-0000000002").exists());
+    for newer in ["step-0000000002", "step-0000000003"] {
+        assert!(ckpt.join(format!("unloadable-{newer}")).is_dir());
+        assert!(!ckpt.join(newer).exists());
+    }
     server.stop().await.unwrap();
 
     // None loads: the binary refuses to start, in one sentence naming the directory.

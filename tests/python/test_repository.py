@@ -176,9 +176,14 @@ def test_a_triton_repository_is_served_unchanged(three_models, server_factory):
     np.testing.assert_allclose(r.as_numpy("OUTPUT__1"), total.numpy(), rtol=1e-5)
     assert r.get_response().model_version == "1"
 
-    # Requests the config rules out are refused with the reason.
+    # Requests the config rules out are refused with the reason: max_batch_size 4
+    # takes 1 to 4 rows.
+    r = grpc_infer(g, "tuple_out", [np.ones((4, 4), np.float32)])
+    assert r.as_numpy("OUTPUT__0").shape == (4, 4)
     with pytest.raises(InferenceServerException, match="max_batch_size"):
         grpc_infer(g, "tuple_out", [np.ones((5, 4), np.float32)])
+    with pytest.raises(InferenceServerException, match="batch of 0 rows"):
+        grpc_infer(g, "tuple_out", [np.ones((0, 4), np.float32)])
     with pytest.raises(InferenceServerException, match=r"dims \[8\]"):
         grpc_infer(g, "mlp", [np.ones((1, 7), np.float32)])
     with pytest.raises(InferenceServerException, match="input b is missing"):
@@ -307,6 +312,8 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
                 {1: Scale(1.0)})
     write_model(repo, "onnx", scale_config("onnx").replace("pytorch_libtorch", "onnxruntime_onnx"),
                 {1: Scale(1.0)})
+    # default_model_filename is a file name in each version directory, never a path.
+    write_model(repo, "dotdot", scale_config("dotdot") + 'default_model_filename: ".."\n', {1: Scale(1.0)})
     s = start(server_factory, repo)
     log = s.log_so_far()
     assert "optimization.input_pinned_memory.enable" in log and "INFERENCE_MODE" in log
@@ -319,8 +326,9 @@ parameters: { key: "INFERENCE_MODE" value: { string_value: "true" } }
     assert broken[0] == "UNAVAILABLE" and "line 3, column 11" in broken[1], broken
     assert "unknown field" in broken[1] and "nme" not in broken[1], broken
     assert states[("onnx", "")][0] == "UNAVAILABLE" and "onnxruntime_onnx" in states[("onnx", "")][1]
-    # The pod stays Ready with "good": a gauge tells the alert two models failed.
-    assert s.metric("splitserve_repository_failed_models") == 2
+    assert states[("dotdot", "")] == ("UNAVAILABLE", 'default_model_filename ".." must be a file name')
+    # The pod stays Ready with "good": a gauge tells the alert three models failed.
+    assert s.metric("splitserve_repository_failed_models") == 3
     # A request for the failed model says why.
     with pytest.raises(InferenceServerException, match="failed to load"):
         grpc_infer(g, "onnx", [np.ones((1, 2), np.float32)])
@@ -438,6 +446,18 @@ def test_poll_mode_loads_new_reloads_changed_and_unloads_removed(tmp_path, serve
         grpc_infer(g, "second", [x])
     wait_until(lambda: model_health(s, "second") == "NOT_SERVING", 10, "model/second NOT_SERVING")
     assert model_health(s, "first") == "SERVING"
+    # A model unloaded because it was removed is no failure: the gauge counts
+    # "first" alone (its broken config).
+    wait_until(lambda: index(g)[("second", "1")][0] == "UNAVAILABLE", 10, "second's index entry")
+    assert s.metric("splitserve_repository_failed_models") == 1
+    # RepositoryIndex with "ready": the READY versions alone.
+    import json
+    import urllib.request
+    req = urllib.request.Request(f"{s.http_url}/v2/repository/index", data=json.dumps({"ready": True}).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        ready = json.loads(r.read())
+    assert [(m["name"], m["version"], m["state"]) for m in ready] == [("first", "2", "READY")], ready
     assert s.terminate() == 0
 
 
@@ -552,8 +572,9 @@ def test_preferred_batch_size_kind_auto_and_default_model_filename(tmp_path, ser
     max_queue_delay; KIND_AUTO runs on --device; default_model_filename names the
     file each version directory holds; a --model name wins over the repository's."""
     repo = tmp_path / "models"
+    # 4, max_batch_size itself, is a preferred size too (1..=max_batch_size).
     write_model(repo, "pref", scale_config("pref") + """
-dynamic_batching { preferred_batch_size: [ 2 ] max_queue_delay_microseconds: 20000000 }
+dynamic_batching { preferred_batch_size: [ 2, 4 ] max_queue_delay_microseconds: 20000000 }
 instance_group [ { count: 1 kind: KIND_AUTO } ]
 default_model_filename: "net.pt"
 """, {1: Scale(3.0)})

@@ -477,8 +477,9 @@ def write_atomically(path: Path, text: str) -> None:
 def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     pb2, pb2_grpc = pb
     # Tokens as a user would make them (secrets.token_hex): long and random.
-    infer_tok, train_tok, none_tok, new_tok, unknown_tok, train_only_tok = (
-        f"{name}-{secrets.token_hex(16)}" for name in ("infer", "train", "none", "new", "unknown", "trainonly"))
+    infer_tok, train_tok, none_tok, new_tok, unknown_tok, train_only_tok, repo_tok = (
+        f"{name}-{secrets.token_hex(16)}"
+        for name in ("infer", "train", "none", "new", "unknown", "trainonly", "repo"))
     tokens = tmp_path / "tokens"
     tokens.write_text(
         "# token scopes\n"
@@ -487,6 +488,7 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
         f"{train_tok} infer,train\n"
         f"{none_tok}\n"
         f"{train_only_tok} train\n"
+        f"{repo_tok} repository\n"
     )
     s = server_factory("--model", "m=builtin:mlp:4x8x4", "--auth-token-file", str(tokens), *RELOAD)
     s.wait_serving()  # grpc.health.v1 needs no token
@@ -503,10 +505,14 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
 
     code, details = infer()
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"no token: {code} {details}"
+    assert "requires a token" in details, details
     code, details = infer(bearer(unknown_tok))
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"unknown token: {code} {details}"
+    assert "not valid" in details and unknown_tok not in details, details
     code, details = outcome(lambda: stub.HealthCheck(pb2.HealthRequest(), timeout=TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED, f"HealthCheck without a token: {code} {details}"
+    # Each refusal is counted for the alert on failed authentication.
+    assert s.metric("splitserve_auth_failures_total", reason="unauthenticated") == 3
 
     # infer: inference, HealthCheck and GetServiceInfo; not training.
     code, reply = infer(bearer(infer_tok))
@@ -548,6 +554,14 @@ def test_tokens_authenticate_and_scopes_authorize(pb, server_factory, tmp_path):
     # Listed without a scope: known, but allowed nothing.
     code, details = infer(bearer(none_tok))
     assert code == grpc.StatusCode.PERMISSION_DENIED, f"no-scope token: {code} {details}"
+    # The repository scope grants the repository calls and nothing else.
+    code, details = train_forward(bearer(repo_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"training, repository token: {code} {details}"
+    code, details = infer(bearer(repo_tok))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"inference, repository token: {code} {details}"
+    # The scheme's name is case-insensitive (RFC 6750): "bearer" is accepted as "Bearer".
+    code, reply = infer([("authorization", "bearer " + infer_tok)])
+    assert code == grpc.StatusCode.OK, f"lower-case scheme: {code} {reply}"
 
     # Reflection (what grpcurl asks first) describes every service: the infer scope's.
     def reflect(metadata=None, version="v1"):

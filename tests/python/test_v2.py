@@ -528,6 +528,14 @@ def test_wrong_shape_and_datatype_name_the_tensor_and_what_it_expects(default_se
             with pytest.raises(grpc.RpcError) as e:
                 service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=TIMEOUT)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        # Raw contents must be exactly what the shape needs: 4 bytes more are refused, not cut off.
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="INPUT__0", datatype="FP32", shape=[1, 512])
+        req = service_pb2.ModelInferRequest(model_name="mlp", inputs=[tensor], raw_input_contents=[bytes(512 * 4 + 4)])
+        with grpc.insecure_channel(default_server.addr) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=TIMEOUT)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert "2052 bytes of data" in e.value.details() and "needs 2048" in e.value.details(), e.value.details()
 
         # The body a plain HTTP client reads.
         status, reply = http_call(default_server, "POST", "/v2/models/mlp/infer", {
