@@ -1298,7 +1298,7 @@ fn on_a_passing_thread<T: Send>(
     let plan = shared.applied_plan.get().copied();
     std::thread::scope(|s| {
         let handle = std::thread::Builder::new()
-            .name("splitserve-load".into())
+            .name("splitserve-prep".into())
             .spawn_scoped(s, move || {
                 if let Some(plan) = plan {
                     ThreadPlan::pin_this_thread(&plan);

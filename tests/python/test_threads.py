@@ -109,3 +109,28 @@ def test_a_stalled_worker_fails_liveness_until_it_finishes(pb, server_factory):
     for binary in (BIN, CLIENT):
         assert probe(binary, s.addr, "--service", "liveness").returncode == 0
     assert s.terminate() == 0
+
+
+def test_loading_and_warming_up_a_model_leaves_no_threads_behind(pb, server_factory):
+    """Loading runs on a thread that ends with it: the OpenMP helpers a load-time
+    warm-up starts end with it too. Left behind, they would sit outside the
+    thread plan, and with more OpenMP threads than cores libgomp stops spinning
+    between parallel regions: every forward on a worker would then wake its
+    helpers through the kernel (a forward nearly twice as slow on 2 cores)."""
+    import torch
+    from conftest import FIXTURES
+    from test_training import compute
+
+    def threads_after_a_request(*warmup):
+        s = server_factory("--model", f"m={FIXTURES / 'mlp512.pt'}", "--workers", "1",
+                           "--intra-op-threads", "2", "--device", "cpu", *warmup)
+        s.wait_ok(pb)
+        # A GEMM big enough to run on both intra-op threads.
+        compute(pb[1].ComputeServiceStub(s.channel()), pb[0], torch.ones(512, 512), model_id="m")
+        n = threads_of(s.proc.pid)
+        assert s.terminate() == 0
+        return n
+
+    cold = threads_after_a_request()
+    warmed = threads_after_a_request("--warmup-shape", "m=512x512")
+    assert warmed == cold, f"{warmed} threads after a warm-up, {cold} without"
