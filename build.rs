@@ -45,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // path): kept loaded, the loader finds it when a package is opened.
             println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch,--pop-state");
             compile_aoti_shim(Path::new(&lib));
+            compile_cuda_memory_shim(Path::new(&lib));
             torch_version_near(Path::new(&lib)).unwrap_or_else(|| "unknown".into())
         }
         Err(_) => "unknown".into(),
@@ -84,7 +85,23 @@ fn compile_aoti_shim(lib: &Path) {
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let root = lib.parent().unwrap_or(lib);
-    let abi = if env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+    let abi = cxx11_abi();
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/aoti_shim.cpp")
+        .compile("splitserve_aoti");
+}
+
+/// The C++ ABI flag, decided as torch-sys decides it.
+fn cxx11_abi() -> String {
+    if env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
         let python = if env::var_os("VIRTUAL_ENV").is_some() {
             "python"
         } else {
@@ -103,18 +120,25 @@ fn compile_aoti_shim(lib: &Path) {
             .unwrap_or_else(|| "1".into())
     } else {
         env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
-    };
+    }
+}
+
+/// Compiles csrc/cuda_memory.cpp (the CUDA caching allocator's figures, read
+/// through c10's device-allocator interface: libtorch's own headers, no CUDA
+/// ones). Every build has it; without libtorch_cuda it finds no allocator.
+fn compile_cuda_memory_shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
+    let root = lib.parent().unwrap_or(lib);
     cc::Build::new()
         .cpp(true)
         .pic(true)
         .warnings(false)
         .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/aoti_shim.cpp")
-        .compile("splitserve_aoti");
+        .file("csrc/cuda_memory.cpp")
+        .compile("splitserve_cuda_memory");
 }
 
 /// The PyTorch wheel keeps `version.py` one level above `lib/`; a plain libtorch

@@ -11,13 +11,17 @@
 //!   libtorch's thread settings, applied once.
 //! - [`codec`]: wire bytes <-> raw tensors: dtype, shape, size checks, float16 and zlib.
 //! - [`model`]: TorchScript, PyTorch 2 AOTInductor packages (.pt2, through a C++
-//!   shim: `model::aoti`) and built-in models: loading, device placement, warm-up, forward.
+//!   shim: `model::aoti`) and built-in models: loading, device placement, warm-up, forward;
+//!   the CUDA caching allocator's figures (`model::cuda_memory`, a C++ shim read by the
+//!   GPU sampler thread).
 //! - [`torchscript`]: what a TorchScript file declares about `forward` (its
 //!   tensors in and out), read from the file's code without libtorch, for metadata.
 //! - [`engine`]: per-model-version bounded queues, batcher, dedicated inference
 //!   workers (a model's instances capped from the pool), deadlines, cancellation,
 //!   drain, and loads and unloads at run time on its loader thread (switched in
-//!   atomically). The only place libtorch runs.
+//!   atomically; each load's libtorch work on a thread that ends with it, so its
+//!   OpenMP helpers do too). The only place libtorch computes (the GPU sampler
+//!   thread only reads the caching allocator's counters).
 //! - [`repository`]: Triton's model repository: config.pbtxt parsed by reflection
 //!   against `proto/inference/model_config.proto`, version policies, and the
 //!   none / poll / explicit control modes that load and unload through the engine.

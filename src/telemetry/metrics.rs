@@ -123,6 +123,9 @@ pub struct Metrics {
     gpu_memory_total: GaugeVec,
     gpu_utilization: GaugeVec,
     gpu_process_memory: GaugeVec,
+    /// From the CUDA caching allocator (model::cuda_memory).
+    gpu_allocated: GaugeVec,
+    gpu_reserved: GaugeVec,
     /// Triton's `nv_*` families, beside these (docs/observability.md).
     pub triton: super::triton::TritonMetrics,
     /// Rows computed (dimension 0 of each request's input, 1 for a scalar):
@@ -477,6 +480,14 @@ impl Metrics {
                 "splitserve_gpu_process_memory_bytes",
                 "GPU memory this process holds on the device.",
             )?,
+            gpu_allocated: gauge_per_device(
+                "splitserve_gpu_allocator_allocated_bytes",
+                "Bytes the CUDA caching allocator has allocated to tensors on the device.",
+            )?,
+            gpu_reserved: gauge_per_device(
+                "splitserve_gpu_allocator_reserved_bytes",
+                "Bytes the CUDA caching allocator holds from the driver on the device (cached included).",
+            )?,
             triton: super::triton::TritonMetrics::new()?,
             computed_rows: IntCounterVec::new(
                 Opts::new(
@@ -566,6 +577,8 @@ impl Metrics {
         r.register(Box::new(m.gpu_memory_total.clone()))?;
         r.register(Box::new(m.gpu_utilization.clone()))?;
         r.register(Box::new(m.gpu_process_memory.clone()))?;
+        r.register(Box::new(m.gpu_allocated.clone()))?;
+        r.register(Box::new(m.gpu_reserved.clone()))?;
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -631,6 +644,12 @@ impl Metrics {
             }
             if let Some(b) = g.process_memory_bytes {
                 self.gpu_process_memory.with_label_values(&d).set(b as f64);
+            }
+            if let Some(b) = g.allocated_bytes {
+                self.gpu_allocated.with_label_values(&d).set(b as f64);
+            }
+            if let Some(b) = g.reserved_bytes {
+                self.gpu_reserved.with_label_values(&d).set(b as f64);
             }
         }
     }
@@ -792,6 +811,8 @@ mod tests {
             &m.gpu_memory_total,
             &m.gpu_utilization,
             &m.gpu_process_memory,
+            &m.gpu_allocated,
+            &m.gpu_reserved,
         ] {
             g.with_label_values(&["cuda:0", "GPU-0", "00000000:01:00.0"])
                 .set(1.0);
@@ -877,8 +898,12 @@ mod tests {
         });
 
         // CUDA_VISIBLE_DEVICES=1,3: cuda:0 is GPU 1; this process uses cuda:0 only.
+        // The sampler adds the caching allocator's figures where it reads them.
         let m = Metrics::new("2.13.0+cu130").unwrap();
-        m.record_gpus(&system::select_gpus(&devices, &[0], Some("1,3")));
+        let mut used = system::select_gpus(&devices, &[0], Some("1,3"));
+        used[0].reading.allocated_bytes = Some(3 << 20);
+        used[0].reading.reserved_bytes = Some(8 << 20);
+        m.record_gpus(&used);
         let text = m.render();
         let labels = r#"{device="cuda:0",gpu_uuid="GPU-1aaa-1",pci_bus_id="00000000:01:00.0"}"#;
         for line in [
@@ -886,6 +911,8 @@ mod tests {
             format!("splitserve_gpu_memory_used_bytes{labels} 1073741824"),
             format!("splitserve_gpu_memory_total_bytes{labels} 85899345920"),
             format!("splitserve_gpu_process_memory_bytes{labels} 1073741824"),
+            format!("splitserve_gpu_allocator_allocated_bytes{labels} 3145728"),
+            format!("splitserve_gpu_allocator_reserved_bytes{labels} 8388608"),
             r#"nv_gpu_memory_used_bytes{gpu_uuid="GPU-1aaa-1"} 1073741824"#.to_string(),
         ] {
             assert!(text.contains(&line), "missing {line}:\n{text}");
@@ -947,6 +974,10 @@ mod tests {
         assert!(
             !text.contains("splitserve_gpu_process_memory_bytes{"),
             "{text}"
+        );
+        assert!(
+            !text.contains("splitserve_gpu_allocator_reserved_bytes{"),
+            "allocator figures not read must be absent, not 0:\n{text}"
         );
     }
 }

@@ -35,6 +35,11 @@ pub struct GpuReading {
     /// This process's own GPU memory, where the driver reports it (not inside
     /// a container whose PIDs the driver does not see).
     pub process_memory_bytes: Option<u64>,
+    /// The CUDA caching allocator's bytes allocated to tensors and reserved
+    /// from the driver (cached included), where this binary can read them
+    /// (model::cuda_memory): the share of the process's memory that is cache.
+    pub allocated_bytes: Option<u64>,
+    pub reserved_bytes: Option<u64>,
 }
 
 /// A [`GpuReading`] with the names that identify the GPU across processes
@@ -128,6 +133,8 @@ pub fn select_gpus(
                     memory_used_bytes: d.memory_used_bytes?,
                     memory_total_bytes: d.memory_total_bytes?,
                     process_memory_bytes: d.process_memory_bytes,
+                    allocated_bytes: None,
+                    reserved_bytes: None,
                 },
             })
         })
@@ -278,7 +285,12 @@ pub fn use_gpus(ordinals: &[u32]) {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
-                    let samples = select_gpus(&nvml_devices(), &used, visible.as_deref());
+                    let mut samples = select_gpus(&nvml_devices(), &used, visible.as_deref());
+                    for s in &mut samples {
+                        let figures = crate::model::cuda_memory::allocator_bytes(s.reading.device);
+                        s.reading.allocated_bytes = figures.map(|(a, _)| a);
+                        s.reading.reserved_bytes = figures.map(|(_, r)| r);
+                    }
                     *gpu_cache()
                         .samples
                         .write()

@@ -164,6 +164,12 @@ def test_nvml_series_are_exported(pb, cuda_server):
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
         if line.startswith("splitserve_gpu_memory_total_bytes{") and bus in line.lower()
     ), text[-3000:]
+    # The caching allocator's figures: the model's weights and the batch's
+    # tensors are allocated; what it holds from the driver covers them.
+    allocated = metric_value(text, "splitserve_gpu_allocator_allocated_bytes", device="cuda:0")
+    reserved = metric_value(text, "splitserve_gpu_allocator_reserved_bytes", device="cuda:0")
+    assert allocated is not None and reserved is not None, text[-3000:]
+    assert 0 < allocated <= reserved <= used, (allocated, reserved, used)
     # The gRPC monitoring snapshot reports the same device.
     snap = next(iter(stub.StreamMonitoring(pb2.MonitoringStreamRequest(sampling_interval=0.1), timeout=10))).snapshot
     assert snap.gpu_available and snap.gpu_memory_used_mb > 0, snap
