@@ -347,6 +347,8 @@ struct Unit {
     forming: AtomicBool,
     /// Per worker: it has run this model's warm-up on its own thread.
     warmed: Vec<AtomicBool>,
+    /// Workers whose warm-up of it has finished (run, failed or nothing to run).
+    warm_ups_done: AtomicUsize,
 }
 
 /// A unit and its queue.
@@ -1113,6 +1115,7 @@ fn build_unit(
         decoders: Mutex::default(),
         forming: AtomicBool::new(false),
         warmed: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+        warm_ups_done: AtomicUsize::new(0),
         metrics: ModelMetrics::new(&shared.metrics, &info.name, info.version),
         info,
         model: m,
@@ -1237,7 +1240,9 @@ fn loader_thread(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<LoaderJob>
                 };
                 let freed = match result {
                     Ok(unit) => {
+                        let id = unit.id;
                         let replaced = install(&shared, unit);
+                        wait_for_worker_warm_ups(&shared, id);
                         let _ = reply.send(Ok(()));
                         replaced
                     }
@@ -1311,6 +1316,42 @@ fn on_a_passing_thread<T: Send>(
             .join()
             .map_err(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// The longest a run-time load waits for the workers to warm its version up.
+const WORKER_WARM_UP_WAIT: Duration = Duration::from_secs(30);
+
+/// Wakes the workers to warm up the version just installed (`next_batch`)
+/// and waits until every one has, so that a load answers (and a repository
+/// model turns READY) warmed on every worker, as start-up models are before
+/// the engine is ready. Bounded: a worker stuck in a long batch, or gone,
+/// leaves it to that worker's first batch of it.
+fn wait_for_worker_warm_ups(shared: &Shared, id: u64) {
+    let unit = {
+        let q = lock(&shared.queues);
+        q.position(id).map(|i| q.entries[i].unit.clone())
+    };
+    let Some(unit) = unit else { return };
+    shared.work.notify_all();
+    let started = Instant::now();
+    while unit.warm_ups_done.load(Ordering::SeqCst) < unit.warmed.len() {
+        if started.elapsed() > WORKER_WARM_UP_WAIT
+            || matches!(
+                *shared.status.borrow(),
+                EngineStatus::Stopped | EngineStatus::Failed(_)
+            )
+        {
+            tracing::warn!(
+                model = %unit.info.name,
+                version = unit.info.version,
+                warmed = unit.warm_ups_done.load(Ordering::SeqCst),
+                workers = unit.warmed.len(),
+                "not every worker warmed the new version up in time; the others warm it before their first batch of it"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Loads the start-up models, then starts the workers. False if the engine failed.
@@ -1416,7 +1457,7 @@ fn worker_loop(shared: Arc<Shared>, index: usize, warmed: std::sync::mpsc::Sende
     drop(units);
     let _ = warmed.send(());
     drop(warmed);
-    while let Some((unit, jobs)) = next_batch(&shared) {
+    while let Some((unit, jobs)) = next_batch(&shared, index) {
         // Busy workers release expired activations too, at most once per period.
         shared.training.sweep();
         let started = Instant::now();
@@ -1526,6 +1567,7 @@ fn warm_up_on_worker(shared: &Shared, unit: &Unit, index: usize) {
                 false,
             ))
         });
+    unit.warm_ups_done.fetch_add(1, Ordering::SeqCst);
     match result {
         Ok(0) => {}
         Ok(forwards) => {
@@ -1555,9 +1597,29 @@ fn warm_up_on_worker(shared: &Shared, unit: &Unit, index: usize) {
 
 /// Blocks until there is work. Returns None when draining and nothing is left.
 /// The unit's `running` count includes the returned batch.
-fn next_batch(shared: &Shared) -> Option<(Arc<Unit>, Vec<Job>)> {
+fn next_batch(shared: &Shared, index: usize) -> Option<(Arc<Unit>, Vec<Job>)> {
     let mut q = lock(&shared.queues);
     loop {
+        // A version loaded at run time: every worker warms it up on its own
+        // thread, idle ones at once (the loader wakes them), busy ones after
+        // their batch; its load answers once they all have.
+        let cold = q
+            .entries
+            .iter()
+            .find(|e| {
+                e.unit
+                    .warmed
+                    .get(index)
+                    .is_some_and(|w| !w.load(Ordering::Relaxed))
+            })
+            .map(|e| e.unit.clone());
+        if let Some(unit) = cold {
+            drop(q);
+            warm_up_on_worker(shared, &unit, index);
+            drop(unit);
+            q = lock(&shared.queues);
+            continue;
+        }
         let n = q.entries.len();
         let start = q.next.min(n);
         let found = (0..n).map(|k| (start + k) % n).find(|&i| {

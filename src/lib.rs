@@ -11,9 +11,7 @@
 //!   libtorch's thread settings, applied once.
 //! - [`codec`]: wire bytes <-> raw tensors: dtype, shape, size checks, float16 and zlib.
 //! - [`model`]: TorchScript, PyTorch 2 AOTInductor packages (.pt2, through a C++
-//!   shim: `model::aoti`) and built-in models: loading, device placement, warm-up, forward;
-//!   the CUDA caching allocator's figures (`model::cuda_memory`, a C++ shim read by the
-//!   GPU sampler thread).
+//!   shim: `model::aoti`) and built-in models: loading, device placement, warm-up, forward.
 //! - [`torchscript`]: what a TorchScript file declares about `forward` (its
 //!   tensors in and out), read from the file's code without libtorch, for metadata.
 //! - [`engine`]: per-model-version bounded queues, batcher, dedicated inference
@@ -47,7 +45,8 @@
 //! - [`http`]: the Open Inference Protocol over HTTP/REST (axum), same engine.
 //! - [`telemetry`]: the Prometheus registry, logging and OTLP traces, and the
 //!   process/cgroup/GPU readings behind metrics and monitoring snapshots (NVML
-//!   read on its own thread, for the GPUs the models use); Triton's
+//!   read on its own thread, for the GPUs the models use, with the CUDA caching
+//!   allocator's figures through a C++ shim: `telemetry::cuda_memory`); Triton's
 //!   `nv_*` families beside splitserve's (`telemetry::triton`).
 //! - [`admin`]: the axum sidecar: `/metrics`, `/livez`, `/readyz`, `/debug/plan`.
 //! - [`client`], [`bench`]: `probe` (grpc.health.v1 check) and the closed-loop

@@ -15,7 +15,6 @@ use tch::{CModule, Device, IValue, Kind, Tensor, nn};
 use crate::codec::{Encoding, RawTensor, WireDtype};
 
 pub mod aoti;
-pub mod cuda_memory;
 mod pt2;
 pub use pt2::{PLATFORM as PT2_PLATFORM, PackageBatch, PackageInfo, package_config};
 

@@ -232,7 +232,7 @@ async fn ready_engine(
 /// engine reports ready (on CUDA each worker's first forward creates its
 /// cuBLAS handle and TorchScript compiles per batch size), not only the
 /// loader thread. A 300 ms warm-up shows whether ready waited for them. A
-/// model loaded at run time is warmed by a worker before its first batch.
+/// model loaded at run time is warmed by every worker before its load answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_warms_the_models_up_before_ready() {
     const WORKERS: u64 = 3;
@@ -267,20 +267,26 @@ async fn every_worker_warms_the_models_up_before_ready() {
         metrics.worker_warmups.with_label_values(&["scale"]).get(),
         WORKERS
     );
-    // A model loaded at run time: a worker warms it up before its first batch
-    // of it (here one request, so one worker).
+    // A model loaded at run time: every worker has warmed it up when its load
+    // answers, and serving it warms nothing again.
     let late: splitserve::model::ModelSpec = "late=builtin:scale:3".parse().unwrap();
     engine
         .load(splitserve::engine::ModelSlot::new(late))
         .await
         .unwrap();
-    assert_eq!(metrics.worker_warmups.with_label_values(&["late"]).get(), 0);
+    assert_eq!(
+        metrics.worker_warmups.with_label_values(&["late"]).get(),
+        WORKERS
+    );
     let r = engine
         .infer("late", RawTensor::from_f32(&[1.5], &[1, 1]), enc, None)
         .await
         .unwrap();
     assert_eq!(r.tensor.data.as_ref(), 4.5f32.to_le_bytes());
-    assert_eq!(metrics.worker_warmups.with_label_values(&["late"]).get(), 1);
+    assert_eq!(
+        metrics.worker_warmups.with_label_values(&["late"]).get(),
+        WORKERS
+    );
     assert!(engine.drain(Duration::from_secs(5)).await);
 }
 

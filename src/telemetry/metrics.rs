@@ -123,7 +123,7 @@ pub struct Metrics {
     gpu_memory_total: GaugeVec,
     gpu_utilization: GaugeVec,
     gpu_process_memory: GaugeVec,
-    /// From the CUDA caching allocator (model::cuda_memory).
+    /// From the CUDA caching allocator (telemetry::cuda_memory).
     gpu_allocated: GaugeVec,
     gpu_reserved: GaugeVec,
     /// Triton's `nv_*` families, beside these (docs/observability.md).

@@ -2,6 +2,7 @@
 //! registry, and readings of the process, cgroup and GPUs. Called from anywhere;
 //! calls nothing back.
 
+pub mod cuda_memory;
 pub mod metrics;
 pub mod otel;
 pub mod system;

@@ -37,7 +37,7 @@ pub struct GpuReading {
     pub process_memory_bytes: Option<u64>,
     /// The CUDA caching allocator's bytes allocated to tensors and reserved
     /// from the driver (cached included), where this binary can read them
-    /// (model::cuda_memory): the share of the process's memory that is cache.
+    /// (telemetry::cuda_memory): the share of the process's memory that is cache.
     pub allocated_bytes: Option<u64>,
     pub reserved_bytes: Option<u64>,
 }
@@ -287,7 +287,7 @@ pub fn use_gpus(ordinals: &[u32]) {
                         .clone();
                     let mut samples = select_gpus(&nvml_devices(), &used, visible.as_deref());
                     for s in &mut samples {
-                        let figures = crate::model::cuda_memory::allocator_bytes(s.reading.device);
+                        let figures = super::cuda_memory::allocator_bytes(s.reading.device);
                         s.reading.allocated_bytes = figures.map(|(a, _)| a);
                         s.reading.reserved_bytes = figures.map(|(_, r)| r);
                     }
