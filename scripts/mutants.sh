@@ -69,7 +69,10 @@ for f in "${files[@]}"; do args+=(--file "$f"); done
 export SPLITSERVE_MUTANTS_PYTEST="$python"
 mkdir -p "mutants.out/$module"
 # In place, one mutant at a time: the mutants share this tree and its target/.
-exec .tools/bin/cargo-mutants mutants --in-place --no-shuffle \
+# The build timeout is absolute: the unmutated baseline builds in seconds when
+# the tree is already built, so a multiple of it would time out every mutant's
+# incremental release build (about a minute here).
+exec .tools/bin/cargo-mutants mutants --in-place --no-shuffle --build-timeout 900 \
     --output "mutants.out/$module" "${args[@]}" "$@" \
     -- --lib --test integration \
     -- "${rust[@]}" python_oracle --include-ignored --test-threads 2
