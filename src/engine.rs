@@ -1654,25 +1654,9 @@ fn next_batch(shared: &Shared, index: usize) -> Option<(Arc<Unit>, Vec<Job>)> {
                 // (see Decoders), whether or not another worker is idle: one
                 // forward for all of them reads the weights once.
                 unit.forming.store(true, Ordering::Relaxed);
-                loop {
-                    let now = Instant::now();
-                    let until = lock(&unit.decoders).expected_until(now, slot.batch_timeout);
-                    let Some(until) = until.filter(|&u| u > now && !q.draining) else {
-                        break;
-                    };
-                    q.sleeping += 1;
-                    q = shared
-                        .work
-                        .wait_timeout(q, until - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    q.sleeping -= 1;
-                    let Some(i) = q.position(unit.id) else { break };
-                    take_compatible(&unit, &mut q.entries[i].queue, &mut jobs, slot.max_batch);
-                    if full(slot, rows(&jobs)) {
-                        break;
-                    }
-                }
+                q = gather(shared, q, &unit, &mut jobs, |now| {
+                    lock(&unit.decoders).expected_until(now, slot.batch_timeout)
+                });
                 unit.forming.store(false, Ordering::Relaxed);
                 // Steps left to another worker while this one gathered.
                 if q.sleeping > 0
@@ -1691,26 +1675,7 @@ fn next_batch(shared: &Shared, index: usize) -> Option<(Arc<Unit>, Vec<Job>)> {
                 // no other worker is idle: an idle worker would start on new
                 // arrivals at once, so waiting would only add latency.
                 let until = Instant::now() + slot.batch_timeout;
-                loop {
-                    let now = Instant::now();
-                    if now >= until || q.draining {
-                        break;
-                    }
-                    q.sleeping += 1;
-                    q = shared
-                        .work
-                        .wait_timeout(q, until - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    q.sleeping -= 1;
-                    // Entries may have come and gone meanwhile; this one stays
-                    // while it has a batch running.
-                    let Some(i) = q.position(unit.id) else { break };
-                    take_compatible(&unit, &mut q.entries[i].queue, &mut jobs, slot.max_batch);
-                    if full(slot, rows(&jobs)) {
-                        break;
-                    }
-                }
+                drop(gather(shared, q, &unit, &mut jobs, |_| Some(until)));
             }
             return Some((unit, jobs));
         }
@@ -1729,6 +1694,40 @@ fn next_batch(shared: &Shared, index: usize) -> Option<(Arc<Unit>, Vec<Job>)> {
             drop(q);
             shared.training.sweep();
             q = lock(&shared.queues);
+        }
+    }
+}
+
+/// Waits for more jobs of `unit` to join `jobs` until the batch is full, the
+/// engine drains, or the time `until(now)` gives passes (None: stop now).
+fn gather<'a>(
+    shared: &'a Shared,
+    mut q: MutexGuard<'a, Queues>,
+    unit: &Unit,
+    jobs: &mut Vec<Job>,
+    until: impl Fn(Instant) -> Option<Instant>,
+) -> MutexGuard<'a, Queues> {
+    let max = unit.slot().max_batch;
+    loop {
+        let now = Instant::now();
+        let Some(until) = until(now).filter(|&u| u > now && !q.draining) else {
+            return q;
+        };
+        q.sleeping += 1;
+        q = shared
+            .work
+            .wait_timeout(q, until - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        q.sleeping -= 1;
+        // Entries may have come and gone meanwhile; this one stays while it
+        // has a batch running.
+        let Some(i) = q.position(unit.id) else {
+            return q;
+        };
+        take_compatible(unit, &mut q.entries[i].queue, jobs, max);
+        if full(unit.slot(), rows(jobs)) {
+            return q;
         }
     }
 }
